@@ -1,0 +1,213 @@
+"""LOST seed expansion (Simeoni et al., BMVC 2021), exact and batched on any device.
+
+Semantics, identical to the reference implementation:
+
+* ``A = F F^T + gram_bias`` (float32 at least);
+* degree of a patch = number of *other* patches ``j`` with ``A[i, j] > 0``;
+* seed = the lowest-degree patch (ties: lowest index);
+* potentials = the ``k_patches`` lowest-degree patches (stable order, ties by index);
+* similars = potentials ``p`` with ``A[seed, p] > 0``;
+* ``M`` = sum of the rows of ``A`` over similars, ``mask = M > 0`` on the patch grid;
+* the 4-connected component of ``mask`` holding the seed gives the box
+  ``[col_min*p, row_min*p, (col_max+1)*p, (row_max+1)*p]`` clipped to the unpadded ``(W, H)``.
+
+If the seed itself is outside the mask (only possible with a negative ``gram_bias``; the
+reference raises there), the box is the seed's own patch.
+
+``lost`` runs the whole batch as tensor ops (the connected component is grown by 4-neighbour
+propagation inside the mask), so it runs on the GPU without a host round trip per image.
+``lost_reference`` is the plain per-image path (torch + ``scipy.ndimage.label``) that tests
+compare it with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+ImageSize = tuple[int, int]
+
+
+class LostOutput(NamedTuple):
+    """``box`` ``[x1, y1, x2, y2]`` in pixels, ``seed`` patch index (row-major), ``degrees``.
+
+    Unbatched input gives ``box: list[int]``, ``seed: int``, ``degrees: Tensor (N,)``;
+    batched input gives ``box: LongTensor (B, 4)``, ``seed: LongTensor (B,)``,
+    ``degrees: Tensor (B, N)``.
+    """
+
+    box: list[int] | torch.Tensor
+    seed: int | torch.Tensor
+    degrees: torch.Tensor
+
+
+def _similarity(feats: torch.Tensor, gram_bias: float) -> torch.Tensor:
+    if feats.dtype not in (torch.float32, torch.float64):
+        feats = feats.float()
+    return torch.matmul(feats, feats.transpose(-1, -2)) + gram_bias
+
+
+def _degrees(similarity: torch.Tensor) -> torch.Tensor:
+    """Count, per patch, the other patches with positive similarity (diagonal excluded)."""
+    positive = similarity > 0
+    diagonal = torch.diagonal(positive, dim1=-2, dim2=-1)
+    return positive.sum(dim=-1) - diagonal.long()
+
+
+def _image_sizes(image_size: ImageSize | Sequence[ImageSize] | torch.Tensor, batch: int,
+                 device: torch.device) -> torch.Tensor:
+    sizes = torch.as_tensor(image_size, dtype=torch.long, device=device)
+    if sizes.ndim == 1:
+        sizes = sizes.expand(batch, 2)
+    if sizes.shape != (batch, 2):
+        raise ValueError(f"image_size must be (H, W) or one (H, W) per image, got {tuple(sizes.shape)}")
+    return sizes
+
+
+def seed_component(mask: torch.Tensor, seed_rc: torch.Tensor, check_every: int = 8) -> torch.Tensor:
+    """The 4-connected component of ``mask`` (B, R, C) that contains each seed (B, 2).
+
+    Grows the seed by 4-neighbour dilation restricted to the mask until nothing changes;
+    convergence is checked every ``check_every`` steps to keep device syncs rare. A seed
+    outside the mask gives an empty component.
+    """
+    batch, rows, cols = mask.shape
+    index = torch.arange(batch, device=mask.device)
+    component = torch.zeros_like(mask)
+    component[index, seed_rc[:, 0], seed_rc[:, 1]] = True
+    component &= mask
+    kernel = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32,
+                          device=mask.device).view(1, 1, 3, 3)
+    mask_f = mask.unsqueeze(1).float()
+    current = component.unsqueeze(1).float()
+    while True:
+        previous = current
+        for _ in range(check_every):
+            current = (F.conv2d(current, kernel, padding=1) > 0).float() * mask_f
+        if torch.equal(current, previous):
+            return current.squeeze(1).bool()
+
+
+def _component_boxes(component: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
+    """Patch-grid boxes ``(row_min, col_min, row_max, col_max)`` of each component (B, 4).
+
+    An empty component (seed outside the mask) falls back to the seed's own patch.
+    """
+    batch, rows, cols = component.shape
+    row_any = component.any(dim=2)
+    col_any = component.any(dim=1)
+    row_idx = torch.arange(rows, device=component.device).expand(batch, rows)
+    col_idx = torch.arange(cols, device=component.device).expand(batch, cols)
+    big = rows + cols
+    row_min = torch.where(row_any, row_idx, big).amin(dim=1)
+    row_max = torch.where(row_any, row_idx, -1).amax(dim=1)
+    col_min = torch.where(col_any, col_idx, big).amin(dim=1)
+    col_max = torch.where(col_any, col_idx, -1).amax(dim=1)
+    empty = ~row_any.any(dim=1)
+    row_min = torch.where(empty, seed_rc[:, 0], row_min)
+    row_max = torch.where(empty, seed_rc[:, 0], row_max)
+    col_min = torch.where(empty, seed_rc[:, 1], col_min)
+    col_max = torch.where(empty, seed_rc[:, 1], col_max)
+    return torch.stack([row_min, col_min, row_max, col_max], dim=1)
+
+
+def lost(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    image_size: ImageSize | Sequence[ImageSize] | torch.Tensor,
+    k_patches: int = 100,
+    gram_bias: float = 0.0,
+) -> LostOutput:
+    """Run LOST on patch features ``(N, d)`` or ``(B, N, d)`` laid out row-major on ``grid``.
+
+    ``grid = (rows, cols)`` of the padded image, ``image_size = (H, W)`` of the unpadded
+    image (or one per batch item). See the module docstring for the exact semantics.
+    """
+    unbatched = feats.ndim == 2
+    if unbatched:
+        feats = feats.unsqueeze(0)
+    batch, num_patches, _ = feats.shape
+    rows, cols = grid
+    if rows * cols != num_patches:
+        raise ValueError(f"grid {grid} has {rows * cols} patches but feats have {num_patches}")
+    device = feats.device
+    sizes = _image_sizes(image_size, batch, device)
+
+    similarity = _similarity(feats, gram_bias)
+    degrees = _degrees(similarity)
+    order = torch.sort(degrees, dim=1, stable=True).indices
+    seed = order[:, 0]
+    potentials = order[:, : min(k_patches, num_patches)]
+    index = torch.arange(batch, device=device)
+    seed_rows = similarity[index, seed]  # (B, N)
+    is_similar = torch.gather(seed_rows, 1, potentials) > 0  # (B, k)
+    rows_of_potentials = torch.gather(
+        similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches)
+    )  # (B, k, N)
+    summed = (rows_of_potentials.double() * is_similar.unsqueeze(-1)).sum(dim=1)  # (B, N)
+    mask = (summed > 0).view(batch, rows, cols)
+
+    seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
+    component = seed_component(mask, seed_rc)
+    grid_box = _component_boxes(component, seed_rc)
+    boxes = torch.stack(
+        [
+            grid_box[:, 1] * patch_size,
+            grid_box[:, 0] * patch_size,
+            torch.minimum((grid_box[:, 3] + 1) * patch_size, sizes[:, 1]),
+            torch.minimum((grid_box[:, 2] + 1) * patch_size, sizes[:, 0]),
+        ],
+        dim=1,
+    )
+    if unbatched:
+        return LostOutput([int(v) for v in boxes[0].tolist()], int(seed[0]), degrees[0])
+    return LostOutput(boxes, seed, degrees)
+
+
+def lost_reference(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    image_size: ImageSize,
+    k_patches: int = 100,
+    gram_bias: float = 0.0,
+) -> LostOutput:
+    """Plain per-image LOST, written step by step like the reference code (scipy labelling).
+
+    Kept as the yardstick for ``lost``: tests and ``benchmarks/`` compare the two.
+    """
+    feats = feats.float() if feats.dtype not in (torch.float32, torch.float64) else feats
+    similarity = feats @ feats.T + gram_bias
+    scoring = similarity.clone()
+    scoring.fill_diagonal_(0)
+    degrees = (scoring > 0).sum(dim=1)
+    order = torch.sort(degrees, stable=True).indices
+    seed = int(order[0])
+    potentials = order[:k_patches]
+    similars = potentials[similarity[seed, potentials] > 0]
+    summed = similarity[similars, :].double().sum(dim=0)
+    rows, cols = grid
+    labels, _ = scipy.ndimage.label(summed.reshape(rows, cols).cpu().numpy() > 0)
+    seed_r, seed_c = divmod(seed, cols)
+    label = labels[seed_r, seed_c]
+    if label == 0:
+        r_min = r_max = seed_r
+        c_min = c_max = seed_c
+    else:
+        where = np.nonzero(labels == label)
+        r_min, r_max = int(where[0].min()), int(where[0].max())
+        c_min, c_max = int(where[1].min()), int(where[1].max())
+    height, width = image_size
+    box = [
+        c_min * patch_size,
+        r_min * patch_size,
+        min((c_max + 1) * patch_size, width),
+        min((r_max + 1) * patch_size, height),
+    ]
+    return LostOutput(box, seed, degrees)
