@@ -1,0 +1,103 @@
+"""Weights: local timm checkpoints, official DINOv2 release files, random, and the hub offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lostreg.backbones import BackboneSpec, create_backbone, resolve_hub_file
+from lostreg.errors import LostregError
+from lostreg.io import sha256_file
+
+TINY = dict(depth=2, embed_dim=48, num_heads=3)
+REG = BackboneSpec("tiny_reg4_w", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
+                   pos_embed="dinov2_reg", model_kwargs=TINY)
+
+
+def forward(backbone, seed: int = 1) -> torch.Tensor:
+    images = torch.randn(1, 3, 42, 56, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return backbone.model.forward_features(images)
+
+
+def test_random_weights_are_seeded_and_flagged() -> None:
+    a, b = create_backbone(REG, "random"), create_backbone(REG, "random")
+    assert a.weights.is_random and a.weights.identity() == "random"
+    assert torch.equal(forward(a), forward(b))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_state_dict_roundtrip(tmp_path, suffix) -> None:
+    source = create_backbone(REG, "random", seed=7)
+    path = tmp_path / f"tiny{suffix}"
+    state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    loaded = create_backbone(REG, str(path))
+    assert loaded.weights.source == "file" and loaded.weights.sha256 == sha256_file(path)
+    assert torch.equal(forward(source), forward(loaded))
+
+
+def test_official_dinov2_release_format_is_converted(tmp_path) -> None:
+    """An official DINOv2 reg checkpoint has register_tokens, mask_token and a pos_embed with a
+    class slot; timm's filter folds the class position into cls_token."""
+    source = create_backbone(REG, "random", seed=3)
+    # multiples of 1/64 make "cls - class_pos + class_pos" exact, so the check can be equality
+    with torch.no_grad():
+        source.model.cls_token.copy_(torch.round(torch.randn(1, 1, 48) * 64) / 64)
+    state = dict(source.model.state_dict())
+    grid_tokens = state["pos_embed"].shape[1]
+    class_pos = torch.round(torch.randn(1, 1, 48) * 64) / 64
+    official = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    official["register_tokens"] = state["reg_token"]
+    official["cls_token"] = state["cls_token"] - class_pos
+    official["pos_embed"] = torch.cat([class_pos, state["pos_embed"]], dim=1)
+    official["mask_token"] = torch.zeros(1, 48)
+    assert official["pos_embed"].shape[1] == grid_tokens + 1
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in official.items()}}, path)
+    loaded = create_backbone(REG, str(path))
+    assert torch.equal(forward(source), forward(loaded))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed!",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Payload()}, path)
+    with pytest.raises(LostregError, match="evil.pth: cannot read checkpoint"):
+        create_backbone(REG, str(path))
+
+
+def test_bad_checkpoint_files_give_one_line_errors(tmp_path) -> None:
+    with pytest.raises(LostregError, match="not found"):
+        create_backbone(REG, str(tmp_path / "missing.pth"))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(LostregError, match="corrupt.pth"):
+        create_backbone(REG, str(corrupt))
+    other = create_backbone(BackboneSpec("tiny_other", "vit_small_patch16_224.dino", "dino", 16, 0,
+                                         model_kwargs=dict(depth=1, embed_dim=48, num_heads=3)),
+                            "random")
+    wrong = tmp_path / "wrong.pth"
+    torch.save(other.model.state_dict(), wrong)
+    with pytest.raises(LostregError, match="does not fit the model|cannot convert"):
+        create_backbone(REG, str(wrong))
+
+
+def test_hub_unreachable_names_weights_path(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(LostregError) as info:
+        resolve_hub_file("vit_small_patch16_224.dino")
+    message = str(info.value)
+    assert "--weights PATH" in message and "\n" not in message
