@@ -1,0 +1,5 @@
+import sys
+
+from lostreg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,323 @@
+"""Download and unpack the official dataset archives (standard library only: urllib, tarfile).
+
+Downloads go to ``<dest>.part`` and resume with an HTTP Range request after an interruption
+(the COCO image zip is 13 GB); the file is renamed to ``dest`` only once its checksum matches,
+so a file at ``dest`` is always complete. Archives are unpacked into a temporary folder next
+to the target and moved into place, and members that would land outside it are refused.
+
+What to fetch is listed in ``datasets/manifests/downloads.json`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from tqdm import tqdm
+
+from lostreg.datasets.voc import is_plain_file_name, voc_is_present, voc_year_folder
+from lostreg.errors import LostregError
+
+MANIFEST_PATH = Path(__file__).resolve().parents[2] / "datasets" / "manifests" / "downloads.json"
+DOWNLOADS_FOLDER = "downloads"
+_CHUNK = 1 << 20
+_USER_AGENT = "lostreg-datasets/0.1 (+urllib)"
+
+
+def load_manifest(path: Path | None = None) -> dict[str, Any]:
+    """Read the download manifest (dataset name -> list of files with url and checksums)."""
+    path = MANIFEST_PATH if path is None else path
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise LostregError(
+            f"{path}: download manifest not found (run from a checkout of the lostreg repository)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise LostregError(f"{path}: cannot read the download manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise LostregError(f"{path}: the download manifest must be a JSON object")
+    return manifest
+
+
+def manifest_files(name: str, path: Path | None = None) -> list[dict[str, Any]]:
+    """The manifest entries of one dataset, checked for the fields the helpers need."""
+    path = MANIFEST_PATH if path is None else path
+    manifest = load_manifest(path)
+    entry = manifest.get(name)
+    files = entry.get("files") if isinstance(entry, dict) else None
+    if not isinstance(files, list) or not files:
+        raise LostregError(f"{path}: no download entry for {name!r}")
+    for item in files:
+        if not isinstance(item, dict) or not item.get("url") or not item.get("file"):
+            raise LostregError(f"{path}: entry of {name!r} lacks 'url' or 'file': {item!r}")
+        if not is_plain_file_name(str(item["file"])):
+            raise LostregError(f"{path}: entry of {name!r} has a bad file name {item['file']!r}")
+    return files
+
+
+class _Hashes:
+    """sha256 and md5 side by side, so one pass over the data checks whichever is known."""
+
+    def __init__(self) -> None:
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.md5.update(data)
+
+
+def download_file(
+    url: str,
+    dest: str | Path,
+    sha256: str | None = None,
+    progress: bool = True,
+    md5: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch ``url`` to ``dest``, resuming ``dest.part``; verify sha256/md5; rename atomically.
+
+    An existing ``dest`` is returned as is: it only ever appears after a verified rename. On a
+    checksum mismatch the partial file is deleted (resuming corrupt data would never succeed)
+    and a ``LostregError`` names the file, the expected and the actual hash. On a network
+    error the partial file is kept so the next call resumes.
+    """
+    dest = Path(dest).expanduser()
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    offset = part.stat().st_size if part.is_file() else 0
+
+    hashes = _Hashes()
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            # Nothing left to send: the partial file is already whole; checksum decides.
+            _hash_file(part, hashes)
+            _finish(part, dest, hashes, sha256, md5)
+            return dest
+        raise LostregError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise LostregError(f"{url}: download failed ({reason})") from None
+
+    with response:
+        status = getattr(response, "status", None)
+        content_range = response.headers.get("Content-Range", "") or ""
+        resumed = offset > 0 and status == 206 and content_range.startswith(f"bytes {offset}-")
+        if resumed:
+            _hash_file(part, hashes)
+        else:
+            offset = 0  # server ignored the Range (or gave another one): start over
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length and length.isdigit() else None
+        mode = "ab" if resumed else "wb"
+        try:
+            with (
+                open(part, mode) as handle,
+                tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True,
+                    desc=dest.name, disable=not progress, leave=False,
+                ) as bar,
+            ):
+                while True:
+                    chunk = response.read(_CHUNK)
+                    if not chunk:
+                        break
+                    handle.write(chunk)
+                    hashes.update(chunk)
+                    bar.update(len(chunk))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except (urllib.error.URLError, OSError) as exc:
+            raise LostregError(
+                f"{url}: download interrupted ({exc}); {part} is kept, run again to resume"
+            ) from None
+    if total is not None and part.stat().st_size != total:
+        raise LostregError(
+            f"{url}: download ended early ({part.stat().st_size} of {total} bytes); "
+            f"{part} is kept, run again to resume"
+        )
+    _finish(part, dest, hashes, sha256, md5)
+    return dest
+
+
+def _hash_file(path: Path, hashes: _Hashes) -> None:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            hashes.update(chunk)
+
+
+def _finish(
+    part: Path, dest: Path, hashes: _Hashes, sha256: str | None, md5: str | None
+) -> None:
+    """Check the checksums of the complete ``part``, then move it to ``dest``."""
+    for algorithm, expected, digest in (
+        ("sha256", sha256, hashes.sha256), ("md5", md5, hashes.md5)
+    ):
+        if expected is None:
+            continue
+        actual = digest.hexdigest()
+        if actual != expected.lower():
+            part.unlink(missing_ok=True)
+            raise LostregError(
+                f"{dest}: {algorithm} mismatch (expected {expected}, got {actual}); "
+                "the partial download was deleted"
+            )
+    os.replace(part, dest)
+
+
+def _member_target(dest: Path, name: str, archive: Path) -> Path:
+    """Where member ``name`` would go; refuse names that could escape ``dest``."""
+    normalised = name.replace("\\", "/")
+    pure = PurePosixPath(normalised)
+    if (
+        not normalised
+        or normalised.startswith("/")
+        or PureWindowsPath(name).drive
+        or ".." in pure.parts
+        or "\x00" in name
+    ):
+        raise LostregError(f"{archive}: member {name!r} would be written outside {dest}; refused")
+    target = (dest / pure).resolve()
+    if target != dest and not target.is_relative_to(dest):
+        raise LostregError(f"{archive}: member {name!r} would be written outside {dest}; refused")
+    return target
+
+
+def extract_archive(archive: str | Path, dest: str | Path) -> Path:
+    """Unpack a ``.tar``, ``.tar.gz``/``.tgz`` or ``.zip`` into ``dest``.
+
+    Every member is checked before anything is written: absolute names, ``..`` components,
+    links and device files are refused (the official archives contain none of them).
+    """
+    archive = Path(archive)
+    dest = Path(dest).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    dest = dest.resolve()
+    if not archive.is_file():
+        raise LostregError(f"{archive}: archive not found")
+    name = archive.name.lower()
+    try:
+        if name.endswith(".zip") or (not _is_tar_name(name) and zipfile.is_zipfile(archive)):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    _member_target(dest, info.filename, archive)
+                zf.extractall(dest)
+        elif _is_tar_name(name) or tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                members = tf.getmembers()
+                for member in members:
+                    _member_target(dest, member.name, archive)
+                    if not (member.isfile() or member.isdir()):
+                        raise LostregError(
+                            f"{archive}: member {member.name!r} is a link or special file; refused"
+                        )
+                if hasattr(tarfile, "data_filter"):
+                    tf.extractall(dest, members=members, filter="data")
+                else:  # pragma: no cover - Python without extraction filters
+                    tf.extractall(dest, members=members)
+        else:
+            raise LostregError(f"{archive}: not a .tar, .tar.gz or .zip archive")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        raise LostregError(f"{archive}: corrupt or truncated archive ({exc})") from None
+    return dest
+
+
+def _is_tar_name(name: str) -> bool:
+    return name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
+def _install(archive: Path, inner: str, target: Path) -> None:
+    """Extract ``archive`` next to ``target`` and move its ``inner`` path to ``target``.
+
+    Unpacking into a temporary sibling and renaming means ``target`` appears complete or not
+    at all, so an interrupted extraction is redone rather than mistaken for data.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent))
+    try:
+        extract_archive(archive, tmp)
+        source = tmp / inner
+        if not source.exists():
+            raise LostregError(f"{archive}: does not contain {inner!r}")
+        os.replace(source, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch(item: dict[str, Any], folder: Path, progress: bool) -> Path:
+    return download_file(
+        item["url"], folder / item["file"], sha256=item.get("sha256"), progress=progress,
+        md5=item.get("md5"),
+    )
+
+
+def _item(files: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    for item in files:
+        if item.get("role") == role:
+            return item
+    raise LostregError(f"{MANIFEST_PATH}: no file with role {role!r}")
+
+
+def prepare_voc(
+    root: str | Path, year: int, progress: bool = True, keep_archive: bool = False
+) -> Path:
+    """Download the VOC ``year`` trainval tar and install it as ``ROOT/VOC<year>``."""
+    root = Path(root).expanduser()
+    if voc_is_present(root, year):
+        return voc_year_folder(root, year)  # type: ignore[return-value]
+    target = root / f"VOC{year}"
+    if target.exists():
+        raise LostregError(
+            f"{target}: exists but has no ImageSets/Main/trainval.txt; move it away and retry"
+        )
+    item = _item(manifest_files(f"voc{str(year)[-2:]}"), "archive")
+    archive = _fetch(item, root / DOWNLOADS_FOLDER, progress)
+    _install(archive, f"VOCdevkit/VOC{year}", target)
+    if not keep_archive:
+        archive.unlink(missing_ok=True)
+    return target
+
+
+def prepare_coco20k(root: str | Path, progress: bool = True, keep_archive: bool = False) -> Path:
+    """Download train2014 images, their annotations and the 20k list into ``ROOT/COCO``."""
+    from lostreg.datasets.coco import ANNOTATION_REL, IMAGES_REL, LIST_NAME, coco_folder
+
+    folder = coco_folder(root)
+    files = manifest_files("coco20k")
+    downloads = Path(root).expanduser() / DOWNLOADS_FOLDER
+
+    list_item = _item(files, "list")
+    download_file(
+        list_item["url"], folder / LIST_NAME, sha256=list_item.get("sha256"), progress=progress,
+        md5=list_item.get("md5"),
+    )
+    steps = (
+        ("annotations", "annotations/instances_train2014.json", folder / ANNOTATION_REL),
+        ("images", "train2014", folder / IMAGES_REL),
+    )
+    for role, inner, target in steps:
+        if target.exists():
+            continue
+        archive = _fetch(_item(files, role), downloads, progress)
+        _install(archive, inner, target)
+        if not keep_archive:
+            archive.unlink(missing_ok=True)
+    return folder

@@ -1,0 +1,174 @@
+"""End-to-end runs on the generated demo dataset, checked against an independent computation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from lostreg.backbones import create_backbone
+from lostreg.datasets import load_dataset
+from lostreg.io import read_jsonl
+from lostreg.methods.lost import lost_reference
+from lostreg.run import main
+
+MODEL = "dinov2_vits14_reg4"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model", MODEL, "--weights", "random", "--dataset", "demo",
+            "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "runs"),
+            "--num-workers", "0", "--no-progress", *extra]
+
+
+def only_run(tmp_path: Path) -> Path:
+    (run_dir,) = list((tmp_path / "runs").iterdir())
+    return run_dir
+
+
+def independent_box(backbone, path: Path, k: int = 100) -> tuple[list[int], int]:
+    """LOST on one image the way the reference script does it: torchvision transforms, pad
+    with zeros, hook the last qkv during the full forward, reshape, drop class + registers."""
+    img = Image.open(path).convert("RGB")
+    tensor = transforms.Compose([transforms.ToTensor(),
+                                 transforms.Normalize(backbone.mean, backbone.std)])(img)
+    p = backbone.patch_size
+    h, w = tensor.shape[1:]
+    padded = torch.zeros(3, int(np.ceil(h / p) * p), int(np.ceil(w / p) * p))
+    padded[:, :h, :w] = tensor
+    store = {}
+    hook = backbone.model.blocks[-1].attn.qkv.register_forward_hook(
+        lambda m, a, out: store.setdefault("qkv", out))
+    with torch.no_grad():
+        backbone.model.forward_features(padded[None])
+    hook.remove()
+    qkv = store["qkv"]
+    heads = backbone.model.blocks[-1].attn.num_heads
+    b, t, _ = qkv.shape
+    keys = qkv.reshape(b, t, 3, heads, -1).permute(2, 0, 3, 1, 4)[1].transpose(1, 2).reshape(b, t, -1)
+    keys = keys[0, 1 + backbone.spec.num_registers:]
+    out = lost_reference(keys, (padded.shape[1] // p, padded.shape[2] // p), p, (h, w), k)
+    return out.box, out.seed
+
+
+def iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def test_cli_run_matches_independent_computation(tmp_path, capsys) -> None:
+    assert main(cli(tmp_path, "--batch-size", "5")) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    run_dir = only_run(tmp_path)
+    assert run_dir.name.startswith("smoke-demo-dinov2_vits14_reg4-k-")
+    lines = list(read_jsonl(run_dir / "predictions.jsonl"))
+    index = load_dataset("demo", tmp_path / "data")
+    assert [line["image_id"] for line in lines] == [r.image_id for r in index.records]
+    backbone = create_backbone(MODEL, "random")
+    hits = 0
+    for record, line in zip(index.records, lines, strict=True):
+        box, seed = independent_box(backbone, record.path)
+        assert line["box"] == box, record.image_id
+        assert line["seed"] == list(divmod(seed, -(-record.width // 14)))
+        best = max((iou(box, gt) for gt in record.boxes), default=0.0)
+        assert line["best_iou"] == pytest.approx(best, abs=1e-6)
+        assert line["hit"] == (best >= 0.5)
+        assert line["weights"] == "random"
+        hits += best >= 0.5
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert metrics["n_images"] == len(index.records) and metrics["n_hits"] == hits
+    assert metrics["corloc"] == pytest.approx(100 * hits / len(index.records), abs=1e-4)
+    assert metrics["smoke_run"] and metrics["weights"] == "random"
+    assert config["smoke_run"] and config["weights"]["source"] == "random"
+    assert config["numerics"]["tf32_matmul"] is False and config["timm_name"].endswith("lvd142m")
+    assert summary.startswith(f"CorLoc {100 * hits / len(index.records):.2f} ({hits}/24) demo")
+    assert "SMOKE RUN" in summary
+
+
+def test_batch_size_changes_no_result(tmp_path) -> None:
+    assert main(cli(tmp_path / "a", "--batch-size", "1")) == 0
+    assert main(cli(tmp_path / "b", "--batch-size", "7")) == 0
+    a = (only_run(tmp_path / "a") / "predictions.jsonl").read_bytes()
+    b = (only_run(tmp_path / "b") / "predictions.jsonl").read_bytes()
+    assert a == b
+
+
+def test_resume_after_torn_write_computes_only_missing_images(tmp_path) -> None:
+    assert main(cli(tmp_path, "--batch-size", "4")) == 0
+    run_dir = only_run(tmp_path)
+    full = (run_dir / "predictions.jsonl").read_bytes()
+    full_metrics = json.loads((run_dir / "metrics.json").read_text())
+    # simulate a kill -9: 9 complete lines, then half of the 10th, no metrics
+    lines = full.splitlines(keepends=True)
+    (run_dir / "predictions.jsonl").write_bytes(b"".join(lines[:9]) + lines[9][:20])
+    (run_dir / "metrics.json").unlink()
+    assert main(cli(tmp_path, "--batch-size", "4")) == 0
+    assert (run_dir / "predictions.jsonl").read_bytes() == full
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["resumed_with"] == 9 and metrics["seconds"]["images_computed"] == 15
+    assert metrics["corloc"] == full_metrics["corloc"]
+    # a third run finds everything done and computes nothing
+    assert main(cli(tmp_path)) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["seconds"]["images_computed"] == 0
+    assert (run_dir / "predictions.jsonl").read_bytes() == full
+
+
+def test_corrupt_image_is_named_and_nothing_is_lost(tmp_path, capsys) -> None:
+    load_dataset("demo", tmp_path / "data")
+    victim = sorted((tmp_path / "data" / "demo" / "JPEGImages").glob("*.jpg"))[3]
+    original = victim.read_bytes()
+    victim.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    assert main(cli(tmp_path)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and victim.name in err and "rerun" in err
+    run_dir = only_run(tmp_path)
+    assert len(list(read_jsonl(run_dir / "predictions.jsonl"))) == 23
+    assert not (run_dir / "metrics.json").exists()
+    victim.write_bytes(original)
+    assert main(cli(tmp_path)) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n_images"] == 24 and metrics["seconds"]["images_computed"] == 1
+
+
+def test_limit_and_settings_get_their_own_run(tmp_path) -> None:
+    assert main(cli(tmp_path, "--limit", "3")) == 0
+    assert main(cli(tmp_path, "--limit", "3", "--k-patches", "5", "--features", "q")) == 0
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for run_dir in runs:
+        assert json.loads((run_dir / "metrics.json").read_text())["n_images"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model", "dinov2_vitl14_reg", "--weights", "random", "--dataset", "demo"],
+         "did you mean dinov2_vitl14_reg4"),
+        (["--dataset", "voc07", "--data-root", "/nonexistent/lostreg", "--no-download",
+          "--weights", "random", "--model", MODEL], "/nonexistent/lostreg"),
+        (["--weights", "/nonexistent/w.pth", "--model", MODEL, "--dataset", "demo"],
+         "/nonexistent/w.pth: weights file not found"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, needle) -> None:
+    env = {**os.environ, "LOSTREG_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "lostreg.run", *args, "--output",
+                           str(tmp_path / "runs"), "--no-progress"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
