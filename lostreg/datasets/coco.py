@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import sys
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -267,6 +268,7 @@ def _write_cache(cache_path: Path, payload: dict[str, Any]) -> None:
     """Write the cache atomically; a read-only dataset folder only costs a rebuild next time."""
     try:
         atomic_write_text(cache_path, json.dumps(payload, separators=(",", ":")) + "\n")
+        os.chmod(cache_path, 0o644)  # the temp file was 0600; others sharing the data read it
     except OSError as exc:
         print(f"warning: cannot write {cache_path} ({exc}); it will be rebuilt next time",
               file=sys.stderr)

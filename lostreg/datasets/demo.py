@@ -61,10 +61,12 @@ class DemoScene:
 
 
 def demo_folder(root: str | Path) -> Path:
+    """``ROOT/demo``: the demo lives beside the real datasets under the same data root."""
     return Path(root).expanduser() / DEMO_FOLDER
 
 
 def _marker_text(seed: int) -> str:
+    """Written last: its presence means complete, its content which generator made it."""
     return f"lostreg demo version {DEMO_VERSION} seed {seed}\n"
 
 

@@ -11,6 +11,7 @@ What to fetch is listed in ``datasets/manifests/downloads.json`` at the reposito
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -113,7 +114,7 @@ def download_file(
             _finish(part, dest, hashes, sha256, md5)
             return dest
         raise LostregError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise LostregError(f"{url}: download failed ({reason})") from None
 
@@ -145,7 +146,7 @@ def download_file(
                     bar.update(len(chunk))
                 handle.flush()
                 os.fsync(handle.fileno())
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             raise LostregError(
                 f"{url}: download interrupted ({exc}); {part} is kept, run again to resume"
             ) from None

@@ -1,4 +1,4 @@
-"""PASCAL VOC adapter: a VOC year folder (``JPEGImages``, ``Annotations``, ``ImageSets``) to records.
+"""PASCAL VOC adapter: a VOC year folder (JPEGImages, Annotations, ImageSets) to records.
 
 Conventions, matching LOST's ``extract_gt_VOC`` so CorLoc numbers are comparable:
 
@@ -21,7 +21,7 @@ to recover the size when an XML lacks a usable ``size`` element.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
 
@@ -143,15 +143,17 @@ def parse_voc_xml(folder: Path, image_id: str, no_hard: bool = False) -> ImageRe
 
 
 def is_plain_file_name(name: str) -> bool:
-    """True for a single path component: names from data files must not escape their folder."""
+    """True for a single path component: names from data files must not escape their folder.
+
+    Plain string tests (no pathlib): this runs once per image of every index.
+    """
     return (
         bool(name)
         and name not in (".", "..")
         and "/" not in name
         and "\\" not in name
         and "\x00" not in name
-        and not PureWindowsPath(name).drive
-        and len(PurePosixPath(name).parts) == 1
+        and not (len(name) >= 2 and name[1] == ":" and name[0].isalpha())  # Windows drive
     )
 
 
