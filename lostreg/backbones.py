@@ -163,14 +163,20 @@ def _pos_embed_like_original(self: Any, x: torch.Tensor, mode: str) -> torch.Ten
 
     Same token layout as timm (class, registers, patches); only the resampling differs.
     """
-    batch, rows, cols, dim = x.shape
-    x = x.reshape(batch, rows * cols, dim)
+    if x.ndim == 4:  # dynamic_img_size: patch_embed keeps the (B, rows, cols, C) grid
+        batch, rows, cols, dim = x.shape
+        x = x.reshape(batch, rows * cols, dim)
+    else:  # fixed image size: (B, N, C) on the model's own grid
+        batch = x.shape[0]
+        rows, cols = (int(v) for v in self.patch_embed.grid_size)
     prefix = []
     if self.cls_token is not None:
         prefix.append(self.cls_token.expand(batch, -1, -1))
     if self.reg_token is not None:
         prefix.append(self.reg_token.expand(batch, -1, -1))
     pos = self.pos_embed
+    if pos is None:  # nothing to resample (timm's pos_embed="none")
+        return self.pos_drop(torch.cat(prefix + [x], dim=1))
     embedded_prefix = 0 if self.no_embed_class else self.num_prefix_tokens
     patch_pos = resample_patch_pos_embed(pos[:, embedded_prefix:], (rows, cols), mode)
     if self.no_embed_class:
@@ -183,6 +189,8 @@ def _pos_embed_like_original(self: Any, x: torch.Tensor, mode: str) -> torch.Ten
 
 def install_pos_embed(model: torch.nn.Module, mode: str) -> None:
     """Make ``model`` resample position embeddings the way its original code does."""
+    if mode not in POS_EMBED_MODES:
+        raise ValueError(f"unknown pos_embed mode {mode!r}")
     if mode == "timm":
         return
     model._pos_embed = types.MethodType(  # type: ignore[method-assign]
