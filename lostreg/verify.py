@@ -88,7 +88,15 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
         allowed[(module, "scalar")] = multiarray.scalar
+    # protocol-2 pickles carry numpy's raw bytes as latin-1 text: allow that one codec only
+    allowed[("_codecs", "encode")] = _latin1_encode
     return allowed
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    if encoding.replace("-", "").lower() != "latin1":
+        raise LostregError(f"refusing to unpickle _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -296,3 +296,15 @@ def test_download_goes_through_download_file_and_is_sha_checked(setup, tmp_path,
 def test_missing_predictions_file(setup, tmp_path, capsys) -> None:
     assert verify.main(cli(setup, tmp_path / "nope.pkl", tmp_path / "out")) == 2
     assert "predictions file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+def test_restricted_unpickler_reads_numpy_boxes_in_every_common_protocol(protocol) -> None:
+    import io as _io
+
+    from lostreg.verify import _RestrictedUnpickler
+
+    payload = {"000005.jpg": np.array([1, 2, 30, 40]), "000007.jpg": np.array([0, 0, 5, 6])}
+    data = pickle.dumps(payload, protocol=protocol)
+    loaded = _RestrictedUnpickler(_io.BytesIO(data), Path("p.pkl")).load()
+    assert {k: v.tolist() for k, v in loaded.items()} == {k: v.tolist() for k, v in payload.items()}
