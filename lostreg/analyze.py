@@ -1,0 +1,190 @@
+"""``python -m lostreg.analyze <norms|attribution|show>``: why LOST fails where it fails.
+
+* ``norms``: token-norm histogram, automatic outlier threshold, outlier shares per image and
+  overall, and the neighbour similarity of outlier vs normal tokens, for one model on a dataset;
+* ``attribution``: per image of a LOST run, whether the seed is (next to) an outlier token and
+  whether the box covers outliers; CorLoc split by "image has outliers / has none";
+* ``show``: per-image PNG panels (image, boxes, seed, degree map, norm map, CLS and register
+  attention) with an ``index.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lostreg.backbones import list_backbones
+from lostreg.datasets import DATASETS, default_data_root
+from lostreg.errors import LostregError
+
+
+def _add_norms(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "norms", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="token-norm distribution, outlier threshold and outlier statistics",
+        description=(
+            "L2 norms of every patch token at the output of a block (default: the last block, "
+            "BEFORE the final norm; class and register tokens excluded). The outlier threshold "
+            "is automatic: a 2-component Gaussian mixture on log10 norms, with no threshold "
+            "(no outliers) unless the distribution is clearly bimodal. Writes norms.json, "
+            "tokens.npz (float16 per-token maps) and histogram PNGs."),
+    )
+    parser.add_argument("--model", default="dinov2_reg4",
+                        help=f"backbone short name or timm:<name>; known: {', '.join(list_backbones())}")
+    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(DATASETS)}")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset root (default: $LOSTREG_DATA or datasets/)")
+    parser.add_argument("--weights", default="hub",
+                        help="hub, a checkpoint PATH, or random (smoke run, never a result)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="block indices whose outputs to measure (negative counts from the "
+                             "end; default: the last block); top-level stats use the deepest")
+    parser.add_argument("--threshold", type=float, nargs="+", default=None,
+                        help="manual outlier threshold on the norm (one for all layers, or one "
+                             "per --layers entry) instead of the automatic split")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="output folder (default: results/analysis/<model>-<dataset>/, "
+                             "prefixed smoke- for random weights)")
+    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image decoding processes")
+    parser.add_argument("--no-hard", action="store_true",
+                        help="drop VOC objects marked truncated or difficult")
+    parser.add_argument("--no-download", action="store_true",
+                        help="fail instead of downloading a missing dataset")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_attribution(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "attribution", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="join a LOST run with outlier maps: is the seed on an artifact?",
+        description=(
+            "Per image of a run: is the seed an outlier token or next to one (4-neighbourhood), "
+            "does the box cover outliers; CorLoc split by 'image has outliers / has none'. "
+            "Writes attribution.csv, attribution_summary.csv, attribution.md and "
+            "attribution.json under <run>/analysis/. Without --norms the token maps of the "
+            "run's images are computed with the run's model into <run>/analysis/norms/."),
+    )
+    parser.add_argument("--run", type=Path, nargs="+", required=True,
+                        help="run folder(s) of lostreg.run")
+    parser.add_argument("--norms", type=Path, nargs="+", default=None,
+                        help="norms.json of the same model and data (one per --run)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="override the outlier threshold of the norms analysis")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset root if it moved since the run")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image decoding processes")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint PATH if the run's weights moved (must match the "
+                             "sha256 in the run's config.json)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="recompute <run>/analysis/norms even if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "show", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="per-image panels (boxes, seed, degree, norm and attention maps) + index.html",
+        description=(
+            "Rebuilds the run's model from its config.json and, per image, recomputes LOST's "
+            "degree map, the last block's token norms and the attention of the class token and "
+            "each register to the patches (softmax over patch keys, mean over heads)."),
+    )
+    parser.add_argument("--run", type=Path, required=True, help="run folder of lostreg.run")
+    parser.add_argument("--images", nargs="+", default=None, metavar="ID",
+                        help="image ids to show (default: the first --max-images)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="how many images (default: 12, or all --images given)")
+    parser.add_argument("--misses", action="store_true",
+                        help="without --images: show only images LOST missed")
+    parser.add_argument("--norms", type=Path, default=None,
+                        help="norms.json for marking outliers (default: <run>/analysis/norms)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="outlier threshold for the norm maps")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset root if it moved since the run")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint PATH if the run's weights moved (must match the "
+                             "sha256 in the run's config.json)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="output folder (default: <run>/analysis/show/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lostreg-analyze",
+        description="Artifact diagnostics: token norms, outliers, and where LOST fails.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{norms,attribution,show}")
+    _add_norms(sub)
+    _add_attribution(sub)
+    _add_show(sub)
+    return parser
+
+
+def _norms(args: argparse.Namespace) -> int:
+    from lostreg.analysis.collect import NormsConfig, analyze_norms
+
+    config = NormsConfig(
+        model=args.model, dataset=args.dataset,
+        data_root=args.data_root if args.data_root is not None else default_data_root(),
+        weights=args.weights, device=args.device, limit=args.limit, layers=args.layers,
+        threshold=args.threshold, output=args.output, batch_size=args.batch_size,
+        num_workers=args.num_workers, no_hard=args.no_hard, download=not args.no_download,
+        progress=not args.no_progress,
+    )
+    print(analyze_norms(config).summary)
+    return 0
+
+
+def _attribution(args: argparse.Namespace) -> int:
+    from lostreg.analysis.attribution import attribute_run
+
+    if args.norms is not None and len(args.norms) != len(args.run):
+        raise LostregError(f"--norms has {len(args.norms)} files for {len(args.run)} runs; "
+                           "give one per --run or none")
+    norms = args.norms or [None] * len(args.run)
+    for run_dir, norms_path in zip(args.run, norms, strict=True):
+        result = attribute_run(run_dir, norms_path, args.threshold, args.device, args.data_root,
+                               args.batch_size, args.num_workers, not args.no_progress,
+                               args.recompute, args.weights)
+        print(result.markdown)
+        print(f"tables written to {result.output_dir}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from lostreg.analysis.report import show_run
+
+    index = show_run(args.run, args.images, args.max_images, args.misses, args.device,
+                     args.data_root, args.norms, args.threshold, args.output, args.weights)
+    print(f"panels written; open {index}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"norms": _norms, "attribution": _attribution, "show": _show}[args.command]
+    try:
+        return handler(args)
+    except LostregError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Failure attribution on a hand-made run folder with known seeds, boxes and outlier maps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lostreg.analysis.attribution import attribute_run
+from lostreg.analysis.store import TokenMaps
+from lostreg.analyze import main
+from lostreg.errors import LostregError
+
+P = 16
+# image_id: (height, width, seed [row, col], box, hit, outlier cells)
+IMAGES = {
+    "A": (48, 64, [1, 1], [0, 0, 32, 32], False, [(1, 1)]),     # seed is an outlier, box covers it
+    "B": (48, 64, [0, 0], [32, 32, 64, 48], False, [(1, 0)]),   # seed next to one, box elsewhere
+    "C": (32, 32, [0, 0], [0, 0, 32, 32], True, [(1, 1)]),      # diagonal: not touching; box covers
+    "D": (40, 50, [2, 3], [0, 0, 50, 40], True, []),            # 3x4 grid (padded), no outliers
+    "E": (48, 64, [0, 0], [0, 0, 16, 16], False, []),
+}
+
+
+def grid_of(height: int, width: int) -> tuple[int, int]:
+    return -(-height // P), -(-width // P)
+
+
+def make_run(root: Path, model: str = "tiny_handmade") -> Path:
+    run = root / "run"
+    run.mkdir(parents=True)
+    weights = {"source": "random", "path": None, "sha256": None, "hub_id": None}
+    (run / "config.json").write_text(json.dumps({
+        "run_id": "smoke-demo-handmade", "model": model, "patch_size": P, "dataset": "demo",
+        "weights": weights, "feature": "k", "k_patches": 100, "gram_bias": 0.0,
+        "smoke_run": True, "settings": {"data_root": str(root / "data")}}))
+    lines = []
+    for image_id, (h, w, seed, box, hit, _) in IMAGES.items():
+        lines.append(json.dumps({"image_id": image_id, "file": f"{image_id}.jpg", "width": w,
+                                 "height": h, "box": box, "seed": seed, "gt_boxes": [],
+                                 "best_iou": 0.7 if hit else 0.1, "hit": hit,
+                                 "weights": "random"}))
+    (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "metrics.json").write_text("{}")
+    return run
+
+
+def make_norms(root: Path, model: str = "tiny_handmade", skip: str | None = None,
+               grid_override: dict | None = None) -> Path:
+    """norms.json + tokens.npz: norm 10 everywhere, 100 on the outlier cells, threshold 50."""
+    ids, grids, norms, sims = [], [], [], []
+    for image_id, (h, w, _, _, _, cells) in IMAGES.items():
+        if image_id == skip:
+            continue
+        rows, cols = (grid_override or {}).get(image_id, grid_of(h, w))
+        values = np.full((rows, cols), 10.0)
+        for r, c in cells:
+            values[r, c] = 100.0
+        ids.append(image_id)
+        grids.append((rows, cols))
+        norms.append(values.ravel())
+        sims.append(np.zeros(rows * cols))
+    folder = root / "norms"
+    folder.mkdir(parents=True, exist_ok=True)
+    TokenMaps.from_images(ids, grids, {5: norms}, sims).save(folder / "tokens.npz")
+    (folder / "norms.json").write_text(json.dumps({
+        "kind": "lostreg-norms", "model": model, "dataset": "demo", "primary_layer": 5,
+        "threshold": 50.0, "threshold_source": "auto", "tokens_file": "tokens.npz",
+        "weights": {"source": "random", "path": None, "sha256": None, "hub_id": None}}))
+    return folder / "norms.json"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_attribution_table_on_a_handmade_run(tmp_path) -> None:
+    run = make_run(tmp_path)
+    result = attribute_run(run, make_norms(tmp_path))
+    rows = {row["image_id"]: row for row in result.rows}
+    flags = {k: (r["has_outliers"], r["seed_is_outlier"], r["seed_touches_outlier"],
+                 r["box_has_outlier"]) for k, r in rows.items()}
+    assert flags == {"A": (True, True, True, True), "B": (True, False, True, False),
+                     "C": (True, False, False, True), "D": (False, False, False, False),
+                     "E": (False, False, False, False)}
+    assert rows["A"]["seed_norm"] == 100.0 and rows["B"]["seed_norm"] == 10.0
+    assert rows["D"]["n_tokens"] == 12 and rows["C"]["outlier_share"] == 0.25
+    summary = {row["group"]: row for row in result.summary}
+    everything = summary["all images"]
+    assert (everything["n_images"], everything["n_hits"]) == (5, 2)
+    assert everything["corloc"] == pytest.approx(40.0)
+    assert everything["seed_is_outlier_pct"] == pytest.approx(20.0)
+    assert everything["seed_touches_outlier_pct"] == pytest.approx(40.0)
+    assert everything["box_has_outlier_pct"] == pytest.approx(40.0)
+    with_outliers = summary["image has outliers"]
+    assert (with_outliers["n_images"], with_outliers["n_hits"]) == (3, 1)
+    assert with_outliers["corloc"] == pytest.approx(100 / 3)
+    assert with_outliers["mean_outlier_share_pct"] == pytest.approx(100 * 5 / 36)
+    assert summary["image has none"]["corloc"] == pytest.approx(50.0)
+    assert summary["seed on/next to an outlier"]["corloc"] == pytest.approx(0.0)
+    assert summary["seed away from outliers"]["corloc"] == pytest.approx(200 / 3)
+
+    analysis = run / "analysis"
+    per_image = read_csv(analysis / "attribution.csv")
+    assert [r["image_id"] for r in per_image] == list(IMAGES)
+    assert [r["seed_touches_outlier"] for r in per_image] == ["true", "true", "false", "false",
+                                                             "false"]
+    table = read_csv(analysis / "attribution_summary.csv")
+    assert table[1]["group"] == "image has outliers" and float(table[1]["corloc"]) == \
+        pytest.approx(100 / 3)
+    assert table[2]["seed_is_outlier_pct"] == "0"
+    markdown = (analysis / "attribution.md").read_text()
+    assert "| image has outliers | 3 | 1 | 33.3 | 33.3 | 66.7 | 66.7 | 13.9 |" in markdown
+    assert "SMOKE RUN" in markdown
+    saved = json.loads((analysis / "attribution.json").read_text())
+    assert saved["threshold"] == 50.0 and saved["summary"] == json.loads(
+        json.dumps(result.summary))
+
+
+def test_threshold_override_and_empty_groups(tmp_path) -> None:
+    result = attribute_run(make_run(tmp_path), make_norms(tmp_path), threshold=500.0)
+    summary = {row["group"]: row for row in result.summary}
+    assert summary["image has none"]["n_images"] == 5
+    assert summary["image has outliers"]["n_images"] == 0
+    assert summary["image has outliers"]["corloc"] is None
+    markdown = (tmp_path / "run" / "analysis" / "attribution.md").read_text()
+    assert "| image has outliers | 0 | 0 | – |" in markdown
+
+
+def test_unimodal_norms_mean_no_outliers(tmp_path) -> None:
+    norms = make_norms(tmp_path)
+    payload = json.loads(norms.read_text())
+    payload["threshold"] = None
+    norms.write_text(json.dumps(payload))
+    result = attribute_run(make_run(tmp_path), norms)
+    assert not any(row["has_outliers"] for row in result.rows)
+    assert "none (unimodal" in result.markdown
+
+
+def test_bad_inputs_name_the_problem(tmp_path, capsys) -> None:
+    run = make_run(tmp_path)
+    other = make_norms(tmp_path / "other", model="some_other_model")
+    assert main(["attribution", "--run", str(run), "--norms", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "norms.json" in err and "some_other_model" in err
+    with pytest.raises(LostregError, match="'C'.*no token map"):
+        attribute_run(run, make_norms(tmp_path / "skip", skip="C"))
+    with pytest.raises(LostregError, match="grid"):
+        attribute_run(run, make_norms(tmp_path / "grid", grid_override={"A": (4, 4)}))
+    assert main(["attribution", "--run", str(tmp_path / "nowhere")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+    (run / "predictions.jsonl").write_text('{"image_id": "A", "seed": [0]}\n')
+    with pytest.raises(LostregError, match="predictions.jsonl: line 1"):
+        attribute_run(run, make_norms(tmp_path / "again"))
