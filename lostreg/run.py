@@ -1,14 +1,26 @@
-"""``python -m lostreg.run``: LOST CorLoc of one backbone on one dataset, resumable.
+"""``python -m lostreg.run``: LOST CorLoc of backbones on datasets, resumable, at scale.
 
 Stages: dataset index -> DataLoader (workers decode and pad while the model runs; batches hold
 images of one padded size, so batching changes no result) -> last-layer q/k/v -> batched LOST
 on the device -> CorLoc. Every batch's predictions are appended durably to
 ``predictions.jsonl``; a rerun of the same settings skips what is already written.
+
+At scale (see the README section "Scale"):
+
+* one command runs a grid (``--model a,b --dataset voc07,voc12 --features k,v``) or the paper
+  suite (``--suite paper``): each model is built once, each dataset indexed once;
+* ``--gram-bias 0,0.1`` / ``--k-patches 50,100`` sweeps run LOST for every setting in one
+  pass over the images (the backbone runs once per image), one run folder per setting;
+* ``--cache-features`` stores the backbone's features per image, so a later pass over cached
+  images never builds the model (the run id only needs the weights' hash);
+* under ``torchrun`` each rank computes every N-th missing image and writes its own part;
+  rank 0 merges them into the same ``predictions.jsonl`` one process writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,31 +29,65 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lostreg
-from lostreg.backbones import Backbone, create_backbone, get_backbone_spec, list_backbones
-from lostreg.datasets import DATASETS, default_data_root, load_dataset
+from lostreg import distributed
+from lostreg.backbones import (
+    Backbone,
+    BackboneSpec,
+    WeightsInfo,
+    create_backbone,
+    get_backbone_spec,
+    list_backbones,
+    resolve_hub_file,
+)
+from lostreg.cache import (
+    CACHE_DTYPES,
+    DEFAULT_CACHE_DIR,
+    BackgroundWriter,
+    CacheProblem,
+    FeatureCache,
+    cache_key,
+    file_size,
+    is_lossless,
+    prefetch,
+    storage_dtype,
+    to_storage,
+    warn,
+)
+from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
+from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
-from lostreg.features import extract_features, padded_size, preprocess
-from lostreg.io import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
+from lostreg.features import last_qkv, padded_size, preprocess, select_feature
+from lostreg.io import JsonlAppender, atomic_write_json, sha256_file
 from lostreg.methods.lost import lost
 from lostreg.metrics import best_iou, corloc, is_hit
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMOKE_NOTE = "SMOKE RUN (weights: random): not a result, never enters the leaderboard"
+SUITES = ("paper",)
+# the same list as lostreg.leaderboard.PAPER_SUITE, used only if that module lacks it
+_PAPER_MODELS = ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4", "deit3_vitb16",
+                 "openclip_vitb16")
+_PAPER_SUITE_FALLBACK = [(m, d) for m in _PAPER_MODELS for d in ("voc07", "voc12", "coco20k")]
 
 
 @dataclass
 class RunConfig:
-    """Every setting of one run; the ones that change results define its run id."""
+    """Every setting of one run; the ones that change results define its run id.
+
+    ``cache_features`` (a folder) turns the feature cache on; ``cache_dtype`` is how features
+    are stored there (``auto``: exactly as the backbone produced them, see ``lostreg.cache``).
+    """
 
     model: str = "dinov2_reg4"
     dataset: str = "voc07"
@@ -59,6 +105,8 @@ class RunConfig:
     download: bool = True
     num_workers: int = 2
     progress: bool = True
+    cache_features: Path | None = None
+    cache_dtype: str = "auto"
 
 
 @dataclass
@@ -135,7 +183,8 @@ class PaddedImages(Dataset):
         return {"position": position, "tensor": tensor, "size": size, "error": None}
 
 
-def size_batches(records: Sequence[ImageRecord], patch_size: int, batch_size: int) -> list[list[int]]:
+def size_batches(records: Sequence[ImageRecord], patch_size: int,
+                 batch_size: int) -> list[list[int]]:
     """Batches of positions whose images share one padded size (from the annotated size),
     in dataset order of first appearance."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -173,10 +222,100 @@ def group_by_shape(items: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+# --- backbones, built only when an image needs them ---------------------------------------
+
+
+@dataclass
+class BackboneInfo:
+    """What a run's identity and config.json need about a backbone, known without building
+    it: a pass whose images are all cached never creates the model."""
+
+    spec: BackboneSpec
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: WeightsInfo
+    num_prefix_tokens: int
+    num_params: int
+
+    @property
+    def patch_size(self) -> int:
+        return self.spec.patch_size
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_memo(path: Path) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime) within this process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+    return _SHA_MEMO[key]
+
+
+def describe_backbone(spec: BackboneSpec, weights: str) -> BackboneInfo:
+    """The backbone's identity without its weights in memory: hub weights are resolved (and
+    downloaded if needed) and hashed, a file is hashed, ``random`` is ``random``; shapes and
+    the parameter count come from a model built on the meta device (no memory)."""
+    import timm
+
+    if weights == "random":
+        info = WeightsInfo("random")
+    elif weights == "hub":
+        path, hub_id = resolve_hub_file(spec.timm_name)
+        info = WeightsInfo("hub", str(path), _sha256_memo(path), hub_id)
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise LostregError(f"{path}: weights file not found")
+        info = WeightsInfo("file", str(path.resolve()), _sha256_memo(path))
+    kwargs = dict(spec.model_kwargs)
+    kwargs.setdefault("dynamic_img_size", True)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    except Exception:  # noqa: BLE001 - some models cannot be built on meta: build them for real
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+        except RuntimeError as exc:
+            raise LostregError(f"cannot create timm model {spec.timm_name!r}: {exc}") from None
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    mean = tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406)
+    std = tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225)
+    return BackboneInfo(spec, mean, std, info, int(model.num_prefix_tokens),  # type: ignore[arg-type]
+                        sum(p.numel() for p in model.parameters()))
+
+
+class _LazyBackbone:
+    """The backbone of one model, created on first use and then shared by every dataset."""
+
+    def __init__(self, info: BackboneInfo | Backbone, weights: str, device: torch.device,
+                 backbone: Backbone | None = None) -> None:
+        self.info, self.weights, self.device = info, weights, device
+        self._backbone = backbone
+        self.created = 0
+
+    def get(self) -> Backbone:
+        if self._backbone is None:
+            self._backbone = create_backbone(self.info.spec, self.weights, self.device)
+            self.created += 1
+            if self._backbone.weights.identity() != self.info.weights.identity():
+                raise LostregError(f"{self._backbone.weights.path}: weights changed since the "
+                                   "run started (sha256 differs); rerun the command")
+        return self._backbone
+
+    def release(self) -> None:
+        self._backbone = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
-def run_identity(config: RunConfig, backbone: Backbone, index: DatasetIndex, feature: str) -> dict:
+def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: DatasetIndex,
+                 feature: str) -> dict:
     """The settings that decide the results; their hash names the run directory."""
     return {
         "lostreg_version": lostreg.__version__,
@@ -225,8 +364,9 @@ def prediction_record(record: ImageRecord, box: list[int], seed_rc: tuple[int, i
     return line
 
 
-def write_config(run_dir: Path, config: RunConfig, identity: dict, backbone: Backbone,
-                 index: DatasetIndex, device: torch.device, numerics: dict, run_id: str) -> dict:
+def write_config(run_dir: Path, config: RunConfig, identity: dict,
+                 backbone: Backbone | BackboneInfo, index: DatasetIndex, device: torch.device,
+                 numerics: dict, run_id: str, extra: dict | None = None) -> dict:
     import timm
 
     smoke = backbone.weights.is_random
@@ -263,6 +403,7 @@ def write_config(run_dir: Path, config: RunConfig, identity: dict, backbone: Bac
         "timm_version": timm.__version__,
         "python_version": sys.version.split()[0],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
     }
     if smoke:
         payload["note"] = SMOKE_NOTE
@@ -272,12 +413,9 @@ def write_config(run_dir: Path, config: RunConfig, identity: dict, backbone: Bac
 
 def _finalize(run_dir: Path, index_records: Sequence[ImageRecord], run_id: str, smoke: bool,
               summary_fields: dict, seconds: dict) -> tuple[float, int, int]:
-    """Rewrite predictions in dataset order (so a resumed run's file equals an uninterrupted
-    one's) and write metrics.json atomically."""
-    by_id = {line["image_id"]: line for line in read_jsonl(run_dir / "predictions.jsonl")}
-    ordered = [by_id[r.image_id] for r in index_records]
-    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in ordered)
-    atomic_write_text(run_dir / "predictions.jsonl", text)
+    """Merge predictions (the file and any per-rank parts) in dataset order, so a resumed or
+    distributed run's file equals an uninterrupted one's, and write metrics.json atomically."""
+    ordered = distributed.merge_predictions(run_dir, [r.image_id for r in index_records])
     score, n_hits, n_images = corloc(line["hit"] for line in ordered)
     metrics = {
         "run_id": run_id,
@@ -296,88 +434,380 @@ def _finalize(run_dir: Path, index_records: Sequence[ImageRecord], run_id: str, 
     return score, n_hits, n_images
 
 
-def run_benchmark(config: RunConfig, backbone: Backbone | None = None,
-                  index: DatasetIndex | None = None) -> RunResult:
-    """Run (or resume) one benchmark run and return its CorLoc; see the module docstring."""
+def _check_config(config: RunConfig) -> None:
     if config.precision not in PRECISIONS:
         raise LostregError(f"--precision {config.precision!r}: expected fp32, bf16 or fp16")
     if config.batch_size < 1:
         raise LostregError("--batch-size must be at least 1")
-    device = resolve_device(config.device)
-    numerics = set_numerics(config.precision)
-    spec = backbone.spec if backbone is not None else get_backbone_spec(config.model)
-    feature = config.features or spec.default_feature
-    if feature not in ("q", "k", "v"):
-        raise LostregError(f"--features {feature!r}: expected q, k or v")
+    if config.k_patches < 1:
+        raise LostregError(f"--k-patches {config.k_patches}: must be at least 1")
+    if config.limit is not None and config.limit < 0:
+        raise LostregError(f"--limit {config.limit}: must not be negative")
+    if config.features is not None and config.features not in ("q", "k", "v"):
+        raise LostregError(f"--features {config.features!r}: expected q, k or v")
+    storage_dtype(config.cache_dtype, config.precision)  # validates --cache-dtype
+
+
+# settings that may differ between the runs of one pass (everything else is shared)
+_SWEPT = ("features", "k_patches", "gram_bias")
+
+
+def _pass_key(config: RunConfig) -> dict:
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in _SWEPT}
+
+
+def run_benchmark(config: RunConfig, backbone: Backbone | None = None,
+                  index: DatasetIndex | None = None) -> RunResult:
+    """Run (or resume) one benchmark run and return its CorLoc; see the module docstring."""
+    return run_sweep([config], backbone=backbone, index=index)[0]
+
+
+def run_sweep(configs: Sequence[RunConfig], backbone: Backbone | None = None,
+              index: DatasetIndex | None = None) -> list[RunResult]:
+    """Run (or resume) several runs that differ only in ``features``, ``k_patches`` and
+    ``gram_bias`` in one pass over the images: each image goes through the backbone once
+    (or comes from the feature cache) and LOST runs once per setting. One folder per run."""
+    if not configs:
+        return []
+    base = configs[0]
+    for config in configs:
+        _check_config(config)
+        if _pass_key(config) != _pass_key(base):
+            raise ValueError("run_sweep: configs may differ only in features, k_patches and "
+                             "gram_bias; use run_grid for other settings")
+    return run_grid(base, pairs=[(base.model, base.dataset)], sweep=configs,
+                    backbone=backbone, index=index)
+
+
+def paper_suite() -> list[tuple[str, str]]:
+    """``lostreg.leaderboard.PAPER_SUITE`` (the runs behind the comparison table)."""
+    try:
+        from lostreg.leaderboard import PAPER_SUITE
+    except ImportError:
+        return list(_PAPER_SUITE_FALLBACK)
+    return [(str(m), str(d)) for m, d in PAPER_SUITE]
+
+
+def run_grid(base: RunConfig, models: Sequence[str] | None = None,
+             datasets: Sequence[str] | None = None, *,
+             features: Sequence[str | None] | None = None,
+             k_patches: Sequence[int] | None = None,
+             gram_biases: Sequence[float] | None = None,
+             pairs: Sequence[tuple[str, str]] | None = None,
+             sweep: Sequence[RunConfig] | None = None,
+             backbone: Backbone | None = None, index: DatasetIndex | None = None,
+             on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
+    """Every (model, dataset) pair (``pairs``, or ``models`` x ``datasets``) times every LOST
+    setting (``features`` x ``k_patches`` x ``gram_biases``; None keeps ``base``'s value).
+
+    Models run one after the other; each is described (weights hashed) once, built at most
+    once and only if some image is not in the feature cache; each dataset is indexed once.
+    ``on_result`` sees each run as soon as it is finished.
+    """
+    if pairs is None:
+        pairs = [(m, d) for m in (models or [base.model]) for d in (datasets or [base.dataset])]
+    by_model: dict[str, list[str]] = {}
+    for model, dataset in pairs:
+        if dataset not in by_model.setdefault(model, []):
+            by_model[model].append(dataset)
+    # fail on a typo before hours of work, not after
+    specs = {m: (backbone.spec if backbone is not None else get_backbone_spec(m)) for m in by_model}
     if index is None:
-        index = load_dataset(config.dataset, config.data_root, no_hard=config.no_hard,
-                             download=config.download)
-    if backbone is None:
-        backbone = create_backbone(spec, config.weights, device)
-    smoke = backbone.weights.is_random
-    if smoke:
-        print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
-    records = list(index.records[: config.limit] if config.limit else index.records)
+        for dataset in {d for ds in by_model.values() for d in ds}:
+            get_dataset(dataset)
+    if sweep is None:
+        sweep = [dataclasses.replace(base, features=f, k_patches=k, gram_bias=float(b))
+                 for f in (features if features is not None else [base.features])
+                 for k in (k_patches if k_patches is not None else [base.k_patches])
+                 for b in (gram_biases if gram_biases is not None else [base.gram_bias])]
+    for config in sweep:
+        _check_config(config)
 
-    identity = run_identity(config, backbone, index, feature)
-    run_id = make_run_id(identity, smoke)
-    run_dir = Path(config.output) / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config, identity, backbone, index, device, numerics, run_id)
+    ctx = distributed.setup(resolve_device(base.device).type)
+    device = distributed.local_device(resolve_device(base.device), ctx)
+    numerics = set_numerics(base.precision)
+    indexes: dict[str, DatasetIndex] = {}
+    results: list[RunResult] = []
+    for model, datasets_of_model in by_model.items():
+        spec = specs[model]
+        lazy: _LazyBackbone | None = None
+        for dataset in datasets_of_model:
+            if index is not None:
+                indexes[dataset] = index
+            if dataset not in indexes:
+                indexes[dataset] = ctx.main_first(lambda d=dataset: load_dataset(
+                    d, base.data_root, no_hard=base.no_hard, download=base.download))
+            if lazy is None:
+                info = backbone if backbone is not None else ctx.main_first(
+                    lambda s=spec: describe_backbone(s, base.weights))
+                lazy = _LazyBackbone(info, base.weights, device, backbone)
+                if lazy.info.weights.is_random and ctx.is_main:
+                    print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
+            configs = [dataclasses.replace(c, model=model, dataset=dataset) for c in sweep]
+            for result in _run_pass(configs, lazy, indexes[dataset], device, numerics, ctx):
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+        if lazy is not None:
+            lazy.release()
+    return results
 
-    predictions_path = run_dir / "predictions.jsonl"
-    done = {line["image_id"] for line in read_jsonl(predictions_path)}
-    pending = [r for r in records if r.image_id not in done]
-    errors: list[str] = []
-    started = time.perf_counter()
-    forward_seconds = 0.0
-    autocast = PRECISIONS[config.precision]
-    progress = _progress(total=len(records), initial=len(records) - len(pending),
-                         enabled=config.progress, desc=f"{index.name} {spec.name}")
-    with JsonlAppender(predictions_path) as out:
-        for items in iterate_batches(pending, backbone, config.batch_size, config.num_workers,
-                                     pin_memory=device.type == "cuda"):
-            errors += [item["error"] for item in items if item["error"]]
-            good = [item for item in items if not item["error"]]
-            lines = []
-            for group in group_by_shape(good) if good else []:
-                tick = time.perf_counter()
-                images = torch.stack([item["tensor"] for item in group]).to(device,
-                                                                             non_blocking=True)
-                feats = extract_features(backbone, images, feature, autocast)
-                rows, cols = images.shape[-2] // spec.patch_size, images.shape[-1] // spec.patch_size
-                result = lost(feats, (rows, cols), spec.patch_size,
-                              [item["size"] for item in group], config.k_patches, config.gram_bias)
-                boxes, seeds = result.box.cpu().tolist(), result.seed.cpu().tolist()
-                forward_seconds += time.perf_counter() - tick
-                for item, box, seed in zip(group, boxes, seeds, strict=True):
-                    record = pending[item["position"]]
-                    if tuple(item["size"]) != (record.height, record.width):
-                        record = dataclasses.replace(record, height=item["size"][0],
-                                                     width=item["size"][1])
-                    lines.append(prediction_record(record, box, divmod(seed, cols), index.root,
-                                                   smoke))
-            out.write_many(lines)
-            progress.update(len(items))
-    progress.close()
-    if errors:
-        more = f" (and {len(errors) - 1} more bad images)" if len(errors) > 1 else ""
-        raise LostregError(f"{errors[0]}{more}; the other predictions are saved in {run_dir}, "
-                           "fix the files and rerun the same command to finish")
 
-    total = time.perf_counter() - started
-    seconds = {"total": round(total, 3), "model_and_lost": round(forward_seconds, 3),
-               "images_computed": len(pending),
-               "images_per_second": round(len(pending) / total, 3) if total > 0 else None}
-    summary_fields = {"model": spec.name, "timm_name": spec.timm_name, "dataset": index.name,
-                      "split": index.split, "feature": feature, "k_patches": config.k_patches,
-                      "gram_bias": float(config.gram_bias), "precision": config.precision,
-                      "no_hard": index.no_hard, "resumed_with": len(records) - len(pending)}
-    score, n_hits, n_images = _finalize(run_dir, records, run_id, smoke, summary_fields, seconds)
-    summary = f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} {spec.name} {feature}"
+@dataclass
+class _Run:
+    """One run folder inside a pass."""
+
+    config: RunConfig
+    feature: str
+    identity: dict
+    run_id: str
+    run_dir: Path
+    pending: set[int] = field(default_factory=set)  # dataset positions still missing (all ranks)
+    out: JsonlAppender | None = None
+
+
+def _extract(backbone: Backbone, images: torch.Tensor, kinds: Sequence[str],
+             autocast: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Like ``features.extract_features`` for several kinds from one forward (float32,
+    contiguous, so cached and freshly computed features enter LOST the same way)."""
+    with torch.inference_mode():
+        with torch.autocast(images.device.type, dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            qkv = last_qkv(backbone.model, images)
+        return {kind: select_feature(qkv, kind, backbone.num_prefix_tokens).float().contiguous()
+                for kind in kinds}
+
+
+def _summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, spec_name: str,
+                  run: _Run, smoke: bool) -> str:
+    summary = (f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} "
+               f"{spec_name} {run.feature}")
+    if run.config.k_patches != 100:
+        summary += f" k={run.config.k_patches}"
+    if float(run.config.gram_bias) != 0.0:
+        summary += f" gram_bias={float(run.config.gram_bias):g}"
     if smoke:
         summary += f"  [{SMOKE_NOTE}]"
-    return RunResult(run_id, run_dir, score, n_images, n_hits, smoke, summary)
+    return summary
+
+
+def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex,
+              device: torch.device, numerics: dict, ctx: DistContext) -> list[RunResult]:
+    """One pass over one dataset for one backbone: every run of ``configs`` is resumed."""
+    base = configs[0]
+    info = lazy.info
+    spec = info.spec
+    smoke = info.weights.is_random
+    records = list(index.records[: base.limit] if base.limit else index.records)
+    storage = storage_dtype(base.cache_dtype, base.precision) if base.cache_features else None
+    lossless = storage is None or is_lossless(storage, base.precision)
+
+    runs: list[_Run] = []
+    for config in configs:
+        feature = config.features or spec.default_feature
+        identity = run_identity(config, info, index, feature)
+        if not lossless:
+            identity["feature_cache"] = storage  # rounded features: never mixed with exact runs
+        run_id = make_run_id(identity, smoke)
+        runs.append(_Run(config, feature, identity, run_id, Path(config.output) / run_id))
+    seen: dict[str, _Run] = {}
+    for run in runs:
+        if run.run_id in seen:
+            raise LostregError(f"two runs of one command have the same settings ({run.run_id}); "
+                               "list each --features/--k-patches/--gram-bias value once")
+        seen[run.run_id] = run
+    extra = {"world_size": ctx.world_size,
+             "feature_cache": None if storage is None else {
+                 "dir": str(base.cache_features), "dtype": storage, "lossless": lossless}}
+    for run in runs:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            write_config(run.run_dir, run.config, run.identity, info, index, device, numerics,
+                         run.run_id, extra)
+    for run in runs:
+        done = distributed.done_ids(run.run_dir)
+        run.pending = {p for p, r in enumerate(records) if r.image_id not in done}
+    ctx.barrier()  # every rank has read the same state before any rank appends
+
+    union = sorted(set().union(*(run.pending for run in runs)))
+    mine = distributed.shard(union, ctx)
+    todo: dict[int, set[int]] = {p: {i for i, run in enumerate(runs) if p in run.pending}
+                                 for p in mine}
+    stats = {"forward": 0.0, "backbone_images": 0, "cached_images": 0}
+    errors: list[str] = []
+    started = time.perf_counter()
+    progress = _progress(
+        total=len(records) if not ctx.enabled else len(mine),
+        initial=len(records) - len(union) if not ctx.enabled else 0,
+        enabled=base.progress and ctx.is_main and bool(mine),
+        desc=f"{index.name} {spec.name}" + (f" [rank 0/{ctx.world_size}]" if ctx.enabled else ""))
+
+    def emit(kind: str, feats: torch.Tensor, grid: tuple[int, int],
+             entries: list[tuple[int, tuple[int, int]]]) -> None:
+        """LOST for every run of ``kind`` that still needs some of ``entries`` (position,
+        actual (H, W)), appending their lines durably."""
+        rows, cols = grid
+        for i, run in enumerate(runs):
+            if run.feature != kind:
+                continue
+            chosen = [j for j, (p, _) in enumerate(entries) if i in todo[p]]
+            if not chosen:
+                continue
+            sub = feats if len(chosen) == len(entries) else feats[chosen]
+            result = lost(sub, grid, spec.patch_size, [entries[j][1] for j in chosen],
+                          run.config.k_patches, run.config.gram_bias)
+            lines = []
+            for j, box, seed in zip(chosen, result.box.cpu().tolist(), result.seed.cpu().tolist(),
+                                    strict=True):
+                position, size = entries[j]
+                record = records[position]
+                if tuple(size) != (record.height, record.width):
+                    record = dataclasses.replace(record, height=size[0], width=size[1])
+                lines.append(prediction_record(record, box, divmod(seed, cols), index.root, smoke))
+                todo[position].discard(i)
+            if run.out is None:
+                run.out = JsonlAppender(distributed.predictions_target(run.run_dir, ctx))
+            run.out.write_many(lines)
+
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            stack.callback(lambda r=run: r.out.close() if r.out is not None else None)
+        caches: dict[str, FeatureCache] = {}
+        if storage is not None and mine:
+            for kind in sorted({runs[i].feature for p in mine for i in todo[p]}):
+                key = _cache_key(info, index, kind, base.precision, storage)
+                caches[kind] = FeatureCache(base.cache_features, key, writer_tag=f"r{ctx.rank}")
+                stack.callback(caches[kind].close)
+        writer = stack.enter_context(BackgroundWriter()) if caches else None
+        sizes_on_disk = {p: file_size(records[p].path) for p in mine} if caches else {}
+
+        # 1. images whose every needed feature is cached: no backbone
+        def cached(p: int, kind: str):
+            return caches[kind].lookup(records[p].image_id, sizes_on_disk[p])
+
+        from_cache = [p for p in mine
+                      if caches and all(cached(p, runs[i].feature) for i in todo[p])]
+        for kind, cache in caches.items():
+            wanted: dict[str, list[tuple[int, int]]] = {}
+            for p in from_cache:
+                if any(runs[i].feature == kind for i in todo[p]):
+                    entry = cached(p, kind)
+                    wanted.setdefault(entry.shard, []).append((p, entry.row))
+            for name, shard in prefetch(cache.read, list(wanted)):
+                members = wanted[name]
+                if not isinstance(shard, CacheProblem) and any(
+                        row >= len(shard.image_ids) or shard.image_ids[row] != records[p].image_id
+                        for p, row in members):
+                    shard = CacheProblem(f"{shard.path}: rows do not match the cache index")
+                if isinstance(shard, CacheProblem):
+                    warn(f"feature cache: {shard}; recomputing its {len(members)} images")
+                    cache.forget(name)
+                    continue
+                tick = time.perf_counter()
+                for start in range(0, len(members), base.batch_size):
+                    chunk = members[start:start + base.batch_size]
+                    rows = torch.tensor([row for _, row in chunk])
+                    feats = shard.feats.index_select(0, rows).to(device).float()
+                    emit(kind, feats, shard.grid, [(p, shard.sizes[row]) for p, row in chunk])
+                    finished = sum(1 for p, _ in chunk if not todo[p])
+                    stats["cached_images"] += finished
+                    progress.update(finished)
+                stats["forward"] += time.perf_counter() - tick
+
+        # 2. everything else through the backbone (and into the cache)
+        compute = [p for p in mine if todo[p]]
+        if compute:
+            backbone = lazy.get()
+            autocast = PRECISIONS[base.precision]
+            for items in iterate_batches([records[p] for p in compute], backbone,
+                                         base.batch_size, base.num_workers,
+                                         pin_memory=device.type == "cuda"):
+                errors += [item["error"] for item in items if item["error"]]
+                good = [item for item in items if not item["error"]]
+                for group in group_by_shape(good) if good else []:
+                    tick = time.perf_counter()
+                    positions = [compute[item["position"]] for item in group]
+                    entries = [(p, tuple(item["size"])) for p, item in zip(positions, group,
+                                                                           strict=True)]
+                    images = torch.stack([item["tensor"] for item in group]).to(device,
+                                                                                 non_blocking=True)
+                    grid = (images.shape[-2] // spec.patch_size,
+                            images.shape[-1] // spec.patch_size)
+                    kinds = sorted({runs[i].feature for p in positions for i in todo[p]})
+                    for kind, feats in _extract(backbone, images, kinds, autocast).items():
+                        if kind in caches:
+                            stored = to_storage(feats, storage, lossless)
+                            if not lossless:
+                                feats = stored.float()
+                            new = [j for j, p in enumerate(positions) if not cached(p, kind)]
+                            if new:
+                                writer.submit(  # type: ignore[union-attr]
+                                    caches[kind], [records[positions[j]].image_id for j in new],
+                                    [entries[j][1] for j in new],
+                                    [sizes_on_disk[positions[j]] for j in new], grid,
+                                    stored[new].to("cpu"))
+                        emit(kind, feats, grid, entries)
+                    stats["backbone_images"] += len(group)
+                    stats["forward"] += time.perf_counter() - tick
+                progress.update(len(items))
+    progress.close()
+
+    def bad_images(messages: list[str]) -> str:
+        where = runs[0].run_dir if len(runs) == 1 else f"the run folders under {base.output}"
+        more = f" (and {len(messages) - 1} more bad images)" if len(messages) > 1 else ""
+        return (f"{messages[0]}{more}; the other predictions are saved in {where}, "
+                "fix the files and rerun the same command to finish")
+
+    ctx.raise_if_any(errors, bad_images)
+    everyone = ctx.gather(stats)  # also: every rank's appends are durable and closed
+    total = time.perf_counter() - started
+    outcomes: Any = None
+    if ctx.is_main:
+        try:
+            outcomes = [_finish(run, records, index, spec, smoke, total, everyone, ctx, len(runs))
+                        for run in runs]
+        except LostregError as exc:
+            outcomes = str(exc)
+            ctx.broadcast(outcomes)
+            raise
+    outcomes = ctx.broadcast(outcomes)
+    if isinstance(outcomes, str):
+        raise CollectiveError(outcomes)
+    return [RunResult(run.run_id, run.run_dir, score, n_images, n_hits, smoke,
+                      _summary_line(score, n_hits, n_images, index, spec.name, run, smoke))
+            for run, (score, n_hits, n_images) in zip(runs, outcomes, strict=True)]
+
+
+def _finish(run: _Run, records: Sequence[ImageRecord], index: DatasetIndex, spec: BackboneSpec,
+            smoke: bool, total: float, everyone: list[dict], ctx: DistContext,
+            n_runs: int) -> tuple[float, int, int]:
+    computed = len(run.pending)
+    seconds = {
+        "total": round(total, 3),
+        "model_and_lost": round(max(s["forward"] for s in everyone), 3),
+        "images_computed": computed,
+        "images_per_second": round(computed / total, 3) if total > 0 else None,
+        "backbone_images": sum(s["backbone_images"] for s in everyone),
+        "cached_images": sum(s["cached_images"] for s in everyone),
+        "world_size": ctx.world_size,
+        "runs_in_pass": n_runs,
+    }
+    summary_fields = {"model": spec.name, "timm_name": spec.timm_name, "dataset": index.name,
+                      "split": index.split, "feature": run.feature,
+                      "k_patches": run.config.k_patches, "gram_bias": float(run.config.gram_bias),
+                      "precision": run.config.precision, "no_hard": index.no_hard,
+                      "resumed_with": len(records) - computed}
+    return _finalize(run.run_dir, records, run.run_id, smoke, summary_fields, seconds)
+
+
+def _cache_key(info: Backbone | BackboneInfo, index: DatasetIndex, kind: str, precision: str,
+               storage: str) -> dict:
+    return cache_key(
+        model=info.spec.name, timm_name=info.spec.timm_name, model_kwargs=info.spec.model_kwargs,
+        weights=info.weights.identity(), num_prefix_tokens=info.num_prefix_tokens,
+        mean=info.mean, std=info.std, patch_size=info.spec.patch_size,
+        pos_embed=info.spec.pos_embed, dataset=index.name, split=index.split, feature=kind,
+        precision=precision, storage=storage, lostreg_version=lostreg.__version__)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
@@ -398,31 +828,52 @@ def build_parser() -> argparse.ArgumentParser:
             "Features are q, k or v of the LAST block's attention (fused qkv, heads "
             "concatenated in head order) for the patch tokens only: the class token and every "
             "register token are removed. Images are not resized; they are zero-padded to a "
-            "multiple of the patch size."
+            "multiple of the patch size. Comma lists (--model a,b --dataset voc07,voc12 "
+            "--gram-bias=0,-0.1) run every combination, one run folder each. Several GPUs: "
+            "torchrun --nproc_per_node=N -m lostreg.run ..."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="dinov2_reg4",
-                        help=f"backbone short name or timm:<name>; known: {', '.join(list_backbones())}")
-    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(DATASETS)}")
+    parser.add_argument("--model", default=None,
+                        help="backbone short name(s), comma separated, or timm:<name> "
+                             f"(default dinov2_reg4); known: {', '.join(list_backbones())}")
+    parser.add_argument("--dataset", default=None,
+                        help="dataset(s), comma separated (default voc07); one of "
+                             f"{', '.join(DATASETS)}")
+    parser.add_argument("--suite", choices=SUITES, default=None,
+                        help="run a named suite instead of --model/--dataset (paper: the runs of "
+                             "the comparison table), then rebuild the leaderboard")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="dataset root (default: $LOSTREG_DATA or datasets/)")
     parser.add_argument("--weights", default="hub",
                         help="hub (timm from the Hugging Face hub), a checkpoint PATH, or random "
                              "(untrained: smoke run, never a result)")
-    parser.add_argument("--features", choices=("q", "k", "v"), default=None,
-                        help="which last-layer attention feature (default: the backbone's)")
-    parser.add_argument("--k-patches", type=int, default=100, help="LOST's k (seed expansion)")
-    parser.add_argument("--gram-bias", type=float, default=0.0, help="added to F F^T")
+    parser.add_argument("--features", default=None,
+                        help="q, k or v (comma list for several) of the last-layer attention "
+                             "(default: the backbone's)")
+    parser.add_argument("--k-patches", default="100",
+                        help="LOST's k (seed expansion); a comma list sweeps it")
+    parser.add_argument("--gram-bias", default="0.0",
+                        help="added to F F^T; a comma list sweeps it in one pass "
+                             "(write --gram-bias=-0.1,0 when the list starts with a minus)")
     parser.add_argument("--no-hard", action="store_true",
                         help="drop VOC objects marked truncated or difficult (and emptied images)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK per rank)")
     parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="fp32 is exact (TF32 off); bf16/fp16 autocast the backbone")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--output", type=Path, default=Path("results/runs"),
                         help="where run folders go")
+    parser.add_argument("--cache-features", type=Path, nargs="?", const=DEFAULT_CACHE_DIR,
+                        default=None, metavar="DIR",
+                        help=f"keep per-image features in DIR (default {DEFAULT_CACHE_DIR} when "
+                             "given without DIR); reruns with other LOST settings skip the model")
+    parser.add_argument("--cache-dtype", default="auto", choices=CACHE_DTYPES,
+                        help="how cached features are stored; auto is exact (the dtype the "
+                             "backbone produced: fp32 for fp32 runs); fp16 halves an fp32 "
+                             "cache but rounds, so such runs get their own run id")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -431,30 +882,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split(text: str | None, flag: str, convert: Callable[[str], Any]) -> list[Any] | None:
+    """A comma list, converted, duplicates dropped (order kept); None stays None."""
+    if text is None:
+        return None
+    values: list[Any] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            raise LostregError(f"{flag} {text!r}: empty item in the comma list")
+        try:
+            value = convert(part)
+        except ValueError:
+            raise LostregError(f"{flag} {text!r}: {part!r} is not a valid value") from None
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def _feature(text: str) -> str:
+    if text not in ("q", "k", "v"):
+        raise ValueError(text)
+    return text
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The base config of a command (the first value of each comma list)."""
+    def first(text: str | None, default: str) -> str:
+        return (text or default).split(",")[0].strip()
+
     return RunConfig(
-        model=args.model, dataset=args.dataset,
+        model=first(args.model, "dinov2_reg4"), dataset=first(args.dataset, "voc07"),
         data_root=args.data_root if args.data_root is not None else default_data_root(),
-        weights=args.weights, features=args.features, k_patches=args.k_patches,
-        gram_bias=args.gram_bias, no_hard=args.no_hard, device=args.device,
+        weights=args.weights, features=args.features.split(",")[0] if args.features else None,
+        k_patches=int(first(args.k_patches, "100")),
+        gram_bias=float(first(args.gram_bias, "0")), no_hard=args.no_hard, device=args.device,
         batch_size=args.batch_size, limit=args.limit, output=args.output,
         precision=args.precision, download=not args.no_download,
         num_workers=args.num_workers, progress=not args.no_progress,
+        cache_features=args.cache_features, cache_dtype=args.cache_dtype,
     )
+
+
+def _rebuild_leaderboard(output: Path) -> str | None:
+    """Rebuild ``results/`` from the run folders if the leaderboard module offers it."""
+    try:
+        from lostreg import leaderboard
+    except ImportError:
+        return None
+    build = getattr(leaderboard, "build_leaderboard", None)
+    if build is None:
+        return None
+    out_dir = Path(output).parent
+    build(runs_dir=Path(output), out_dir=out_dir)
+    return f"leaderboard rebuilt in {out_dir}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = run_benchmark(config_from_args(args))
+        models = _split(args.model, "--model", str)
+        datasets = _split(args.dataset, "--dataset", str)
+        features = _split(args.features, "--features", _feature)
+        k_list = _split(args.k_patches, "--k-patches", int)
+        biases = _split(args.gram_bias, "--gram-bias", float)
+        pairs = None
+        if args.suite is not None:
+            if models or datasets:
+                raise LostregError(f"--suite {args.suite} chooses the models and datasets; "
+                                   "drop --model/--dataset")
+            pairs = paper_suite()
+        base = config_from_args(args)
+
+        def report(result: RunResult) -> None:
+            if distributed.current().is_main:
+                print(result.summary, flush=True)
+
+        run_grid(base, models, datasets, features=features, k_patches=k_list,
+                 gram_biases=biases, pairs=pairs, on_result=report)
+        if args.suite is not None and distributed.current().is_main:
+            note = _rebuild_leaderboard(Path(args.output))
+            if note:
+                print(note)
     except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.current().is_main or not isinstance(exc, CollectiveError):
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    print(result.summary)
+    finally:
+        distributed.shutdown()
     return 0
 
 

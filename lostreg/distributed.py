@@ -1,0 +1,248 @@
+"""Several processes on one run (``torchrun``): who computes which image, and how parts merge.
+
+A run started by ``torchrun --nproc_per_node=N -m lostreg.run ...`` has one process per
+device. Every process reads the same run state (what is already written), then takes every
+N-th still-missing image in dataset order, so the split is deterministic and balanced even on
+a resumed run. Each rank appends its predictions durably to its own
+``predictions.rank{r}.jsonl``; rank 0 waits for all of them, merges every part into
+``predictions.jsonl`` in dataset order and deletes the parts. The merged file is the one a
+single process writes: a prediction does not depend on which process or batch computed it.
+
+Without torchrun's environment (``WORLD_SIZE`` unset or 1) nothing here starts a process
+group and every helper is a no-op, so a single process runs exactly as before.
+Multi-node runs need the output folder (and the feature cache) on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from lostreg.errors import LostregError
+from lostreg.io import atomic_write_text, read_jsonl
+
+T = TypeVar("T")
+PREDICTIONS = "predictions.jsonl"
+PART_PATTERN = "predictions.rank*.jsonl"
+# ranks wait for each other at the end of a run; a resumed run can be uneven, so be patient
+TIMEOUT_ENV = "LOSTREG_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 720.0
+
+
+class CollectiveError(LostregError):
+    """Raised on every rank for one failure: only rank 0 prints it, the others exit quietly."""
+
+
+@dataclass
+class DistContext:
+    """This process's place among the ranks; ``world_size == 1`` means a plain single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    group: Any = None  # a gloo group for barriers and object collectives (no device needed)
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(group=self.group)
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]  # type: ignore[return-value]
+
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 first (downloads, dataset generation), then on the other ranks.
+
+        If it fails on rank 0 with a ``LostregError`` every rank raises, so no rank waits
+        forever for one that has already stopped.
+        """
+        if not self.enabled:
+            return fn()
+        failure: str | None = None
+        if self.is_main:
+            try:
+                result = fn()
+            except LostregError as exc:
+                failure = str(exc)
+                self.broadcast(failure)
+                raise
+            self.broadcast(None)
+            return result
+        failure = self.broadcast(None)
+        if failure is not None:
+            raise CollectiveError(failure)
+        return fn()
+
+    def raise_if_any(self, errors: Sequence[str], message: Callable[[list[str]], str]) -> None:
+        """Gather every rank's error strings; if there is any, every rank raises the same."""
+        everything = [e for part in self.gather(list(errors)) for e in part]
+        if everything:
+            raise CollectiveError(message(everything))
+
+
+SINGLE = DistContext()
+_CONTEXT: DistContext | None = None
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise LostregError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def env_world_size() -> int:
+    """The world size torchrun announced (1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def setup(device_type: str) -> DistContext:
+    """The process's context, starting the process group once if torchrun asked for one.
+
+    The default group uses NCCL on CUDA and gloo on the CPU; barriers and object exchange go
+    through a gloo group either way. A group someone else started is used as it is.
+    """
+    global _CONTEXT
+    if _CONTEXT is not None:
+        return _CONTEXT
+    if dist.is_available() and dist.is_initialized():
+        _CONTEXT = _context_from_group(owns=False)
+        return _CONTEXT
+    if env_world_size() <= 1:
+        _CONTEXT = SINGLE
+        return _CONTEXT
+    if not dist.is_available():
+        raise LostregError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, timeout=_timeout())
+    _CONTEXT = _context_from_group(owns=True)
+    return _CONTEXT
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise LostregError(f"environment variable {TIMEOUT_ENV}={raw!r}: expected minutes"
+                           ) from None
+    return timedelta(minutes=minutes)
+
+
+def _context_from_group(owns: bool) -> DistContext:
+    backend = dist.get_backend()
+    group = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=_timeout())
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                       local_rank=_env_int("LOCAL_RANK", 0), backend=backend, group=group,
+                       owns_group=owns)
+
+
+def current() -> DistContext:
+    """The context set up so far (a single process before ``setup``)."""
+    return _CONTEXT if _CONTEXT is not None else SINGLE
+
+
+def shutdown() -> None:
+    """Tear down a process group this module started (no-op otherwise)."""
+    global _CONTEXT
+    if _CONTEXT is not None and _CONTEXT.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = None
+
+
+def local_device(device: torch.device, ctx: DistContext) -> torch.device:
+    """Each rank's own GPU (``cuda:LOCAL_RANK``) when the run is on CUDA and distributed."""
+    if ctx.enabled and device.type == "cuda":
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+def shard(items: Sequence[T], ctx: DistContext) -> list[T]:
+    """This rank's share: every ``world_size``-th item starting at ``rank``."""
+    return list(items[ctx.rank::ctx.world_size])
+
+
+# --- prediction parts ----------------------------------------------------------------------
+
+
+def part_path(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / f"predictions.rank{rank}.jsonl"
+
+
+def part_files(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob(PART_PATTERN))
+
+
+def predictions_target(run_dir: Path, ctx: DistContext) -> Path:
+    """Where this process appends: the run's file, or its own part under torchrun."""
+    return part_path(run_dir, ctx.rank) if ctx.enabled else Path(run_dir) / PREDICTIONS
+
+
+def _all_lines(run_dir: Path) -> dict[str, dict]:
+    """Every durable prediction of a run: the merged file plus parts left by any earlier
+    attempt (with any world size); a torn last line is not durable and is left out."""
+    by_id: dict[str, dict] = {}
+    for path in [Path(run_dir) / PREDICTIONS, *part_files(run_dir)]:
+        try:
+            for line in read_jsonl(path):
+                by_id[line["image_id"]] = line
+        except (ValueError, KeyError, TypeError):
+            raise LostregError(f"{path}: not a predictions file of lostreg.run (bad line); "
+                               "move it away and rerun") from None
+    return by_id
+
+
+def done_ids(run_dir: Path) -> set[str]:
+    """Image ids whose predictions are already durable in the run folder."""
+    return set(_all_lines(run_dir))
+
+
+def merge_predictions(run_dir: Path, image_ids: Sequence[str]) -> list[dict]:
+    """Write ``predictions.jsonl`` in ``image_ids`` order from the file and all parts, then
+    delete the parts; a kill at any point leaves files a rerun merges the same way."""
+    import json
+
+    by_id = _all_lines(run_dir)
+    missing = [i for i in image_ids if i not in by_id]
+    if missing:
+        raise LostregError(f"{run_dir}: {len(missing)} predictions missing after the run "
+                           f"(first: {missing[0]}); rerun the same command")
+    ordered = [by_id[i] for i in image_ids]
+    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in ordered)
+    atomic_write_text(Path(run_dir) / PREDICTIONS, text)
+    for path in part_files(run_dir):
+        path.unlink(missing_ok=True)
+    return ordered
