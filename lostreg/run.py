@@ -107,6 +107,7 @@ class RunConfig:
     progress: bool = True
     cache_features: Path | None = None
     cache_dtype: str = "auto"
+    allow_partial_dataset: bool = False
 
 
 @dataclass
@@ -331,7 +332,29 @@ def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: Da
         "k_patches": config.k_patches,
         "gram_bias": float(config.gram_bias),
         "precision": config.precision,
+        **({"dataset_images": len(index)} if not dataset_is_complete(index) else {}),
     }
+
+
+def dataset_is_complete(index: DatasetIndex) -> bool:
+    """True unless a registry dataset (VOC07: 5011, VOC12: 11540, COCO20k: 19817 images) has
+    another image count; ``--no-hard`` indexes are smaller by design and not checked."""
+    spec = DATASETS.get(index.name)
+    expected = spec.expected_images if spec is not None else None
+    return expected is None or index.no_hard or len(index) == expected
+
+
+def check_dataset_complete(index: DatasetIndex, allow_partial: bool) -> None:
+    """Every image counts in CorLoc, so a run on an incomplete dataset is refused unless asked
+    for; such a run gets its own run id (``dataset_images`` in its identity)."""
+    if allow_partial or dataset_is_complete(index):
+        return
+    expected = DATASETS[index.name].expected_images
+    raise LostregError(
+        f"{index.root}: {index.name} {index.split} lists {len(index)} images, expected {expected} "
+        "(incomplete download or modified split file?); fix the data, or pass "
+        "--allow-partial-dataset for a run that is not comparable with published figures"
+    )
 
 
 def make_run_id(identity: dict, smoke: bool) -> str:
@@ -537,6 +560,7 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
             if dataset not in indexes:
                 indexes[dataset] = ctx.main_first(lambda d=dataset: load_dataset(
                     d, base.data_root, no_hard=base.no_hard, download=base.download))
+            check_dataset_complete(indexes[dataset], base.allow_partial_dataset)
             if lazy is None:
                 info = backbone if backbone is not None else ctx.main_first(
                     lambda s=spec: describe_backbone(s, base.weights))
@@ -876,6 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "cache but rounds, so such runs get their own run id")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
+    parser.add_argument("--allow-partial-dataset", action="store_true",
+                        help="run even if VOC07/VOC12/COCO20k lack images (not comparable; "
+                             "the run id records the image count)")
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="image decoding processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -921,6 +948,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         precision=args.precision, download=not args.no_download,
         num_workers=args.num_workers, progress=not args.no_progress,
         cache_features=args.cache_features, cache_dtype=args.cache_dtype,
+        allow_partial_dataset=args.allow_partial_dataset,
     )
 
 

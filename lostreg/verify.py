@@ -350,6 +350,7 @@ def verify(args: argparse.Namespace) -> tuple[dict, str]:
         device=args.device, batch_size=args.batch_size, limit=args.limit,
         output=args.runs_dir, precision="fp32", download=not args.no_download,
         num_workers=args.num_workers, progress=not args.no_progress,
+        allow_partial_dataset=args.allow_partial_dataset,
     )
     result = run_benchmark(config)  # resumes (or just re-reads) a run with the same identity
     ours = list(read_jsonl(result.run_dir / "predictions.jsonl"))
@@ -460,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image decoding processes")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
+    parser.add_argument("--allow-partial-dataset", action="store_true",
+                        help="run even if VOC07 lacks images (then the goal cannot be met)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -51,6 +51,7 @@ def counted(monkeypatch):
 def cli(root: Path, *extra: str) -> list[str]:
     return ["--weights", "random", "--data-root", str(root / "data"), "--output",
             str(root / "runs"), "--num-workers", "0", "--no-progress", "--limit", str(LIMIT),
+            "--allow-partial-dataset",
             *extra]
 
 
@@ -72,7 +73,8 @@ def test_grid_builds_each_model_and_indexes_each_dataset_once(tmp_path, counted,
         single = run_benchmark(RunConfig(
             model=config["model"], dataset=config["dataset"], data_root=tmp_path / "data",
             weights="random", gram_bias=config["gram_bias"], limit=LIMIT,
-            output=tmp_path / "single", num_workers=0, progress=False))
+            output=tmp_path / "single", num_workers=0, progress=False,
+            allow_partial_dataset=True))
         assert single.run_id == run_dir.name
         assert (single.run_dir / "predictions.jsonl").read_bytes() == \
             (run_dir / "predictions.jsonl").read_bytes()

@@ -172,3 +172,33 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def write_tiny_voc07(root: Path, n: int = 3) -> None:
+    folder = root / "VOC2007"
+    (folder / "JPEGImages").mkdir(parents=True)
+    (folder / "Annotations").mkdir()
+    (folder / "ImageSets" / "Main").mkdir(parents=True)
+    ids = [f"{i:06d}" for i in range(n)]
+    for image_id in ids:
+        Image.fromarray(np.full((40, 50, 3), 90, dtype=np.uint8)).save(
+            folder / "JPEGImages" / f"{image_id}.jpg")
+        (folder / "Annotations" / f"{image_id}.xml").write_text(
+            "<annotation><size><width>50</width><height>40</height></size><object><name>x</name>"
+            "<bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax></bndbox>"
+            "</object></annotation>")
+    (folder / "ImageSets" / "Main" / "trainval.txt").write_text("\n".join(ids) + "\n")
+
+
+def test_incomplete_benchmark_dataset_is_refused_unless_allowed(tmp_path, capsys) -> None:
+    write_tiny_voc07(tmp_path / "data")
+    args = ["--model", MODEL, "--weights", "random", "--dataset", "voc07", "--data-root",
+            str(tmp_path / "data"), "--output", str(tmp_path / "runs"), "--num-workers", "0",
+            "--no-progress", "--no-download"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "lists 3 images, expected 5011" in err and "--allow-partial-dataset" in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert main([*args, "--allow-partial-dataset"]) == 0
+    config = json.loads((only_run(tmp_path) / "config.json").read_text())
+    assert config["identity"]["dataset_images"] == 3

@@ -62,7 +62,8 @@ def setup(tmp_path_factory):
     try:
         result = run_benchmark(RunConfig(
             model=MODEL, dataset="voc07", data_root=base / "data", weights="random",
-            features="k", output=base / "runs", num_workers=0, progress=False, download=False))
+            features="k", output=base / "runs", num_workers=0, progress=False, download=False,
+            allow_partial_dataset=True))
         ours = list(read_jsonl(result.run_dir / "predictions.jsonl"))
         yield {"base": base, "result": result, "ours": ours}
     finally:
@@ -74,7 +75,8 @@ def cli(setup: dict, predictions: Path, out: Path, *extra: str) -> list[str]:
     return ["lost-voc07", "--model", MODEL, "--weights", "random",
             "--data-root", str(base / "data"), "--runs-dir", str(base / "runs"),
             "--predictions", str(predictions), "--output", str(out), "--device", "cpu",
-            "--num-workers", "0", "--no-progress", "--no-download", *extra]
+            "--num-workers", "0", "--no-progress", "--no-download", "--allow-partial-dataset",
+            *extra]
 
 
 def sha(path: Path) -> str:

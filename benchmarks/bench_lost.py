@@ -1,0 +1,551 @@
+"""LOST stage alone: the batched path vs a plain per-image loop, on identical features.
+
+Features are generated for VOC-like image sizes (patch 16 -> grids like 24x32), grouped into
+batches of one grid like ``lostreg.run`` does, and fed to:
+
+* ``batched``   ``lostreg.methods.lost.lost`` on each ``(B, N, d)`` batch;
+* ``reference`` ``lostreg.methods.lost.lost_reference`` image by image (torch + scipy label);
+* ``literal``   a loop spelled like the original LOST script (clone, zero the diagonal, clamp,
+  argsort, float32 row sum, scipy label on the host), the baseline a user would otherwise run;
+* ``prototype`` ``lost_prototype`` below: a candidate rewrite of the batched path measured here,
+  not used by lostreg (see README.md for why it exists).
+
+Every path's boxes and seeds are compared with ``reference``; batched and prototype must agree
+on every image (asserted). Then images/s of each path and the speedup ratios are printed.
+
+    python benchmarks/bench_lost.py                      # CPU defaults, ~1 min on 2 cores
+    python benchmarks/bench_lost.py --device cuda --images 2000 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage
+import torch
+
+if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (  # noqa: E402
+    facts_rows,
+    machine_facts,
+    median,
+    resolve_device,
+    result_block,
+    sample_sizes,
+    save_json,
+    synchronize,
+    timed,
+)
+from lostreg.errors import LostregError  # noqa: E402
+from lostreg.features import padded_size  # noqa: E402
+from lostreg.methods.lost import LostOutput, lost, lost_reference  # noqa: E402
+
+Prediction = tuple[tuple[int, int, int, int], int]  # (box, seed)
+
+
+@dataclass
+class FeatureBatch:
+    """Images of one patch grid, stacked: ``feats (B, rows*cols, d)`` on the device."""
+
+    positions: list[int]
+    grid: tuple[int, int]
+    sizes: list[tuple[int, int]]
+    feats: torch.Tensor
+
+
+# --- generated features ----------------------------------------------------------------------
+
+
+def synthetic_features(grid: tuple[int, int], image_size: tuple[int, int], patch_size: int,
+                       dim: int, generator: torch.Generator, kind: str = "structured"
+                       ) -> torch.Tensor:
+    """Patch features ``(rows*cols, dim)`` for one image.
+
+    ``structured`` plants a rectangular "object" of 10-45% of each side whose features point
+    away from the background's, plus noise, so masks and components look like LOST's on real
+    keys (compact, a few blobs). ``noise`` is i.i.d. Gaussian: ragged masks, the worst case for
+    the connected-component step.
+    """
+    rows, cols = grid
+    if kind == "noise":
+        return torch.randn(rows * cols, dim, generator=generator)
+    if kind != "structured":
+        raise LostregError(f"--features {kind!r}: expected structured or noise")
+    height, width = image_size
+    valid_r, valid_c = -(-height // patch_size), -(-width // patch_size)
+    directions = torch.randn(2, dim, generator=generator)
+    background, foreground = directions / directions.norm(dim=1, keepdim=True)
+    sides = torch.rand(2, generator=generator) * 0.35 + 0.10
+    obj_h = max(1, int(valid_r * float(sides[0])))
+    obj_w = max(1, int(valid_c * float(sides[1])))
+    r0 = int(torch.randint(0, valid_r - obj_h + 1, (1,), generator=generator))
+    c0 = int(torch.randint(0, valid_c - obj_w + 1, (1,), generator=generator))
+    inside = torch.zeros(rows, cols, dtype=torch.bool)
+    inside[r0:r0 + obj_h, c0:c0 + obj_w] = True
+    inside = inside.view(-1, 1)
+    mean = torch.where(inside, foreground - 0.5 * background, background)
+    noise = torch.randn(rows * cols, dim, generator=generator) * (0.6 / dim ** 0.25)
+    return 3.0 * (mean + noise)
+
+
+def make_batches(sizes: Sequence[tuple[int, int]], patch_size: int, dim: int, batch_size: int,
+                 device: torch.device, seed: int = 0, kind: str = "structured"
+                 ) -> list[FeatureBatch]:
+    """Group images by padded grid (order of first appearance, as ``lostreg.run`` does), cut
+    groups into batches of at most ``batch_size`` and build each batch's features once."""
+    if batch_size < 1:
+        raise LostregError("--batch-size must be at least 1")
+    generator = torch.Generator().manual_seed(seed)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for position, (height, width) in enumerate(sizes):
+        padded_h, padded_w = padded_size(height, width, patch_size)
+        groups[(padded_h // patch_size, padded_w // patch_size)].append(position)
+    feats = {position: synthetic_features(grid, sizes[position], patch_size, dim, generator, kind)
+             for grid, members in groups.items() for position in members}
+    batches = []
+    for grid, members in groups.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start:start + batch_size]
+            stacked = torch.stack([feats[p] for p in chunk]).to(device)
+            batches.append(FeatureBatch(chunk, grid, [sizes[p] for p in chunk], stacked))
+    return batches
+
+
+# --- the paths compared ------------------------------------------------------------------------
+
+
+def literal_reference_lost(feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
+                           image_size: tuple[int, int], k_patches: int = 100,
+                           gram_bias: float = 0.0) -> Prediction:
+    """One image, step by step as the original LOST script spells it (written anew here).
+
+    Differences from ``lost_reference`` are only in the extra work the original does (a
+    clamped copy for scoring, a float argsort of negated degrees) and its float32 row sum.
+    """
+    similarity = feats @ feats.t() + gram_bias
+    scoring = similarity.clone()
+    scoring.fill_diagonal_(0)
+    scoring[scoring < 0] = 0
+    inverse_degree = -(scoring > 0).sum(dim=1).to(torch.float32)
+    order = torch.argsort(inverse_degree, descending=True, stable=True)
+    seed = order[0]
+    potentials = order[:k_patches]
+    similars = potentials[similarity[seed, potentials] > 0]
+    summed = similarity[similars, :].sum(dim=0)
+    rows, cols = grid
+    labels, _ = scipy.ndimage.label(summed.reshape(rows, cols).cpu().numpy() > 0)
+    seed_index = int(seed)
+    seed_rc = np.unravel_index(seed_index, (rows, cols))
+    label = labels[seed_rc]
+    if label == 0:
+        where = (np.array([seed_rc[0]]), np.array([seed_rc[1]]))
+    else:
+        where = np.nonzero(labels == label)
+    height, width = image_size
+    box = (int(where[1].min()) * patch_size, int(where[0].min()) * patch_size,
+           min((int(where[1].max()) + 1) * patch_size, width),
+           min((int(where[0].max()) + 1) * patch_size, height))
+    return box, seed_index
+
+
+_CROSS_2D = scipy.ndimage.generate_binary_structure(2, 1)
+# 4-connectivity inside each image, no connection between images stacked along axis 0.
+_CROSS_STACK = np.stack([np.zeros_like(_CROSS_2D), _CROSS_2D, np.zeros_like(_CROSS_2D)])
+
+
+def lost_prototype(feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
+                   image_size: Sequence[tuple[int, int]], k_patches: int = 100,
+                   gram_bias: float = 0.0, chunk: int | None = None) -> LostOutput:
+    """Candidate rewrite of ``lost`` for ``(B, N, d)``: same semantics, less memory traffic.
+
+    * the similarity is built ``chunk`` images at a time (default: 4 on CPU, where an
+      ``(N, N)`` block then stays in cache, the whole batch on a GPU) and reduced at once
+      (degrees, seed row, the k potential rows), so no ``(B, N, N)`` temporaries pile up;
+    * ``+ gram_bias`` is skipped when it is 0 (``-0.0 > 0`` is false like ``0.0 > 0``);
+    * degrees are counted in int32 (``sum(dtype=)``) instead of a bool -> int64 promotion;
+    * the seed expansion is one ``(1, k) @ (k, N)`` float64 product per image;
+    * the seed's component comes from one ``scipy.ndimage.label`` call on the whole
+      ``(B, rows, cols)`` mask stack (a 3-D structure that does not link images): one host
+      round trip per batch, where ``lost`` loops dilations with a device sync every 8 steps.
+    """
+    batch, num_patches, _ = feats.shape
+    rows, cols = grid
+    if rows * cols != num_patches:
+        raise ValueError(f"grid {grid} has {rows * cols} patches but feats have {num_patches}")
+    if feats.dtype not in (torch.float32, torch.float64):
+        feats = feats.float()
+    k = min(k_patches, num_patches)
+    chunk = chunk or (4 if feats.device.type == "cpu" else batch)
+    seeds, summed = [], []
+    for start in range(0, batch, chunk):
+        part = feats[start:start + chunk]
+        similarity = torch.bmm(part, part.transpose(1, 2))
+        if gram_bias != 0.0:
+            similarity.add_(gram_bias)
+        positive = similarity > 0
+        degrees = positive.sum(dim=-1, dtype=torch.int32)
+        degrees -= torch.diagonal(positive, dim1=-2, dim2=-1).to(torch.int32)
+        order = torch.sort(degrees, dim=1, stable=True).indices
+        seed, potentials = order[:, 0], order[:, :k]
+        index = torch.arange(part.shape[0], device=feats.device)
+        is_similar = torch.gather(similarity[index, seed], 1, potentials) > 0
+        rows_k = torch.gather(similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches))
+        summed.append(torch.bmm(is_similar.unsqueeze(1).double(), rows_k.double()).squeeze(1))
+        seeds.append(seed)
+    seed = torch.cat(seeds).cpu()
+    mask = (torch.cat(summed) > 0).view(batch, rows, cols).cpu().numpy()
+    labels, _ = scipy.ndimage.label(mask, structure=_CROSS_STACK)
+    labels_t = torch.from_numpy(labels)
+    seed_r, seed_c = seed // cols, seed % cols
+    seed_label = labels_t[torch.arange(batch), seed_r, seed_c]
+    component = (labels_t == seed_label.view(-1, 1, 1)) & (seed_label > 0).view(-1, 1, 1)
+    row_any, col_any = component.any(dim=2), component.any(dim=1)
+    big = rows + cols
+    row_idx = torch.arange(rows).expand(batch, rows)
+    col_idx = torch.arange(cols).expand(batch, cols)
+    empty = seed_label == 0  # seed outside the mask (negative gram_bias): the seed's patch
+    r_min = torch.where(empty, seed_r, torch.where(row_any, row_idx, big).amin(dim=1))
+    r_max = torch.where(empty, seed_r, torch.where(row_any, row_idx, -1).amax(dim=1))
+    c_min = torch.where(empty, seed_c, torch.where(col_any, col_idx, big).amin(dim=1))
+    c_max = torch.where(empty, seed_c, torch.where(col_any, col_idx, -1).amax(dim=1))
+    sizes = torch.as_tensor(list(image_size), dtype=torch.long).view(batch, 2)
+    boxes = torch.stack([c_min * patch_size, r_min * patch_size,
+                         torch.minimum((c_max + 1) * patch_size, sizes[:, 1]),
+                         torch.minimum((r_max + 1) * patch_size, sizes[:, 0])], dim=1)
+    return LostOutput(boxes, seed, torch.empty(0))
+
+
+BatchedFn = Callable[..., LostOutput]
+
+
+def run_batched(batches: Sequence[FeatureBatch], patch_size: int, k_patches: int,
+                gram_bias: float, fn: BatchedFn = lost) -> dict[int, Prediction]:
+    """One call of ``fn`` per batch; boxes come back to the host as ``lostreg.run`` needs."""
+    out: dict[int, Prediction] = {}
+    for batch in batches:
+        result = fn(batch.feats, batch.grid, patch_size, batch.sizes, k_patches, gram_bias)
+        boxes, seeds = result.box.cpu().tolist(), result.seed.cpu().tolist()
+        for position, box, seed in zip(batch.positions, boxes, seeds, strict=True):
+            out[position] = (tuple(box), int(seed))
+    return out
+
+
+def run_loop(batches: Sequence[FeatureBatch], patch_size: int, k_patches: int,
+             gram_bias: float, literal: bool = False) -> dict[int, Prediction]:
+    """Image by image over the same tensors: ``lost_reference`` or the literal spelling."""
+    out: dict[int, Prediction] = {}
+    for batch in batches:
+        for i, position in enumerate(batch.positions):
+            feats = batch.feats[i]
+            if literal:
+                out[position] = literal_reference_lost(feats, batch.grid, patch_size,
+                                                       batch.sizes[i], k_patches, gram_bias)
+            else:
+                result = lost_reference(feats, batch.grid, patch_size, batch.sizes[i],
+                                        k_patches, gram_bias)
+                out[position] = (tuple(int(v) for v in result.box), int(result.seed))
+    return out
+
+
+def run_gram_only(batches: Sequence[FeatureBatch], patch_size: int, k_patches: int,
+                  gram_bias: float) -> dict[int, Prediction]:
+    """Only the batched ``F F^T`` (no LOST): the floor any exact LOST path pays, so
+    ``reference / gram_only`` is the best speedup batching could give on this device."""
+    for batch in batches:
+        similarity = torch.bmm(batch.feats, batch.feats.transpose(1, 2))
+        float(similarity[0, 0, 0])  # wait for the result like the other paths do
+    return {}
+
+
+PATHS: dict[str, Callable[[Sequence[FeatureBatch], int, int, float], dict[int, Prediction]]] = {
+    "batched": lambda b, p, k, g: run_batched(b, p, k, g, lost),
+    "prototype": lambda b, p, k, g: run_batched(b, p, k, g, lost_prototype),
+    "reference": lambda b, p, k, g: run_loop(b, p, k, g, literal=False),
+    "literal": lambda b, p, k, g: run_loop(b, p, k, g, literal=True),
+    "gram_only": run_gram_only,
+}
+
+
+def agreement(predictions: dict[str, dict[int, Prediction]], baseline: str = "reference"
+              ) -> dict[str, dict[str, int]]:
+    """Per path: images whose box, seed, and both equal the baseline's."""
+    base = predictions[baseline]
+    counts = {}
+    for name, preds in predictions.items():
+        if name == "gram_only":
+            continue
+        counts[name] = {
+            "images": len(base),
+            "same_box": sum(preds[i][0] == base[i][0] for i in base),
+            "same_seed": sum(preds[i][1] == base[i][1] for i in base),
+            "same_both": sum(preds[i] == base[i] for i in base),
+        }
+    return counts
+
+
+# --- profile -----------------------------------------------------------------------------------
+
+
+def profile_stages(batches: Sequence[FeatureBatch], k_patches: int, gram_bias: float,
+                   device: torch.device) -> dict[str, float]:
+    """Seconds per stage of the batched semantics, timed stage by stage over all batches.
+
+    The stages replay ``lost``'s operations (matmul + bias, degrees, sort, seed expansion
+    gather/sum, connected component by dilation); the dilation step count is reported too.
+    """
+    from lostreg.methods import lost as lost_module
+
+    totals: dict[str, float] = defaultdict(float)
+    steps = []
+    for batch in batches:
+        rows, cols = batch.grid
+        n = rows * cols
+        t, sim = timed(lambda b=batch: torch.matmul(b.feats, b.feats.transpose(1, 2)), device)
+        totals["matmul"] += t
+        t, sim = timed(lambda s=sim: s + gram_bias, device)
+        totals["add_gram_bias"] += t
+        t, deg = timed(lambda s=sim: lost_module._degrees(s), device)
+        totals["degrees (>0, sum)"] += t
+        t, order = timed(lambda d=deg: torch.sort(d, dim=1, stable=True).indices, device)
+        totals["sort"] += t
+
+        def expand(s=sim, o=order, count=n):
+            index = torch.arange(s.shape[0], device=s.device)
+            potentials = o[:, :k_patches]
+            similar = torch.gather(s[index, o[:, 0]], 1, potentials) > 0
+            gathered = torch.gather(s, 1, potentials.unsqueeze(-1).expand(-1, -1, count))
+            return (gathered.double() * similar.unsqueeze(-1)).sum(dim=1)
+
+        t, summed = timed(expand, device)
+        totals["seed expansion (gather, f64 sum)"] += t
+        seed = order[:, 0]
+        seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
+        mask = (summed > 0).view(-1, rows, cols)
+        t, component = timed(lambda m=mask, s=seed_rc: lost_module.seed_component(m, s), device)
+        totals["connected component (dilation loop)"] += t
+        t, _ = timed(lambda c=component, s=seed_rc: lost_module._component_boxes(c, s), device)
+        totals["component boxes"] += t
+        steps.append(_dilation_steps(mask, seed_rc))
+    totals["dilation steps (max per batch, median)"] = median(steps) if steps else 0.0
+    return dict(totals)
+
+
+def _dilation_steps(mask: torch.Tensor, seed_rc: torch.Tensor) -> int:
+    """Dilations until the slowest image's component stops growing (before the exit check)."""
+    component = torch.zeros_like(mask)
+    component[torch.arange(mask.shape[0]), seed_rc[:, 0], seed_rc[:, 1]] = True
+    component &= mask
+    steps = 0
+    while True:
+        grown = component.clone()
+        grown[:, 1:] |= component[:, :-1]
+        grown[:, :-1] |= component[:, 1:]
+        grown[:, :, 1:] |= component[:, :, :-1]
+        grown[:, :, :-1] |= component[:, :, 1:]
+        grown &= mask
+        if torch.equal(grown, component):
+            return steps
+        component, steps = grown, steps + 1
+
+
+def profile_reference(batches: Sequence[FeatureBatch], k_patches: int, gram_bias: float,
+                      device: torch.device, limit: int = 64) -> dict[str, float]:
+    """Seconds per stage of ``lost_reference``'s steps on the first ``limit`` images."""
+    totals: dict[str, float] = defaultdict(float)
+    seen = 0
+    for batch in batches:
+        for i in range(len(batch.positions)):
+            if seen >= limit:
+                return dict(totals, images=seen)
+            feats = batch.feats[i]
+            t, sim = timed(lambda f=feats: f @ f.T + gram_bias, device)
+            totals["matmul + bias"] += t
+
+            def degrees(s=sim):
+                scoring = s.clone()
+                scoring.fill_diagonal_(0)
+                return (scoring > 0).sum(dim=1)
+
+            t, deg = timed(degrees, device)
+            totals["degrees (clone, >0, sum)"] += t
+            t, order = timed(lambda d=deg: torch.sort(d, stable=True).indices, device)
+            totals["sort"] += t
+            seed = int(order[0])
+
+            def expand(s=sim, o=order, sd=seed):
+                potentials = o[:k_patches]
+                similars = potentials[s[sd, potentials] > 0]
+                return s[similars, :].double().sum(dim=0)
+
+            t, summed = timed(expand, device)
+            totals["seed expansion (index, f64 sum)"] += t
+            rows, cols = batch.grid
+            t, _ = timed(lambda m=summed, r=rows, c=cols: scipy.ndimage.label(
+                m.reshape(r, c).cpu().numpy() > 0), device)
+            totals["host copy + scipy label"] += t
+            seen += 1
+    return dict(totals, images=seen)
+
+
+# --- measurement -------------------------------------------------------------------------------
+
+
+def measure(batches: Sequence[FeatureBatch], patch_size: int, k_patches: int, gram_bias: float,
+            device: torch.device, paths: Sequence[str], rounds: int) -> dict:
+    """Time every path on every batch, batch by batch, ``rounds`` times.
+
+    Paths take turns on each batch (their order rotating) rather than each timing a whole
+    pass: on a shared, noisy machine, load then hits all paths alike and the per-round
+    ratios stay meaningful. Returns the last round's predictions and per-round seconds.
+    """
+    n_images = sum(len(b.positions) for b in batches)
+    for name in paths:  # first calls pay for lazy init (thread pools, kernels, cuBLAS)
+        PATHS[name](batches[:1], patch_size, k_patches, gram_bias)
+    synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    predictions: dict[str, dict[int, Prediction]] = {name: {} for name in paths}
+    turn = 0
+    for _ in range(rounds):
+        spent = dict.fromkeys(paths, 0.0)
+        for batch in batches:
+            turn += 1
+            for name in paths[turn % len(paths):] + paths[:turn % len(paths)]:
+                elapsed, preds = timed(
+                    lambda n=name, b=batch: PATHS[n]([b], patch_size, k_patches, gram_bias),
+                    device)
+                spent[name] += elapsed
+                predictions[name].update(preds)
+        for name in paths:
+            seconds[name].append(spent[name])
+    return {"n_images": n_images, "seconds": seconds, "predictions": predictions}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", type=int, default=240, help="generated images")
+    parser.add_argument("--dim", type=int, default=384, help="feature size d (ViT-S: 384)")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--size-scale", type=float, default=1.0,
+                        help="scale of the VOC-like image sizes")
+    parser.add_argument("--batch-size", type=int, default=32, help="max images per batch")
+    parser.add_argument("--k-patches", type=int, default=100)
+    parser.add_argument("--gram-bias", type=float, default=0.0)
+    parser.add_argument("--features", choices=("structured", "noise"), default="structured")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--paths", default="batched,prototype,reference,literal,gram_only",
+                        help=f"comma-separated subset of {', '.join(PATHS)} (reference is "
+                             "always run: it is the yardstick)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the time goes, stage by stage")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's). 1 makes CPU figures "
+                             "stable on a shared machine: with 2+ threads every small op waits "
+                             "for a descheduled thread when other processes load the cores")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+        unknown = [p for p in paths if p not in PATHS]
+        if unknown:
+            raise LostregError(f"--paths: unknown {', '.join(unknown)}; known: {', '.join(PATHS)}")
+        if "reference" not in paths:
+            paths.append("reference")
+        if args.rounds < 1:
+            raise LostregError("--rounds must be at least 1")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise LostregError(f"--threads {args.threads}: must be at least 1")
+            torch.set_num_threads(args.threads)
+        sizes = sample_sizes(args.images, args.seed, args.size_scale)
+        batches = make_batches(sizes, args.patch_size, args.dim, args.batch_size, device,
+                               args.seed, args.features)
+    except LostregError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = measure(batches, args.patch_size, args.k_patches, args.gram_bias, device, paths,
+                     args.rounds)
+    counts = agreement(result["predictions"])
+    n = result["n_images"]
+    speed = {name: n / median(secs) for name, secs in result["seconds"].items()}
+    ratios = {name: median([r / s for r, s in zip(result["seconds"]["reference"], secs,
+                                                  strict=True)])
+              for name, secs in result["seconds"].items()}
+    literal_ratios = ({name: median([r / s for r, s in zip(result["seconds"]["literal"], secs,
+                                                           strict=True)])
+                       for name, secs in result["seconds"].items()}
+                      if "literal" in result["seconds"] else {})
+    grids = sorted({b.grid for b in batches}, key=lambda g: -sum(
+        len(b.positions) for b in batches if b.grid == g))
+    rows: list[tuple[str, object]] = [
+        ("images", n),
+        ("batches", len(batches)),
+        ("grids (most common first)", ", ".join(f"{r}x{c}" for r, c in grids[:6])),
+        ("features", f"{args.features}, d={args.dim}, patch {args.patch_size}"),
+        ("k_patches / gram_bias", f"{args.k_patches} / {args.gram_bias}"),
+        ("rounds (interleaved) / torch threads", f"{args.rounds} / {torch.get_num_threads()}"),
+    ]
+    for name in counts:
+        c = counts[name]
+        rows.append((f"{name}: same box+seed as reference",
+                     f"{c['same_both']}/{c['images']} (box {c['same_box']}, "
+                     f"seed {c['same_seed']})"))
+    for name in paths:
+        per_round = ", ".join(f"{n / t:.0f}" for t in result["seconds"][name])
+        rows.append((f"{name}: images/s", f"{speed[name]:.1f} (rounds: {per_round})"))
+    for name in paths:
+        if name not in ("reference", "gram_only"):
+            rows.append((f"SPEEDUP {name} vs reference", f"{ratios[name]:.2f}x"))
+    for name in paths:
+        if literal_ratios and name not in ("reference", "literal", "gram_only"):
+            rows.append((f"SPEEDUP {name} vs literal", f"{literal_ratios[name]:.2f}x"))
+    if "gram_only" in paths:
+        rows.append(("CEILING reference vs gram_only",
+                     f"{ratios['gram_only']:.2f}x (no exact LOST can beat F F^T alone)"))
+    goal = 10.0  # on a GPU the batched path should be far above it
+    rows.append(("goal (batched vs reference)",
+                 f">= {goal:.0f}x: {'MET' if ratios['batched'] >= goal else 'NOT MET'}"
+                 if "batched" in ratios else "n/a (batched not run)"))
+    facts = machine_facts(device)
+    print(result_block("bench_lost: LOST stage, batched vs per-image loop",
+                       rows + facts_rows(facts)))
+    payload = {"benchmark": "bench_lost", "args": vars(args) | {"json": str(args.json)},
+               "images_per_second": speed, "speedup_vs_reference": ratios,
+               "speedup_vs_literal": literal_ratios, "agreement": counts,
+               "seconds": result["seconds"], "machine": facts}
+    if args.profile:
+        stages = profile_stages(batches, args.k_patches, args.gram_bias, device)
+        ref_stages = profile_reference(batches, args.k_patches, args.gram_bias, device)
+        print(result_block("profile: batched lost, seconds per stage (all images)",
+                           [(k, f"{v:.3f}") for k, v in stages.items()]))
+        print(result_block(f"profile: lost_reference, seconds per stage "
+                           f"(first {int(ref_stages.get('images', 0))} images)",
+                           [(k, f"{v:.3f}") for k, v in ref_stages.items() if k != "images"]))
+        payload["profile"] = {"batched": stages, "reference": ref_stages}
+    save_json(args.json, payload)
+    mismatched = [name for name in ("batched", "prototype") if name in paths
+                  and counts[name]["same_both"] != counts[name]["images"]]
+    if mismatched:  # a speedup of a path that changes results is no speedup
+        print(f"error: {', '.join(mismatched)} differ from lost_reference on some images",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
