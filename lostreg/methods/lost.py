@@ -14,8 +14,9 @@ Semantics, identical to the reference implementation:
 If the seed itself is outside the mask (only possible with a negative ``gram_bias``; the
 reference raises there), the box is the seed's own patch.
 
-``lost`` runs the whole batch as tensor ops (the connected component is grown by 4-neighbour
-propagation inside the mask), so it runs on the GPU without a host round trip per image.
+``lost`` runs the whole batch as tensor ops (on a GPU the connected component is grown by
+4-neighbour propagation inside the mask, so there is no host round trip per image; on a CPU one
+``scipy.ndimage.label`` call labels the whole batch).
 ``lost_reference`` is the plain per-image path (torch + ``scipy.ndimage.label``) that tests
 compare it with.
 """
@@ -44,19 +45,6 @@ class LostOutput(NamedTuple):
     box: list[int] | torch.Tensor
     seed: int | torch.Tensor
     degrees: torch.Tensor
-
-
-def _similarity(feats: torch.Tensor, gram_bias: float) -> torch.Tensor:
-    if feats.dtype not in (torch.float32, torch.float64):
-        feats = feats.float()
-    return torch.matmul(feats, feats.transpose(-1, -2)) + gram_bias
-
-
-def _degrees(similarity: torch.Tensor) -> torch.Tensor:
-    """Count, per patch, the other patches with positive similarity (diagonal excluded)."""
-    positive = similarity > 0
-    diagonal = torch.diagonal(positive, dim1=-2, dim2=-1)
-    return positive.sum(dim=-1) - diagonal.long()
 
 
 def _image_sizes(image_size: ImageSize | Sequence[ImageSize] | torch.Tensor, batch: int,
@@ -116,6 +104,45 @@ def _component_boxes(component: torch.Tensor, seed_rc: torch.Tensor) -> torch.Te
     return torch.stack([row_min, col_min, row_max, col_max], dim=1)
 
 
+def _chunk_size(batch: int, num_patches: int, device: torch.device) -> int:
+    """Images whose ``(N, N)`` similarities are built at once: the whole batch on a GPU; on a
+    CPU a few, so the block stays in cache instead of streaming ``(B, N, N)`` temporaries."""
+    if device.type != "cpu":
+        return batch
+    return max(1, min(batch, (8 << 20) // max(1, num_patches * num_patches * 4)))
+
+
+def _seed_expansion(feats: torch.Tensor, gram_bias: float, k_patches: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Degrees, seeds and ``M`` (the sum of the similar potentials' rows) for ``(b, N, d)``."""
+    batch, num_patches, _ = feats.shape
+    similarity = torch.bmm(feats, feats.transpose(1, 2))
+    if gram_bias != 0.0:
+        similarity.add_(gram_bias)
+    positive = similarity > 0
+    degrees = positive.sum(dim=-1, dtype=torch.int32)
+    degrees -= torch.diagonal(positive, dim1=-2, dim2=-1).to(torch.int32)
+    order = torch.sort(degrees, dim=1, stable=True).indices
+    seed = order[:, 0]
+    potentials = order[:, : min(k_patches, num_patches)]
+    index = torch.arange(batch, device=feats.device)
+    is_similar = torch.gather(similarity[index, seed], 1, potentials) > 0  # (b, k)
+    rows = torch.gather(similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches))
+    summed = torch.bmm(is_similar.unsqueeze(1).double(), rows.double()).squeeze(1)  # (b, N)
+    return degrees, seed, summed
+
+
+def _seed_component_scipy(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
+    """CPU path of ``seed_component``: one ``scipy.ndimage.label`` call for the whole stack
+    (a 3-D structure without links across images), cheaper there than many dilations."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    labels = torch.from_numpy(scipy.ndimage.label(mask.numpy(), structure=structure)[0])
+    batch = mask.shape[0]
+    seed_label = labels[torch.arange(batch), seed_rc[:, 0], seed_rc[:, 1]]
+    return (labels == seed_label.view(-1, 1, 1)) & (seed_label > 0).view(-1, 1, 1)
+
+
 def lost(
     feats: torch.Tensor,
     grid: tuple[int, int],
@@ -132,6 +159,8 @@ def lost(
     unbatched = feats.ndim == 2
     if unbatched:
         feats = feats.unsqueeze(0)
+    if feats.dtype not in (torch.float32, torch.float64):
+        feats = feats.float()
     batch, num_patches, _ = feats.shape
     rows, cols = grid
     if rows * cols != num_patches:
@@ -139,22 +168,18 @@ def lost(
     device = feats.device
     sizes = _image_sizes(image_size, batch, device)
 
-    similarity = _similarity(feats, gram_bias)
-    degrees = _degrees(similarity)
-    order = torch.sort(degrees, dim=1, stable=True).indices
-    seed = order[:, 0]
-    potentials = order[:, : min(k_patches, num_patches)]
-    index = torch.arange(batch, device=device)
-    seed_rows = similarity[index, seed]  # (B, N)
-    is_similar = torch.gather(seed_rows, 1, potentials) > 0  # (B, k)
-    rows_of_potentials = torch.gather(
-        similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches)
-    )  # (B, k, N)
-    summed = (rows_of_potentials.double() * is_similar.unsqueeze(-1)).sum(dim=1)  # (B, N)
-    mask = (summed > 0).view(batch, rows, cols)
+    chunk = _chunk_size(batch, num_patches, device)
+    parts = [_seed_expansion(feats[i:i + chunk], gram_bias, k_patches)
+             for i in range(0, batch, chunk)]
+    degrees = torch.cat([p[0] for p in parts]).long()
+    seed = torch.cat([p[1] for p in parts])
+    mask = (torch.cat([p[2] for p in parts]) > 0).view(batch, rows, cols)
 
     seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
-    component = seed_component(mask, seed_rc)
+    if device.type == "cpu":
+        component = _seed_component_scipy(mask, seed_rc)
+    else:
+        component = seed_component(mask, seed_rc)
     grid_box = _component_boxes(component, seed_rc)
     boxes = torch.stack(
         [
