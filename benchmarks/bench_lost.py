@@ -7,11 +7,10 @@ batches of one grid like ``lostreg.run`` does, and fed to:
 * ``reference`` ``lostreg.methods.lost.lost_reference`` image by image (torch + scipy label);
 * ``literal``   a loop spelled like the original LOST script (clone, zero the diagonal, clamp,
   argsort, float32 row sum, scipy label on the host), the baseline a user would otherwise run;
-* ``prototype`` ``lost_prototype`` below: a candidate rewrite of the batched path measured here,
-  not used by lostreg (see README.md for why it exists).
+* ``gram_only`` only the batched ``F F^T``: the floor of any exact LOST.
 
-Every path's boxes and seeds are compared with ``reference``; batched and prototype must agree
-on every image (asserted). Then images/s of each path and the speedup ratios are printed.
+Every path's boxes and seeds are compared with ``reference``; batched must agree on every
+image (asserted). Then images/s of each path and the speedup ratios are printed.
 
     python benchmarks/bench_lost.py                      # CPU defaults, ~1 min on 2 cores
     python benchmarks/bench_lost.py --device cuda --images 2000 --batch-size 64
@@ -156,73 +155,6 @@ def literal_reference_lost(feats: torch.Tensor, grid: tuple[int, int], patch_siz
     return box, seed_index
 
 
-_CROSS_2D = scipy.ndimage.generate_binary_structure(2, 1)
-# 4-connectivity inside each image, no connection between images stacked along axis 0.
-_CROSS_STACK = np.stack([np.zeros_like(_CROSS_2D), _CROSS_2D, np.zeros_like(_CROSS_2D)])
-
-
-def lost_prototype(feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
-                   image_size: Sequence[tuple[int, int]], k_patches: int = 100,
-                   gram_bias: float = 0.0, chunk: int | None = None) -> LostOutput:
-    """Candidate rewrite of ``lost`` for ``(B, N, d)``: same semantics, less memory traffic.
-
-    * the similarity is built ``chunk`` images at a time (default: 4 on CPU, where an
-      ``(N, N)`` block then stays in cache, the whole batch on a GPU) and reduced at once
-      (degrees, seed row, the k potential rows), so no ``(B, N, N)`` temporaries pile up;
-    * ``+ gram_bias`` is skipped when it is 0 (``-0.0 > 0`` is false like ``0.0 > 0``);
-    * degrees are counted in int32 (``sum(dtype=)``) instead of a bool -> int64 promotion;
-    * the seed expansion is one ``(1, k) @ (k, N)`` float64 product per image;
-    * the seed's component comes from one ``scipy.ndimage.label`` call on the whole
-      ``(B, rows, cols)`` mask stack (a 3-D structure that does not link images): one host
-      round trip per batch, where ``lost`` loops dilations with a device sync every 8 steps.
-    """
-    batch, num_patches, _ = feats.shape
-    rows, cols = grid
-    if rows * cols != num_patches:
-        raise ValueError(f"grid {grid} has {rows * cols} patches but feats have {num_patches}")
-    if feats.dtype not in (torch.float32, torch.float64):
-        feats = feats.float()
-    k = min(k_patches, num_patches)
-    chunk = chunk or (4 if feats.device.type == "cpu" else batch)
-    seeds, summed = [], []
-    for start in range(0, batch, chunk):
-        part = feats[start:start + chunk]
-        similarity = torch.bmm(part, part.transpose(1, 2))
-        if gram_bias != 0.0:
-            similarity.add_(gram_bias)
-        positive = similarity > 0
-        degrees = positive.sum(dim=-1, dtype=torch.int32)
-        degrees -= torch.diagonal(positive, dim1=-2, dim2=-1).to(torch.int32)
-        order = torch.sort(degrees, dim=1, stable=True).indices
-        seed, potentials = order[:, 0], order[:, :k]
-        index = torch.arange(part.shape[0], device=feats.device)
-        is_similar = torch.gather(similarity[index, seed], 1, potentials) > 0
-        rows_k = torch.gather(similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches))
-        summed.append(torch.bmm(is_similar.unsqueeze(1).double(), rows_k.double()).squeeze(1))
-        seeds.append(seed)
-    seed = torch.cat(seeds).cpu()
-    mask = (torch.cat(summed) > 0).view(batch, rows, cols).cpu().numpy()
-    labels, _ = scipy.ndimage.label(mask, structure=_CROSS_STACK)
-    labels_t = torch.from_numpy(labels)
-    seed_r, seed_c = seed // cols, seed % cols
-    seed_label = labels_t[torch.arange(batch), seed_r, seed_c]
-    component = (labels_t == seed_label.view(-1, 1, 1)) & (seed_label > 0).view(-1, 1, 1)
-    row_any, col_any = component.any(dim=2), component.any(dim=1)
-    big = rows + cols
-    row_idx = torch.arange(rows).expand(batch, rows)
-    col_idx = torch.arange(cols).expand(batch, cols)
-    empty = seed_label == 0  # seed outside the mask (negative gram_bias): the seed's patch
-    r_min = torch.where(empty, seed_r, torch.where(row_any, row_idx, big).amin(dim=1))
-    r_max = torch.where(empty, seed_r, torch.where(row_any, row_idx, -1).amax(dim=1))
-    c_min = torch.where(empty, seed_c, torch.where(col_any, col_idx, big).amin(dim=1))
-    c_max = torch.where(empty, seed_c, torch.where(col_any, col_idx, -1).amax(dim=1))
-    sizes = torch.as_tensor(list(image_size), dtype=torch.long).view(batch, 2)
-    boxes = torch.stack([c_min * patch_size, r_min * patch_size,
-                         torch.minimum((c_max + 1) * patch_size, sizes[:, 1]),
-                         torch.minimum((r_max + 1) * patch_size, sizes[:, 0])], dim=1)
-    return LostOutput(boxes, seed, torch.empty(0))
-
-
 BatchedFn = Callable[..., LostOutput]
 
 
@@ -267,7 +199,6 @@ def run_gram_only(batches: Sequence[FeatureBatch], patch_size: int, k_patches: i
 
 PATHS: dict[str, Callable[[Sequence[FeatureBatch], int, int, float], dict[int, Prediction]]] = {
     "batched": lambda b, p, k, g: run_batched(b, p, k, g, lost),
-    "prototype": lambda b, p, k, g: run_batched(b, p, k, g, lost_prototype),
     "reference": lambda b, p, k, g: run_loop(b, p, k, g, literal=False),
     "literal": lambda b, p, k, g: run_loop(b, p, k, g, literal=True),
     "gram_only": run_gram_only,
@@ -449,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", choices=("structured", "noise"), default="structured")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
-    parser.add_argument("--paths", default="batched,prototype,reference,literal,gram_only",
+    parser.add_argument("--paths", default="batched,reference,literal,gram_only",
                         help=f"comma-separated subset of {', '.join(PATHS)} (reference is "
                              "always run: it is the yardstick)")
     parser.add_argument("--profile", action="store_true",
@@ -545,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            [(k, f"{v:.3f}") for k, v in ref_stages.items() if k != "images"]))
         payload["profile"] = {"batched": stages, "reference": ref_stages}
     save_json(args.json, payload)
-    mismatched = [name for name in ("batched", "prototype") if name in paths
+    mismatched = [name for name in ("batched",) if name in paths
                   and counts[name]["same_both"] != counts[name]["images"]]
     if mismatched:  # a speedup of a path that changes results is no speedup
         print(f"error: {', '.join(mismatched)} differ from lost_reference on some images",

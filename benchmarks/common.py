@@ -25,6 +25,7 @@ from lostreg.datasets.base import DatasetIndex
 from lostreg.datasets.voc import load_voc_folder
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lostreg.run import resolve_device  # noqa: F401 - re-exported for the scripts
 
 # (width, height) of common VOC07 image shapes with rough relative weights: most VOC images
 # are 500x375 or 375x500, the rest spread over other 500-px-long-side shapes. The weights are
@@ -124,17 +125,6 @@ def write_voc_tree(folder: str | Path, sizes: Sequence[tuple[int, int]], seed: i
         ids.append(image_id)
     atomic_write_text(folder / "ImageSets" / "Main" / "trainval.txt", "\n".join(ids) + "\n")
     return load_voc_folder(folder, name)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available; asking for cuda without one is a one-line error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LostregError(f"--device {name}: CUDA is not available on this machine")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise LostregError(f"--device {name!r}: expected auto, cpu or cuda[:N]")
-    return torch.device(name)
 
 
 def synchronize(device: torch.device) -> None:

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from lostreg import distributed
 from lostreg.backbones import BACKBONES, BackboneSpec
@@ -23,14 +22,7 @@ TINY = BackboneSpec("tiny_dist", "vit_small_patch16_224.dino", "dino", 16, 0, po
                     model_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): on a
-    busy 2-core machine, OpenMP threads waiting for each other make runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(root: Path, out: str, model: str = MODEL, *extra: str) -> list[str]:

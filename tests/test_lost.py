@@ -179,3 +179,21 @@ def test_half_precision_features_are_upcast() -> None:
     out32 = lost(feats.half().float(), (4, 5), P, (64, 80))
     out16 = lost(feats.half(), (4, 5), P, (64, 80))
     assert torch.equal(out32.box, out16.box)
+
+
+def test_chunking_and_component_paths_change_no_result(monkeypatch) -> None:
+    """CPU builds similarities a few images at a time and labels with scipy; a GPU builds the
+    whole batch and grows components by dilation. Every combination gives the same output."""
+    from lostreg.methods import lost as lost_module
+
+    gen = torch.Generator().manual_seed(5)
+    feats = torch.randn(7, 6 * 9, 5, generator=gen)
+    sizes = [(90, 140)] * 7
+    default = lost(feats, (6, 9), P, sizes, k_patches=20)
+    monkeypatch.setattr(lost_module, "_chunk_size", lambda batch, n, device: 1)
+    one_at_a_time = lost(feats, (6, 9), P, sizes, k_patches=20)
+    monkeypatch.setattr(lost_module, "_seed_component_scipy", lost_module.seed_component)
+    dilation = lost(feats, (6, 9), P, sizes, k_patches=20)
+    for other in (one_at_a_time, dilation):
+        assert torch.equal(default.box, other.box) and torch.equal(default.seed, other.seed)
+        assert torch.equal(default.degrees, other.degrees)

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from lostreg.datasets import load_dataset
 from lostreg.io import read_jsonl
@@ -21,14 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "dinov2_vits14_reg4"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process runs use one thread, like the subprocesses (OMP_NUM_THREADS=1): on a
-    busy 2-core machine, OpenMP threads waiting for each other make runs many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(root: Path, out: str) -> list[str]:
