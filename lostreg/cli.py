@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: lostreg <command> [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:12s} {text}")
+        print("\nLOST runs on the last block's attention keys (or q/v) of the patch tokens only:"
+              "\nthe class token and every register token are removed. `lostreg run --help`.")
         return 0 if not args or args[0] in ("-h", "--help") else 2
     module = importlib.import_module(COMMANDS[args[0]][0])
     return int(module.main(args[1:]) or 0)

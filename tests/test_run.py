@@ -202,3 +202,13 @@ def test_incomplete_benchmark_dataset_is_refused_unless_allowed(tmp_path, capsys
     assert main([*args, "--allow-partial-dataset"]) == 0
     config = json.loads((only_run(tmp_path) / "config.json").read_text())
     assert config["identity"]["dataset_images"] == 3
+
+
+def test_lostreg_entry_point_dispatches_and_documents_features(tmp_path, capsys) -> None:
+    from lostreg import cli as lostreg_cli
+
+    assert lostreg_cli.main(["--help"]) == 0
+    assert "register token are removed" in capsys.readouterr().out
+    assert lostreg_cli.main(["nonsense"]) == 2
+    assert lostreg_cli.main(["run", *cli(tmp_path, "--limit", "2")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("CorLoc ")
