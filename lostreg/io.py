@@ -99,3 +99,33 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_text_lines(path: str | os.PathLike, missing: str = "not found") -> list[str]:
+    """A UTF-8 text file's lines; a missing or unreadable file is a one-line ``LostregError``
+    naming it (``missing`` says what the file is, e.g. ``"split file not found"``)."""
+    from lostreg.errors import LostregError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LostregError(f"{path}: {missing}")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LostregError(f"{path}: cannot read ({exc})") from None
+
+
+def read_json_object(path: str | os.PathLike, missing: str = "not found") -> dict:
+    """A JSON file holding one object, or a one-line ``LostregError`` naming the file."""
+    from lostreg.errors import LostregError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LostregError(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LostregError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise LostregError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

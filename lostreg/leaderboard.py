@@ -36,7 +36,7 @@ import pandas as pd
 
 from lostreg import stats
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from lostreg.io import atomic_write_bytes, atomic_write_text, read_json_object, read_jsonl
 
 PAPER_DATASETS = ("voc07", "voc12", "coco20k")
 PAPER_MODELS = ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4", "deit3_vitb16",
@@ -121,16 +121,8 @@ class RunData:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LostregError(f"{path}: missing (a finished run needs config.json and "
-                           "predictions.jsonl beside metrics.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LostregError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise LostregError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, "missing (a finished run needs config.json and "
+                                  "predictions.jsonl beside metrics.json)")
 
 
 def _require(data: dict, keys: Sequence[str], path: Path) -> None:

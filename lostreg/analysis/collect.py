@@ -11,7 +11,6 @@ attribution and the visual report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from lostreg.backbones import Backbone, create_backbone, get_backbone_spec
 from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_json
+from lostreg.io import atomic_write_json, read_json_object
 from lostreg.run import SMOKE_NOTE, group_by_shape, iterate_batches, resolve_device, set_numerics
 
 NORM_DEFINITION = (
@@ -357,12 +356,7 @@ def load_norms(path: str | Path) -> tuple[dict, TokenMaps]:
     path = Path(path)
     if path.is_dir():
         path = path / "norms.json"
-    if not path.is_file():
-        raise LostregError(f"{path}: norms.json not found (run `python -m lostreg.analyze norms`)")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LostregError(f"{path}: cannot read norms.json ({exc})") from None
+    payload = read_json_object(path, "norms.json not found (run `python -m lostreg.analyze norms`)")
     missing = [k for k in ("kind", "model", "primary_layer", "threshold", "tokens_file")
                if not isinstance(payload, dict) or k not in payload]
     if missing or payload.get("kind") != "lostreg-norms":

@@ -18,7 +18,7 @@ from lostreg.datasets import load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.features import padded_size
-from lostreg.io import read_jsonl
+from lostreg.io import read_json_object, read_jsonl
 
 CONFIG_KEYS = ("model", "patch_size", "dataset", "weights", "feature", "k_patches", "gram_bias")
 PREDICTION_KEYS = ("image_id", "width", "height", "box", "seed", "hit")
@@ -69,14 +69,7 @@ def load_run(run_dir: str | Path) -> RunInfo:
     if not run_dir.is_dir():
         raise LostregError(f"{run_dir}: run folder not found")
     config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise LostregError(f"{config_path}: not found; is {run_dir} a lostreg.run folder?")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LostregError(f"{config_path}: cannot read ({exc})") from None
-    if not isinstance(config, dict):
-        raise LostregError(f"{config_path}: expected a JSON object")
+    config = read_json_object(config_path, f"not found; is {run_dir} a lostreg.run folder?")
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise LostregError(f"{config_path}: missing {', '.join(missing)}")

@@ -34,7 +34,7 @@ from typing import Any
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.datasets.voc import is_plain_file_name
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_text
+from lostreg.io import atomic_write_text, read_text_lines
 
 COCO20K_LIST_SHA256 = "74637e9b4f93f2ebef9b1f664aff53edd1f41ef08dad97bd22ce8e455052b335"
 COCO20K_IMAGES = 19817
@@ -67,12 +67,7 @@ def read_coco20k_list(list_path: Path) -> list[str]:
     Entries are ``train2014/<file>`` (as published) or a bare ``<file>``; anything else could
     point outside the image folder and is refused.
     """
-    if not list_path.is_file():
-        raise LostregError(f"{list_path}: COCO 20k image list not found")
-    try:
-        lines = list_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LostregError(f"{list_path}: cannot read the image list ({exc})") from None
+    lines = read_text_lines(list_path, "COCO 20k image list not found")
     names: list[str] = []
     seen: set[str] = set()
     for number, line in enumerate(lines, start=1):

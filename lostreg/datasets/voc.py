@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lostreg.datasets.base import Box, DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
+from lostreg.io import read_text_lines
 
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -67,12 +68,7 @@ def load_voc(
 
 def read_split_ids(split_file: Path) -> list[str]:
     """Read image ids, one per line, in file order; duplicates are an error (double counting)."""
-    if not split_file.is_file():
-        raise LostregError(f"{split_file}: split file not found")
-    try:
-        lines = split_file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LostregError(f"{split_file}: cannot read split file ({exc})") from None
+    lines = read_text_lines(split_file, "split file not found")
     ids: list[str] = []
     seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
