@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lostreg.errors import LostregError
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
@@ -104,8 +106,6 @@ class JsonlAppender:
 def read_text_lines(path: str | os.PathLike, missing: str = "not found") -> list[str]:
     """A UTF-8 text file's lines; a missing or unreadable file is a one-line ``LostregError``
     naming it (``missing`` says what the file is, e.g. ``"split file not found"``)."""
-    from lostreg.errors import LostregError
-
     path = Path(path)
     if not path.is_file():
         raise LostregError(f"{path}: {missing}")
@@ -117,8 +117,6 @@ def read_text_lines(path: str | os.PathLike, missing: str = "not found") -> list
 
 def read_json_object(path: str | os.PathLike, missing: str = "not found") -> dict:
     """A JSON file holding one object, or a one-line ``LostregError`` naming the file."""
-    from lostreg.errors import LostregError
-
     path = Path(path)
     if not path.is_file():
         raise LostregError(f"{path}: {missing}")
