@@ -101,3 +101,27 @@ def test_hub_unreachable_names_weights_path(monkeypatch, tmp_path) -> None:
         resolve_hub_file("vit_small_patch16_224.dino")
     message = str(info.value)
     assert "--weights PATH" in message and "\n" not in message
+
+
+def test_hub_weights_load_from_the_offline_cache(monkeypatch, tmp_path) -> None:
+    """`--weights hub` with HF_HUB_OFFLINE=1 and the file already in the Hugging Face cache:
+    the same file timm would fetch is found, hashed and loaded."""
+    import huggingface_hub.constants as constants
+    from safetensors.torch import save_file
+
+    source = create_backbone(REG, "random", seed=11)
+    repo = tmp_path / "hub" / "models--timm--vit_small_patch14_reg4_dinov2.lvd142m"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()},
+              str(snapshot / "model.safetensors"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"), raising=False)
+    loaded = create_backbone(REG, "hub")
+    assert loaded.weights.source == "hub"
+    assert loaded.weights.hub_id == "timm/vit_small_patch14_reg4_dinov2.lvd142m"
+    assert loaded.weights.sha256 == sha256_file(snapshot / "model.safetensors")
+    assert torch.equal(forward(source), forward(loaded))
