@@ -75,10 +75,6 @@ from lostreg.metrics import best_iou, corloc, is_hit
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMOKE_NOTE = "SMOKE RUN (weights: random): not a result, never enters the leaderboard"
 SUITES = ("paper",)
-# the same list as lostreg.leaderboard.PAPER_SUITE, used only if that module lacks it
-_PAPER_MODELS = ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4", "deit3_vitb16",
-                 "openclip_vitb16")
-_PAPER_SUITE_FALLBACK = [(m, d) for m in _PAPER_MODELS for d in ("voc07", "voc12", "coco20k")]
 
 
 @dataclass
@@ -504,10 +500,8 @@ def run_sweep(configs: Sequence[RunConfig], backbone: Backbone | None = None,
 
 def paper_suite() -> list[tuple[str, str]]:
     """``lostreg.leaderboard.PAPER_SUITE`` (the runs behind the comparison table)."""
-    try:
-        from lostreg.leaderboard import PAPER_SUITE
-    except ImportError:
-        return list(_PAPER_SUITE_FALLBACK)
+    from lostreg.leaderboard import PAPER_SUITE
+
     return [(str(m), str(d)) for m, d in PAPER_SUITE]
 
 
@@ -952,17 +946,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _rebuild_leaderboard(output: Path) -> str | None:
-    """Rebuild ``results/`` from the run folders if the leaderboard module offers it."""
-    try:
-        from lostreg import leaderboard
-    except ImportError:
-        return None
-    build = getattr(leaderboard, "build_leaderboard", None)
-    if build is None:
-        return None
+def _rebuild_leaderboard(output: Path) -> str:
+    """Rebuild ``results/`` (leaderboard, comparison tables, figures) from the run folders."""
+    from lostreg import leaderboard
+
     out_dir = Path(output).parent
-    build(runs_dir=Path(output), out_dir=out_dir)
+    leaderboard.build_leaderboard(runs_dir=Path(output), out_dir=out_dir)
     return f"leaderboard rebuilt in {out_dir}"
 
 
@@ -989,9 +978,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_grid(base, models, datasets, features=features, k_patches=k_list,
                  gram_biases=biases, pairs=pairs, on_result=report)
         if args.suite is not None and distributed.current().is_main:
-            note = _rebuild_leaderboard(Path(args.output))
-            if note:
-                print(note)
+            print(_rebuild_leaderboard(Path(args.output)))
     except LostregError as exc:
         if distributed.current().is_main or not isinstance(exc, CollectiveError):
             print(f"error: {exc}", file=sys.stderr)
