@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lostreg.backbones import list_backbones
+from lostreg.cli import add_compute_options
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
 
@@ -39,7 +39,6 @@ def _add_norms(sub: argparse._SubParsersAction) -> None:
                         help="dataset root (default: $LOSTREG_DATA or datasets/)")
     parser.add_argument("--weights", default="hub",
                         help="hub, a checkpoint PATH, or random (smoke run, never a result)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="block indices whose outputs to measure (negative counts from the "
@@ -50,14 +49,11 @@ def _add_norms(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="output folder (default: results/analysis/<model>-<dataset>/, "
                              "prefixed smoke- for random weights)")
-    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image decoding processes")
     parser.add_argument("--no-hard", action="store_true",
                         help="drop VOC objects marked truncated or difficult")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser)
 
 
 def _add_attribution(sub: argparse._SubParsersAction) -> None:
@@ -79,16 +75,12 @@ def _add_attribution(sub: argparse._SubParsersAction) -> None:
                         help="override the outlier threshold of the norms analysis")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="dataset root if it moved since the run")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image decoding processes")
     parser.add_argument("--weights", default=None,
                         help="checkpoint PATH if the run's weights moved (must match the "
                              "sha256 in the run's config.json)")
     parser.add_argument("--recompute", action="store_true",
                         help="recompute <run>/analysis/norms even if it exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser)
 
 
 def _add_show(sub: argparse._SubParsersAction) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -13,6 +15,17 @@ COMMANDS = {
     "analyze": ("lostreg.analyze", "token-norm diagnostics, failure attribution, visual report"),
     "verify": ("lostreg.verify", "compare our LOST with the official predictions"),
 }
+
+
+def add_compute_options(parser: argparse.ArgumentParser,
+                        device_help: str = "auto, cpu or cuda[:N]") -> None:
+    """``--device --batch-size --num-workers --no-progress``: the same for every command that
+    runs a backbone over images (run, analyze, verify)."""
+    parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
+    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="image decoding processes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

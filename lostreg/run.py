@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -63,6 +62,7 @@ from lostreg.cache import (
     to_storage,
     warn,
 )
+from lostreg.cli import add_compute_options
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
 from lostreg.distributed import CollectiveError, DistContext
@@ -876,9 +876,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "(write --gram-bias=-0.1,0 when the list starts with a minus)")
     parser.add_argument("--no-hard", action="store_true",
                         help="drop VOC objects marked truncated or difficult (and emptied images)")
-    parser.add_argument("--device", default="auto",
-                        help="auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK per rank)")
-    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="fp32 is exact (TF32 off); bf16/fp16 autocast the backbone")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
@@ -897,9 +894,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-partial-dataset", action="store_true",
                         help="run even if VOC07/VOC12/COCO20k lack images (not comparable; "
                              "the run id records the image count)")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image decoding processes")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser, "auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK per rank)")
     return parser
 
 

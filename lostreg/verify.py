@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import pickle
 import sys
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lostreg.cli import add_compute_options
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
 from lostreg.metrics import box_iou, corloc, is_hit
@@ -444,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(smoke check of the plumbing)")
     parser.add_argument("--model", default=None,
                         help="backbone (default: the benchmark's, dino_vits16 for lost-voc07)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--predictions", type=Path, default=None,
                         help="local copy of the official pickle instead of downloading it")
     parser.add_argument("--expected-sha256", default=None,
@@ -456,14 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"),
                         help="run folders (a finished run with the same identity is reused)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="image decoding processes")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
     parser.add_argument("--allow-partial-dataset", action="store_true",
                         help="run even if VOC07 lacks images (then the goal cannot be met)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_compute_options(parser)
     return parser
 
 
