@@ -12,7 +12,6 @@ import os
 import platform
 import sys
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from lostreg.datasets.base import DatasetIndex
-from lostreg.datasets.voc import load_voc_folder
+from lostreg.datasets.voc import load_voc_folder, voc_annotation_xml
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lostreg.run import resolve_device  # noqa: F401 - re-exported for the scripts
@@ -86,27 +85,6 @@ def draw_scene(rng: np.random.Generator, height: int, width: int
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), boxes
 
 
-def _annotation_xml(file_name: str, height: int, width: int,
-                    boxes: Sequence[tuple[int, int, int, int]]) -> str:
-    """VOC XML: 1-based inclusive coordinates, so ``xmin = x0 + 1`` and ``xmax = x1``."""
-    root = ET.Element("annotation")
-    ET.SubElement(root, "filename").text = file_name
-    size = ET.SubElement(root, "size")
-    ET.SubElement(size, "width").text = str(width)
-    ET.SubElement(size, "height").text = str(height)
-    ET.SubElement(size, "depth").text = "3"
-    for x0, y0, x1, y1 in boxes:
-        obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = "shape"
-        ET.SubElement(obj, "truncated").text = "0"
-        ET.SubElement(obj, "difficult").text = "0"
-        bndbox = ET.SubElement(obj, "bndbox")
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), (x0 + 1, y0 + 1, x1, y1),
-                              strict=True):
-            ET.SubElement(bndbox, tag).text = str(value)
-    return ET.tostring(root, encoding="unicode")
-
-
 def write_voc_tree(folder: str | Path, sizes: Sequence[tuple[int, int]], seed: int = 0,
                    name: str = "bench", quality: int = 90) -> DatasetIndex:
     """Write a VOC-format tree (JPEGImages, Annotations, ImageSets/Main/trainval.txt) of
@@ -120,8 +98,9 @@ def write_voc_tree(folder: str | Path, sizes: Sequence[tuple[int, int]], seed: i
         buffer = io.BytesIO()
         Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=quality)
         atomic_write_bytes(folder / "JPEGImages" / f"{image_id}.jpg", buffer.getvalue())
-        atomic_write_text(folder / "Annotations" / f"{image_id}.xml",
-                          _annotation_xml(f"{image_id}.jpg", height, width, boxes))
+        objects = [(box, "shape", False) for box in boxes]
+        atomic_write_bytes(folder / "Annotations" / f"{image_id}.xml",
+                           voc_annotation_xml(f"{image_id}.jpg", width, height, objects))
         ids.append(image_id)
     atomic_write_text(folder / "ImageSets" / "Main" / "trainval.txt", "\n".join(ids) + "\n")
     return load_voc_folder(folder, name)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from lostreg.datasets.base import Box, DatasetIndex
-from lostreg.datasets.voc import load_voc_folder
+from lostreg.datasets.voc import load_voc_folder, voc_annotation_xml
 from lostreg.errors import LostregError
 
 DEMO_VERSION = 1
@@ -183,27 +182,10 @@ def _make_scene(rng: np.random.Generator, index: int, width: int, height: int) -
 
 
 def _scene_xml(scene: DemoScene) -> bytes:
-    """VOC XML with 1-based inclusive coordinates (``xmin = x1 + 1``, ``xmax = x2``)."""
-    ann = ET.Element("annotation")
-    ET.SubElement(ann, "folder").text = "demo"
-    ET.SubElement(ann, "filename").text = scene.file_name
-    size = ET.SubElement(ann, "size")
-    ET.SubElement(size, "width").text = str(scene.image.width)
-    ET.SubElement(size, "height").text = str(scene.image.height)
-    ET.SubElement(size, "depth").text = str(len(scene.image.getbands()))
-    ET.SubElement(ann, "segmented").text = "0"
-    for box, name, truncated in zip(scene.boxes, scene.classes, scene.truncated, strict=True):
-        obj = ET.SubElement(ann, "object")
-        ET.SubElement(obj, "name").text = name
-        ET.SubElement(obj, "pose").text = "Unspecified"
-        ET.SubElement(obj, "truncated").text = "1" if truncated else "0"
-        ET.SubElement(obj, "difficult").text = "0"
-        bndbox = ET.SubElement(obj, "bndbox")
-        x1, y1, x2, y2 = (int(v) for v in box)
-        for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-            ET.SubElement(bndbox, tag).text = str(value)
-    ET.indent(ann)
-    return ET.tostring(ann, encoding="utf-8") + b"\n"
+    return voc_annotation_xml(
+        scene.file_name, scene.image.width, scene.image.height,
+        list(zip(scene.boxes, scene.classes, scene.truncated, strict=True)),
+        folder="demo", depth=len(scene.image.getbands()))
 
 
 def write_demo(folder: Path, scenes: list[DemoScene], seed: int = DEMO_SEED) -> None:

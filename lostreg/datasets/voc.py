@@ -21,6 +21,7 @@ to recover the size when an XML lacks a usable ``size`` element.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
@@ -223,3 +224,32 @@ def _image_size(annotation: ET.Element, xml_path: Path, image_path: Path) -> tup
         raise LostregError(
             f"{xml_path}: no usable <size> and {image_path} cannot be read ({exc})"
         ) from None
+
+
+def voc_annotation_xml(
+    file_name: str, width: int, height: int,
+    objects: Sequence[tuple[Box, str, bool]], folder: str = "", depth: int = 3,
+) -> bytes:
+    """The inverse of ``parse_voc_xml``: VOC XML for ``objects`` = ``(box, name, truncated)``
+    with boxes in our 0-based ``[x1, y1, x2, y2]`` (written 1-based inclusive: ``xmin = x1+1``,
+    ``xmax = x2``), so generated trees (demo, benchmarks) read back to the same boxes."""
+    ann = ET.Element("annotation")
+    ET.SubElement(ann, "folder").text = folder
+    ET.SubElement(ann, "filename").text = file_name
+    size = ET.SubElement(ann, "size")
+    ET.SubElement(size, "width").text = str(width)
+    ET.SubElement(size, "height").text = str(height)
+    ET.SubElement(size, "depth").text = str(depth)
+    ET.SubElement(ann, "segmented").text = "0"
+    for box, name, truncated in objects:
+        obj = ET.SubElement(ann, "object")
+        ET.SubElement(obj, "name").text = name
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = "1" if truncated else "0"
+        ET.SubElement(obj, "difficult").text = "0"
+        bndbox = ET.SubElement(obj, "bndbox")
+        x1, y1, x2, y2 = (int(v) for v in box)
+        for tag, value in zip(_COORDS, (x1 + 1, y1 + 1, x2, y2), strict=True):
+            ET.SubElement(bndbox, tag).text = str(value)
+    ET.indent(ann)
+    return ET.tostring(ann, encoding="utf-8") + b"\n"
