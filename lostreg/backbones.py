@@ -9,6 +9,7 @@ Normalisation (mean/std) comes from timm's pretrained config, so CLIP models get
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import types
@@ -311,6 +312,57 @@ def resolve_hub_file(timm_name: str) -> tuple[Path, str]:
     )
 
 
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_weights(path: Path) -> str:
+    """sha256 of a weights file, computed once per (path, size, mtime) in a process: a run
+    hashes the file to name itself before it builds the model, and a ViT-g file is 4 GB."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        _SHA256_MEMO[key] = sha256_file(path)
+    return _SHA256_MEMO[key]
+
+
+def resolve_weights(spec: BackboneSpec, weights: str) -> tuple[WeightsInfo, Path | None]:
+    """Where ``weights`` (``hub`` | a checkpoint path | ``random``) come from, hashed; the hub
+    file is downloaded (or found in the cache) here."""
+    if weights == "random":
+        return WeightsInfo("random"), None
+    if weights == "hub":
+        path, hub_id = resolve_hub_file(spec.timm_name)
+        return WeightsInfo("hub", str(path), sha256_weights(path), hub_id), path
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise LostregError(f"{path}: weights file not found")
+    return WeightsInfo("file", str(path.resolve()), sha256_weights(path)), path
+
+
+def normalisation(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std from timm's pretrained config (CLIP's for CLIP models), ImageNet's else."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    if cfg is None:
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def build_model(spec: BackboneSpec, meta: bool = False) -> torch.nn.Module:
+    """The timm model of ``spec`` (untrained; ``meta``: shapes only, no memory), running at
+    each image's own resolution (``dynamic_img_size``)."""
+    import timm
+
+    kwargs = dict(spec.model_kwargs)
+    kwargs.setdefault("dynamic_img_size", True)
+    try:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        raise LostregError(f"cannot create timm model {spec.timm_name!r}: {exc}") from None
+
+
 def create_backbone(
     name: str | BackboneSpec,
     weights: str = "hub",
@@ -321,29 +373,13 @@ def create_backbone(
 
     ``random`` initialises with a fixed seed: for smoke runs only, never a result.
     """
-    import timm
-
     spec = name if isinstance(name, BackboneSpec) else get_backbone_spec(name)
-    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-    kwargs = dict(spec.model_kwargs)
-    kwargs.setdefault("dynamic_img_size", True)
+    info, path = resolve_weights(spec, weights)
     torch.manual_seed(seed)
-    try:
-        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-    except RuntimeError as exc:
-        raise LostregError(f"cannot create timm model {spec.timm_name!r}: {exc}") from None
-    if weights == "random":
-        info = WeightsInfo("random")
-    elif weights == "hub":
-        path, hub_id = resolve_hub_file(spec.timm_name)
+    model = build_model(spec)
+    if path is not None:
         load_checkpoint(model, path)
-        info = WeightsInfo("hub", str(path), sha256_file(path), hub_id)
-    else:
-        path = Path(weights).expanduser()
-        load_checkpoint(model, path)
-        info = WeightsInfo("file", str(path.resolve()), sha256_file(path))
     install_pos_embed(model, spec.pos_embed)
-    mean = tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406)
-    std = tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225)
+    mean, std = normalisation(spec)
     model.eval().requires_grad_(False).to(device)
     return Backbone(spec, model, mean, std, info, int(model.num_prefix_tokens))  # type: ignore[arg-type]

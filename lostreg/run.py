@@ -43,10 +43,12 @@ from lostreg.backbones import (
     Backbone,
     BackboneSpec,
     WeightsInfo,
+    build_model,
     create_backbone,
     get_backbone_spec,
     list_backbones,
-    resolve_hub_file,
+    normalisation,
+    resolve_weights,
 )
 from lostreg.cache import (
     CACHE_DTYPES,
@@ -68,7 +70,7 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
 from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
 from lostreg.features import last_qkv, padded_size, preprocess, select_feature
-from lostreg.io import JsonlAppender, atomic_write_json, sha256_file
+from lostreg.io import JsonlAppender, atomic_write_json
 from lostreg.methods.lost import lost
 from lostreg.metrics import best_iou, corloc, is_hit
 
@@ -239,47 +241,16 @@ class BackboneInfo:
         return self.spec.patch_size
 
 
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256_memo(path: Path) -> str:
-    """sha256 of a weights file, remembered per (path, size, mtime) within this process."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        _SHA_MEMO[key] = sha256_file(path)
-    return _SHA_MEMO[key]
-
-
 def describe_backbone(spec: BackboneSpec, weights: str) -> BackboneInfo:
     """The backbone's identity without its weights in memory: hub weights are resolved (and
     downloaded if needed) and hashed, a file is hashed, ``random`` is ``random``; shapes and
     the parameter count come from a model built on the meta device (no memory)."""
-    import timm
-
-    if weights == "random":
-        info = WeightsInfo("random")
-    elif weights == "hub":
-        path, hub_id = resolve_hub_file(spec.timm_name)
-        info = WeightsInfo("hub", str(path), _sha256_memo(path), hub_id)
-    else:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise LostregError(f"{path}: weights file not found")
-        info = WeightsInfo("file", str(path.resolve()), _sha256_memo(path))
-    kwargs = dict(spec.model_kwargs)
-    kwargs.setdefault("dynamic_img_size", True)
+    info, _ = resolve_weights(spec, weights)
     try:
-        with torch.device("meta"):
-            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+        model = build_model(spec, meta=True)
     except Exception:  # noqa: BLE001 - some models cannot be built on meta: build them for real
-        try:
-            model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-        except RuntimeError as exc:
-            raise LostregError(f"cannot create timm model {spec.timm_name!r}: {exc}") from None
-    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-    mean = tuple(cfg.mean) if cfg is not None else (0.485, 0.456, 0.406)
-    std = tuple(cfg.std) if cfg is not None else (0.229, 0.224, 0.225)
+        model = build_model(spec)
+    mean, std = normalisation(spec)
     return BackboneInfo(spec, mean, std, info, int(model.num_prefix_tokens),  # type: ignore[arg-type]
                         sum(p.numel() for p in model.parameters()))
 

@@ -125,3 +125,17 @@ def test_hub_weights_load_from_the_offline_cache(monkeypatch, tmp_path) -> None:
     assert loaded.weights.hub_id == "timm/vit_small_patch14_reg4_dinov2.lvd142m"
     assert loaded.weights.sha256 == sha256_file(snapshot / "model.safetensors")
     assert torch.equal(forward(source), forward(loaded))
+
+
+def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch) -> None:
+    """A run hashes the file to name itself, then builds the model: one read of the file."""
+    from lostreg import backbones
+    from lostreg.run import describe_backbone
+
+    path = tmp_path / "tiny.pth"
+    torch.save(create_backbone(REG, "random").model.state_dict(), path)
+    calls = []
+    monkeypatch.setattr(backbones, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    info = describe_backbone(REG, str(path))
+    built = create_backbone(REG, str(path))
+    assert info.weights == built.weights and len(calls) == 1
