@@ -12,6 +12,7 @@ and every register token removed, patch tokens kept in row-major order.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -84,19 +85,31 @@ def select_feature(qkv: torch.Tensor, kind: str, num_prefix_tokens: int) -> torc
 
 
 @torch.inference_mode()
+def extract_feature_kinds(
+    backbone: Backbone,
+    images: torch.Tensor,
+    kinds: Sequence[str],
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Patch features ``(B, rows*cols, D)`` of padded images ``(B, 3, Hp, Wp)`` for each kind
+    in ``kinds`` (q, k and v come from one forward).
+
+    With ``autocast_dtype`` (bf16/fp16) the forward runs under autocast; the returned
+    features are float32 and contiguous either way, so LOST's similarities are float32 at
+    least and cached features enter LOST exactly like fresh ones.
+    """
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        qkv = last_qkv(backbone.model, images)
+    return {kind: select_feature(qkv, kind, backbone.num_prefix_tokens).float().contiguous()
+            for kind in kinds}
+
+
 def extract_features(
     backbone: Backbone,
     images: torch.Tensor,
     kind: str = "k",
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Patch features ``(B, rows*cols, D)`` of padded images ``(B, 3, Hp, Wp)``.
-
-    With ``autocast_dtype`` (bf16/fp16) the forward runs under autocast; the returned
-    features are float32 either way so LOST's similarities are float32 at least.
-    """
-    enabled = autocast_dtype is not None
-    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
-                        enabled=enabled):
-        qkv = last_qkv(backbone.model, images)
-    return select_feature(qkv, kind, backbone.num_prefix_tokens).float()
+    """One kind of ``extract_feature_kinds``."""
+    return extract_feature_kinds(backbone, images, [kind], autocast_dtype)[kind]

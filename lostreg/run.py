@@ -69,7 +69,7 @@ from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_data
 from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
 from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
-from lostreg.features import last_qkv, padded_size, preprocess, select_feature
+from lostreg.features import extract_feature_kinds, padded_size, preprocess
 from lostreg.io import JsonlAppender, atomic_write_json
 from lostreg.methods.lost import lost
 from lostreg.metrics import best_iou, corloc, is_hit
@@ -555,18 +555,6 @@ class _Run:
     out: JsonlAppender | None = None
 
 
-def _extract(backbone: Backbone, images: torch.Tensor, kinds: Sequence[str],
-             autocast: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Like ``features.extract_features`` for several kinds from one forward (float32,
-    contiguous, so cached and freshly computed features enter LOST the same way)."""
-    with torch.inference_mode():
-        with torch.autocast(images.device.type, dtype=autocast or torch.float32,
-                            enabled=autocast is not None):
-            qkv = last_qkv(backbone.model, images)
-        return {kind: select_feature(qkv, kind, backbone.num_prefix_tokens).float().contiguous()
-                for kind in kinds}
-
-
 def _summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, spec_name: str,
                   run: _Run, smoke: bool) -> str:
     summary = (f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} "
@@ -723,7 +711,8 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
                     grid = (images.shape[-2] // spec.patch_size,
                             images.shape[-1] // spec.patch_size)
                     kinds = sorted({runs[i].feature for p in positions for i in todo[p]})
-                    for kind, feats in _extract(backbone, images, kinds, autocast).items():
+                    for kind, feats in extract_feature_kinds(backbone, images, kinds,
+                                                             autocast).items():
                         if kind in caches:
                             stored = to_storage(feats, storage, lossless)
                             if not lossless:
