@@ -354,17 +354,14 @@ def prediction_record(record: ImageRecord, box: list[int], seed_rc: tuple[int, i
     return line
 
 
-def write_config(run_dir: Path, config: RunConfig, identity: dict,
-                 backbone: Backbone | BackboneInfo, index: DatasetIndex, device: torch.device,
-                 numerics: dict, run_id: str, extra: dict | None = None) -> dict:
+def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
+               device: torch.device) -> dict:
+    """What every artefact records to be traceable to its inputs: model, weights (sha256),
+    dataset, code version, library versions, device; plus the smoke flag and note."""
     import timm
 
     smoke = backbone.weights.is_random
-    payload = {
-        "run_id": run_id,
-        "identity": identity,
-        "settings": {k: (str(v) if isinstance(v, Path) else v)
-                     for k, v in dataclasses.asdict(config).items()},
+    return {
         "model": backbone.spec.name,
         "timm_name": backbone.spec.timm_name,
         "family": backbone.spec.family,
@@ -380,11 +377,6 @@ def write_config(run_dir: Path, config: RunConfig, identity: dict,
         "split": index.split,
         "data_root": str(index.root),
         "no_hard": index.no_hard,
-        "feature": identity["feature"],
-        "k_patches": config.k_patches,
-        "gram_bias": float(config.gram_bias),
-        "precision": config.precision,
-        "numerics": numerics,
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "lostreg_version": lostreg.__version__,
@@ -393,10 +385,26 @@ def write_config(run_dir: Path, config: RunConfig, identity: dict,
         "timm_version": timm.__version__,
         "python_version": sys.version.split()[0],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"note": SMOKE_NOTE} if smoke else {}),
+    }
+
+
+def write_config(run_dir: Path, config: RunConfig, identity: dict,
+                 backbone: Backbone | BackboneInfo, index: DatasetIndex, device: torch.device,
+                 numerics: dict, run_id: str, extra: dict | None = None) -> dict:
+    payload = {
+        "run_id": run_id,
+        "identity": identity,
+        "settings": {k: (str(v) if isinstance(v, Path) else v)
+                     for k, v in dataclasses.asdict(config).items()},
+        **provenance(backbone, index, device),
+        "feature": identity["feature"],
+        "k_patches": config.k_patches,
+        "gram_bias": float(config.gram_bias),
+        "precision": config.precision,
+        "numerics": numerics,
         **(extra or {}),
     }
-    if smoke:
-        payload["note"] = SMOKE_NOTE
     atomic_write_json(run_dir / "config.json", payload)
     return payload
 

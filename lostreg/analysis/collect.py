@@ -14,13 +14,11 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import lostreg
 from lostreg.analysis import plots
 from lostreg.analysis.norms import nan_mean, neighbour_similarity, patch_token_norms, split_threshold
 from lostreg.analysis.store import TokenMaps
@@ -30,7 +28,14 @@ from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, read_json_object
-from lostreg.run import SMOKE_NOTE, group_by_shape, iterate_batches, resolve_device, set_numerics
+from lostreg.run import (
+    SMOKE_NOTE,
+    group_by_shape,
+    iterate_batches,
+    provenance,
+    resolve_device,
+    set_numerics,
+)
 
 NORM_DEFINITION = (
     "L2 norm over channels of each patch token at the output of block <layer> (the residual "
@@ -236,22 +241,11 @@ def build_payload(backbone: Backbone, index: DatasetIndex, maps: TokenMaps, laye
     primary = max(layers)
     per_layer = {layer: layer_statistics(maps, layer, thresholds.get(layer)) for layer in layers}
     main = per_layer[primary]
-    smoke = backbone.weights.is_random
     payload = {
         "kind": "lostreg-norms",
-        "model": backbone.spec.name,
-        "timm_name": backbone.spec.timm_name,
-        "family": backbone.spec.family,
-        "patch_size": backbone.spec.patch_size,
-        "num_registers": backbone.spec.num_registers,
+        **provenance(backbone, index, device),
         "num_prefix_tokens": backbone.num_prefix_tokens,
         "depth": len(backbone.model.blocks),
-        "weights": dataclasses.asdict(backbone.weights),
-        "smoke_run": smoke,
-        "dataset": index.name,
-        "split": index.split,
-        "data_root": str(index.root),
-        "no_hard": index.no_hard,
         "limit": limit,
         "n_images": len(maps),
         "skipped_images": skipped,
@@ -275,12 +269,7 @@ def build_payload(backbone: Backbone, index: DatasetIndex, maps: TokenMaps, laye
         "tokens_format": "numpy .npz: image_ids, grids (n,2), offsets (n+1), layers, "
                          "norms_<layer> and neighbour_sim as flat float16 arrays; image i = "
                          "[offsets[i], offsets[i+1]) row-major on grids[i]",
-        "device": str(device),
-        "lostreg_version": lostreg.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if smoke:
-        payload["note"] = SMOKE_NOTE
     return payload
 
 
