@@ -39,15 +39,8 @@ from lostreg.backbones import Backbone, create_backbone  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
+from lostreg.metrics import best_iou  # noqa: E402
 from lostreg.run import RunConfig, run_benchmark  # noqa: E402
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def compare(base: dict[str, dict], other: dict[str, dict]) -> dict:
@@ -60,7 +53,7 @@ def compare(base: dict[str, dict], other: dict[str, dict]) -> dict:
         "box_differs": len(changed),
         "seed_differs": sum(base[i]["seed"] != other[i]["seed"] for i in base),
         "share_box_differs": len(changed) / len(base) if base else 0.0,
-        "mean_iou_of_changed": (sum(box_iou(base[i]["box"], other[i]["box"]) for i in changed)
+        "mean_iou_of_changed": (sum(best_iou(base[i]["box"], [other[i]["box"]]) for i in changed)
                                 / len(changed) if changed else None),
         "hits_delta": sum(other[i]["hit"] for i in base) - sum(base[i]["hit"] for i in base),
     }

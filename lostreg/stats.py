@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
+from lostreg.metrics import corloc
+
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
 # resampled index matrices are drawn in chunks of at most this many cells (8 bytes each)
@@ -50,9 +52,8 @@ def _paired(base: Sequence[bool] | np.ndarray,
 
 
 def corloc_percent(hits: Sequence[bool] | np.ndarray) -> float:
-    """CorLoc in percent (NaN for no images)."""
-    array = as_hits(hits)
-    return float(100.0 * array.mean()) if array.size else float("nan")
+    """CorLoc in percent (NaN for no images), as ``lostreg.metrics.corloc`` computes it."""
+    return corloc(as_hits(hits).tolist())[0]
 
 
 def resample_indices(n: int, n_resamples: int = DEFAULT_RESAMPLES,

@@ -29,7 +29,7 @@ import numpy as np
 from lostreg.cli import add_compute_options
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
-from lostreg.metrics import box_iou, corloc, is_hit
+from lostreg.metrics import best_iou, box_iou, corloc, is_hit
 
 
 @dataclass(frozen=True)
@@ -260,7 +260,7 @@ def compare(ours: Sequence[dict], official: dict[str, list[int]], full_set: bool
             rows.append(_row(line, box, None, None, None))
             continue
         gts = np.asarray(line["gt_boxes"], dtype=np.float64).reshape(-1, 4)
-        their_best = float(box_iou(theirs, gts).max()) if len(gts) else 0.0
+        their_best = best_iou(theirs, gts)
         identical = box == theirs
         n_identical += identical
         iou = 1.0 if identical else float(box_iou(box, [theirs])[0])
