@@ -262,12 +262,10 @@ class _LazyBackbone:
                  backbone: Backbone | None = None) -> None:
         self.info, self.weights, self.device = info, weights, device
         self._backbone = backbone
-        self.created = 0
 
     def get(self) -> Backbone:
         if self._backbone is None:
             self._backbone = create_backbone(self.info.spec, self.weights, self.device)
-            self.created += 1
             if self._backbone.weights.identity() != self.info.weights.identity():
                 raise LostregError(f"{self._backbone.weights.path}: weights changed since the "
                                    "run started (sha256 differs); rerun the command")

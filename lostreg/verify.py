@@ -369,7 +369,7 @@ def verify(args: argparse.Namespace) -> tuple[dict, str]:
         "official_predictions": {
             "path": str(predictions_path), "url": benchmark.url, "sha256": sha,
             "expected_sha256": expected_sha.lower(), "is_official_file": sha == benchmark.sha256,
-            "n_entries": len(official),
+            "n_entries": len(official), "expected_entries": benchmark.n_entries,
         },
         "run_id": result.run_id,
         "run_dir": str(result.run_dir),

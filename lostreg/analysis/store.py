@@ -81,9 +81,6 @@ class TokenMaps:
         """Token norms of image ``i`` at ``layer`` as a ``(rows, cols)`` float32 grid."""
         return self._slice(self.norms[layer], i)
 
-    def similarity_map(self, i: int) -> np.ndarray:
-        return self._slice(self.neighbour_sim, i)
-
     def save(self, path: str | Path) -> None:
         """Write the archive atomically (compressed; no pickled objects)."""
         arrays = {

@@ -96,12 +96,3 @@ def last_block_readout(model: torch.nn.Module, images: torch.Tensor
         raise TypeError("backbone's last block has no fused attn.qkv projection")
     x = tokens_before_last_block(model, images)
     return last.attn.qkv(last.norm1(x)), last(x)
-
-
-@torch.inference_mode()
-def prefix_attention(model: torch.nn.Module, images: torch.Tensor,
-                     num_prefix_tokens: int) -> torch.Tensor:
-    """Last-block attention of each prefix token (class first, then registers) to the
-    patches, averaged over heads: ``(B, P, N)`` float32 (see :func:`attention_from_qkv`)."""
-    qkv, _ = last_block_readout(model, images)
-    return attention_from_qkv(model.blocks[-1].attn, qkv, num_prefix_tokens)
