@@ -32,9 +32,9 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from lostreg.datasets.base import DatasetIndex, ImageRecord
-from lostreg.datasets.voc import is_plain_file_name
+from lostreg.datasets.voc import is_plain_file_name, read_name_list
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_text, read_text_lines
+from lostreg.io import atomic_write_text
 
 COCO20K_LIST_SHA256 = "74637e9b4f93f2ebef9b1f664aff53edd1f41ef08dad97bd22ce8e455052b335"
 COCO20K_IMAGES = 19817
@@ -67,23 +67,8 @@ def read_coco20k_list(list_path: Path) -> list[str]:
     Entries are ``train2014/<file>`` (as published) or a bare ``<file>``; anything else could
     point outside the image folder and is refused.
     """
-    lines = read_text_lines(list_path, "COCO 20k image list not found")
-    names: list[str] = []
-    seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        entry = line.strip()
-        if not entry:
-            continue
-        name = _list_entry_name(entry)
-        if name is None:
-            raise LostregError(
-                f"{list_path}: line {number}: {entry!r} is not a file name inside train2014/"
-            )
-        if name in seen:
-            raise LostregError(f"{list_path}: line {number}: {entry!r} listed twice")
-        seen.add(name)
-        names.append(name)
-    return names
+    return read_name_list(list_path, "COCO 20k image list not found", _list_entry_name,
+                          "is not a file name inside train2014/")
 
 
 def load_coco20k(

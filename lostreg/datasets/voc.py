@@ -21,7 +21,7 @@ to recover the size when an XML lacks a usable ``size`` element.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, UnidentifiedImageError
@@ -67,22 +67,32 @@ def load_voc(
     return load_voc_folder(folder, name or f"voc{str(year)[-2:]}", split=split, no_hard=no_hard)
 
 
-def read_split_ids(split_file: Path) -> list[str]:
-    """Read image ids, one per line, in file order; duplicates are an error (double counting)."""
-    lines = read_text_lines(split_file, "split file not found")
-    ids: list[str] = []
+def read_name_list(path: Path, missing: str, to_name: Callable[[str], str | None],
+                   bad: str, what: str = "") -> list[str]:
+    """Names, one per line, in file order (the dataset order): blank lines skipped, an entry
+    ``to_name`` rejects (returns None) or a repeated name (it would be counted twice) is a
+    one-line error naming the file and line."""
+    names: list[str] = []
     seen: set[str] = set()
-    for number, line in enumerate(lines, start=1):
-        image_id = line.strip()
-        if not image_id:
+    for number, line in enumerate(read_text_lines(path, missing), start=1):
+        entry = line.strip()
+        if not entry:
             continue
-        if not is_plain_file_name(image_id):
-            raise LostregError(f"{split_file}: line {number}: bad image id {image_id!r}")
-        if image_id in seen:
-            raise LostregError(f"{split_file}: line {number}: image id {image_id!r} listed twice")
-        seen.add(image_id)
-        ids.append(image_id)
-    return ids
+        name = to_name(entry)
+        if name is None:
+            raise LostregError(f"{path}: line {number}: {what}{entry!r} {bad}")
+        if name in seen:
+            raise LostregError(f"{path}: line {number}: {what}{entry!r} listed twice")
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def read_split_ids(split_file: Path) -> list[str]:
+    """Image ids of a VOC split file, in file order."""
+    return read_name_list(split_file, "split file not found",
+                          lambda entry: entry if is_plain_file_name(entry) else None,
+                          "is not a plain file name", what="image id ")
 
 
 def load_voc_folder(
