@@ -26,6 +26,7 @@ from benchmarks import (  # noqa: E402
 from benchmarks.common import sample_sizes, write_voc_tree  # noqa: E402
 from lostreg.backbones import BackboneSpec, create_backbone  # noqa: E402
 from lostreg.features import padded_size  # noqa: E402
+from lostreg.methods.lost import lost_reference  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY = BackboneSpec("tiny_bench", "vit_small_patch14_dinov2.lvd142m", "dinov2", 14, 0,
@@ -66,10 +67,30 @@ def test_lost_paths_give_identical_boxes(kind, gram_bias, k_patches) -> None:
     assert all(b.feats.shape == (len(b.positions), b.grid[0] * b.grid[1], 24) for b in batches)
     assert {tuple(d // 16 for d in padded_size(h, w, 16)) for h, w in sizes} == grids
     preds = {name: bench_lost.PATHS[name](batches, 16, k_patches, gram_bias)
-             for name in ("batched", "reference", "literal")}
+             for name in ("batched", "reference", "literal", "bf16_filter")}
     counts = bench_lost.agreement(preds)
-    for name in ("batched", "literal"):
+    for name in ("batched", "literal", "bf16_filter"):
         assert counts[name]["same_both"] == len(sizes), (name, counts[name])
+
+
+def test_bf16_margin_bounds_the_cosine_error_and_filters_separated_features() -> None:
+    """The certified margin must exceed the bf16 cosine's real error (else a sign could flip
+    unseen), and features far from orthogonal leave few rows to recompute exactly."""
+    generator = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 300, 384, generator=generator) * torch.rand(4, 300, 1, generator=generator)
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    approx = torch.bmm(unit.bfloat16(), unit.bfloat16().transpose(1, 2)).double()
+    exact = torch.bmm(unit.double(), unit.double().transpose(1, 2))
+    assert float((approx - exact).abs().max()) < bench_lost.BF16_MARGIN
+    # two tight clusters pointing apart: every cosine is far from 0, so nothing is ambiguous
+    direction = torch.randn(384, generator=generator)
+    clusters = torch.where(torch.arange(120).view(1, -1, 1) < 30, -direction, direction)
+    separated = clusters + 0.05 * torch.randn(2, 120, 384, generator=generator)
+    out = bench_lost.lost_bf16_filter(separated, (10, 12), 16, [(160, 192)] * 2, k_patches=10)
+    reference = [lost_reference(f, (10, 12), 16, (160, 192), k_patches=10) for f in separated]
+    assert out.seed.tolist() == [r.seed for r in reference]
+    assert out.box.tolist() == [r.box for r in reference]
+    assert int((out.degrees >= 0).sum(dim=1).max()) <= 30  # only the small cluster's rows
 
 
 def test_lost_structured_features_plant_a_findable_object() -> None:
