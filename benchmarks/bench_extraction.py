@@ -48,7 +48,13 @@ from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features import extract_features, preprocess  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
 from lostreg.methods.lost import lost  # noqa: E402
-from lostreg.run import PRECISIONS, RunConfig, run_benchmark, size_batches  # noqa: E402
+from lostreg.run import (  # noqa: E402
+    PRECISIONS,
+    RunConfig,
+    run_benchmark,
+    set_numerics,
+    size_batches,
+)
 
 
 @dataclass
@@ -76,17 +82,18 @@ def forward_loop(batches: Sequence[ReadyBatch], backbone: Backbone, device: torc
                  precision: str, mode: str = "timm") -> list[torch.Tensor]:
     """The bare loop: ``timm`` = ``model.forward_features``; ``qkv`` = lostreg's
     ``extract_features`` (the last block's k only). Returns one small tensor per batch so the
-    work cannot be skipped; on a GPU the caller's timer synchronises."""
+    work cannot be skipped (a copy, not a view: a view would keep every batch's whole output
+    alive on the device); on a GPU the caller's timer synchronises."""
     autocast = PRECISIONS[precision]
     outputs = []
     for batch in batches:
         images = batch.images.to(device, non_blocking=True)
         if mode == "qkv":
-            outputs.append(extract_features(backbone, images, "k", autocast)[:, 0, 0])
+            outputs.append(extract_features(backbone, images, "k", autocast)[:, 0, 0].clone())
             continue
         with torch.autocast(device.type, dtype=autocast or torch.float32,
                             enabled=autocast is not None):
-            outputs.append(backbone.model.forward_features(images)[:, 0, 0])
+            outputs.append(backbone.model.forward_features(images)[:, 0, 0].clone())
     return outputs
 
 
@@ -124,7 +131,9 @@ def check_run(run_dir: Path, batches: Sequence[ReadyBatch], backbone: Backbone,
 def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workdir: Path,
             batch_size: int = 16, precision: str = "fp32", num_workers: int = 2,
             repeats: int = 1, check: bool = True) -> dict:
-    """Warm up, then alternate forward loops and full runs ``repeats`` times."""
+    """Warm up, then alternate forward loops and full runs ``repeats`` times (the loops under
+    the numerics the run sets: TF32 off, which the first round would otherwise not have)."""
+    set_numerics(precision)
     batches = prepare_batches(index, backbone, batch_size)
     n = len(index.records)
     forward_loop(batches[:1], backbone, device, precision, "timm")  # lazy init, kernels

@@ -129,14 +129,40 @@ def resolve_device(name: str) -> torch.device:
         raise LostregError(f"--device {name}: CUDA is not available on this machine")
     if name != "cpu" and not name.startswith("cuda"):
         raise LostregError(f"--device {name!r}: expected auto, cpu or cuda[:N]")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LostregError(f"--device {name!r}: expected auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise LostregError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                           "CUDA device(s), numbered from 0")
+    return device
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``cuda:N`` the current CUDA device: the DataLoader's pin-memory thread (and any
+    CUDA call without an explicit device) otherwise creates a context on GPU 0 as well."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def stack_to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack a batch on ``device``. On a GPU each tensor is copied on its own, asynchronously
+    from the memory the DataLoader pinned: stacking first on the host would copy the batch
+    again into unpinned memory, and its transfer would block."""
+    if device.type != "cuda":
+        return torch.stack(list(tensors)).to(device)
+    return torch.stack([t.to(device, non_blocking=True) for t in tensors])
 
 
 def set_numerics(precision: str) -> dict:
-    """fp32 means exact fp32: no TF32 in matmuls or cuDNN convolutions (the patch embedding)."""
-    exact = precision == "fp32"
-    torch.backends.cuda.matmul.allow_tf32 = not exact
-    torch.backends.cudnn.allow_tf32 = not exact
+    """No TF32 in matmuls or cuDNN convolutions, whatever the precision: fp32 is exact fp32,
+    and LOST's similarities are float32 matmuls in every run (with bf16/fp16 the backbone's
+    matmuls and its patch embedding run in that dtype under autocast, so TF32 would only have
+    rounded LOST's ``F F^T``)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return {
         "precision": precision,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
@@ -519,6 +545,7 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
 
     ctx = distributed.setup(resolve_device(base.device).type)
     device = distributed.local_device(resolve_device(base.device), ctx)
+    use_device(device)
     numerics = set_numerics(base.precision)
     indexes: dict[str, DatasetIndex] = {}
     results: list[RunResult] = []
@@ -712,8 +739,7 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
                     positions = [compute[item["position"]] for item in group]
                     entries = [(p, tuple(item["size"])) for p, item in zip(positions, group,
                                                                            strict=True)]
-                    images = torch.stack([item["tensor"] for item in group]).to(device,
-                                                                                 non_blocking=True)
+                    images = stack_to_device([item["tensor"] for item in group], device)
                     grid = (images.shape[-2] // spec.patch_size,
                             images.shape[-1] // spec.patch_size)
                     kinds = sorted({runs[i].feature for p in positions for i in todo[p]})

@@ -1,4 +1,5 @@
-"""fp32 means exact fp32: TF32 off for matmuls and cuDNN, and the run records it."""
+"""No TF32 for matmuls and cuDNN (fp32 is exact, LOST is float32 at any precision), and the
+run records it."""
 
 from __future__ import annotations
 
@@ -28,14 +29,16 @@ def test_fp32_turns_tf32_off_and_reports_it() -> None:
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_allows_tf32_and_reports_it(precision) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_reduced_precision_keeps_lost_similarities_float32(precision) -> None:
+    """Autocast covers the backbone; TF32 would only round LOST's float32 ``F F^T`` on a GPU
+    (config.json says ``lost_similarity_dtype: float32``), so it stays off."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     report = set_numerics(precision)
-    assert torch.backends.cuda.matmul.allow_tf32 is True
-    assert torch.backends.cudnn.allow_tf32 is True
-    assert report["precision"] == precision
-    assert report["tf32_matmul"] is True and report["tf32_cudnn"] is True
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is False
+    assert report["precision"] == precision and report["lost_similarity_dtype"] == "float32"
+    assert report["tf32_matmul"] is False and report["tf32_cudnn"] is False
 
 
 def test_fp32_after_bf16_is_exact_again() -> None:

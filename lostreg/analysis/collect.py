@@ -35,6 +35,8 @@ from lostreg.run import (
     provenance,
     resolve_device,
     set_numerics,
+    stack_to_device,
+    use_device,
 )
 
 NORM_DEFINITION = (
@@ -128,7 +130,7 @@ def collect_token_maps(
         errors += [item["error"] for item in items if item["error"]]
         good = [item for item in items if not item["error"]]
         for group in group_by_shape(good) if good else []:
-            images = torch.stack([item["tensor"] for item in group]).to(device)
+            images = stack_to_device([item["tensor"] for item in group], device)
             embedded, outputs = block_outputs(model, images, layers)
             sims = neighbour_similarity(embedded).cpu()
             rows, cols = sims.shape[-2:]
@@ -310,6 +312,7 @@ def analyze_norms(config: NormsConfig, backbone: Backbone | None = None,
     if config.limit is not None and config.limit < 1:
         raise LostregError("--limit must be at least 1")
     device = resolve_device(config.device)
+    use_device(device)
     set_numerics("fp32")
     spec = backbone.spec if backbone is not None else get_backbone_spec(config.model)
     if index is None:
