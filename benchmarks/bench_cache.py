@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     sample_sizes,
     save_json,
     timed,
+    warm_up,
     write_voc_tree,
 )
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
@@ -74,6 +75,7 @@ def measure(index: DatasetIndex, config: RunConfig, rerun_k: int = 50,
     """Time the first (cache-writing) run and two cached reruns; optionally check the reruns
     against uncached runs of the same settings."""
     device = resolve_device(config.device)
+    warm_up(device)  # in-process reruns would skip CUDA's start-up that the first run paid
     variants = {
         "first": config,
         "rerun_k": dataclasses.replace(config, k_patches=rerun_k),

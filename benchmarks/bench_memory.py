@@ -58,7 +58,17 @@ def child_main(data: Path, output: Path, model: str, device: str, batch_size: in
         "n_images": result.n_images,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
         "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale,
+        **gpu_peak(device),
     }
+
+
+def gpu_peak(device: str) -> dict:
+    """Peak GPU memory the run's tensors took (the RSS does not see it), on CUDA only."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {}
+    return {"gpu_peak_mib": torch.cuda.max_memory_allocated(torch.device(device)) / 2**20}
 
 
 def run_child(data: Path, output: Path, model: str, device: str, batch_size: int,
@@ -152,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
          f"{worker_ratio:.3f}" if worker_ratio is not None else "n/a (no workers)"),
         ("goal (main process)", f"<= 1.2: {'MET' if ratio <= 1.2 else 'NOT MET'}"),
     ]
+    if "gpu_peak_mib" in small:
+        rows.append(("peak GPU memory small / large (MiB), RATIO",
+                     f"{small['gpu_peak_mib']:.1f} / {large['gpu_peak_mib']:.1f}, "
+                     f"{large['gpu_peak_mib'] / max(small['gpu_peak_mib'], 1e-9):.3f}"))
     facts = machine_facts(device)
     print(result_block("bench_memory: peak RSS vs number of images", rows + facts_rows(facts)))
     save_json(args.json, {"benchmark": "bench_memory",

@@ -33,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     sample_sizes,
     save_json,
     timed,
+    warm_up,
     write_voc_tree,
 )
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
@@ -66,6 +67,7 @@ def measure(index: DatasetIndex, backbone: Backbone, workdir: Path, device: str,
     if not precisions or precisions[0] != "fp32":
         precisions = ["fp32", *[p for p in precisions if p != "fp32"]]
     predictions, speed = {}, {}
+    warm_up(resolve_device(device))  # else fp32, timed first, alone pays cuBLAS/cuDNN start-up
     for precision in precisions:
         config = RunConfig(model=backbone.spec.name, dataset=index.name, data_root=index.root,
                            weights="random" if backbone.weights.is_random else "hub",

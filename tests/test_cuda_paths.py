@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import bench_extraction  # noqa: E402
+from benchmarks import bench_cache, bench_extraction, bench_memory, bench_precision  # noqa: E402
 from benchmarks.common import sample_sizes, write_voc_tree  # noqa: E402
 from lostreg.backbones import BackboneSpec, create_backbone  # noqa: E402
 
@@ -123,3 +123,34 @@ def test_extraction_baseline_runs_under_the_runs_numerics(monkeypatch, tiny_setu
         bench_extraction.measure(index, backbone, torch.device("cpu"), tmp_path, batch_size=2,
                                  num_workers=0, check=False)
     assert seen == [(False, False)]
+
+
+def test_gpu_start_up_is_paid_before_the_first_timed_run(monkeypatch, tiny_setup, tmp_path) -> None:
+    """CUDA, cuBLAS and cuDNN start once per process: untreated, the first timed run (the
+    cache-writing run, the fp32 run) alone would pay for it and skew the ratios."""
+    index, backbone = tiny_setup
+    order: list[str] = []
+
+    def timed(fn, device):
+        order.append("timed")
+        raise Stop
+
+    for module in (bench_cache, bench_precision):
+        monkeypatch.setattr(module, "warm_up", lambda device: order.append("warm_up"))
+        monkeypatch.setattr(module, "timed", timed)
+    config = bench_cache.cache_config(index, "dinov2_vits14", "random", "cpu", tmp_path, 2,
+                                      "fp32", 0)
+    with pytest.raises(Stop):
+        bench_cache.measure(index, config, check=False)
+    with pytest.raises(Stop):
+        bench_precision.measure(index, backbone, tmp_path, "cpu", num_workers=0)
+    assert order == ["warm_up", "timed", "warm_up", "timed"]
+
+
+def test_memory_benchmark_reports_the_gpu_peak(monkeypatch) -> None:
+    asked: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda device: asked.append(device) or 3 * 2**20)
+    assert bench_memory.gpu_peak("cuda:1") == {"gpu_peak_mib": 3.0}
+    assert asked == [torch.device("cuda", 1)]
+    assert bench_memory.gpu_peak("cpu") == {}
