@@ -510,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths.append("reference")
         if args.rounds < 1:
             raise LostregError("--rounds must be at least 1")
+        if device.type != "cpu" and {"bf16_filter", "gram_bf16"} & set(paths):
+            # its error bound assumes float32 accumulation, which cuBLAS does not promise
+            # for bf16 (reduced-precision reductions are allowed by default)
+            raise LostregError("--paths bf16_filter/gram_bf16: CPU only (a tried CPU idea)")
         if args.threads is not None:
             if args.threads < 1:
                 raise LostregError(f"--threads {args.threads}: must be at least 1")

@@ -197,3 +197,14 @@ def test_chunking_and_component_paths_change_no_result(monkeypatch) -> None:
     for other in (one_at_a_time, dilation):
         assert torch.equal(default.box, other.box) and torch.equal(default.seed, other.seed)
         assert torch.equal(default.degrees, other.degrees)
+
+
+def test_similarity_chunks_are_bounded_on_every_device() -> None:
+    """A whole (B, N, N) block per batch would not fit a GPU for ViT/8 on COCO-sized images."""
+    from lostreg.methods import lost as lost_module
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert lost_module._chunk_size(64, 1000, cuda) == 64  # ViT-S/14 on VOC: the whole batch
+    assert lost_module._chunk_size(64, 4800, cuda) == 11  # ViT/8 on COCO: 11 x 88 MiB
+    assert lost_module._chunk_size(64, 1000, cpu) == 2
+    assert lost_module._chunk_size(64, 20000, cuda) == lost_module._chunk_size(8, 9000, cpu) == 1
