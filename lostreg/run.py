@@ -70,7 +70,7 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
 from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
 from lostreg.features import extract_feature_kinds, padded_size, preprocess
-from lostreg.io import JsonlAppender, atomic_write_json
+from lostreg.io import JsonlAppender, atomic_write_json, read_jsonl
 from lostreg.methods.lost import lost
 from lostreg.metrics import best_iou, corloc, is_hit
 
@@ -586,6 +586,7 @@ class _Run:
     run_dir: Path
     pending: set[int] = field(default_factory=set)  # dataset positions still missing (all ranks)
     out: JsonlAppender | None = None
+    finished: bool = False  # complete before this command: its files are left as they are
 
 
 def _summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, spec_name: str,
@@ -631,12 +632,12 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
                  "dir": str(base.cache_features), "dtype": storage, "lossless": lossless}}
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        if ctx.is_main:
-            write_config(run.run_dir, run.config, run.identity, info, index, device, numerics,
-                         run.run_id, extra)
-    for run in runs:
         done = distributed.done_ids(run.run_dir)
         run.pending = {p for p, r in enumerate(records) if r.image_id not in done}
+        run.finished = _is_finished(run)
+        if ctx.is_main and not run.finished:
+            write_config(run.run_dir, run.config, run.identity, info, index, device, numerics,
+                         run.run_id, extra)
     ctx.barrier()  # every rank has read the same state before any rank appends
 
     union = sorted(set().union(*(run.pending for run in runs)))
@@ -788,9 +789,22 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
             for run, (score, n_hits, n_images) in zip(runs, outcomes, strict=True)]
 
 
+def _is_finished(run: _Run) -> bool:
+    """Whether a run was complete before this command: every prediction in its merged file,
+    no per-rank part left, its config.json and metrics.json written. Rerunning such a run
+    changes nothing on disk, so metrics.json keeps the timings of the work it did."""
+    return (not run.pending and (run.run_dir / "metrics.json").is_file()
+            and (run.run_dir / "config.json").is_file()
+            and not distributed.part_files(run.run_dir))
+
+
 def _finish(run: _Run, records: Sequence[ImageRecord], index: DatasetIndex, spec: BackboneSpec,
             smoke: bool, total: float, everyone: list[dict], ctx: DistContext,
             n_runs: int) -> tuple[float, int, int]:
+    if run.finished:
+        wanted = {r.image_id for r in records}
+        return corloc(line["hit"] for line in read_jsonl(run.run_dir / distributed.PREDICTIONS)
+                      if line["image_id"] in wanted)
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),

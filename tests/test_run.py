@@ -120,10 +120,13 @@ def test_resume_after_torn_write_computes_only_missing_images(tmp_path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["resumed_with"] == 9 and metrics["seconds"]["images_computed"] == 15
     assert metrics["corloc"] == full_metrics["corloc"]
-    # a third run finds everything done and computes nothing
-    assert main(cli(tmp_path)) == 0
-    assert json.loads((run_dir / "metrics.json").read_text())["seconds"]["images_computed"] == 0
+    # a third run finds everything done, computes nothing and leaves the files as they are:
+    # metrics.json keeps the timings of the work done, config.json its provenance
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.json", "config.json")}
+    assert main(cli(tmp_path, "--batch-size", "2")) == 0
     assert (run_dir / "predictions.jsonl").read_bytes() == full
+    for name, data in before.items():
+        assert (run_dir / name).read_bytes() == data, name
 
 
 def test_corrupt_image_is_named_and_nothing_is_lost(tmp_path, capsys) -> None:
