@@ -13,16 +13,38 @@ from typing import Any
 from lostreg.errors import LostregError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# read once, at import (os.umask can only be read by setting it, which is not thread safe)
+_UMASK = _read_umask()
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions a new file would get from ``open`` (``0o666`` less the umask), or the
+    existing file's: ``mkstemp`` creates its file ``0o600``, unreadable by the group."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
 
-    Readers see either the old file or the new one, never a half-written file.
+    Readers see either the old file or the new one, never a half-written file. The file gets
+    the permissions ``open`` would give it (or keeps those it had).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(handle.fileno(), _file_mode(path))
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
