@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lostreg.backbones import list_backbones
-from lostreg.cli import add_compute_options
+from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
 
 
 def _add_norms(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "norms", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "norms", formatter_class=HelpFormatter,
         help="token-norm distribution, outlier threshold and outlier statistics",
         description=(
             "L2 norms of every patch token at the output of a block (default: the last block, "
@@ -58,7 +58,7 @@ def _add_norms(sub: argparse._SubParsersAction) -> None:
 
 def _add_attribution(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "attribution", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "attribution", formatter_class=HelpFormatter,
         help="join a LOST run with outlier maps: is the seed on an artifact?",
         description=(
             "Per image of a run: is the seed an outlier token or next to one (4-neighbourhood), "
@@ -85,7 +85,7 @@ def _add_attribution(sub: argparse._SubParsersAction) -> None:
 
 def _add_show(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "show", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "show", formatter_class=HelpFormatter,
         help="per-image panels (boxes, seed, degree, norm and attention maps) + index.html",
         description=(
             "Rebuilds the run's model from its config.json and, per image, recomputes LOST's "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -17,13 +18,35 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default once: not where the help text already says it, nor for
+    options without one (``None``) or flags (``False``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (``--num-workers``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more (0 decodes in the main process)")
+    return value
+
+
 def add_compute_options(parser: argparse.ArgumentParser,
                         device_help: str = "auto, cpu or cuda[:N]") -> None:
     """``--device --batch-size --num-workers --no-progress``: the same for every command that
     runs a backbone over images (run, analyze, verify)."""
     parser.add_argument("--device", default="auto", help=device_help)
     parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--num-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="image decoding processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -36,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name:12s} {text}")
         print("\nLOST runs on the last block's attention keys (or q/v) of the patch tokens only:"
               "\nthe class token and every register token are removed. `lostreg run --help`.")
-        return 0 if not args or args[0] in ("-h", "--help") else 2
+        if not args or args[0] in ("-h", "--help"):
+            return 0
+        close = difflib.get_close_matches(args[0], list(COMMANDS), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        print(f"error: unknown command {args[0]!r}{hint}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[args[0]][0])
     return int(module.main(args[1:]) or 0)
 

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from lostreg import stats
+from lostreg.cli import HelpFormatter
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_text, read_json_object, read_jsonl
 
@@ -765,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m lostreg.leaderboard",
         description="Collect finished runs into leaderboard.csv and compare each model with its "
                     "register twin (comparison.md/.csv, figures/).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--runs", type=Path, default=Path("results/runs"),
                         help="folder of run folders")

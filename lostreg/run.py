@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ from lostreg.cache import (
     to_storage,
     warn,
 )
-from lostreg.cli import add_compute_options
+from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
 from lostreg.distributed import CollectiveError, DistContext
@@ -463,8 +464,10 @@ def _check_config(config: RunConfig) -> None:
         raise LostregError("--batch-size must be at least 1")
     if config.k_patches < 1:
         raise LostregError(f"--k-patches {config.k_patches}: must be at least 1")
-    if config.limit is not None and config.limit < 0:
-        raise LostregError(f"--limit {config.limit}: must not be negative")
+    if config.limit is not None and config.limit < 1:
+        raise LostregError(f"--limit {config.limit}: must be at least 1 (leave it out for all images)")
+    if not math.isfinite(float(config.gram_bias)):
+        raise LostregError(f"--gram-bias {config.gram_bias}: must be a finite number")
     if config.features is not None and config.features not in ("q", "k", "v"):
         raise LostregError(f"--features {config.features!r}: expected q, k or v")
     storage_dtype(config.cache_dtype, config.precision)  # validates --cache-dtype
@@ -856,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--gram-bias=0,-0.1) run every combination, one run folder each. Several GPUs: "
             "torchrun --nproc_per_node=N -m lostreg.run ..."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", default=None,
                         help="backbone short name(s), comma separated, or timm:<name> "

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lostreg.cli import add_compute_options
+from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
 from lostreg.metrics import best_iou, box_iou, corloc, is_hit
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Exit status 0 when done (1 when a full run with the official file and pretrained "
             "weights misses the goal), 2 on bad input."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("benchmark", choices=tuple(BENCHMARKS), help="which official predictions")
     parser.add_argument("--data-root", type=Path, default=None,

@@ -1,0 +1,62 @@
+"""Bad command-line input a user plausibly types: one ``error:`` line naming the value, exit
+status 2, no traceback, nothing computed; and ``--help`` that states each default once."""
+
+from __future__ import annotations
+
+import pytest
+
+from lostreg import analyze, cli, leaderboard, run, verify
+
+MODEL = "dinov2_vits14_reg4"
+
+
+def run_args(tmp_path, *extra: str) -> list[str]:
+    return ["--model", MODEL, "--weights", "random", "--dataset", "demo",
+            "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "runs"),
+            "--num-workers", "0", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--gram-bias", "nan"], "--gram-bias nan: must be a finite number"),
+    (["--gram-bias=0,inf"], "--gram-bias inf: must be a finite number"),
+])
+def test_run_refuses_values_that_mean_nothing(tmp_path, capsys, extra, needle) -> None:
+    assert run.main(run_args(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("main_args", [
+    lambda tmp: (run.main, run_args(tmp)),
+    lambda tmp: (analyze.main, ["norms", "--model", MODEL, "--dataset", "demo", "--weights",
+                                "random", "--data-root", str(tmp / "data")]),
+    lambda tmp: (verify.main, ["lost-voc07", "--data-root", str(tmp / "data")]),
+])
+def test_negative_num_workers_is_a_usage_error(tmp_path, capsys, main_args) -> None:
+    main, args = main_args(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--num-workers", "-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --num-workers: -1: must be 0 or more" in err and "Traceback" not in err
+
+
+def test_unknown_lostreg_command_says_so(capsys) -> None:
+    assert cli.main(["runn", "--help"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: unknown command 'runn'; did you mean run?"
+    assert "commands:" in captured.out
+    assert cli.main([]) == 0 and cli.main(["--help"]) == 0
+
+
+@pytest.mark.parametrize("parser", [
+    run.build_parser(), verify.build_parser(), leaderboard.build_parser(),
+    *analyze.build_parser()._subparsers._group_actions[0].choices.values(),
+])
+def test_help_states_each_default_once(parser) -> None:
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    if "--data-root" in text:
+        assert "$LOSTREG_DATA or datasets/) (default" not in text
