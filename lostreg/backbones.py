@@ -239,9 +239,17 @@ class Backbone:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def _weights_path_problem(path: Path) -> LostregError:
+    """The one-line error for a ``--weights`` value that is not a readable file."""
+    if path.is_dir():
+        return LostregError(f"{path}: is a folder, not a weights file (.pth, .safetensors)")
+    return LostregError(f"{path}: weights file not found (--weights takes hub, random or the "
+                        "path of a checkpoint file)")
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise LostregError(f"{path}: weights file not found")
+        raise _weights_path_problem(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -250,7 +258,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise LostregError(f"{path}: cannot read checkpoint ({exc.__class__.__name__}: "
+        if "Weights only load failed" in str(exc):
+            raise LostregError(f"{path}: cannot read checkpoint: it pickles objects other than "
+                               "tensors, which are refused (weights are read with "
+                               "weights_only=True)") from None
+        raise LostregError(f"{path}: cannot read checkpoint: not a PyTorch (torch.save) or "
+                           f"safetensors weights file ({exc.__class__.__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     for key in ("teacher", "model", "state_dict", "model_state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
@@ -335,7 +348,7 @@ def resolve_weights(spec: BackboneSpec, weights: str) -> tuple[WeightsInfo, Path
         return WeightsInfo("hub", str(path), sha256_weights(path), hub_id), path
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise LostregError(f"{path}: weights file not found")
+        raise _weights_path_problem(path)
     return WeightsInfo("file", str(path.resolve()), sha256_weights(path)), path
 
 

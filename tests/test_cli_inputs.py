@@ -4,6 +4,7 @@ status 2, no traceback, nothing computed; and ``--help`` that states each defaul
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lostreg import analyze, cli, leaderboard, run, verify
 
@@ -60,3 +61,26 @@ def test_help_states_each_default_once(parser) -> None:
     assert "(default: None)" not in text and "(default: False)" not in text
     if "--data-root" in text:
         assert "$LOSTREG_DATA or datasets/) (default" not in text
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("executed!",))
+
+
+@pytest.mark.parametrize(("make", "needle"), [
+    (lambda tmp: tmp / "Random", "Random: weights file not found (--weights takes hub, random or"),
+    (lambda tmp: (tmp / "ckpt").mkdir() or tmp / "ckpt", "ckpt: is a folder, not a weights file"),
+    (lambda tmp: (tmp / "w.txt").write_text("hello\n") and tmp / "w.txt",
+     "w.txt: cannot read checkpoint: not a PyTorch (torch.save) or safetensors weights file"),
+    (lambda tmp: torch.save({"model": _Code()}, tmp / "evil.pth") or tmp / "evil.pth",
+     "evil.pth: cannot read checkpoint: it pickles objects other than tensors"),
+])
+def test_bad_weights_name_the_file_and_the_problem(tmp_path, capsys, make, needle) -> None:
+    weights = make(tmp_path)
+    args = run_args(tmp_path, "--limit", "1")
+    args[args.index("random")] = str(weights)
+    assert run.main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert "\x1b" not in err[0] and "executed!" not in err[0]
