@@ -84,3 +84,14 @@ def test_bad_weights_name_the_file_and_the_problem(tmp_path, capsys, make, needl
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert "\x1b" not in err[0] and "executed!" not in err[0]
+
+
+def test_datasets_info_on_missing_data_names_its_own_flag(tmp_path, capsys) -> None:
+    from lostreg.datasets.__main__ import main as datasets_main
+
+    (tmp_path / "data").mkdir()
+    assert datasets_main(["info", "voc07", "--data-root", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "python -m lostreg.datasets download voc07" in err
+    assert err.endswith("or add --download") and "--no-download" not in err

@@ -136,9 +136,11 @@ def default_data_root() -> Path:
 
 
 def load_dataset(
-    name: str, data_root: Path | str, no_hard: bool = False, download: bool = True
+    name: str, data_root: Path | str, no_hard: bool = False, download: bool = True,
+    download_hint: str = "or drop --no-download",
 ) -> DatasetIndex:
-    """Index dataset ``name`` under ``data_root``, fetching it first if allowed and missing."""
+    """Index dataset ``name`` under ``data_root``, fetching it first if allowed and missing;
+    ``download_hint`` ends the message for missing data (how this command would download)."""
     spec = get_dataset(name)
     root = Path(data_root).expanduser()
     if not spec.is_present(root):
@@ -151,7 +153,7 @@ def load_dataset(
             raise LostregError(
                 f"{root}: {spec.title} ({name}) not found, expected {spec.layout}; run "
                 f"`python -m lostreg.datasets download {name} --data-root {root}` "
-                "or drop --no-download"
+                f"{download_hint}"
             )
         spec.download(root)
         if not spec.is_present(root):

@@ -62,7 +62,8 @@ def _download(name: str, root: Path, keep_archives: bool, progress: bool) -> Non
 
 def _info(name: str, root: Path, no_hard: bool, download: bool) -> None:
     spec = get_dataset(name)
-    index = load_dataset(name, root, no_hard=no_hard, download=download)
+    index = load_dataset(name, root, no_hard=no_hard, download=download,
+                         download_hint="or add --download")
     n_objects = sum(len(record.boxes) for record in index.records)
     empty = sum(1 for record in index.records if not record.boxes)
     expected = "" if spec.expected_images is None or no_hard else (
