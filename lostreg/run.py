@@ -901,8 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
     parser.add_argument("--allow-partial-dataset", action="store_true",
-                        help="run even if VOC07/VOC12/COCO20k lack images (not comparable; "
-                             "the run id records the image count)")
+                        help="run even if a VOC07/VOC12/COCO20k split lists another number of "
+                             "images than the benchmark's (not comparable; the run id records "
+                             "the count); every listed image must still be there")
     add_compute_options(parser, "auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK per rank)")
     return parser
 

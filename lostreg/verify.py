@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
     parser.add_argument("--allow-partial-dataset", action="store_true",
-                        help="run even if VOC07 lacks images (then the goal cannot be met)")
+                        help="run even if the VOC07 split lists another number of images than "
+                             "5011 (then the goal cannot be met)")
     add_compute_options(parser)
     return parser
 

@@ -95,3 +95,14 @@ def test_datasets_info_on_missing_data_names_its_own_flag(tmp_path, capsys) -> N
     assert err.startswith("error: ") and "\n" not in err
     assert "python -m lostreg.datasets download voc07" in err
     assert err.endswith("or add --download") and "--no-download" not in err
+
+
+def test_readme_option_table_lists_every_run_flag() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## `lostreg.run` options", 1)[1].split("\n\n", 2)[1]
+    flags = {option for action in run.build_parser()._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"}
+    missing = sorted(flag for flag in flags if f"| `{flag}" not in table)
+    assert not missing, f"README's lostreg.run table lacks {missing}"
