@@ -106,3 +106,45 @@ def test_readme_option_table_lists_every_run_flag() -> None:
              if option.startswith("--") and option != "--help"}
     missing = sorted(flag for flag in flags if f"| `{flag}" not in table)
     assert not missing, f"README's lostreg.run table lacks {missing}"
+
+
+def _verify_args(tmp_path) -> list[str]:
+    """A VOC2007-format tree (the demo scenes) and an empty "official" file of known sha256."""
+    import hashlib
+    import pickle
+
+    from lostreg.datasets.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "data")
+    demo.rename(demo.parent / "VOC2007")
+    official = tmp_path / "official.pkl"
+    official.write_bytes(pickle.dumps({}))
+    return ["--model", MODEL, "--weights", "random", "--data-root", str(tmp_path / "data"),
+            "--predictions", str(official), "--expected-sha256",
+            hashlib.sha256(official.read_bytes()).hexdigest(), "--allow-partial-dataset",
+            "--no-download", "--limit", "1", "--num-workers", "0", "--no-progress",
+            "--output", str(tmp_path / "verify")]
+
+
+@pytest.mark.parametrize("command", ["run", "leaderboard", "norms", "verify", "datasets"])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, command) -> None:
+    from lostreg.datasets.__main__ import main as datasets_main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me\n")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    main, args = {
+        "run": (run.main, run_args(tmp_path, "--limit", "1", "--output", str(blocker))),
+        "leaderboard": (leaderboard.main, ["--runs", str(runs), "--out", str(blocker)]),
+        "norms": (analyze.main, ["norms", "--model", MODEL, "--dataset", "demo", "--weights",
+                                 "random", "--data-root", str(tmp_path / "data"), "--limit", "1",
+                                 "--num-workers", "0", "--no-progress", "--output", str(blocker)]),
+        "verify": (verify.main, ["lost-voc07", *_verify_args(tmp_path), "--runs-dir", str(blocker)]),
+        "datasets": (datasets_main, ["download", "demo", "--data-root", str(blocker / "sub")]),
+    }[command]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and str(blocker) in err[0], err
+    assert "Traceback" not in capsys.readouterr().err
+    assert blocker.read_text() == "keep me\n"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
-from lostreg.errors import LostregError
+from lostreg.errors import LostregError, os_error_message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except LostregError as exc:
         message = str(exc).replace("\r", " ").replace("\n", " ")
         print(f"error: {message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
