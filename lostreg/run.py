@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -400,7 +401,7 @@ def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
         "smoke_run": smoke,
         "dataset": index.name,
         "split": index.split,
-        "data_root": str(index.root),
+        "data_root": os.path.abspath(index.root),
         "no_hard": index.no_hard,
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
@@ -420,7 +421,8 @@ def write_config(run_dir: Path, config: RunConfig, identity: dict,
     payload = {
         "run_id": run_id,
         "identity": identity,
-        "settings": {k: (str(v) if isinstance(v, Path) else v)
+        # paths absolute: analyze, verify and the notebook read them from any directory
+        "settings": {k: (os.path.abspath(v) if isinstance(v, Path) else v)
                      for k, v in dataclasses.asdict(config).items()},
         **provenance(backbone, index, device),
         "feature": identity["feature"],

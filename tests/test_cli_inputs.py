@@ -148,3 +148,28 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, command) ->
     assert len(err) == 1 and str(blocker) in err[0], err
     assert "Traceback" not in capsys.readouterr().err
     assert blocker.read_text() == "keep me\n"
+
+
+def test_relative_paths_are_recorded_absolute_so_analysis_works_from_elsewhere(
+        tmp_path, monkeypatch) -> None:
+    import json
+
+    from lostreg.analysis.runs import load_run, run_records
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert run.main(["--model", MODEL, "--weights", "random", "--dataset", "demo", "--data-root",
+                     "data", "--output", "runs", "--limit", "2", "--num-workers", "0",
+                     "--no-progress"]) == 0
+    (run_dir,) = (work / "runs").iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data_root"] == str(work / "data" / "demo")
+    assert config["settings"]["data_root"] == str(work / "data")
+    assert config["settings"]["output"] == str(work / "runs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    index, by_id = run_records(load_run(run_dir))
+    assert index.root == work / "data" / "demo" and len(by_id) == 24
+    assert not (elsewhere / "data").exists()  # the demo was not generated again here
