@@ -108,15 +108,20 @@ def test_readme_option_table_lists_every_run_flag() -> None:
     assert not missing, f"README's lostreg.run table lacks {missing}"
 
 
+def _demo_as_voc07(tmp_path) -> None:
+    """``tmp_path/data/VOC2007``: the demo scenes (VOC format) as a partial VOC07."""
+    from lostreg.datasets.demo import generate_demo
+
+    demo = generate_demo(tmp_path / "data")
+    demo.rename(demo.parent / "VOC2007")
+
+
 def _verify_args(tmp_path) -> list[str]:
     """A VOC2007-format tree (the demo scenes) and an empty "official" file of known sha256."""
     import hashlib
     import pickle
 
-    from lostreg.datasets.demo import generate_demo
-
-    demo = generate_demo(tmp_path / "data")
-    demo.rename(demo.parent / "VOC2007")
+    _demo_as_voc07(tmp_path)
     official = tmp_path / "official.pkl"
     official.write_bytes(pickle.dumps({}))
     return ["--model", MODEL, "--weights", "random", "--data-root", str(tmp_path / "data"),
@@ -173,3 +178,23 @@ def test_relative_paths_are_recorded_absolute_so_analysis_works_from_elsewhere(
     index, by_id = run_records(load_run(run_dir))
     assert index.root == work / "data" / "demo" and len(by_id) == 24
     assert not (elsewhere / "data").exists()  # the demo was not generated again here
+
+
+def test_analysis_of_a_run_whose_data_moved_points_to_data_root(tmp_path) -> None:
+    from lostreg.analysis.runs import load_run, run_records
+    from lostreg.errors import LostregError
+
+    _demo_as_voc07(tmp_path)
+    assert run.main(["--model", MODEL, "--weights", "random", "--dataset", "voc07", "--data-root",
+                     str(tmp_path / "data"), "--output", str(tmp_path / "runs"), "--limit", "1",
+                     "--allow-partial-dataset", "--no-download", "--num-workers", "0",
+                     "--no-progress"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (tmp_path / "data" / "VOC2007").rename(tmp_path / "VOC2007")  # the data moved away
+    with pytest.raises(LostregError) as info:
+        run_records(load_run(run_dir))
+    message = str(info.value)
+    assert str(tmp_path / "data") in message and "--no-download" not in message
+    assert message.endswith("or pass --data-root with the folder the run used")
+    index, _ = run_records(load_run(run_dir), data_root=tmp_path)
+    assert index.root == tmp_path / "VOC2007"

@@ -134,7 +134,8 @@ def run_records(info: RunInfo, data_root: str | Path | None = None
         raise LostregError(f"{info.run_dir / 'config.json'}: no settings.data_root; "
                            "pass --data-root")
     index = load_dataset(config["dataset"], Path(root), no_hard=bool(config.get("no_hard")),
-                         download=config["dataset"] == "demo")
+                         download=config["dataset"] == "demo",
+                         download_hint="or pass --data-root with the folder the run used")
     by_id = {record.image_id: record for record in index.records}
     missing = [p["image_id"] for p in info.predictions if p["image_id"] not in by_id]
     if missing:
