@@ -149,15 +149,6 @@ def use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
-def stack_to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Stack a batch on ``device``. On a GPU each tensor is copied on its own, asynchronously
-    from the memory the DataLoader pinned: stacking first on the host would copy the batch
-    again into unpinned memory, and its transfer would block."""
-    if device.type != "cuda":
-        return torch.stack(list(tensors)).to(device)
-    return torch.stack([t.to(device, non_blocking=True) for t in tensors])
-
-
 def set_numerics(precision: str) -> dict:
     """No TF32 in matmuls or cuDNN convolutions, whatever the precision: fp32 is exact fp32,
     and LOST's similarities are float32 matmuls in every run (with bf16/fp16 the backbone's
@@ -221,32 +212,64 @@ def size_batches(records: Sequence[ImageRecord], patch_size: int,
             for i in range(0, len(members), batch_size)]
 
 
-def _keep_items(items: list[dict]) -> list[dict]:
-    return items
+@dataclass
+class ImageGroup:
+    """Decoded images of one padded shape, stacked (``(b, 3, Hp, Wp)``) in a loader worker."""
+
+    positions: list[int]
+    images: torch.Tensor
+    sizes: list[tuple[int, int]]
+
+
+@dataclass
+class LoadedBatch:
+    """One sampler batch as the loader hands it over: stacked groups and per-image errors.
+
+    Stacking happens in the worker, so the main process (which drives the model) does not
+    copy images; ``pin_memory`` lets the DataLoader pin the stacks for async host-to-GPU copies.
+    """
+
+    groups: list[ImageGroup]
+    errors: list[str]
+    n_items: int
+
+    def pin_memory(self) -> LoadedBatch:
+        for group in self.groups:
+            group.images = group.images.pin_memory()
+        return self
+
+
+def collate_by_shape(items: list[dict]) -> LoadedBatch:
+    """Stack decoded items by their actual padded shape (the annotated size may be wrong, so
+    one sampler batch can hold several shapes), in batch order; bad images become errors."""
+    groups: dict[tuple[int, ...], list[dict]] = defaultdict(list)
+    errors = []
+    for item in items:
+        if item["error"]:
+            errors.append(item["error"])
+        else:
+            groups[tuple(item["tensor"].shape)].append(item)
+    return LoadedBatch(
+        [ImageGroup([item["position"] for item in group],
+                    torch.stack([item["tensor"] for item in group]),
+                    [tuple(item["size"]) for item in group]) for group in groups.values()],
+        errors, len(items))
 
 
 def iterate_batches(records: Sequence[ImageRecord], backbone: Backbone, batch_size: int,
-                    num_workers: int, pin_memory: bool) -> Iterator[list[dict]]:
-    """Yield lists of decoded items; the annotated size may be wrong, so items are regrouped by
-    their actual padded shape downstream."""
+                    num_workers: int, pin_memory: bool) -> Iterator[LoadedBatch]:
+    """Yield the records' images decoded, padded and stacked by shape, batch by batch."""
     dataset = PaddedImages(records, backbone.mean, backbone.std, backbone.patch_size)
     loader = DataLoader(
         dataset,
         batch_sampler=size_batches(records, backbone.patch_size, batch_size),
-        collate_fn=_keep_items,
+        collate_fn=collate_by_shape,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=2 if num_workers > 0 else None,
     )
     yield from loader
-
-
-def group_by_shape(items: list[dict]) -> list[list[dict]]:
-    groups: dict[tuple[int, ...], list[dict]] = defaultdict(list)
-    for item in items:
-        groups[tuple(item["tensor"].shape)].append(item)
-    return list(groups.values())
 
 
 # --- backbones, built only when an image needs them ---------------------------------------
@@ -735,17 +758,15 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
         if compute:
             backbone = lazy.get()
             autocast = PRECISIONS[base.precision]
-            for items in iterate_batches([records[p] for p in compute], backbone,
-                                         base.batch_size, base.num_workers,
-                                         pin_memory=device.type == "cuda"):
-                errors += [item["error"] for item in items if item["error"]]
-                good = [item for item in items if not item["error"]]
-                for group in group_by_shape(good) if good else []:
+            for loaded in iterate_batches([records[p] for p in compute], backbone,
+                                          base.batch_size, base.num_workers,
+                                          pin_memory=device.type == "cuda"):
+                errors += loaded.errors
+                for group in loaded.groups:
                     tick = time.perf_counter()
-                    positions = [compute[item["position"]] for item in group]
-                    entries = [(p, tuple(item["size"])) for p, item in zip(positions, group,
-                                                                           strict=True)]
-                    images = stack_to_device([item["tensor"] for item in group], device)
+                    positions = [compute[i] for i in group.positions]
+                    entries = list(zip(positions, group.sizes, strict=True))
+                    images = group.images.to(device, non_blocking=True)
                     grid = (images.shape[-2] // spec.patch_size,
                             images.shape[-1] // spec.patch_size)
                     kinds = sorted({runs[i].feature for p in positions for i in todo[p]})
@@ -763,9 +784,9 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
                                     [sizes_on_disk[positions[j]] for j in new], grid,
                                     stored[new].to("cpu"))
                         emit(kind, feats, grid, entries)
-                    stats["backbone_images"] += len(group)
+                    stats["backbone_images"] += len(positions)
                     stats["forward"] += time.perf_counter() - tick
-                progress.update(len(items))
+                progress.update(loaded.n_items)
     progress.close()
 
     def bad_images(messages: list[str]) -> str:

@@ -71,22 +71,26 @@ def test_run_makes_its_gpu_current_before_any_cuda_work(monkeypatch, tmp_path, t
     assert current == []
 
 
-def test_batch_goes_to_the_gpu_from_the_pinned_tensors(monkeypatch) -> None:
-    """Each pinned image is copied asynchronously; stacking on the host first would copy into
-    unpinned memory and make the transfer blocking."""
-    moved: list[tuple[int, bool]] = []
+def test_the_loader_pins_each_stacked_batch(monkeypatch) -> None:
+    """Workers stack a batch by shape; the DataLoader's pin-memory thread must then pin those
+    stacks (not the per-image tensors), so one asynchronous copy moves each to the GPU."""
+    from torch.utils.data._utils.pin_memory import pin_memory as loader_pin
 
-    def fake_to(self, device, non_blocking=False):
-        moved.append((id(self), non_blocking))
+    pinned: list[tuple[int, ...]] = []
+
+    def fake_pin(self, *args, **kwargs):
+        pinned.append(tuple(self.shape))
         return self.clone()
 
-    items = [torch.full((3, 4, 4), float(i)) for i in range(3)]
-    monkeypatch.setattr(torch.Tensor, "to", fake_to)
-    batch = run.stack_to_device(items, torch.device("cuda", 0))
+    items = [{"position": i, "tensor": torch.full((3, 14, 28 if i % 2 else 14), float(i)),
+              "size": (14, 14), "error": None} for i in range(5)]
+    loaded = run.collate_by_shape(items)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = loader_pin(loaded)
     monkeypatch.undo()
-    assert moved == [(id(t), True) for t in items]
-    assert torch.equal(batch, torch.stack(items))
-    assert torch.equal(run.stack_to_device(items, torch.device("cpu")), torch.stack(items))
+    assert isinstance(out, run.LoadedBatch)
+    assert sorted(pinned) == [(2, 3, 14, 28), (3, 3, 14, 14)]
+    assert [g.positions for g in out.groups] == [[0, 2, 4], [1, 3]]
 
 
 @pytest.fixture(scope="module")

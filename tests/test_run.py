@@ -106,6 +106,42 @@ def test_batch_size_changes_no_result(tmp_path) -> None:
     assert a == b
 
 
+def test_wrong_annotated_sizes_split_into_shape_groups(tmp_path) -> None:
+    """Batches are formed from the annotated sizes; when an XML lies, the loader regroups the
+    decoded images by their real shape and the predictions equal those of a truthful tree."""
+    assert main(cli(tmp_path / "truth", "--batch-size", "24")) == 0
+    truthful = list(read_jsonl(only_run(tmp_path / "truth") / "predictions.jsonl"))
+    index = load_dataset("demo", tmp_path / "lying" / "data")
+    for record in index.records[::3]:
+        xml = index.root / "Annotations" / f"{record.image_id}.xml"
+        text = xml.read_text()
+        lie = f"<width>{record.width + 40}</width>"
+        assert f"<width>{record.width}</width>" in text
+        xml.write_text(text.replace(f"<width>{record.width}</width>", lie))
+    assert main(cli(tmp_path / "lying", "--batch-size", "24")) == 0
+    lying = list(read_jsonl(only_run(tmp_path / "lying") / "predictions.jsonl"))
+    keys = ("image_id", "width", "height", "box", "seed", "best_iou", "hit")
+    assert [[line[k] for k in keys] for line in lying] == [[line[k] for k in keys] for line in truthful]
+
+
+def test_collate_by_shape_keeps_batch_order_and_errors() -> None:
+    from lostreg.run import collate_by_shape
+
+    def item(position, shape=None, error=None):
+        if error:
+            return {"position": position, "error": error}
+        return {"position": position, "tensor": torch.full((3, *shape), float(position)),
+                "size": (shape[0] - 1, shape[1]), "error": None}
+
+    loaded = collate_by_shape([item(0, (14, 28)), item(1, (28, 14)), item(2, error="x.jpg: bad"),
+                               item(3, (14, 28))])
+    assert loaded.n_items == 4 and loaded.errors == ["x.jpg: bad"]
+    assert [g.positions for g in loaded.groups] == [[0, 3], [1]]
+    assert loaded.groups[0].images.shape == (2, 3, 14, 28)
+    assert loaded.groups[0].images[:, 0, 0, 0].tolist() == [0.0, 3.0]
+    assert loaded.groups[0].sizes == [(13, 28), (13, 28)] and loaded.groups[1].sizes == [(27, 14)]
+
+
 def test_resume_after_torn_write_computes_only_missing_images(tmp_path) -> None:
     assert main(cli(tmp_path, "--batch-size", "4")) == 0
     run_dir = only_run(tmp_path)

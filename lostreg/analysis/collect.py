@@ -30,12 +30,10 @@ from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, read_json_object
 from lostreg.run import (
     SMOKE_NOTE,
-    group_by_shape,
     iterate_batches,
     provenance,
     resolve_device,
     set_numerics,
-    stack_to_device,
     use_device,
 )
 
@@ -125,12 +123,11 @@ def collect_token_maps(
     errors: list[str] = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"norms {backbone.spec.name}",
                unit="img", dynamic_ncols=True, file=sys.stderr)
-    for items in iterate_batches(records, backbone, batch_size, num_workers,
-                                 pin_memory=device.type == "cuda"):
-        errors += [item["error"] for item in items if item["error"]]
-        good = [item for item in items if not item["error"]]
-        for group in group_by_shape(good) if good else []:
-            images = stack_to_device([item["tensor"] for item in group], device)
+    for loaded in iterate_batches(records, backbone, batch_size, num_workers,
+                                  pin_memory=device.type == "cuda"):
+        errors += loaded.errors
+        for group in loaded.groups:
+            images = group.images.to(device, non_blocking=True)
             embedded, outputs = block_outputs(model, images, layers)
             sims = neighbour_similarity(embedded).cpu()
             rows, cols = sims.shape[-2:]
@@ -139,13 +136,13 @@ def collect_token_maps(
                 if values.shape[1] != rows * cols:
                     raise LostregError(f"block {layer} gave {values.shape[1]} patch tokens for "
                                        f"a {rows}x{cols} grid; is num_prefix_tokens right?")
-            for j, item in enumerate(group):
-                per_image[item["position"]] = (
+            for j, position in enumerate(group.positions):
+                per_image[position] = (
                     (int(rows), int(cols)),
                     {layer: values[j].numpy().astype(np.float16) for layer, values in norms.items()},
                     sims[j].reshape(-1).numpy().astype(np.float16),
                 )
-        bar.update(len(items))
+        bar.update(loaded.n_items)
     bar.close()
     kept = sorted(per_image)
     maps = TokenMaps.from_images(
