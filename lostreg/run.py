@@ -561,8 +561,10 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
     # fail on a typo before hours of work, not after
     specs = {m: (backbone.spec if backbone is not None else get_backbone_spec(m)) for m in by_model}
     if index is None:
-        for dataset in {d for ds in by_model.values() for d in ds}:
-            get_dataset(dataset)
+        for dataset in dict.fromkeys(d for ds in by_model.values() for d in ds):
+            spec_of_dataset = get_dataset(dataset)
+            if not base.download and not spec_of_dataset.is_present(Path(base.data_root)):
+                load_dataset(dataset, base.data_root, download=False)  # says what is missing
     if sweep is None:
         sweep = [dataclasses.replace(base, features=f, k_patches=k, gram_bias=float(b))
                  for f in (features if features is not None else [base.features])

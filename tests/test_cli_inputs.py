@@ -198,3 +198,14 @@ def test_analysis_of_a_run_whose_data_moved_points_to_data_root(tmp_path) -> Non
     assert message.endswith("or pass --data-root with the folder the run used")
     index, _ = run_records(load_run(run_dir), data_root=tmp_path)
     assert index.root == tmp_path / "VOC2007"
+
+
+def test_a_missing_dataset_fails_before_any_run_with_no_download(tmp_path, capsys) -> None:
+    _demo_as_voc07(tmp_path)  # voc07 is there, voc12 is not
+    assert run.main(["--model", MODEL, "--weights", "random", "--dataset", "voc07,voc12",
+                     "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "runs"),
+                     "--limit", "1", "--allow-partial-dataset", "--no-download",
+                     "--num-workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "PASCAL VOC 2012 (voc12) not found" in err
+    assert not (tmp_path / "runs").exists()  # nothing was run on voc07 first
