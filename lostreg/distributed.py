@@ -146,7 +146,7 @@ def setup(device_type: str) -> DistContext:
     local_rank = _env_int("LOCAL_RANK", 0)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(rank_gpu(local_rank))
     dist.init_process_group(backend=backend, timeout=_timeout())
     _CONTEXT = _context_from_group(owns=True)
     return _CONTEXT
@@ -183,10 +183,23 @@ def shutdown() -> None:
     _CONTEXT = None
 
 
+def rank_gpu(local_rank: int) -> int:
+    """The GPU index of the process with ``local_rank``: ``cuda:LOCAL_RANK`` when it sees every
+    GPU of its node (torchrun), ``cuda:0`` when the launcher shows each process only its own
+    (``CUDA_VISIBLE_DEVICES`` per task, as SLURM binding does)."""
+    visible = torch.cuda.device_count()
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise LostregError(f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA "
+                       "device(s): start at most one process per GPU")
+
+
 def local_device(device: torch.device, ctx: DistContext) -> torch.device:
-    """Each rank's own GPU (``cuda:LOCAL_RANK``) when the run is on CUDA and distributed."""
+    """Each rank's own GPU (see ``rank_gpu``) when the run is on CUDA and distributed."""
     if ctx.enabled and device.type == "cuda":
-        return torch.device("cuda", ctx.local_rank)
+        return torch.device("cuda", rank_gpu(ctx.local_rank))
     return device
 
 

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lostreg import distributed
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.datasets import load_dataset
+from lostreg.errors import LostregError
 from lostreg.io import read_jsonl
 from lostreg.run import main
 
@@ -99,3 +101,16 @@ def test_shards_cover_every_item_once_in_order() -> None:
              for r in range(3)]
     assert parts == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
     assert distributed.shard(items, distributed.SINGLE) == items
+
+
+def test_each_rank_finds_its_gpu_however_the_launcher_shows_them(monkeypatch) -> None:
+    """torchrun shows every GPU (rank r -> cuda:r); per-task binding shows one (-> cuda:0)."""
+    ctx = distributed.DistContext(rank=3, world_size=4, local_rank=3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.local_device(torch.device("cuda"), ctx) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert distributed.local_device(torch.device("cuda"), ctx) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LostregError, match="LOCAL_RANK=3 but this process sees 2 CUDA"):
+        distributed.local_device(torch.device("cuda"), ctx)
+    assert distributed.local_device(torch.device("cpu"), ctx) == torch.device("cpu")
