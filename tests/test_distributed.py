@@ -50,7 +50,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path) -> None:
     assert main(args(tmp_path, "single", MODEL, *sweep)) == 0
     single = {p.name: p for p in (tmp_path / "single").iterdir()}
     dist = {p.name: p for p in (tmp_path / "dist").iterdir()}
-    assert dist.keys() == single.keys() and len(dist) == 2
+    assert dist.keys() == single.keys() and len(dist) == 2, (sorted(dist), sorted(single))
     for name, run_dir in dist.items():
         assert sorted(f.name for f in run_dir.iterdir()) == [
             "config.json", "metrics.json", "predictions.jsonl"]  # parts merged and removed
