@@ -39,8 +39,10 @@ from benchmarks.common import (  # noqa: E402
     save_json,
     timed,
     warm_up,
+    workers_label,
     write_voc_tree,
 )
+from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
@@ -58,7 +60,7 @@ def _metrics_seconds(run_dir: Path) -> dict:
 
 
 def cache_config(index: DatasetIndex, model: str, weights: str, device: str, workdir: Path,
-                 batch_size: int, precision: str, num_workers: int) -> RunConfig:
+                 batch_size: int, precision: str, num_workers: int | None) -> RunConfig:
     """The first run's settings; reruns replace only ``k_patches`` / ``gram_bias``."""
     if not hasattr(RunConfig(), "cache_features"):
         raise LostregError("lostreg.run.RunConfig has no cache_features field yet: this "
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=workers_count, default=None,
+                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
     parser.add_argument("--rerun-k-patches", type=int, default=50)
     parser.add_argument("--rerun-gram-bias", type=float, default=0.1)
     parser.add_argument("--no-check", action="store_true",
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("model / weights", f"{args.model} / {args.weights}"),
         ("images", f"{n} generated, VOC-like sizes x{args.size_scale}"),
         ("batch size / precision / workers",
-         f"{args.batch_size} / {args.precision} / {args.num_workers}"),
+         f"{args.batch_size} / {args.precision} / {workers_label(args.num_workers, device)}"),
         ("first run (extract + cache write), s", f"{secs['first']:.2f}"),
         (f"rerun --k-patches {args.rerun_k_patches} (cached), s", f"{secs['rerun_k']:.3f}"),
         (f"rerun --gram-bias {args.rerun_gram_bias} (cached), s", f"{secs['rerun_bias']:.3f}"),

@@ -40,9 +40,11 @@ from benchmarks.common import (  # noqa: E402
     sample_sizes,
     save_json,
     timed,
+    workers_label,
     write_voc_tree,
 )
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
+from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex, load_rgb  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features import extract_features, preprocess  # noqa: E402
@@ -98,7 +100,7 @@ def forward_loop(batches: Sequence[ReadyBatch], backbone: Backbone, device: torc
 
 
 def run_once(index: DatasetIndex, backbone: Backbone, output: Path, device: torch.device,
-             batch_size: int, precision: str, num_workers: int, k_patches: int = 100):
+             batch_size: int, precision: str, num_workers: int | None, k_patches: int = 100):
     """One fresh ``run_benchmark`` (a new output folder, so nothing is resumed)."""
     config = RunConfig(model=backbone.spec.name, dataset=index.name, data_root=index.root,
                        weights="random" if backbone.weights.is_random else "hub",
@@ -129,7 +131,7 @@ def check_run(run_dir: Path, batches: Sequence[ReadyBatch], backbone: Backbone,
 
 
 def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workdir: Path,
-            batch_size: int = 16, precision: str = "fp32", num_workers: int = 2,
+            batch_size: int = 16, precision: str = "fp32", num_workers: int | None = None,
             repeats: int = 1, check: bool = True) -> dict:
     """Warm up, then alternate forward loops and full runs ``repeats`` times (the loops under
     the numerics the run sets: TF32 off, which the first round would otherwise not have)."""
@@ -176,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the run")
+    parser.add_argument("--num-workers", type=workers_count, default=None,
+                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timing rounds")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the untimed check that the run's boxes equal lost on the "
@@ -215,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"(median height {heights[len(heights) // 2]} px)"),
         ("batches", f"{result['n_batches']} (batch size {args.batch_size})"),
         ("precision / workers / repeats",
-         f"{args.precision} / {args.num_workers} / {args.repeats}"),
+         f"{args.precision} / {workers_label(args.num_workers, device)} / {args.repeats}"),
         ("timm forward_features: images/s", f"{speed['timm_forward']:.2f}"),
         ("lostreg extract_features: images/s", f"{speed['lostreg_qkv']:.2f}"),
         ("lostreg.run end to end: images/s", f"{speed['run']:.2f}"),

@@ -34,8 +34,10 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    workers_label,
     write_voc_tree,
 )
+from lostreg.cli import workers_count  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +45,7 @@ _RESULT_PREFIX = "BENCH_MEMORY_RESULT "
 
 
 def child_main(data: Path, output: Path, model: str, device: str, batch_size: int,
-               num_workers: int) -> dict:
+               num_workers: int | None) -> dict:
     """Inside the child: one run over the VOC tree at ``data``; returns peak RSS in MiB."""
     from lostreg.datasets.voc import load_voc_folder
     from lostreg.run import RunConfig, run_benchmark
@@ -72,11 +74,12 @@ def gpu_peak(device: str) -> dict:
 
 
 def run_child(data: Path, output: Path, model: str, device: str, batch_size: int,
-              num_workers: int, timeout: float = 900) -> dict:
+              num_workers: int | None, timeout: float = 900) -> dict:
     """Run ``child_main`` in a fresh interpreter and parse its one result line."""
     command = [sys.executable, "-m", "benchmarks.bench_memory", "--child", str(data),
                "--child-output", str(output), "--model", model, "--device", device,
-               "--batch-size", str(batch_size), "--num-workers", str(num_workers)]
+               "--batch-size", str(batch_size),
+               "--num-workers", "auto" if num_workers is None else str(num_workers)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
@@ -89,7 +92,7 @@ def run_child(data: Path, output: Path, model: str, device: str, batch_size: int
 
 
 def measure(workdir: Path, counts: Sequence[int], model: str = "dinov2_vits14",
-            device: str = "cpu", batch_size: int = 16, num_workers: int = 2,
+            device: str = "cpu", batch_size: int = 16, num_workers: int | None = None,
             scale: float = 0.128, seed: int = 0) -> dict[int, dict]:
     """Generate one tree per image count (the larger a superset-like draw of the smaller) and
     run each in its own child process."""
@@ -114,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="dinov2_vits14")
     parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=workers_count, default=None,
+                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where data and runs go (default: a temp folder, removed)")
     parser.add_argument("--seed", type=int, default=0)
@@ -150,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if small["workers_peak_rss_mib"] else None)
     rows: list[tuple[str, object]] = [
         ("model / device / batch / workers",
-         f"{args.model} (random) / {device} / {args.batch_size} / {args.num_workers}"),
+         f"{args.model} (random) / {device} / {args.batch_size} / {workers_label(args.num_workers, device)}"),
         ("image sizes", f"VOC-like shapes x{args.size_scale} (500x375 -> "
                         f"{round(500 * args.size_scale)}x{round(375 * args.size_scale)})"),
         (f"peak RSS, {args.small} images (MiB)", f"{small['peak_rss_mib']:.1f}"),

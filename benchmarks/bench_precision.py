@@ -37,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     write_voc_tree,
 )
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
+from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
@@ -62,7 +63,7 @@ def compare(base: dict[str, dict], other: dict[str, dict]) -> dict:
 
 def measure(index: DatasetIndex, backbone: Backbone, workdir: Path, device: str,
             precisions: Sequence[str] = ("fp32", "bf16", "fp16"), batch_size: int = 16,
-            num_workers: int = 2) -> dict:
+            num_workers: int | None = None) -> dict:
     """One run per precision (fp32 first: the yardstick), then the comparisons."""
     if not precisions or precisions[0] != "fp32":
         precisions = ["fp32", *[p for p in precisions if p != "fp32"]]
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated; fp32 is always run first")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=workers_count, default=None,
+                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where data and runs go (default: a temp folder, removed)")
     parser.add_argument("--seed", type=int, default=0)

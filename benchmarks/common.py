@@ -180,5 +180,14 @@ def save_json(path: str | Path | None, payload: dict[str, Any]) -> None:
         atomic_write_json(path, payload)
 
 
+def workers_label(num_workers: int | None, device: torch.device | str) -> str:
+    """How many decoding workers a run used: the number given, or ``auto (N)``."""
+    from lostreg.run import decode_workers
+
+    if num_workers is not None:
+        return str(num_workers)
+    return f"auto ({decode_workers(torch.device(device))})"
+
+
 def median(values: Sequence[float]) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
@@ -29,8 +28,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or text
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0 (``--num-workers``)."""
+def workers_count(text: str) -> int | None:
+    """argparse type of ``--num-workers``: ``auto`` (None) or a whole number >= 0."""
+    if text == "auto":
+        return None
     try:
         value = int(text)
     except ValueError:
@@ -46,8 +47,9 @@ def add_compute_options(parser: argparse.ArgumentParser,
     runs a backbone over images (run, analyze, verify)."""
     parser.add_argument("--device", default="auto", help=device_help)
     parser.add_argument("--batch-size", type=int, default=16, help="max images per batch")
-    parser.add_argument("--num-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
-                        help="image decoding processes")
+    parser.add_argument("--num-workers", type=workers_count, default=None,
+                        help="image decoding processes; 0 decodes in the main process (default: "
+                             "auto = 0 when the model runs on the CPU, min(8, CPUs) on a GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -103,7 +103,7 @@ class RunConfig:
     output: Path = Path("results/runs")
     precision: str = "fp32"
     download: bool = True
-    num_workers: int = 2
+    num_workers: int | None = None  # None: decode_workers(device)
     progress: bool = True
     cache_features: Path | None = None
     cache_dtype: str = "auto"
@@ -256,16 +256,27 @@ def collate_by_shape(items: list[dict]) -> LoadedBatch:
         errors, len(items))
 
 
+def decode_workers(device: torch.device) -> int:
+    """Default decoding processes. With the model on the CPU, its forward already keeps every
+    core busy and workers only compete with it (on 2 cores: 0 workers ran 0.95x a bare
+    forward loop, 1-2 workers 0.80x, see benchmarks/README.md), so decode in the main
+    process; on a GPU the cores are free to decode ahead of the forward."""
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
 def iterate_batches(records: Sequence[ImageRecord], backbone: Backbone, batch_size: int,
-                    num_workers: int, pin_memory: bool) -> Iterator[LoadedBatch]:
-    """Yield the records' images decoded, padded and stacked by shape, batch by batch."""
+                    num_workers: int | None, device: torch.device) -> Iterator[LoadedBatch]:
+    """Yield the records' images decoded, padded and stacked by shape, batch by batch
+    (``num_workers=None``: ``decode_workers(device)``)."""
+    if num_workers is None:
+        num_workers = decode_workers(device)
     dataset = PaddedImages(records, backbone.mean, backbone.std, backbone.patch_size)
     loader = DataLoader(
         dataset,
         batch_sampler=size_batches(records, backbone.patch_size, batch_size),
         collate_fn=collate_by_shape,
         num_workers=num_workers,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
     )
@@ -576,6 +587,9 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
     ctx = distributed.setup(resolve_device(base.device).type)
     device = distributed.local_device(resolve_device(base.device), ctx)
     use_device(device)
+    if base.num_workers is None:  # config.json records the number used
+        workers = decode_workers(device)
+        sweep = [dataclasses.replace(config, num_workers=workers) for config in sweep]
     numerics = set_numerics(base.precision)
     indexes: dict[str, DatasetIndex] = {}
     results: list[RunResult] = []
@@ -761,8 +775,7 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
             backbone = lazy.get()
             autocast = PRECISIONS[base.precision]
             for loaded in iterate_batches([records[p] for p in compute], backbone,
-                                          base.batch_size, base.num_workers,
-                                          pin_memory=device.type == "cuda"):
+                                          base.batch_size, base.num_workers, device):
                 errors += loaded.errors
                 for group in loaded.groups:
                     tick = time.perf_counter()

@@ -99,8 +99,10 @@ def test_cli_run_matches_independent_computation(tmp_path, capsys) -> None:
 
 
 def test_batch_size_changes_no_result(tmp_path) -> None:
+    """Batch size and decoding in worker processes (stacked there, pickled back) change no
+    byte of the predictions."""
     assert main(cli(tmp_path / "a", "--batch-size", "1")) == 0
-    assert main(cli(tmp_path / "b", "--batch-size", "7")) == 0
+    assert main(cli(tmp_path / "b", "--batch-size", "7", "--num-workers", "2")) == 0
     a = (only_run(tmp_path / "a") / "predictions.jsonl").read_bytes()
     b = (only_run(tmp_path / "b") / "predictions.jsonl").read_bytes()
     assert a == b
@@ -251,3 +253,12 @@ def test_lostreg_entry_point_dispatches_and_documents_features(tmp_path, capsys)
     assert lostreg_cli.main(["nonsense"]) == 2
     assert lostreg_cli.main(["run", *cli(tmp_path, "--limit", "2")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("CorLoc ")
+
+
+def test_decoding_workers_default_to_none_on_the_cpu() -> None:
+    from lostreg.cli import workers_count
+    from lostreg.run import decode_workers
+
+    assert decode_workers(torch.device("cpu")) == 0  # the forward already uses every core
+    assert 1 <= decode_workers(torch.device("cuda")) <= 8
+    assert workers_count("auto") is None and workers_count("3") == 3

@@ -189,7 +189,7 @@ def _check_same_model(info: RunInfo, payload: dict, norms_path: Path) -> None:
 
 
 def _run_norms(info: RunInfo, device: str, data_root: str | Path | None, batch_size: int,
-               num_workers: int, progress: bool, recompute: bool,
+               num_workers: int | None, progress: bool, recompute: bool,
                weights: str | None = None) -> tuple[dict, TokenMaps, Path]:
     """Token maps for exactly the run's images, reused from ``<run>/analysis/norms``."""
     norms_dir = info.analysis_dir / "norms"
@@ -218,7 +218,7 @@ def attribute_run(
     device: str = "auto",
     data_root: str | Path | None = None,
     batch_size: int = 16,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool = False,
     recompute: bool = False,
     weights: str | None = None,

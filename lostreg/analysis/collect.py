@@ -73,7 +73,7 @@ class NormsConfig:
     threshold: list[float] | None = None
     output: Path | None = None
     batch_size: int = 16
-    num_workers: int = 2
+    num_workers: int | None = None
     no_hard: bool = False
     download: bool = True
     progress: bool = True
@@ -109,7 +109,7 @@ def collect_token_maps(
     layers: Sequence[int],
     device: torch.device,
     batch_size: int = 16,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool = False,
 ) -> tuple[TokenMaps, list[str]]:
     """Run ``backbone`` over ``records`` and keep float16 token maps in dataset order.
@@ -123,8 +123,7 @@ def collect_token_maps(
     errors: list[str] = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"norms {backbone.spec.name}",
                unit="img", dynamic_ncols=True, file=sys.stderr)
-    for loaded in iterate_batches(records, backbone, batch_size, num_workers,
-                                  pin_memory=device.type == "cuda"):
+    for loaded in iterate_batches(records, backbone, batch_size, num_workers, device):
         errors += loaded.errors
         for group in loaded.groups:
             images = group.images.to(device, non_blocking=True)
