@@ -47,19 +47,25 @@ _RESULT_PREFIX = "BENCH_MEMORY_RESULT "
 def child_main(data: Path, output: Path, model: str, device: str, batch_size: int,
                num_workers: int | None) -> dict:
     """Inside the child: one run over the VOC tree at ``data``; returns peak RSS in MiB."""
+    import torch
+
     from lostreg.datasets.voc import load_voc_folder
-    from lostreg.run import RunConfig, run_benchmark
+    from lostreg.run import RunConfig, decode_workers, run_benchmark
 
     index = load_voc_folder(data, "bench")
     config = RunConfig(model=model, dataset=index.name, data_root=data, weights="random",
                        device=device, batch_size=batch_size, output=output, download=False,
                        num_workers=num_workers, progress=False)
     result = run_benchmark(config, index=index)
+    workers = num_workers if num_workers is not None else decode_workers(torch.device(device))
     scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux
     return {
         "n_images": result.n_images,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
-        "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale,
+        # without workers RUSAGE_CHILDREN only sees short forks (git), which report the
+        # parent's resident pages: not a worker's memory
+        "workers_peak_rss_mib": (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale
+                                 if workers else 0.0),
         **gpu_peak(device),
     }
 
@@ -154,13 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if small["workers_peak_rss_mib"] else None)
     rows: list[tuple[str, object]] = [
         ("model / device / batch / workers",
-         f"{args.model} (random) / {device} / {args.batch_size} / {workers_label(args.num_workers, device)}"),
+         f"{args.model} (random) / {device} / {args.batch_size} / "
+         f"{workers_label(args.num_workers, device)}"),
         ("image sizes", f"VOC-like shapes x{args.size_scale} (500x375 -> "
                         f"{round(500 * args.size_scale)}x{round(375 * args.size_scale)})"),
         (f"peak RSS, {args.small} images (MiB)", f"{small['peak_rss_mib']:.1f}"),
         (f"peak RSS, {args.large} images (MiB)", f"{large['peak_rss_mib']:.1f}"),
         ("workers' peak RSS small / large (MiB)",
-         f"{small['workers_peak_rss_mib']:.1f} / {large['workers_peak_rss_mib']:.1f}"),
+         f"{small['workers_peak_rss_mib']:.1f} / {large['workers_peak_rss_mib']:.1f}"
+         if worker_ratio is not None else "n/a (no workers)"),
         (f"RATIO peak RSS {args.large} / {args.small}", f"{ratio:.3f}"),
         ("RATIO workers' peak RSS",
          f"{worker_ratio:.3f}" if worker_ratio is not None else "n/a (no workers)"),
