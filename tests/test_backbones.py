@@ -139,3 +139,18 @@ def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch) -> None:
     info = describe_backbone(REG, str(path))
     built = create_backbone(REG, str(path))
     assert info.weights == built.weights and len(calls) == 1
+
+
+@pytest.mark.parametrize("name", ["dinov2_vitl14_reg4", "openclip_vitb16", "dino_vits8",
+                                  "timm:eva02_tiny_patch14_224.mim_in22k"])
+def test_description_from_the_meta_device_matches_the_model(name) -> None:
+    """A run describes its backbone from a shapes-only build (weight init skipped where timm
+    allows it); prefix tokens and parameter count must equal the real model's."""
+    from lostreg.backbones import build_model, get_backbone_spec
+    from lostreg.run import describe_backbone
+
+    spec = get_backbone_spec(name)
+    info = describe_backbone(spec, "random")
+    real = build_model(spec)
+    assert info.num_prefix_tokens == real.num_prefix_tokens
+    assert info.num_params == sum(p.numel() for p in real.parameters())
