@@ -761,8 +761,13 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
                 tick = time.perf_counter()
                 for start in range(0, len(members), base.batch_size):
                     chunk = members[start:start + base.batch_size]
-                    rows = torch.tensor([row for _, row in chunk])
-                    feats = shard.feats.index_select(0, rows).to(device).float()
+                    rows = [row for _, row in chunk]
+                    first, last = rows[0], rows[-1]
+                    if rows == list(range(first, last + 1)):  # the usual case: no copy
+                        feats = shard.feats[first:last + 1]
+                    else:
+                        feats = shard.feats.index_select(0, torch.tensor(rows))
+                    feats = feats.to(device).float()
                     emit(kind, feats, shard.grid, [(p, shard.sizes[row]) for p, row in chunk])
                     finished = sum(1 for p, _ in chunk if not todo[p])
                     stats["cached_images"] += finished

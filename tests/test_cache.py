@@ -192,3 +192,25 @@ def test_index_entries_later_win_and_changed_images_miss(tmp_path) -> None:
     assert torch.equal(shard.feats[0], first[1] + 0.5)
     assert again.lookup("a", 101) is None and again.lookup("a", 100) is not None
     assert again.lookup("missing") is None
+
+
+def test_cached_resume_with_gaps_reads_the_right_rows(tmp_path, count_backbones) -> None:
+    """A resumed cached run needs every other row of a shard (a copy, not a slice): each
+    image must still get its own features."""
+    cache = tmp_path / "cache"
+    assert main(cli(tmp_path, "plain", "--k-patches", "7")) == 0
+    (plain,) = runs_of(tmp_path / "plain").values()
+    assert main(cli(tmp_path, "cached", "--cache-features", str(cache), "--batch-size", "8")) == 0
+    assert main(cli(tmp_path, "cached", "--cache-features", str(cache), "--k-patches", "7",
+                    "--batch-size", "8")) == 0
+    run_dir = runs_of(tmp_path / "cached")[plain.name]
+    full = predictions(run_dir)
+    assert full == predictions(plain)
+    lines = full.splitlines(keepends=True)
+    (run_dir / "predictions.jsonl").write_bytes(b"".join(lines[::2]))  # odd rows lost
+    (run_dir / "metrics.json").unlink()
+    count_backbones.clear()
+    assert main(cli(tmp_path, "cached", "--cache-features", str(cache), "--k-patches", "7",
+                    "--batch-size", "8")) == 0
+    assert count_backbones == [] and metrics(run_dir)["seconds"]["cached_images"] == LIMIT // 2
+    assert predictions(run_dir) == full
