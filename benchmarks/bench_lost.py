@@ -47,13 +47,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features import padded_size  # noqa: E402
-from lostreg.methods.lost import (  # noqa: E402
-    LostOutput,
-    _component_boxes,
-    _seed_component_scipy,
-    lost,
-    lost_reference,
-)
+from lostreg.methods.lost import LostOutput, lost, lost_reference, seed_boxes  # noqa: E402
 
 Prediction = tuple[tuple[int, int, int, int], int]  # (box, seed)
 
@@ -259,14 +253,8 @@ def lost_bf16_filter(feats: torch.Tensor, grid: tuple[int, int], patch_size: int
     is_similar = torch.gather(exact[index, ranked[:, 0]], 1, potentials) > 0
     chosen = torch.gather(exact, 1, ranked.unsqueeze(-1).expand(-1, -1, n))
     summed = torch.bmm(is_similar.unsqueeze(1).double(), chosen.double()).squeeze(1)
-    rows, cols = grid
-    seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
-    grid_box = _component_boxes(_seed_component_scipy((summed > 0).view(batch, rows, cols),
-                                                      seed_rc), seed_rc)
     sizes = torch.as_tensor(list(image_size), dtype=torch.long)
-    boxes = torch.stack([grid_box[:, 1] * patch_size, grid_box[:, 0] * patch_size,
-                         torch.minimum((grid_box[:, 3] + 1) * patch_size, sizes[:, 1]),
-                         torch.minimum((grid_box[:, 2] + 1) * patch_size, sizes[:, 0])], dim=1)
+    boxes = seed_boxes((summed > 0).view(batch, *grid), seed, patch_size, sizes)
     degrees = torch.full((batch, n), -1, dtype=torch.long)
     degrees.scatter_(1, rows_idx, torch.where(valid, degree, -1).long())
     return LostOutput(boxes, seed, degrees)

@@ -149,6 +149,28 @@ def _seed_component_scipy(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Te
     return (labels == seed_label.view(-1, 1, 1)) & (seed_label > 0).view(-1, 1, 1)
 
 
+def seed_boxes(mask: torch.Tensor, seed: torch.Tensor, patch_size: int,
+               sizes: torch.Tensor) -> torch.Tensor:
+    """LOST's boxes ``(B, 4)`` in pixels: the 4-connected component of ``mask`` (B, R, C)
+    holding each seed (flat patch index), clipped to the unpadded ``sizes`` (B, 2) = (H, W)."""
+    cols = mask.shape[2]
+    seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
+    if mask.device.type == "cpu":
+        component = _seed_component_scipy(mask, seed_rc)
+    else:
+        component = seed_component(mask, seed_rc)
+    grid_box = _component_boxes(component, seed_rc)
+    return torch.stack(
+        [
+            grid_box[:, 1] * patch_size,
+            grid_box[:, 0] * patch_size,
+            torch.minimum((grid_box[:, 3] + 1) * patch_size, sizes[:, 1]),
+            torch.minimum((grid_box[:, 2] + 1) * patch_size, sizes[:, 0]),
+        ],
+        dim=1,
+    )
+
+
 def lost(
     feats: torch.Tensor,
     grid: tuple[int, int],
@@ -181,21 +203,7 @@ def lost(
     seed = torch.cat([p[1] for p in parts])
     mask = (torch.cat([p[2] for p in parts]) > 0).view(batch, rows, cols)
 
-    seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
-    if device.type == "cpu":
-        component = _seed_component_scipy(mask, seed_rc)
-    else:
-        component = seed_component(mask, seed_rc)
-    grid_box = _component_boxes(component, seed_rc)
-    boxes = torch.stack(
-        [
-            grid_box[:, 1] * patch_size,
-            grid_box[:, 0] * patch_size,
-            torch.minimum((grid_box[:, 3] + 1) * patch_size, sizes[:, 1]),
-            torch.minimum((grid_box[:, 2] + 1) * patch_size, sizes[:, 0]),
-        ],
-        dim=1,
-    )
+    boxes = seed_boxes(mask, seed, patch_size, sizes)
     if unbatched:
         return LostOutput([int(v) for v in boxes[0].tolist()], int(seed[0]), degrees[0])
     return LostOutput(boxes, seed, degrees)
