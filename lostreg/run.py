@@ -641,6 +641,14 @@ def _summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex,
         summary += f" k={run.config.k_patches}"
     if float(run.config.gram_bias) != 0.0:
         summary += f" gram_bias={float(run.config.gram_bias):g}"
+    if index.no_hard:
+        summary += " no_hard"
+    if run.config.precision != "fp32":
+        summary += f" {run.config.precision}"
+    if run.config.limit:
+        summary += f" limit={run.config.limit}"
+    if "feature_cache" in run.identity:  # rounded cached features: not the exact result
+        summary += f" cache={run.identity['feature_cache']}"
     if smoke:
         summary += f"  [{SMOKE_NOTE}]"
     return summary

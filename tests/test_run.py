@@ -262,3 +262,10 @@ def test_decoding_workers_default_to_none_on_the_cpu() -> None:
     assert decode_workers(torch.device("cpu")) == 0  # the forward already uses every core
     assert 1 <= decode_workers(torch.device("cuda")) <= 8
     assert workers_count("auto") is None and workers_count("3") == 3
+
+
+def test_summary_line_names_every_setting_that_changes_the_result(tmp_path, capsys) -> None:
+    assert main(cli(tmp_path, "--limit", "3", "--precision", "bf16", "--no-hard",
+                    "--k-patches", "7")) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert " k=7" in line and " no_hard" in line and " bf16" in line and " limit=3" in line
