@@ -318,9 +318,11 @@ def resolve_hub_file(timm_name: str) -> tuple[Path, str]:
             if exc.__class__.__name__ not in ("EntryNotFoundError", "RemoteEntryNotFoundError"):
                 break
     first_line = str(last_error).splitlines()[0] if last_error else ""
+    if len(first_line) > 200:  # hub messages run long: cut at a word
+        first_line = first_line[:200].rsplit(" ", 1)[0] + " ..."
     raise LostregError(
         f"cannot get weights for {timm_name} from the Hugging Face hub ({hub_id}: "
-        f"{last_error.__class__.__name__}: {first_line[:160]}); offline? download the file "
+        f"{last_error.__class__.__name__}: {first_line}); offline? download the file "
         "elsewhere and pass --weights PATH"
     )
 

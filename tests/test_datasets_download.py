@@ -282,3 +282,19 @@ def test_prepare_voc_end_to_end(
     assert sorted(p.name for p in root.iterdir()) == ["VOC2007", "downloads"]  # no temp left
     assert prepare_voc(root, 2007, progress=False) == folder  # present: nothing fetched
     assert len(httpd.ranges) == 1
+
+
+def test_a_failed_automatic_download_says_where_the_data_was_looked_for(tmp_path, monkeypatch) -> None:
+    """Offline, a missing dataset must not surface as a bare network error."""
+    import dataclasses
+
+    from lostreg import datasets
+
+    def offline(root: Path) -> None:
+        raise LostregError("http://example/VOC.tar: download failed (Name or service not known)")
+
+    spec = dataclasses.replace(datasets.DATASETS["voc07"], download=offline)
+    monkeypatch.setitem(datasets.DATASETS, "voc07", spec)
+    with pytest.raises(LostregError, match=r"\(voc07\) is not under .*nowhere .*downloading it "
+                                           r"failed: http://example/VOC.tar: download failed"):
+        datasets.load_dataset("voc07", tmp_path / "nowhere")

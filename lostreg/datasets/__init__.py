@@ -155,7 +155,14 @@ def load_dataset(
                 f"`python -m lostreg.datasets download {name} --data-root {root}` "
                 f"{download_hint}"
             )
-        spec.download(root)
+        try:
+            spec.download(root)
+        except LostregError as exc:
+            raise LostregError(
+                f"{spec.title} ({name}) is not under {root} (expected {spec.layout}) and "
+                f"downloading it failed: {exc}; offline? put the data there, or pass "
+                "--data-root to where it is"
+            ) from None
         if not spec.is_present(root):
             raise LostregError(
                 f"{root}: {spec.title} ({name}) still incomplete after download, "
