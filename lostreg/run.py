@@ -633,6 +633,14 @@ class _Run:
     finished: bool = False  # complete before this command: its files are left as they are
 
 
+def _remove_unused(run_dirs: Sequence[Path]) -> None:
+    """Delete run folders this command created that still hold nothing but ``config.json``."""
+    for run_dir in run_dirs:
+        if {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+            (run_dir / "config.json").unlink(missing_ok=True)
+            run_dir.rmdir()
+
+
 def _summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, spec_name: str,
                   run: _Run, smoke: bool) -> str:
     summary = (f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} "
@@ -682,6 +690,7 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
     extra = {"world_size": ctx.world_size,
              "feature_cache": None if storage is None else {
                  "dir": str(base.cache_features), "dtype": storage, "lossless": lossless}}
+    new_dirs = [run.run_dir for run in runs if not run.run_dir.exists()]
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         done = distributed.done_ids(run.run_dir)
@@ -785,7 +794,12 @@ def _run_pass(configs: list[RunConfig], lazy: _LazyBackbone, index: DatasetIndex
         # 2. everything else through the backbone (and into the cache)
         compute = [p for p in mine if todo[p]]
         if compute:
-            backbone = lazy.get()
+            try:
+                backbone = lazy.get()
+            except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
+                if not ctx.enabled:
+                    _remove_unused(new_dirs)
+                raise
             autocast = PRECISIONS[base.precision]
             for loaded in iterate_batches([records[p] for p in compute], backbone,
                                           base.batch_size, base.num_workers, device):

@@ -84,6 +84,8 @@ def test_bad_weights_name_the_file_and_the_problem(tmp_path, capsys, make, needl
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert "\x1b" not in err[0] and "executed!" not in err[0]
+    runs = tmp_path / "runs"  # no run folder left behind holding only a config.json
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
 
 
 def test_datasets_info_on_missing_data_names_its_own_flag(tmp_path, capsys) -> None:
