@@ -183,10 +183,8 @@ def shutdown() -> None:
 
     Ranks first wait for each other (at most ``SHUTDOWN_WAIT``, so a rank that died does not
     hold the others), so no rank tears its group down while another is still in the last
-    collective. Without this wait, a rank sometimes died at exit after a complete run
-    (SIGABRT, "terminate called without an active exception"; 4 of ~37 two-rank test runs on
-    a loaded 2-core machine) and torchrun reported the run as failed; with it, 1 of 94. The
-    remaining cause is not found.
+    collective. (A rare SIGABRT at exit after complete two-rank runs, "terminate called
+    without an active exception", was seen with and without this wait; its cause is open.)
     """
     global _CONTEXT
     if _CONTEXT is not None and _CONTEXT.owns_group and dist.is_initialized():
