@@ -18,7 +18,7 @@ from pathlib import Path
 from lostreg.backbones import list_backbones
 from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.datasets import DATASETS, default_data_root
-from lostreg.errors import LostregError, os_error_message
+from lostreg.errors import LostregError, error_line
 
 
 def _add_norms(sub: argparse._SubParsersAction) -> None:
@@ -170,11 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {"norms": _norms, "attribution": _attribution, "show": _show}[args.command]
     try:
         return handler(args)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+    except (LostregError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,3 +14,9 @@ def os_error_message(exc: OSError) -> str:
     if exc.filename is None:
         return what
     return f"{exc.filename}: {what}"
+
+
+def error_line(exc: LostregError | OSError) -> str:
+    """The one line every command prints for a user-facing error (exit status 2)."""
+    text = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+    return "error: " + text.replace("\r", " ").replace("\n", " ")

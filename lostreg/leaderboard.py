@@ -36,7 +36,7 @@ import pandas as pd
 
 from lostreg import stats
 from lostreg.cli import HelpFormatter
-from lostreg.errors import LostregError, os_error_message
+from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_bytes, atomic_write_text, read_json_object, read_jsonl
 
 PAPER_DATASETS = ("voc07", "voc12", "coco20k")
@@ -783,11 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         board = collect(args.runs, args.include_smoke, args.published)
         write_outputs(board, args.out)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+    except (LostregError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
         return 2
     pairs = board.comparison["model_reg"].notna() & board.comparison["run_id"].notna()
     smoke = int(board.table["smoke"].astype(bool).sum()) if len(board.table) else 0

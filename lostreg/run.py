@@ -70,7 +70,7 @@ from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
 from lostreg.distributed import CollectiveError, DistContext
-from lostreg.errors import LostregError, os_error_message
+from lostreg.errors import LostregError, error_line
 from lostreg.features import extract_feature_kinds, padded_size, preprocess
 from lostreg.io import JsonlAppender, atomic_write_json, read_jsonl
 from lostreg.methods.lost import lost
@@ -1049,12 +1049,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  gram_biases=biases, pairs=pairs, on_result=report)
         if args.suite is not None and distributed.current().is_main:
             print(_rebuild_leaderboard(Path(args.output)))
-    except LostregError as exc:
+    except (LostregError, OSError) as exc:
         if distributed.current().is_main or not isinstance(exc, CollectiveError):
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+            print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; rerun the same command to resume",

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from lostreg.cli import HelpFormatter, add_compute_options
-from lostreg.errors import LostregError, os_error_message
+from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
 from lostreg.metrics import best_iou, box_iou, corloc, is_hit
 
@@ -470,11 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model = BENCHMARKS[args.benchmark].model
     try:
         report, text = verify(args)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+    except (LostregError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run's predictions are kept; rerun to resume", file=sys.stderr)

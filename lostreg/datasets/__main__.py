@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
-from lostreg.errors import LostregError, os_error_message
+from lostreg.errors import LostregError, error_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,12 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             _download(args.name, root, args.keep_archives, not args.no_progress)
         else:
             _info(args.name, root, args.no_hard, args.download)
-    except LostregError as exc:
-        message = str(exc).replace("\r", " ").replace("\n", " ")
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+    except (LostregError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
