@@ -16,6 +16,7 @@ Multi-node runs need the output folder (and the feature cache) on a shared files
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -183,8 +184,7 @@ def shutdown() -> None:
 
     Ranks first wait for each other (at most ``SHUTDOWN_WAIT``, so a rank that died does not
     hold the others), so no rank tears its group down while another is still in the last
-    collective. (A rare SIGABRT at exit after complete two-rank runs, "terminate called
-    without an active exception", was seen with and without this wait; its cause is open.)
+    collective. A torchrun worker then ends through ``leave``.
     """
     global _CONTEXT
     if _CONTEXT is not None and _CONTEXT.owns_group and dist.is_initialized():
@@ -207,6 +207,24 @@ def rank_gpu(local_rank: int) -> int:
         return 0
     raise LostregError(f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA "
                        "device(s): start at most one process per GPU")
+
+
+def leave(code: int) -> int:
+    """End a torchrun worker with ``code`` right after ``shutdown``, without interpreter teardown.
+
+    A core dump of a rank that died with SIGABRT ("terminate called without an active
+    exception") after a complete run showed the main thread in ``Py_FinalizeEx`` while a
+    gloo worker thread, still alive because ``destroy_process_group`` had not freed the group,
+    was destroying the last broadcast's work and needed the GIL, which a finalizing
+    interpreter refuses by ending the thread (pytorch/pytorch#179291 describes the same
+    mechanism). Every file is closed and durable by then, so nothing is lost by skipping the
+    teardown. A single process (no torchrun) returns ``code`` as usual.
+    """
+    if env_world_size() <= 1:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def local_device(device: torch.device, ctx: DistContext) -> torch.device:

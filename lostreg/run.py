@@ -1025,7 +1025,7 @@ def _rebuild_leaderboard(output: Path) -> str:
     return f"leaderboard rebuilt in {out_dir}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         models = _split(args.model, "--model", str)
@@ -1060,6 +1060,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lostreg.run``: see ``build_parser``; exit status 0, 2 (bad input) or 130."""
+    return distributed.leave(_main(argv))
 
 
 if __name__ == "__main__":

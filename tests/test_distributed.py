@@ -114,3 +114,16 @@ def test_each_rank_finds_its_gpu_however_the_launcher_shows_them(monkeypatch) ->
     with pytest.raises(LostregError, match="LOCAL_RANK=3 but this process sees 2 CUDA"):
         distributed.local_device(torch.device("cuda"), ctx)
     assert distributed.local_device(torch.device("cpu"), ctx) == torch.device("cpu")
+
+
+def test_a_torchrun_worker_leaves_without_interpreter_teardown(monkeypatch, capsys) -> None:
+    """Under torchrun the worker ends with os._exit after flushing (a live gloo thread once
+    aborted the teardown); a plain process just returns its exit status."""
+    exits: list[int] = []
+    monkeypatch.setattr(distributed.os, "_exit", exits.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.leave(3) == 3 and exits == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    print("last line", end="")
+    distributed.leave(2)
+    assert exits == [2] and capsys.readouterr().out == "last line"
