@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_run_options,
     facts_rows,
     machine_facts,
     resolve_device,
@@ -42,7 +43,6 @@ from benchmarks.common import (  # noqa: E402
     workers_label,
     write_voc_tree,
 )
-from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
@@ -121,11 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=48, help="generated images")
     parser.add_argument("--size-scale", type=float, default=1.0,
                         help="scale of the VOC-like sizes (1.0 = 500 px long side)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_run_options(parser)
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    parser.add_argument("--num-workers", type=workers_count, default=None,
-                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
     parser.add_argument("--rerun-k-patches", type=int, default=50)
     parser.add_argument("--rerun-gram-bias", type=float, default=0.1)
     parser.add_argument("--no-check", action="store_true",

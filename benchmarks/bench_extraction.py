@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_run_options,
     facts_rows,
     machine_facts,
     median,
@@ -44,7 +45,6 @@ from benchmarks.common import (  # noqa: E402
     write_voc_tree,
 )
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
-from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex, load_rgb  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features import extract_features, preprocess  # noqa: E402
@@ -175,11 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=int, default=64, help="generated images")
     parser.add_argument("--size-scale", type=float, default=0.5,
                         help="scale of the VOC-like sizes (1.0 = 500 px long side)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_run_options(parser)
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    parser.add_argument("--num-workers", type=workers_count, default=None,
-                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating timing rounds")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the untimed check that the run's boxes equal lost on the "

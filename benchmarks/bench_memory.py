@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_run_options,
     facts_rows,
     machine_facts,
     resolve_device,
@@ -37,7 +38,6 @@ from benchmarks.common import (  # noqa: E402
     workers_label,
     write_voc_tree,
 )
-from lostreg.cli import workers_count  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,10 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size-scale", type=float, default=0.128,
                         help="scale of the VOC-like sizes (0.128: 500x375 -> 64x48)")
     parser.add_argument("--model", default="dinov2_vits14")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=workers_count, default=None,
-                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
+    add_run_options(parser, device="cpu")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where data and runs go (default: a temp folder, removed)")
     parser.add_argument("--seed", type=int, default=0)

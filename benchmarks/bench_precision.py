@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_run_options,
     facts_rows,
     machine_facts,
     resolve_device,
@@ -37,7 +38,6 @@ from benchmarks.common import (  # noqa: E402
     write_voc_tree,
 )
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
-from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
@@ -98,10 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scale of the VOC-like sizes (1.0 = 500 px long side)")
     parser.add_argument("--precisions", default="fp32,bf16,fp16",
                         help="comma-separated; fp32 is always run first")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=workers_count, default=None,
-                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
+    add_run_options(parser)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where data and runs go (default: a temp folder, removed)")
     parser.add_argument("--seed", type=int, default=0)

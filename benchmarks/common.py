@@ -7,6 +7,7 @@ generated VOC-format tree is read back with lostreg's own VOC adapter, like a re
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import platform
@@ -20,11 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lostreg.cli import workers_count
 from lostreg.datasets.base import DatasetIndex
 from lostreg.datasets.voc import load_voc_folder, voc_annotation_xml
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lostreg.run import resolve_device  # noqa: F401 - re-exported for the scripts
+from lostreg.run import (
+    decode_workers,
+    resolve_device,  # noqa: F401 - re-exported for the scripts
+)
 
 # (width, height) of common VOC07 image shapes with rough relative weights: most VOC images
 # are 500x375 or 375x500, the rest spread over other 500-px-long-side shapes. The weights are
@@ -180,10 +185,17 @@ def save_json(path: str | Path | None, payload: dict[str, Any]) -> None:
         atomic_write_json(path, payload)
 
 
+def add_run_options(parser: argparse.ArgumentParser, device: str = "auto") -> None:
+    """``--device --batch-size --num-workers`` of the scripts that call ``lostreg.run``
+    (the run's own defaults: 16 images per batch, ``auto`` workers)."""
+    parser.add_argument("--device", default=device, help="auto, cpu or cuda[:N]")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=workers_count, default=None,
+                        help="DataLoader workers of the run (default: auto, as lostreg.run)")
+
+
 def workers_label(num_workers: int | None, device: torch.device | str) -> str:
     """How many decoding workers a run used: the number given, or ``auto (N)``."""
-    from lostreg.run import decode_workers
-
     if num_workers is not None:
         return str(num_workers)
     return f"auto ({decode_workers(torch.device(device))})"
