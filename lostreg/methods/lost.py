@@ -23,6 +23,7 @@ compare it with.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -30,6 +31,8 @@ import numpy as np
 import scipy.ndimage
 import torch
 import torch.nn.functional as F
+
+from lostreg.methods import MethodOutput, MethodSpec, Param, register_method
 
 ImageSize = tuple[int, int]
 
@@ -39,7 +42,7 @@ class LostOutput(NamedTuple):
 
     Unbatched input gives ``box: list[int]``, ``seed: int``, ``degrees: Tensor (N,)``;
     batched input gives ``box: LongTensor (B, 4)``, ``seed: LongTensor (B,)``,
-    ``degrees: Tensor (B, N)``.
+    ``degrees: Tensor (B, N)``. (The boxed patches come with ``lost_with_mask``.)
     """
 
     box: list[int] | torch.Tensor
@@ -149,17 +152,11 @@ def _seed_component_scipy(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Te
     return (labels == seed_label.view(-1, 1, 1)) & (seed_label > 0).view(-1, 1, 1)
 
 
-def seed_boxes(mask: torch.Tensor, seed: torch.Tensor, patch_size: int,
-               sizes: torch.Tensor) -> torch.Tensor:
-    """LOST's boxes ``(B, 4)`` in pixels: the 4-connected component of ``mask`` (B, R, C)
-    holding each seed (flat patch index), clipped to the unpadded ``sizes`` (B, 2) = (H, W)."""
-    cols = mask.shape[2]
-    seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
-    if mask.device.type == "cpu":
-        component = _seed_component_scipy(mask, seed_rc)
-    else:
-        component = seed_component(mask, seed_rc)
-    grid_box = _component_boxes(component, seed_rc)
+def grid_boxes_to_pixels(grid_box: torch.Tensor, patch_size: int,
+                         sizes: torch.Tensor) -> torch.Tensor:
+    """Patch-grid boxes ``(row_min, col_min, row_max, col_max)`` (B, 4) as pixel boxes
+    ``[col_min*p, row_min*p, (col_max+1)*p, (row_max+1)*p]`` clipped to the unpadded ``sizes``
+    (B, 2) = (H, W): LOST's box convention, which every method here shares."""
     return torch.stack(
         [
             grid_box[:, 1] * patch_size,
@@ -169,6 +166,32 @@ def seed_boxes(mask: torch.Tensor, seed: torch.Tensor, patch_size: int,
         ],
         dim=1,
     )
+
+
+def seed_components(mask: torch.Tensor, seed: torch.Tensor, patch_size: int,
+                    sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes ``(B, 4)`` in pixels and the boxed patches ``(B, R, C)``: the 4-connected
+    component of ``mask`` (B, R, C) holding each seed (flat patch index), or the seed's own
+    patch when the seed is outside the mask; boxes clipped to the unpadded ``sizes``."""
+    cols = mask.shape[2]
+    seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
+    if mask.device.type == "cpu":
+        component = _seed_component_scipy(mask, seed_rc)
+    else:
+        component = seed_component(mask, seed_rc)
+    grid_box = _component_boxes(component, seed_rc)
+    # an empty component becomes the seed's own patch (no host sync: a masked one-hot)
+    empty = ~component.flatten(1).any(dim=1)
+    seed_patch = torch.zeros_like(component).flatten(1)
+    seed_patch[torch.arange(mask.shape[0], device=mask.device), seed] = True
+    component = component | (seed_patch.view_as(component) & empty.view(-1, 1, 1))
+    return grid_boxes_to_pixels(grid_box, patch_size, sizes), component
+
+
+def seed_boxes(mask: torch.Tensor, seed: torch.Tensor, patch_size: int,
+               sizes: torch.Tensor) -> torch.Tensor:
+    """LOST's boxes ``(B, 4)`` in pixels (see ``seed_components``)."""
+    return seed_components(mask, seed, patch_size, sizes)[0]
 
 
 def lost(
@@ -184,6 +207,19 @@ def lost(
     ``grid = (rows, cols)`` of the padded image, ``image_size = (H, W)`` of the unpadded
     image (or one per batch item). See the module docstring for the exact semantics.
     """
+    return lost_with_mask(feats, grid, patch_size, image_size, k_patches, gram_bias)[0]
+
+
+def lost_with_mask(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    image_size: ImageSize | Sequence[ImageSize] | torch.Tensor,
+    k_patches: int = 100,
+    gram_bias: float = 0.0,
+) -> tuple[LostOutput, torch.Tensor]:
+    """``lost`` plus the boxed patches: the seed's component, or the seed's own patch when the
+    seed is outside the mask (``(rows, cols)`` or ``(B, rows, cols)`` bool)."""
     unbatched = feats.ndim == 2
     if unbatched:
         feats = feats.unsqueeze(0)
@@ -203,10 +239,11 @@ def lost(
     seed = torch.cat([p[1] for p in parts])
     mask = (torch.cat([p[2] for p in parts]) > 0).view(batch, rows, cols)
 
-    boxes = seed_boxes(mask, seed, patch_size, sizes)
+    boxes, component = seed_components(mask, seed, patch_size, sizes)
     if unbatched:
-        return LostOutput([int(v) for v in boxes[0].tolist()], int(seed[0]), degrees[0])
-    return LostOutput(boxes, seed, degrees)
+        return (LostOutput([int(v) for v in boxes[0].tolist()], int(seed[0]), degrees[0]),
+                component[0])
+    return LostOutput(boxes, seed, degrees), component
 
 
 def lost_reference(
@@ -221,6 +258,18 @@ def lost_reference(
 
     Kept as the yardstick for ``lost``: tests and ``benchmarks/`` compare the two.
     """
+    return lost_reference_with_mask(feats, grid, patch_size, image_size, k_patches, gram_bias)[0]
+
+
+def lost_reference_with_mask(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    image_size: ImageSize,
+    k_patches: int = 100,
+    gram_bias: float = 0.0,
+) -> tuple[LostOutput, torch.Tensor]:
+    """``lost_reference`` plus the boxed patches ``(rows, cols)`` bool."""
     feats = feats.float() if feats.dtype not in (torch.float32, torch.float64) else feats
     similarity = feats @ feats.T + gram_bias
     scoring = similarity.clone()
@@ -238,8 +287,11 @@ def lost_reference(
     if label == 0:
         r_min = r_max = seed_r
         c_min = c_max = seed_c
+        component = np.zeros((rows, cols), dtype=bool)
+        component[seed_r, seed_c] = True
     else:
-        where = np.nonzero(labels == label)
+        component = labels == label
+        where = np.nonzero(component)
         r_min, r_max = int(where[0].min()), int(where[0].max())
         c_min, c_max = int(where[1].min()), int(where[1].max())
     height, width = image_size
@@ -249,4 +301,44 @@ def lost_reference(
         min((c_max + 1) * patch_size, width),
         min((r_max + 1) * patch_size, height),
     ]
-    return LostOutput(box, seed, degrees)
+    return LostOutput(box, seed, degrees), torch.from_numpy(component)
+
+
+# --- registry entry ------------------------------------------------------------------------
+
+
+def _run(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: torch.Tensor,
+         params: dict) -> MethodOutput:
+    out, mask = lost_with_mask(feats, grid, patch_size, sizes, params["k_patches"],
+                               params["gram_bias"])
+    return MethodOutput(out.box, out.seed, mask)
+
+
+def _reference(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, size: ImageSize,
+               params: dict) -> MethodOutput:
+    out, mask = lost_reference_with_mask(feats, grid, patch_size, size, params["k_patches"],
+                                         params["gram_bias"])
+    return MethodOutput(torch.tensor(out.box), torch.tensor(out.seed), mask)
+
+
+def _check(params: dict) -> str | None:
+    if params["k_patches"] < 1:
+        return f"--k-patches {params['k_patches']}: must be at least 1"
+    if not math.isfinite(params["gram_bias"]):
+        return f"--gram-bias {params['gram_bias']}: must be a finite number"
+    return None
+
+
+register_method(MethodSpec(
+    "lost", _run, _reference,
+    params=(
+        Param("k_patches", int, 100, "LOST's k (seed expansion); a comma list sweeps it",
+              on_config=True),
+        Param("gram_bias", float, 0.0, "added to F F^T; a comma list sweeps it in one pass "
+              "(write --gram-bias=-0.1,0 when the list starts with a minus)", on_config=True),
+    ),
+    legacy_identity=True,
+    title="LOST",
+    description="Siméoni et al., BMVC 2021: the lowest-degree patch seeds a box",
+    check=_check,
+))
