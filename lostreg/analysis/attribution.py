@@ -27,7 +27,7 @@ from lostreg.analysis.runs import RunInfo, load_run, rebuild_backbone, run_recor
 from lostreg.analysis.store import TokenMaps
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, atomic_write_text
-from lostreg.run import resolve_device
+from lostreg.pipeline import resolve_device
 
 IMAGE_COLUMNS = ("image_id", "hit", "best_iou", "seed_row", "seed_col", "seed_norm", "n_tokens",
                  "n_outliers", "outlier_share", "has_outliers", "seed_is_outlier",

@@ -24,18 +24,13 @@ from lostreg.analysis.norms import nan_mean, neighbour_similarity, patch_token_n
 from lostreg.analysis.store import TokenMaps
 from lostreg.analysis.tokens import block_outputs, resolve_layers
 from lostreg.backbones import Backbone, create_backbone, get_backbone_spec
+from lostreg.config import SMOKE_NOTE
 from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, read_json_object
-from lostreg.run import (
-    SMOKE_NOTE,
-    iterate_batches,
-    provenance,
-    resolve_device,
-    set_numerics,
-    use_device,
-)
+from lostreg.pipeline import iterate_batches, resolve_device, set_numerics, use_device
+from lostreg.rundir import provenance
 
 NORM_DEFINITION = (
     "L2 norm over channels of each patch token at the output of block <layer> (the residual "

@@ -26,12 +26,13 @@ from lostreg.analysis.norms import outlier_mask, patch_token_norms
 from lostreg.analysis.runs import RunInfo, load_run, rebuild_backbone, run_records
 from lostreg.analysis.tokens import attention_from_qkv, last_block_readout
 from lostreg.backbones import Backbone
+from lostreg.config import PRECISIONS
 from lostreg.datasets.base import load_rgb
 from lostreg.errors import LostregError
 from lostreg.features import preprocess, select_feature
 from lostreg.io import atomic_write_text
 from lostreg.methods.lost import lost
-from lostreg.run import PRECISIONS, resolve_device, set_numerics
+from lostreg.pipeline import resolve_device, set_numerics
 
 DEFAULT_MAX_IMAGES = 12
 
