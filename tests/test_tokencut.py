@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -18,6 +17,7 @@ from lostreg.methods.tokencut import (
     bipartition,
     fiedler_vectors,
     reference_eigenpair,
+    reference_robustness,
     tokencut,
     tokencut_reference,
     tokencut_weights,
@@ -130,7 +130,9 @@ def test_planted_object_is_the_cut_and_the_box_is_clipped(solver: str) -> None:
         out = tokencut(feats.unsqueeze(0), (5, 7), P, torch.tensor([[60, 90]]), solver=solver)
         box, seed, mask = out.box[0], int(out.seed[0]), out.mask[0]
     assert box.tolist() == [4 * P, 2 * P, 90, 60]  # (6+1)*14 = 98 -> 90, (4+1)*14 = 70 -> 60
-    assert divmod(seed, 7) in cells
+    # the object's |v| are tied: the reference picks among them by rounding, the batched
+    # path takes the lowest index (SEED_TIE)
+    assert divmod(seed, 7) in cells and (solver == "reference" or seed == 2 * 7 + 4)
     expected = torch.zeros(5, 7, dtype=torch.bool)
     expected[2:5, 4:7] = True
     assert torch.equal(mask, expected)
@@ -150,7 +152,9 @@ def test_cut_side_is_the_seed_side_and_its_component_is_4_connected(solver: str)
     else:
         out = tokencut(feats.unsqueeze(0), (4, 6), P, torch.tensor([[56, 84]]), solver=solver)
         box, mask = out.box[0], out.mask[0]
+    # the batched path's seed is the lowest tied index, (0, 0): the first blob
     seed_blob = first if mask[0, 0] else second
+    assert solver == "reference" or seed_blob == first
     assert int(mask.sum()) == len(seed_blob)
     rows = [r for r, _ in seed_blob]
     cols = [c for _, c in seed_blob]
@@ -180,6 +184,34 @@ def test_bipartition_is_independent_of_the_eigenvector_sign(values: list[int]) -
         assert torch.equal(part, vector > vector.mean())
 
 
+def test_seed_ties_go_to_the_lowest_index_whatever_the_rounding() -> None:
+    # |v| tied to 1e-12 at patches 1 and 3 (opposite signs: opposite sides of the mean):
+    # the seed is patch 1 for either rounding and either sign, and so is the cut
+    for wobble in (1e-12, -1e-12):
+        vector = torch.tensor([[0.1, -0.5, 0.2, 0.5 * (1 + wobble), 0.05, -0.3]],
+                              dtype=torch.float64)
+        for sign in (1, -1):
+            seed, part = bipartition(sign * vector)
+            assert int(seed) == 1
+            assert part.tolist() == [[False, True, False, False, False, True]]
+    # beyond the tie tolerance the larger one wins
+    seed, _ = bipartition(torch.tensor([[0.1, -0.5, 0.2, 0.5 * (1 + 1e-6)]], dtype=torch.float64))
+    assert int(seed) == 3
+
+
+def test_solvers_agree_on_tied_seeds_in_different_components() -> None:
+    # patches similar to nothing but themselves all have the same v: whichever solver runs,
+    # the seed is the first of them and the box its own patch
+    generator = torch.Generator().manual_seed(6)
+    feats = torch.randn(3, 30, 64, generator=generator)  # near-orthogonal: no edge > 0.2
+    feats[:, :12] = feats[:, :1] + 0.05 * torch.randn(3, 12, 64, generator=generator)
+    sizes = torch.tensor([[70, 84]] * 3)
+    dense = tokencut(feats, (5, 6), P, sizes, solver="dense")
+    squared = tokencut(feats, (5, 6), P, sizes, solver="squaring")
+    assert torch.equal(dense.seed, squared.seed) and torch.equal(dense.box, squared.box)
+    assert torch.equal(dense.mask, squared.mask)
+
+
 def test_reference_is_unchanged_when_lapack_returns_the_other_sign(monkeypatch) -> None:
     feats = noisy_object((6, 8), 16, torch.Generator().manual_seed(5))
     plain = tokencut_reference(feats, (6, 8), P, (84, 112))
@@ -196,27 +228,6 @@ def test_reference_is_unchanged_when_lapack_returns_the_other_sign(monkeypatch) 
 
 
 # --- batched == reference on random robust cases ------------------------------------------------
-
-
-def robustness(feats: torch.Tensor, tau: float, eps: float, binary_graph: bool,
-               boxed: torch.Tensor) -> tuple[bool, bool]:
-    """Whether the reference's box and its seed are defined to well beyond solver accuracy.
-
-    Box: a clear gap ``lambda_2 < lambda_3``, no entry of ``v`` near its mean, and every patch
-    whose ``|v|`` is near the largest inside the reference's boxed component ``boxed`` (patches
-    with identical graph rows have equal ``v`` up to rounding, so which of them is the seed is
-    rounding noise, in the published code too). Seed: also a unique largest ``|v|``. The
-    non-binary graph is solved in float32 by the reference, hence its wider margin.
-    """
-    pair = reference_eigenpair(feats, tau, eps, binary_graph)
-    (lam2, lam3), vector = pair.eigenvalues, pair.vector.astype(np.float64)
-    margin = 1e-6 if binary_graph else 1e-3
-    centred = np.abs(vector - vector.mean())
-    magnitude = np.abs(vector)
-    near_top = magnitude >= magnitude.max() * (1 - margin)
-    box_ok = bool(lam3 - lam2 > 1e-3 * abs(lam3) and centred.min() > margin * centred.max()
-                  and boxed.flatten().numpy()[near_top].all())
-    return box_ok, box_ok and int(near_top.sum()) == 1
 
 
 GRIDS = [(3, 1), (2, 3), (4, 5), (5, 7), (7, 6), (6, 9)]
@@ -238,7 +249,8 @@ def test_batched_equals_reference_on_every_robust_random_case(solver: str, binar
             total += 1
             ref = tokencut_reference(feats[i], grid, P, tuple(sizes[i].tolist()), tau, eps,
                                      binary_graph)
-            box_ok, seed_ok = robustness(feats[i], tau, eps, binary_graph, ref.mask)
+            box_ok, seed_ok = reference_robustness(feats[i], ref.mask, tau, eps,
+                                                   binary_graph)
             if box_ok:
                 assert torch.equal(out.box[i], ref.box), (grid, i)
                 assert torch.equal(out.mask[i], ref.mask), (grid, i)
@@ -333,3 +345,14 @@ def test_entry_run_and_reference_match_the_functions() -> None:
     ref = spec.reference(feats[0], (5, 6), P, (70, 84), params)
     assert torch.equal(ref.box, tokencut_reference(feats[0], (5, 6), P, (70, 84), 0.25).box)
     assert out.box.dtype == torch.long and out.seed.dtype == torch.long
+
+
+def test_robustness_rejects_degenerate_spectra_and_tied_seeds() -> None:
+    identical = torch.ones(12, 4)  # lambda_2 = lambda_3: no defined eigenvector
+    assert reference_robustness(identical, torch.ones(3, 4, dtype=torch.bool)) == (False, False)
+    cells = [(1, 1), (1, 2), (2, 1)]
+    feats = two_groups((4, 5), cells)  # a clear cut, but the object's |v| are all tied
+    ref = tokencut_reference(feats, (4, 5), P, (56, 70))
+    assert reference_robustness(feats, ref.mask) == (True, False)
+    outside = ~ref.mask  # the tied candidates are not all in this component
+    assert reference_robustness(feats, outside) == (False, False)

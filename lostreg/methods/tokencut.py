@@ -11,8 +11,8 @@ Semantics, identical to the reference implementation (``object_discovery.py:ncut
   are made in float32, as the reference's numpy does;
 * ``D = diag(row sums of W)``; ``v`` = the eigenvector of the second-smallest eigenvalue of
   ``(D - W) v = lambda D v``, normalised ``v^T D v = 1``;
-* bipartition ``v > mean(v)``, seed ``argmax |v|`` (first on ties); if the seed is outside the
-  bipartition the bipartition is reversed (``v <= mean(v)``);
+* bipartition ``v > mean(v)``, seed ``argmax |v|``; if the seed is outside the bipartition the
+  bipartition is reversed (``v <= mean(v)``);
 * the box is the seed's 4-connected component, ``[col_min*p, row_min*p, (col_max+1)*p,
   (row_max+1)*p]`` clipped to the unpadded image, as LOST's.
 
@@ -24,6 +24,13 @@ reading: the partition is the patches strictly on the seed's side of the mean (t
 is never at the mean: ``|v_seed|`` is the largest entry, and ``v`` is not constant). Near-
 degenerate eigenvalues (``lambda_2 ~ lambda_3``) leave the eigenvector itself undefined; any
 solver's answer is then as good as another's, and tests skip such images.
+
+Ties for the seed: patches with identical rows of ``W`` (in a binary graph, e.g. patches similar
+to nothing but themselves) have equal ``v`` in exact arithmetic, and the published code's
+``np.argmax`` picks among them by rounding noise. ``tokencut`` treats entries within
+``SEED_TIE`` (1e-9, relative) of the largest ``|v|`` as tied and takes the lowest patch index, so
+its answer does not depend on the solver or device. The box differs from the reference's only
+when the tied patches lie in different components.
 
 Fewer than 3 patches (an image no larger than two patches): the reference raises
 (``subset_by_index=[1, 2]`` needs three eigenvalues). Here the box is the whole image: every
@@ -74,6 +81,13 @@ FIRST_CHECK = 4  # squarings before the first convergence check (none converges 
 RANK_ONE_TOL = 1e-12  # 1 - |T|_F^2 (trace 1): the weight of everything but u_2, twice over
 RESIDUAL_TOL = 1e-11  # |M u - rho u| of the unit vector found, |M| <= 1
 
+# Entries of |v| within this relative distance of the largest are a tie, which goes to the
+# lowest patch index. Patches with identical graph rows (e.g. several patches similar to
+# nothing but themselves) have equal v in exact arithmetic; a solver separates them only by
+# rounding (~1e-14), which is how the published code picks among them. The tie rule makes the
+# batched answer the same whatever the solver or device.
+SEED_TIE = 1e-9
+
 # Bytes of float64 graph matrices handled at once (each image holds ~5 N x N copies: the
 # similarity, W, M and the two squaring buffers). A GPU runs ~50 VOC images (N ~ 1000) per
 # chunk; a CPU solves one or two at a time (LAPACK works per matrix anyway).
@@ -107,6 +121,29 @@ def reference_eigenpair(feats: torch.Tensor, tau: float, eps: float,
     eigenvalues, eigenvectors = scipy.linalg.eigh(degree_matrix - weights, degree_matrix,
                                                   subset_by_index=[1, 2])
     return Eigenpair(eigenvalues, eigenvectors[:, 0])
+
+
+def reference_robustness(feats: torch.Tensor, boxed: torch.Tensor, tau: float = 0.2,
+                         eps: float = 1e-5, binary_graph: bool = True) -> tuple[bool, bool]:
+    """Whether the reference's box and its seed for ``(N, D)`` features (N >= 3) are defined
+    to well beyond any solver's accuracy, so that another exact solver must reproduce them.
+
+    Box: a clear gap (``lambda_3 - lambda_2 > 1e-3 lambda_3``), no entry of ``v`` within a
+    margin of its mean, and every patch whose ``|v|`` is within the margin of the largest
+    inside the reference's boxed component ``boxed`` (patches with identical graph rows have
+    equal ``v`` up to rounding, so which of them is the seed is rounding noise, in the
+    published code too). Seed: also a unique largest ``|v|``. The margin is ``1e-6`` relative,
+    ``1e-3`` for ``--no-binary-graph`` (solved in float32 by the reference).
+    """
+    pair = reference_eigenpair(feats, tau, eps, binary_graph)
+    (second, third), vector = pair.eigenvalues, pair.vector.astype(np.float64)
+    margin = 1e-6 if binary_graph else 1e-3
+    centred = np.abs(vector - vector.mean())
+    magnitude = np.abs(vector)
+    near_top = magnitude >= magnitude.max() * (1 - margin)
+    box_ok = bool(third - second > 1e-3 * abs(third) and centred.min() > margin * centred.max()
+                  and np.asarray(boxed).reshape(-1)[near_top].all())
+    return box_ok, box_ok and int(near_top.sum()) == 1
 
 
 def tokencut_reference(feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
@@ -235,10 +272,12 @@ def fiedler_vectors(weights: torch.Tensor, solver: str = "dense") -> torch.Tenso
 
 
 def bipartition(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeds ``argmax |v|`` (b,) and the patches strictly on the seed's side of ``mean(v)``
-    (b, N): the reference's flip rule, independent of the eigenvector's sign (module
-    docstring)."""
-    seed = vectors.abs().argmax(dim=1)
+    """Seeds ``argmax |v|`` (b,; ties within ``SEED_TIE``: the lowest index) and the patches
+    strictly on the seed's side of ``mean(v)`` (b, N): the reference's flip rule, independent
+    of the eigenvector's sign (module docstring)."""
+    magnitude = vectors.abs()
+    near_top = magnitude >= magnitude.amax(dim=1, keepdim=True) * (1 - SEED_TIE)
+    seed = near_top.to(torch.uint8).argmax(dim=1)  # the first of the tied largest
     centred = vectors - vectors.mean(dim=1, keepdim=True)
     seed_side = centred.gather(1, seed.unsqueeze(1))
     # a seed at the mean means a constant v (never an eigenvector): then every patch, as the
