@@ -15,6 +15,7 @@ ones (near-degenerate eigenvalues or an entry of ``v`` at its mean), which are c
 printed. The script exits 1 on any failure.
 
     python benchmarks/bench_methods.py                           # CPU, ~3 min on 2 cores
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_methods.py --threads 1   # stable CPU figures
     python benchmarks/bench_methods.py --device cuda --images 512 --batch-size 64
     python benchmarks/bench_methods.py --methods tokencut --solver squaring --profile
 """
@@ -22,6 +23,7 @@ printed. The script exits 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -299,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also print where TokenCut's and DINO-seg's time goes")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 gives stable CPU "
-                             "figures on a shared machine")
+                             "figures on a shared machine. scipy's BLAS (TokenCut's reference "
+                             "eigh) reads OPENBLAS_NUM_THREADS when it loads: set it too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     return parser
@@ -370,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"patch {args.patch_size}"),
         ("tokencut solver", solver or tokencut_module.default_solver(device)),
         ("rounds (interleaved) / torch threads", f"{args.rounds} / {torch.get_num_threads()}"),
+        ("scipy BLAS threads (OPENBLAS_NUM_THREADS)",
+         os.environ.get("OPENBLAS_NUM_THREADS", "unset: one per core")),
     ]
     payload: dict[str, Any] = {"benchmark": "bench_methods",
                                "args": vars(args) | {"json": str(args.json)}, "methods": {}}
