@@ -197,6 +197,8 @@ def profile_tokencut(batches: Sequence[FeatureBatch], patch_size: int, params: d
     ``limit`` images): similarity, graph, eigen-solve, cut + labelling + box."""
     tau, eps, binary = params["tau"], params["eps"], params["binary_graph"]
     batched: dict[str, float] = defaultdict(float)
+    solver_stats: dict[str, Any] = {}
+    flops = 0.0
     for batch in batches:
         rows, cols = batch.grid
         t, unit = timed(lambda b=batch: F.normalize(b.feats, p=2, dim=-1), device)
@@ -205,7 +207,11 @@ def profile_tokencut(batches: Sequence[FeatureBatch], patch_size: int, params: d
         t, weights = timed(lambda b=batch: tokencut_module.tokencut_weights(b.feats, tau, eps,
                                                                             binary), device)
         batched["graph (weights, incl. similarity again)"] += t
-        t, vectors = timed(lambda w=weights: tokencut_module.fiedler_vectors(w, solver), device)
+        before = sum(solver_stats.get("squarings", []))
+        t, vectors = timed(lambda w=weights: tokencut_module.fiedler_vectors(w, solver,
+                                                                             solver_stats),
+                           device)
+        flops += 2.0 * (rows * cols) ** 3 * (sum(solver_stats.get("squarings", [])) - before)
         batched[f"eigen-solve ({solver}, incl. D^-1/2 W D^-1/2)"] += t
 
         def cut(v=vectors, b=batch, r=rows, c=cols):
@@ -232,6 +238,12 @@ def profile_tokencut(batches: Sequence[FeatureBatch], patch_size: int, params: d
             reference["cut + scipy label + box"] += t
             seen += 1
     reference["images"] = seen
+    if solver == "squaring":
+        squarings = solver_stats.get("squarings", [])
+        batched["squarings per image (median / max)"] = (
+            f"{median(squarings):.0f} / {max(squarings)}" if squarings else "-")
+        batched["dense fallbacks (images)"] = solver_stats.get("fallbacks", 0)
+        batched["squaring float64 GFLOP per image"] = flops / 1e9 / max(1, len(squarings))
     return {"batched": dict(batched), "reference": dict(reference)}
 
 
@@ -413,7 +425,8 @@ def print_profiles(methods: Sequence[str], feature_batches: Sequence[FeatureBatc
                                   solver or tokencut_module.default_solver(device), device,
                                   limit=8)
         print(result_block("profile: tokencut batched, seconds per stage (all images)",
-                           [(k, f"{v:.3f}") for k, v in stages["batched"].items()]))
+                           [(k, f"{v:.3f}" if isinstance(v, float) else v)
+                            for k, v in stages["batched"].items()]))
         print(result_block(f"profile: tokencut reference, seconds per stage (first "
                            f"{int(stages['reference'].pop('images'))} images)",
                            [(k, f"{v:.3f}") for k, v in stages["reference"].items()]))

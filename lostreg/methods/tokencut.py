@@ -237,9 +237,11 @@ def _dominant_column(filtered: torch.Tensor) -> torch.Tensor:
     return vector / vector.norm(dim=1, keepdim=True)
 
 
-def _squaring_second(normalized: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+def _squaring_second(normalized: torch.Tensor, degrees: torch.Tensor,
+                     stats: dict | None = None) -> torch.Tensor:
     """``_dense_second`` by repeated squaring of ``M + I - 2 u_1 u_1^T`` (module docstring);
-    images that do not converge or fail the residual certificate go to ``_dense_second``."""
+    images that do not converge or fail the residual certificate go to ``_dense_second``.
+    ``stats`` (optional) gets the squarings each image took and the number of fallbacks."""
     batch, n, _ = normalized.shape
     top = degrees.sqrt()
     top = top / top.norm(dim=1, keepdim=True)
@@ -256,6 +258,8 @@ def _squaring_second(normalized: torch.Tensor, degrees: torch.Tensor) -> torch.T
         done = 1.0 - filtered.square().sum(dim=(1, 2)) <= RANK_ONE_TOL
         if bool(done.any()):  # one host sync per squaring for the whole batch
             vectors[pending[done]] = _dominant_column(filtered[done])
+            if stats is not None:
+                stats.setdefault("squarings", []).extend([step] * int(done.sum()))
             pending, filtered = pending[~done], filtered[~done]
             if pending.numel() == 0:
                 break
@@ -264,14 +268,19 @@ def _squaring_second(normalized: torch.Tensor, degrees: torch.Tensor) -> torch.T
     residual = (product - rayleigh * vectors).norm(dim=1)
     failed = ~(residual <= RESIDUAL_TOL)
     failed[pending] = True  # unconverged: still zero vectors, whose residual says nothing
+    if stats is not None:
+        stats.setdefault("squarings", []).extend([MAX_SQUARINGS] * pending.numel())
+        stats["fallbacks"] = stats.get("fallbacks", 0) + int(failed.sum())
     if bool(failed.any()):
         vectors[failed] = _dense_second(normalized[failed])
     return vectors
 
 
-def fiedler_vectors(weights: torch.Tensor, solver: str = "subset") -> torch.Tensor:
+def fiedler_vectors(weights: torch.Tensor, solver: str = "subset",
+                    stats: dict | None = None) -> torch.Tensor:
     """``v`` (b, N) float64 of ``(D - W) v = lambda_2 D v`` with ``v^T D v = 1``, sign
-    arbitrary, for graphs ``W`` (b, N, N) float64 with positive row sums."""
+    arbitrary, for graphs ``W`` (b, N, N) float64 with positive row sums. ``stats``: see
+    ``_squaring_second``."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     degrees = weights.sum(dim=-1)
@@ -282,7 +291,7 @@ def fiedler_vectors(weights: torch.Tensor, solver: str = "subset") -> torch.Tens
     elif solver == "dense":
         unit = _dense_second(normalized)
     else:
-        unit = _squaring_second(normalized, degrees)
+        unit = _squaring_second(normalized, degrees, stats)
     return inv_sqrt * unit
 
 
