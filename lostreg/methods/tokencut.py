@@ -43,7 +43,8 @@ eigenvalues as the generalised problem, and ``v = D^-1/2 u``), in float64:
 * ``subset`` (the CPU default): LAPACK's ``dsyevr`` for that one eigenpair
   (``scipy.linalg.eigh(M, subset_by_index=[N-2, N-2])``) per image: on a CPU LAPACK works
   matrix by matrix anyway, and computing one eigenvector is ~2x cheaper than the reference's
-  generalised solve and ~4x cheaper than ``torch.linalg.eigh``'s full decomposition;
+  generalised solve and ~4x cheaper than ``torch.linalg.eigh``'s full decomposition on the
+  CPU measured in ``benchmarks/README.md``;
 * ``dense``: ``torch.linalg.eigh`` of the whole batch, on its device;
 * ``squaring`` (the GPU default): the top eigenvector ``u_1 = D^1/2 1 / |.|`` of ``M`` is known
   exactly (eigenvalue 1), so ``T = M + I - 2 u_1 u_1^T`` has ``u_2`` as its dominant
@@ -52,7 +53,8 @@ eigenvalues as the generalised problem, and ``v = D^-1/2 u``), in float64:
   which a GPU runs at full speed; it stops per image once ``T`` is rank one to working precision
   (``1 - |T|_F^2 <= 1e-12``), takes the dominant column, and certifies the result by its
   residual ``|M u - rho u|``. Images that fail the certificate or stay unconverged after
-  ``MAX_SQUARINGS`` (a relative gap under about 1e-5: near-degenerate) are solved by ``dense``.
+  ``MAX_SQUARINGS`` (eigenvalues of ``T`` within a ratio of about 1 - 4e-5: near-degenerate)
+  are solved by ``dense``.
   No step synchronises with the host per image: only one convergence check per squaring and
   one for the certificate, for the whole batch.
 
