@@ -141,6 +141,12 @@ def test_a_protocol_difference_inside_an_arrow_is_said(tmp_path: Path) -> None:
               **{**REG, "sha": "cd" * 32})
     row = lb.collect(runs, report=None).comparison.dropna(subset=["model_reg"]).iloc[0]
     assert row["run_id_reg"] == "reg-same" and pd.isna(row["protocol_note"])
+    # with an explicit interpolation both sides use it, whatever each model's own would be
+    explicit = tmp_path / "explicit"
+    write_run(explicit, "plain", base, pos_resolved="dinov2", pos_interp="timm")
+    write_run(explicit, "reg", other, pos_resolved="dinov2_reg", pos_interp="timm", **REG)
+    row = lb.collect(explicit, report=None).comparison.dropna(subset=["model_reg"]).iloc[0]
+    assert row["run_id_reg"] == "reg" and pd.isna(row["protocol_note"])
 
 
 def test_published_arrows_never_join_two_papers_or_protocols(tmp_path: Path) -> None:

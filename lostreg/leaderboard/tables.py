@@ -188,6 +188,8 @@ def _our_row(run: RunData) -> dict[str, Any]:
 def _protocol_note(base: RunData, other: RunData) -> str | None:
     """Say so where the two sides of one arrow were not measured identically: the same
     ``pos_interp`` setting can resolve to each model's own original interpolation."""
+    if base.info.pos_interp != "original":  # an explicit mode is the same for both sides
+        return None
     a, b = base.info.pos_resolved, other.info.pos_resolved
     if a and b and a != b:
         return f"position embeddings resampled differently: {a} vs {b}"
