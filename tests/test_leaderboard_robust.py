@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -194,3 +195,41 @@ def test_an_unreadable_file_is_skipped(tmp_path: Path) -> None:
     lines: list[str] = []
     assert [run.run_id for run in lb.collect(runs, report=lines.append).runs] == ["good"]
     assert len(lines) == 1 and "predictions.jsonl: cannot read" in lines[0]
+
+
+def _box(draw_values) -> list[float]:
+    x1, y1, w, h = draw_values
+    return [x1, y1, x1 + w, y1 + h]
+
+
+COORD = st.integers(0, 60).map(float) | st.floats(0, 60, allow_nan=False)
+SIDE = st.integers(0, 40).map(float) | st.floats(0, 40, allow_nan=False)
+BOXES = st.tuples(COORD, COORD, SIDE, SIDE).map(_box)
+
+
+@settings(max_examples=200, deadline=None)
+@given(images=st.lists(st.tuples(BOXES, st.lists(BOXES, max_size=4)), max_size=12))
+def test_batched_iou_equals_the_per_image_metric_to_the_bit(images) -> None:
+    """The leaderboard's batched recomputation against lostreg.metrics.best_iou, image by
+    image (integer and float corners, touching and zero-area boxes, images without GT)."""
+    from lostreg.metrics import best_iou
+
+    boxes = np.array([box for box, _ in images], dtype=np.float64).reshape(-1, 4)
+    gts = np.array([gt for _, gt_list in images for gt in gt_list],
+                   dtype=np.float64).reshape(-1, 4)
+    counts = np.array([len(gt_list) for _, gt_list in images], dtype=np.int64)
+    batched = lb.batched_best_iou(boxes, gts, counts)
+    expected = [best_iou(box, gt_list) if gt_list else 0.0 for box, gt_list in images]
+    assert batched.tolist() == expected
+
+
+def test_an_iou_of_exactly_one_half_is_a_hit(tmp_path: Path) -> None:
+    """[0,0,10,10] against [0,0,20,10]: IoU 100/200 = 0.5 exactly, a hit (CorLoc's >=)."""
+    run = write_run(tmp_path, "r", [True])
+    edit_line(run / "predictions.jsonl", 1, box=[0, 0, 10, 10], gt_boxes=[[0, 0, 20, 10]],
+              best_iou=0.5, hit=True)
+    predictions = lb.load_run(run).predictions
+    assert predictions["best_iou"].tolist() == [0.5] and predictions["hit"].tolist() == [True]
+    edit_line(run / "predictions.jsonl", 1, hit=False)
+    with pytest.raises(LostregError, match=r"predictions.jsonl:1: 'hit' is false but .* 0.5000"):
+        lb.load_run(run)

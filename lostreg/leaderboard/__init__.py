@@ -36,6 +36,7 @@ from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_bytes, atomic_write_text
 from lostreg.leaderboard.figures import figure_png, iou_figure, register_bar_figure
 from lostreg.leaderboard.markdown import comparison_markdown
+from lostreg.leaderboard.predictions import batched_best_iou, read_predictions
 from lostreg.leaderboard.published import (
     DEFAULT_PUBLISHED,
     PUBLISHED_COLUMNS,
@@ -48,7 +49,6 @@ from lostreg.leaderboard.runs import (
     ScanResult,
     is_smoke,
     load_run,
-    read_predictions,
     scan_runs,
 )
 from lostreg.leaderboard.tables import (
@@ -78,7 +78,7 @@ __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
     "LEADERBOARD_COLUMNS", "PAPER_DATASETS", "PAPER_MODELS", "PAPER_SUITE", "PUBLISHED_COLUMNS",
     "SETTING_COLUMNS", "Leaderboard", "RunData", "RunInfo", "ScanResult", "base_model_name",
-    "base_timm_name", "build_leaderboard", "build_parser", "collect", "comparison_frame",
+    "base_timm_name", "batched_best_iou", "build_leaderboard", "build_parser", "collect", "comparison_frame",
     "comparison_markdown", "figure_png", "find_pairs", "iou_figure", "is_smoke",
     "leaderboard_frame", "leaderboard_row", "load_published", "load_run", "main", "method_key",
     "pair_row", "read_predictions", "register_bar_figure", "scan_runs", "settings_label",

@@ -23,17 +23,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from lostreg import stats
 from lostreg.errors import LostregError
 from lostreg.io import read_json_object
 from lostreg.leaderboard.fields import Fields, shown
-from lostreg.metrics import best_iou, is_hit
+from lostreg.leaderboard.predictions import read_predictions
 
-PREDICTION_COLUMNS = ["image_id", "file", "width", "height", "n_objects", "area_share",
-                      "best_iou", "hit", "box", "gt_boxes"]
 # settings read from config.json that metrics.json may repeat: the two must agree
 CROSS_CHECKED = ("run_id", "model", "dataset", "feature", "method", "method_params", "layer",
                  "normalize", "pos_interp")
@@ -183,65 +180,6 @@ class RunData:
                 "gram_bias": info.method_params.get("gram_bias"),
                 "pos_interp": info.pos_interp, "precision": info.precision,
                 "smoke": self.smoke}
-
-
-def _area_share(boxes: list[list[float]], width: int, height: int) -> float:
-    """Largest GT box's share of the image: the size of the object a method most likely finds."""
-    if not boxes:
-        return float("nan")
-    array = np.asarray(boxes, dtype=np.float64)
-    areas = (array[:, 2] - array[:, 0]) * (array[:, 3] - array[:, 1])
-    return float(areas.max() / (float(width) * float(height)))
-
-
-def _prediction_row(record: Any, where: str) -> dict[str, Any]:
-    """One predictions line, type-checked; IoU and hit recomputed from box and GT."""
-    if not isinstance(record, dict):
-        raise LostregError(f"{where}: not a JSON object")
-    line = Fields(record, where)
-    image_id = line.text("image_id")
-    width, height = line.integer("width", minimum=1), line.integer("height", minimum=1)
-    box, gt_boxes = line.box("box"), line.boxes("gt_boxes")
-    line.number("best_iou")
-    stored_hit = line.flag("hit")
-    iou = best_iou(box, gt_boxes) if gt_boxes else 0.0
-    if is_hit(iou) != stored_hit:
-        raise LostregError(f"{where}: 'hit' is {str(stored_hit).lower()} but the box's best IoU "
-                           f"with the ground truth is {iou:.4f} (edited or damaged line)")
-    return {"image_id": image_id, "file": line.text("file", None, optional=True),
-            "width": width, "height": height, "n_objects": len(gt_boxes),
-            "area_share": _area_share(gt_boxes, width, height), "best_iou": iou,
-            "hit": is_hit(iou), "box": box, "gt_boxes": gt_boxes}
-
-
-def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Per-image predictions of one run, plus ``n_objects`` and ``area_share`` per image.
-
-    Every line must be complete and valid (a finished run's file is; a torn last line means
-    the run did not finish), and no ``image_id`` may repeat.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LostregError(f"{path}: missing (a finished run needs predictions.jsonl)")
-    try:
-        raw_lines = path.read_bytes().split(b"\n")
-    except OSError as exc:
-        raise LostregError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if raw_lines and raw_lines[-1] == b"":
-        raw_lines.pop()
-    rows, seen = [], set()
-    for number, raw in enumerate(raw_lines, start=1):
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LostregError(f"{where}: not valid JSON ({exc})") from None
-        row = _prediction_row(record, where)
-        if row["image_id"] in seen:
-            raise LostregError(f"{where}: image_id {row['image_id']!r} appears more than once")
-        seen.add(row["image_id"])
-        rows.append(row)
-    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
 
 
 def is_smoke(config: dict, metrics: dict) -> bool:
