@@ -177,7 +177,7 @@ def _show(args: argparse.Namespace) -> int:
     from lostreg.analysis.compare import show_compare
     from lostreg.analysis.report import show_run
 
-    runs = list(dict.fromkeys(args.run))
+    runs = list(dict.fromkeys(path.resolve() for path in args.run))
     if len(runs) > 1:
         for flag, value in (("--norms", args.norms), ("--threshold", args.threshold)):
             if value is not None:
