@@ -14,6 +14,8 @@ COMMANDS = {
     "leaderboard": ("lostreg.leaderboard", "rebuild results/leaderboard.csv and comparison tables"),
     "analyze": ("lostreg.analyze", "token-norm diagnostics, failure attribution, visual report"),
     "verify": ("lostreg.verify", "compare our LOST with the official predictions"),
+    "protocol": ("lostreg.protocol", "LOST over a grid of protocols: published figures, best-of "
+                 "and its held-out estimate"),
 }
 
 
