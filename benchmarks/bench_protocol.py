@@ -11,12 +11,13 @@ Rounds alternate, so load on a shared machine hits both alike; medians are repor
 Where the time goes is measured by wrapping, in every round, the feature extraction
 (``lostreg.pipeline.extract``), the LOST method's ``run``, the durable appends of predictions
 (``RunFolder.append``, one fsync per run and batch), opening and finishing the run folders
-(``lostreg.sweep.open_runs`` / ``finish_run``) and image decoding; on a GPU each wrapper
+(``lostreg.sweep.open_runs`` / ``finish_run``, and ``git_commit`` inside the first), the
+per-run L2 normalisation and image decoding; on a GPU each wrapper
 synchronises the device so the seconds are the work's own. The single run's boxes are checked
 against the protocol's run of the same setting (identical predictions files).
 
     python benchmarks/bench_protocol.py                       # CPU: ViT-S/14, 24 images x0.6
-    python benchmarks/bench_protocol.py --profile             # + cProfile of one protocol pass
+    python benchmarks/bench_protocol.py --profile             # + cProfile of an extra pass
     python benchmarks/bench_protocol.py --device cuda --images 500 --size-scale 1 \\
         --batch-size 64 --model dinov2_vitl14_reg4 --repeats 3
 """
@@ -44,6 +45,8 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lostreg.pipeline as pipeline_module  # noqa: E402
+import lostreg.protocol.study as study_module  # noqa: E402
+import lostreg.rundir as rundir_module  # noqa: E402
 import lostreg.sweep as sweep_module  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_run_options,
@@ -64,12 +67,13 @@ from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.methods import METHODS  # noqa: E402
 from lostreg.protocol import ProtocolGrid, run_passes  # noqa: E402
-from lostreg.protocol.study import build_study, write_study  # noqa: E402
 from lostreg.run import RunConfig, run_grid  # noqa: E402
 from lostreg.rundir import RunFolder  # noqa: E402
 
 GOAL_GPU = 3.0  # protocol / one run, on a GPU (issue 12)
-PARTS = ("extract", "lost", "append", "open_runs", "finish_runs", "decode")
+PARTS = ("extract", "lost", "normalize", "append", "open_runs", "finish_runs", "decode")
+NESTED = {"git_commit": "open_runs"}  # timed inside another part: shown, not subtracted
+STUDY_PARTS = ("study_read", "study_cis", "study_draw", "study_save_figures")
 
 
 @contextlib.contextmanager
@@ -98,6 +102,12 @@ def instrumented(device: torch.device) -> Iterator[dict[str, float]]:
         patch(sweep_module, "finish_run", timer("finish_runs", sweep_module.finish_run))
         patch(pipeline_module.PaddedImages, "__getitem__",
               timer("decode", pipeline_module.PaddedImages.__getitem__))
+        patch(torch.nn.functional, "normalize", timer("normalize", torch.nn.functional.normalize))
+        patch(rundir_module, "git_commit", timer("git_commit", rundir_module.git_commit))
+        patch(study_module, "load_grid_runs", timer("study_read", study_module.load_grid_runs))
+        patch(study_module, "protocol_frame", timer("study_cis", study_module.protocol_frame))
+        patch(study_module, "study_figures", timer("study_draw", study_module.study_figures))
+        patch(study_module, "save_figure", timer("study_save_figures", study_module.save_figure))
         METHODS["lost"] = dataclasses.replace(lost, run=timer("lost", lost.run))
         try:
             yield seconds
@@ -152,9 +162,9 @@ def protocol_round(backbone: Backbone, index: DatasetIndex, config: RunConfig,
         if profile is not None:
             profile.disable()
         passed = time.perf_counter()
-        study = build_study([r.run_dir for r in results], grid, runs_dir=config.output,
-                            default_feature="k")
-        write_study(study, study_dir)
+        study = study_module.build_study([r.run_dir for r in results], grid,
+                                         runs_dir=config.output, default_feature="k")
+        study_module.write_study(study, study_dir)
         done = time.perf_counter()
     return {"pass": passed - start, "study": done - passed, "total": done - start,
             "parts": dict(parts), "n_runs": len(results),
@@ -167,7 +177,6 @@ def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workd
             profile: bool = False) -> dict[str, Any]:
     """Alternating rounds of one run and the protocol; medians, shares and the box check."""
     singles, protocols = [], []
-    profiler = cProfile.Profile() if profile else None
     warm_up(device)
     for round_ in range(repeats):
         config = base_config(backbone, index, workdir / f"single{round_}", device, batch_size,
@@ -175,8 +184,7 @@ def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workd
         singles.append(single_round(backbone, index, config, device))
         config = dataclasses.replace(config, output=workdir / f"protocol{round_}")
         protocols.append(protocol_round(backbone, index, config, device,
-                                        workdir / f"study{round_}",
-                                        profiler if round_ == repeats - 1 else None))
+                                        workdir / f"study{round_}"))
     same = None
     last = protocols[-1]
     if last["reference_dir"] is not None:
@@ -199,7 +207,10 @@ def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workd
         "protocol_study": median([p["study"] for p in protocols]), "single_total": single_total,
         "n_runs": last["n_runs"], "same_boxes_as_single": same,
     }
-    if profiler is not None:
+    if profile:  # an extra round, not timed: cProfile slows what it watches
+        profiler = cProfile.Profile()
+        config = dataclasses.replace(config, output=workdir / "protocol-profiled")
+        protocol_round(backbone, index, config, device, workdir / "study-profiled", profiler)
         buffer = io.StringIO()
         pstats.Stats(profiler, stream=buffer).sort_stats("cumulative").print_stats(25)
         result["profile"] = buffer.getvalue()
@@ -219,7 +230,11 @@ def share_rows(label: str, parts: dict[str, float], total: float) -> list[tuple[
         calls = int(parts.get(f"calls_{name}", 0))
         rows.append((f"{label} {name}", f"{value:.2f} s ({100 * value / total:.1f}%, "
                                         f"{calls} calls)"))
-    other = total - sum(parts.get(name, 0.0) for name in PARTS)
+    for name, owner in NESTED.items():
+        value = parts.get(name, 0.0)
+        rows.append((f"{label} {owner}: of which {name}",
+                     f"{value:.2f} s ({int(parts.get(f'calls_{name}', 0))} calls)"))
+    other = total - sum(parts.get(name, 0.0) for name in PARTS)  # the pass: study excluded
     rows.append((f"{label} other", f"{other:.2f} s ({100 * other / total:.1f}%)"))
     return rows
 
@@ -267,6 +282,8 @@ def report(args: argparse.Namespace, result: dict[str, Any], backbone: Backbone,
         ("protocol: study (read back, CIs, figures)",
          f"{result['protocol_study']:.2f} s "
          f"({100 * result['protocol_study'] / result['protocol_total']:.1f}% of the total)"),
+        *((f"protocol: study: {name[6:]}", f"{result['protocol_parts'].get(name, 0.0):.2f} s")
+          for name in STUDY_PARTS),
         ("share of the protocol's total in LOST",
          f"{100 * result['protocol_parts'].get('lost', 0.0) / result['protocol_total']:.1f}%"),
         ("single run's boxes == protocol's same setting", result["same_boxes_as_single"]),

@@ -258,6 +258,15 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, capsys, extra, needle)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "protocol").exists()
 
 
+def test_help_states_each_default_once() -> None:
+    from lostreg.protocol.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "$LOSTREG_DATA or datasets/) (default" not in text
+    assert "(default: -1,-2,-3,-4)" in text and "(default: q,k,v)" in text
+
+
 def test_a_layer_the_model_lacks_is_one_line(tmp_path, capsys) -> None:
     assert main(args(tmp_path, "--layers=-1,-9")) == 2
     err = capsys.readouterr().err

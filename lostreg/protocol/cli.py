@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "each value is a pass of its own (it changes the model)")
     parser.add_argument("--splits", type=int, default=DEFAULT_SPLITS,
                         help="seeded random halves for split-half selection")
-    parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED)
+    parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED,
+                        help="seed of the split-half permutations")
     parser.add_argument("--select-on", default="auto",
                         help="datasets whose protocol of this model to select on (comma list), "
                              "none, or auto: every other dataset with a protocol.csv under "

@@ -24,6 +24,7 @@ from matplotlib.patches import Rectangle
 
 from lostreg.analysis.plots import add_colorbar, finish_figure, new_figure
 from lostreg.protocol.grid import FEATURE_ORDER, GridPoint
+from lostreg.protocol.table import points_of
 
 COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")
 BEST_COLOUR = "#cc0000"
@@ -159,8 +160,6 @@ def positions_figure(frame: pd.DataFrame, title: str, smoke: bool,
         ax.axhline(held_out, color="black", linestyle=":", linewidth=1.2,
                    label=f"best of grid, split-half held out: {held_out:.1f}")
     if reference is not None:
-        from lostreg.protocol.table import points_of
-
         where = [i for i, p in enumerate(points_of(ranked)) if p == reference]
         if where:
             ax.plot(where, y[where], marker="D", markersize=6, color="#1f78b4",

@@ -25,6 +25,7 @@ from lostreg.errors import LostregError
 from lostreg.io import atomic_write_text, read_json_object
 from lostreg.leaderboard.fields import Fields
 from lostreg.leaderboard.published import VARIANT_LABELS, load_published, method_key, variant_of
+from lostreg.leaderboard.runs import RunInfo
 from lostreg.leaderboard.tables import base_model_name
 from lostreg.protocol import figures
 from lostreg.protocol.grid import DEFAULT_POS_INTERP, GridPoint, ProtocolGrid
@@ -76,7 +77,7 @@ class Study:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def info(self):
+    def info(self) -> RunInfo:
         return self.runs.first.info
 
     @property
