@@ -276,6 +276,7 @@ class FeatureCache:
     def forget(self, shard: str) -> None:
         """Drop a bad shard and every entry pointing at it; its images are recomputed. A shard
         that cannot be removed (read-only cache) stays, and is refused again next time."""
+        self._load()
         with self._lock:
             for image_id in [i for i, e in self._index.items() if e.shard == shard]:
                 del self._index[image_id]

@@ -40,6 +40,13 @@ def named(exc: OSError, path: str | os.PathLike) -> OSError:
     return exc
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
 
@@ -54,17 +61,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except OSError as exc:
         raise named(exc, path) from None
     try:
-        with os.fdopen(fd, "wb") as handle:
+        try:
             if hasattr(os, "fchmod"):  # POSIX
-                os.fchmod(handle.fileno(), _file_mode(path))
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+                os.fchmod(fd, _file_mode(path))
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.filename == tmp:
-            exc.filename = None
+        if exc.filename == tmp:  # name the file the caller asked for, not our temp file
+            exc.filename, exc.filename2 = None, None
         raise named(exc, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,9 +150,7 @@ class JsonlAppender:
             raise ValueError(f"{self.path}: appender is closed")
         start = os.fstat(self._fd).st_size
         try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(self._fd, view):]
+            _write_all(self._fd, payload)
             os.fsync(self._fd)
         except OSError as exc:
             try:  # best effort: drop the partial line (a rerun's repair would do it too)
