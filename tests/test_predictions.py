@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lostreg import distributed
 from lostreg.backbones import BACKBONES, BackboneSpec
@@ -86,6 +88,43 @@ def test_a_missing_key_and_a_non_object_are_named() -> None:
     del no_hit["hit"]
     assert schema_problem(no_hit) == "missing hit"
     assert schema_problem([1, 2]) == "expected a JSON object, got list"
+
+
+@st.composite
+def image_and_box(draw):
+    """A record with 0-3 GT boxes (COCO-like floats or VOC-like integers) and a box inside it."""
+    width, height = draw(st.integers(1, 600)), draw(st.integers(1, 600))
+
+    def box(as_float: bool):
+        x1, x2 = sorted(draw(st.integers(0, width)) for _ in range(2))
+        y1, y2 = sorted(draw(st.integers(0, height)) for _ in range(2))
+        return tuple(float(v) + (0.25 if as_float and v else 0.0) for v in (x1, y1, x2, y2))
+
+    gts = tuple(box(draw(st.booleans())) for _ in range(draw(st.integers(0, 3))))
+    record = ImageRecord("img", ROOT / "img.jpg", width, height, gts)
+    return record, [int(v) for v in box(False)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(image_and_box(), st.booleans())
+def test_every_line_the_writer_makes_reads_back_unchanged(tmp_path_factory, case, smoke) -> None:
+    """Writer and validator agree on every convention (types, rounding of best_iou, the hit
+    threshold): a line run writes is valid and never "corrected"."""
+    record, box = case
+    written = prediction_line(record, box, (0, 1), ROOT, smoke)
+    assert schema_problem(written) is None
+    folder = tmp_path_factory.mktemp("run")
+    write(folder / PREDICTIONS, dumps(written))
+    loaded = load_predictions(folder, [record], root=ROOT, repair=False)
+    assert loaded.problems == [] and loaded.lines == {"img": json.loads(dumps(written))}
+
+
+def test_the_distributed_helpers_validate_with_records_or_ids(tmp_path) -> None:
+    write(tmp_path / PREDICTIONS, dumps(line(0), line(3)) + "garbage\n")
+    assert distributed.done_ids(tmp_path, RECORDS, ROOT) == {"img0", "img3"}
+    write(distributed.part_path(tmp_path, 0), dumps(line(1, image_id="stranger")))
+    with pytest.raises(LostregError, match="predictions.rank0.jsonl:1: image 'stranger'"):
+        distributed.merge_predictions(tmp_path, [r.image_id for r in RECORDS])
 
 
 # --- reading a run folder ------------------------------------------------------------------
