@@ -61,6 +61,7 @@ class RunConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     layer: int = -1
     normalize: str = "none"
+    wait: bool = False  # wait for another process holding a run folder instead of exiting
 
 
 # settings that may differ between the runs of one pass (everything else is shared): one

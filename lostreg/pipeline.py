@@ -15,6 +15,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +36,7 @@ from lostreg.cache import (
     CacheProblem,
     FeatureCache,
     cache_key,
-    file_size,
+    image_fingerprint,
     prefetch,
     to_storage,
     warn,
@@ -311,21 +312,26 @@ class FeatureSource:
         self.batch_size, self.num_workers, self.autocast = batch_size, num_workers, autocast
         self.caches, self.storage, self.lossless, self.writer = caches, storage, lossless, writer
         self.stats = stats
-        self._sizes_on_disk: dict[int, int | None] = {}
+        self._fingerprints: dict[int, str | None] = {}
 
-    def _disk_size(self, position: int) -> int | None:
-        if position not in self._sizes_on_disk:
-            self._sizes_on_disk[position] = file_size(self.records[position].path)
-        return self._sizes_on_disk[position]
+    def _fingerprint(self, position: int) -> str | None:
+        """The content hash the cache keys an image by (computed once per pass)."""
+        if position not in self._fingerprints:
+            self._fingerprints[position] = image_fingerprint(self.records[position].path)
+        return self._fingerprints[position]
 
     def _lookup(self, position: int, request: FeatureRequest):
         return self.caches[request].lookup(self.records[position].image_id,
-                                           self._disk_size(position))
+                                           self._fingerprint(position))
 
     def fully_cached(self, positions: Sequence[int], needs: Needs) -> list[int]:
         """The positions whose every needed map is in the cache: they never need the model."""
         if not self.caches:
             return []
+        missing = [p for p in positions if p not in self._fingerprints]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing
+            hashes = pool.map(lambda p: image_fingerprint(self.records[p].path), missing)
+            self._fingerprints.update(zip(missing, hashes, strict=True))  # releases the GIL
         return [p for p in positions
                 if all(r in self.caches and self._lookup(p, r) for r in needs(p))]
 
@@ -406,6 +412,6 @@ class FeatureSource:
         if new:
             self.writer.submit(  # type: ignore[union-attr]
                 self.caches[request], [self.records[positions[j]].image_id for j in new],
-                [sizes[j] for j in new], [self._disk_size(positions[j]) for j in new], grid,
+                [sizes[j] for j in new], [self._fingerprint(positions[j]) for j in new], grid,
                 stored[new].to("cpu"))
         return feats

@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "cache but rounds, so such runs get their own run id")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another process is writing a run folder of this command, "
+                             "wait for it instead of exiting")
     parser.add_argument("--allow-partial-dataset", action="store_true",
                         help="run even if a VOC07/VOC12/COCO20k split lists another number of "
                              "images than the benchmark's (not comparable; the run id records "
@@ -425,7 +428,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         num_workers=args.num_workers, progress=not args.no_progress,
         cache_features=args.cache_features, cache_dtype=args.cache_dtype,
         allow_partial_dataset=args.allow_partial_dataset,
-        method=first(args.method, DEFAULT_METHOD),
+        method=first(args.method, DEFAULT_METHOD), wait=args.wait,
     )
 
 

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,18 +30,20 @@ from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
 from lostreg.features import FeatureRequest
 from lostreg.pipeline import FeatureBatch, FeatureSource, LazyBackbone, feature_cache_key
+from lostreg.predictions import prediction_line
 from lostreg.rundir import (
     RunFolder,
     RunResult,
+    check_unique,
     describe_run,
     finish_run,
     open_runs,
-    prediction_record,
     remove_unused,
     run_status,
     summary_line,
     write_config,
 )
+from lostreg.runlock import hold_runs
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -75,15 +76,15 @@ class Pass:
 
     # --- set-up ---------------------------------------------------------------------------
 
-    def _open(self) -> list[Path]:
+    def _open(self) -> None:
         extra = {"world_size": self.ctx.world_size,
                  "feature_cache": None if self.storage is None else {
                      "dir": str(self.base.cache_features), "dtype": self.storage,
                      "lossless": self.lossless}}
-        created = open_runs(self.runs, self.records, self.ctx.is_main, lambda run: write_config(
-            run, self.info, self.index, self.device, self.numerics, extra))
+        open_runs(self.runs, self.records, self.index.root, self.info.patch_size, self.ctx.is_main,
+                  lambda run: write_config(run, self.info, self.index, self.device,
+                                           self.numerics, extra))
         self.ctx.barrier()  # every rank has read the same state before any rank appends
-        return created
 
     def _plan(self) -> tuple[list[int], int]:
         """This rank's positions (each with the runs that still need it) and how many
@@ -112,7 +113,21 @@ class Pass:
     # --- the work -------------------------------------------------------------------------
 
     def run(self) -> list[RunResult]:
-        created = self._open()
+        """Resume every run, holding each run folder's lock (one writer per folder) from
+        reading what it holds until its metrics are written."""
+        check_unique(self.runs)
+        created = [run.run_dir for run in self.runs if not run.run_dir.exists()]
+        try:
+            with hold_runs([run.run_dir for run in self.runs], self.base.wait, self.ctx):
+                self._open()
+                errors, started = self._work()
+                return self._finish(errors, started)
+        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
+            if not self.ctx.enabled:
+                remove_unused(created)
+            raise
+
+    def _work(self) -> tuple[list[str], float]:
         mine, already = self._plan()
         errors: list[str] = []
         started = time.perf_counter()
@@ -139,26 +154,13 @@ class Pass:
                     self.stats["cached_images"] += finished
                     progress.update(finished)
             compute = [p for p in mine if self.todo[p]]
-            if compute:
-                errors += self._compute(source, compute, created, progress)
-        progress.close()
-        return self._finish(errors, started)
-
-    def _compute(self, source: FeatureSource, compute: list[int], created: list[Path],
-                 progress) -> list[str]:
-        errors: list[str] = []
-        try:
-            steps = source.computed(compute, self.needs)
-            for step in steps:
+            for step in source.computed(compute, self.needs) if compute else ():
                 errors += step.errors
                 for batch in step.batches:
                     self.serve(batch)
                 progress.update(step.n_items)
-        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
-            if not self.ctx.enabled:
-                remove_unused(created)
-            raise
-        return errors
+        progress.close()
+        return errors, started
 
     def serve(self, batch: FeatureBatch) -> int:
         """Run the method of every run that reads ``batch``'s map and still needs some of its
@@ -206,7 +208,7 @@ class Pass:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
             record = dataclasses.replace(record, height=size[0], width=size[1])
-        return prediction_record(record, box, seed_rc, self.index.root, self.smoke)
+        return prediction_line(record, box, seed_rc, self.index.root, self.smoke)
 
     # --- the end --------------------------------------------------------------------------
 
