@@ -29,7 +29,15 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
 from lostreg.features import FeatureRequest
-from lostreg.pipeline import FeatureBatch, FeatureSource, LazyBackbone, feature_cache_key
+from lostreg.pipeline import (
+    FeatureBatch,
+    FeatureSource,
+    LazyBackbone,
+    check_image_sizes,
+    describe_images,
+    feature_cache_key,
+    out_of_memory_as_error,
+)
 from lostreg.predictions import prediction_line
 from lostreg.rundir import (
     RunFolder,
@@ -129,6 +137,7 @@ class Pass:
 
     def _work(self) -> tuple[list[str], float]:
         mine, already = self._plan()
+        check_image_sizes([self.records[p] for p in mine], self.base.max_pixels)
         errors: list[str] = []
         started = time.perf_counter()
         progress = _progress(
@@ -147,7 +156,7 @@ class Pass:
                 self.records, self.lazy, self.device, batch_size=self.base.batch_size,
                 num_workers=self.base.num_workers, autocast=PRECISIONS[self.base.precision],
                 caches=caches, storage=self.storage, lossless=self.lossless, writer=writer,
-                stats=self.stats)
+                stats=self.stats, max_pixels=self.base.max_pixels)
             for step in source.cached(source.fully_cached(mine, self.needs), self.needs):
                 for batch in step.batches:
                     finished = self.serve(batch)
@@ -182,8 +191,10 @@ class Pass:
             if len(chosen) != len(batch.positions):
                 feats = feats[chosen]
             sizes = [batch.sizes[j] for j in chosen]
-            out = run.method.run(feats, batch.grid, self.info.patch_size,
-                                 torch.tensor(sizes, device=feats.device), run.params)
+            where = describe_images(self.records, batch.positions, batch.sizes)
+            with out_of_memory_as_error(lambda w=where, m=run.method.name: f"{w} in {m}"):
+                out = run.method.run(feats, batch.grid, self.info.patch_size,
+                                     torch.tensor(sizes, device=feats.device), run.params)
             positions = [batch.positions[j] for j in chosen]
             for p in positions:
                 self.todo[p].discard(i)
