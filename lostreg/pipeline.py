@@ -424,8 +424,9 @@ class FeatureSource:
         loader batch per step; new maps go into the cache in a background thread."""
         backbone = self.lazy.get()
         records = [self.records[p] for p in positions]
-        for loaded in iterate_batches(records, backbone, self.batch_size, self.num_workers,
-                                      self.device, self.max_pixels):
+        for loaded in timed_iteration(iterate_batches(
+                records, backbone, self.batch_size, self.num_workers, self.device,
+                self.max_pixels), self.stats, "load"):
             batches = []
             for group in loaded.groups:
                 tick = time.perf_counter()
@@ -437,7 +438,9 @@ class FeatureSource:
 
     def _forward(self, backbone: Backbone, positions: list[int], group: ImageGroup,
                  needs: Needs) -> list[FeatureBatch]:
+        tick = time.perf_counter()
         images = group.images.to(self.device, non_blocking=True)
+        self.stats["transfer"] += time.perf_counter() - tick
         patch = backbone.patch_size
         grid = (images.shape[-2] // patch, images.shape[-1] // patch)
         requests = sorted(set().union(*(needs(p) for p in positions)))
@@ -472,3 +475,17 @@ def describe_images(records: Sequence[ImageRecord], positions: Sequence[int],
     height, width = sizes[0]
     more = f", in a batch of {len(positions)} of that size" if len(positions) > 1 else ""
     return f"{records[positions[0]].path} ({width}x{height}{more})"
+
+
+def timed_iteration(items: Iterator, stats: dict, key: str) -> Iterator:
+    """``items`` as they come, adding the seconds spent waiting for each to ``stats[key]``
+    (for the loader: how long the pass waited for decoded batches)."""
+    while True:
+        tick = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            stats[key] += time.perf_counter() - tick
+            return
+        stats[key] += time.perf_counter() - tick
+        yield item

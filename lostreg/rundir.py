@@ -366,9 +366,12 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     seconds = {
         "total": round(total, 3),
         "model_and_lost": round(max(s["forward"] + s["method"] for s in everyone), 3),
-        "features": round(max(s["forward"] for s in everyone), 3),
-        "method": round(max(s["method"] for s in everyone), 3),
-        "write": round(max(s["write"] for s in everyone), 3),
+        # where the time went (the slowest rank's): waiting for decoded batches, copying
+        # them to the device, the backbone (or cache reads), the methods, the line writer
+        # (a background thread, so it overlaps the rest)
+        **{key: round(max(s[stat] for s in everyone), 3) for key, stat in (
+            ("load_wait", "load"), ("transfer", "transfer"), ("features", "forward"),
+            ("method", "method"), ("write", "write"))},
         "images_computed": computed,
         "images_per_second": round(computed / total, 3) if total > 0 else None,
         "backbone_images": sum(s["backbone_images"] for s in everyone),

@@ -78,7 +78,8 @@ class Pass:
         self.runs: list[RunFolder] = [describe_run(c, self.info, index, rounded) for c in configs]
         self.numerics = numerics
         self.todo: dict[int, set[int]] = {}
-        self.stats: dict[str, Any] = {"forward": 0.0, "method": 0.0, "write": 0.0,
+        self.stats: dict[str, Any] = {"load": 0.0, "transfer": 0.0, "forward": 0.0,
+                                      "method": 0.0, "write": 0.0,
                                       "backbone_images": 0, "cached_images": 0}
         self.lines: LineWriter
 
