@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lostreg
+from lostreg import timeline
 from lostreg.backbones import (
     Backbone,
     BackboneSpec,
@@ -72,6 +74,26 @@ def use_device(device: torch.device) -> None:
     CUDA call without an explicit device) otherwise creates a context on GPU 0 as well."""
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+
+
+def warm_start(device: torch.device) -> threading.Thread:
+    """Start, in a background thread, what the first batch will wait for and the main thread
+    does not need yet: importing timm (seconds: it imports every model family) and starting
+    CUDA with cuBLAS on ``device``. The main thread meanwhile indexes the dataset and hashes
+    the weights; whichever needs these first simply waits for them (imports and CUDA's lazy
+    initialisation are locked)."""
+    def start() -> None:
+        import timm  # noqa: F401
+
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                ones = torch.ones(8, 8, device=device)
+                (ones @ ones).sum().item()
+        timeline.mark("timm imported" + (" and CUDA started" if device.type == "cuda" else ""))
+
+    thread = threading.Thread(target=start, name="lostreg-warm-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def set_numerics(precision: str) -> dict:
@@ -286,6 +308,7 @@ class LazyBackbone:
     def get(self) -> Backbone:
         if self._backbone is None:
             self._backbone = create_backbone(self.info.spec, self.weights, self.device)
+            timeline.mark("model built")
             if self._backbone.weights.identity() != self.info.weights.identity():
                 raise LostregError(f"{self._backbone.weights.path}: weights changed since the "
                                    "run started (sha256 differs); rerun the command")
@@ -427,6 +450,7 @@ class FeatureSource:
         for loaded in timed_iteration(iterate_batches(
                 records, backbone, self.batch_size, self.num_workers, self.device,
                 self.max_pixels), self.stats, "load"):
+            timeline.mark("first batch decoded")
             batches = []
             for group in loaded.groups:
                 tick = time.perf_counter()
@@ -441,6 +465,7 @@ class FeatureSource:
         tick = time.perf_counter()
         images = group.images.to(self.device, non_blocking=True)
         self.stats["transfer"] += time.perf_counter() - tick
+        timeline.mark("first batch sent to the device")
         patch = backbone.patch_size
         grid = (images.shape[-2] // patch, images.shape[-1] // patch)
         requests = sorted(set().union(*(needs(p) for p in positions)))

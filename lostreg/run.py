@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lostreg import distributed
+from lostreg import distributed, timeline
 from lostreg.backbones import Backbone, get_backbone_spec, list_backbones
 from lostreg.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
 from lostreg.cli import HelpFormatter, add_compute_options
@@ -61,6 +61,7 @@ from lostreg.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks
     resolve_device,
     set_numerics,
     use_device,
+    warm_start,
 )
 from lostreg.rundir import RunResult, check_dataset_complete
 from lostreg.sweep import run_pass
@@ -241,6 +242,8 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
     ctx = distributed.setup(resolve_device(base.device).type)
     device = distributed.local_device(resolve_device(base.device), ctx)
     use_device(device)
+    warm_start(device)
+    timeline.mark("device chosen")
     if base.num_workers is None:  # config.json records the number used
         workers = decode_workers(device)
         sweep = [dataclasses.replace(config, num_workers=workers) for config in sweep]
@@ -256,10 +259,12 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
                 indexes[dataset] = ctx.main_first(lambda d=dataset: load_dataset(
                     d, base.data_root, no_hard=base.no_hard, download=base.download))
             check_dataset_complete(indexes[dataset], base.allow_partial_dataset)
+            timeline.mark("dataset indexed")
             if lazy is None:
                 info = backbone if backbone is not None else ctx.main_first(
                     lambda s=specs[model]: describe_backbone(s, base.weights))
                 lazy = LazyBackbone(info, base.weights, device, backbone)
+                timeline.mark("backbone described")
                 if lazy.info.weights.is_random and ctx.is_main:
                     print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
             configs = _limit_within(indexes[dataset], ctx.is_main, [
@@ -501,6 +506,7 @@ def _which_flag(exc: BaseException, args: argparse.Namespace) -> str:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    timeline.mark("imports done")
     args = build_parser().parse_args(argv)
     try:
         base = config_from_args(args)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import lostreg
-from lostreg import distributed
+from lostreg import distributed, timeline
 from lostreg.backbones import Backbone
 from lostreg.config import SMOKE_NOTE, RunConfig, feature_request, method_of, method_params
 from lostreg.datasets import DATASETS
@@ -337,6 +337,7 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, pa
     atomically: its figures always come from the validated lines, hits recomputed."""
     ordered = distributed.merge_predictions(run_dir, index_records, root, patch_size - 1)
     score, n_hits, n_images = corloc(line["hit"] for line in ordered)
+    timeline.mark("first run finished")
     metrics = {
         "run_id": run_id,
         "corloc": round(score, 4),
@@ -346,6 +347,8 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, pa
         "weights": "random" if smoke else "pretrained",
         "seconds": seconds,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # when this process reached each step, in seconds since it started (lostreg.timeline)
+        "startup": timeline.marks(),
         **summary_fields,
     }
     if smoke:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lostreg import distributed
+from lostreg import distributed, timeline
 from lostreg.cache import BackgroundWriter, FeatureCache, is_lossless, storage_dtype
 from lostreg.config import PRECISIONS, RunConfig
 from lostreg.datasets.base import DatasetIndex, ImageRecord
@@ -203,6 +203,7 @@ class Pass:
                 self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
                 batch.grid[1]), ready_event(feats.device))
         self.stats["method"] += time.perf_counter() - tick
+        timeline.mark("first batch through the methods")
         return sum(1 for p in batch.positions if not self.todo[p])
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
