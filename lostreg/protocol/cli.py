@@ -10,7 +10,7 @@ from pathlib import Path
 from lostreg import distributed
 from lostreg.backbones import get_backbone_spec, list_backbones
 from lostreg.cli import HelpFormatter, add_compute_options
-from lostreg.config import PRECISIONS, RunConfig
+from lostreg.config import DEFAULT_MAX_PIXELS, PRECISIONS, RunConfig
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.distributed import CollectiveError
 from lostreg.errors import LostregError, error_line
@@ -87,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fail instead of downloading a missing dataset")
     parser.add_argument("--allow-partial-dataset", action="store_true",
                         help="run on a split with another number of images than the benchmark's")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels, before any forward (as lostreg.run)")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another process is writing one of the grid's run folders, "
+                             "wait for it instead of exiting")
     add_compute_options(parser)
     return parser
 
@@ -130,7 +135,7 @@ def base_config(args: argparse.Namespace) -> RunConfig:
         batch_size=args.batch_size, limit=args.limit, output=args.runs,
         precision=args.precision, download=not args.no_download, num_workers=args.num_workers,
         progress=not args.no_progress, allow_partial_dataset=args.allow_partial_dataset,
-        method="lost", k_patches=args.k_patches)
+        method="lost", k_patches=args.k_patches, max_pixels=args.max_pixels, wait=args.wait)
 
 
 def _select_on(text: str) -> list[str] | None:
