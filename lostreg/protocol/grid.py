@@ -17,7 +17,7 @@ and any other value is refused with one line.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lostreg.backbones import Backbone
@@ -167,9 +167,3 @@ def parse_biases(text: str, flag: str) -> tuple[float, ...]:
             raise LostregError(f"{flag} {text!r}: {part.strip()!r} is not a finite number")
         values.append(clean_bias(value))
     return tuple(values)
-
-
-def sorted_points(points: Sequence[GridPoint], grid: ProtocolGrid) -> list[GridPoint]:
-    """``points`` in ``grid``'s order (points of other grids after them, sorted)."""
-    order = {point: i for i, point in enumerate(grid.points())}
-    return sorted(points, key=lambda p: (order.get(p, len(order)), p))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ class Study:
     published: list[dict[str, Any]]
     reference: GridPoint | None  # the setting LOST's own code uses, when the grid has it
     runs_dir: Path
-    notes: list[str] = field(default_factory=list)
 
     @property
     def info(self) -> RunInfo:
