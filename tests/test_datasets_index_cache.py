@@ -151,7 +151,7 @@ def test_voc_edited_store_is_ignored_with_a_warning(
     again = load_voc_folder(folder, "voc07")
     assert _same(truth, again)  # boxes from the XMLs, not from the edited file
     err = capsys.readouterr().err
-    assert f"warning: {store}: checksum mismatch (edited or damaged); ignored" in err
+    assert f"warning: {store}: not an intact lostreg index (checksum mismatch" in err
     assert store.read_bytes() != forged and derived.decode(store.read_bytes()) is not None
 
 
@@ -290,7 +290,7 @@ def test_coco_edited_derived_index_is_never_used_as_ground_truth(
     capsys.readouterr()
     again = load_coco20k(tmp_path)
     assert again.records == truth.records
-    assert "checksum mismatch (edited or damaged); ignored" in capsys.readouterr().err
+    assert "not an intact lostreg index (checksum mismatch" in capsys.readouterr().err
     # An old-format index (no checksum line, as written before) is rebuilt too.
     cache.write_text(json.dumps({"version": 1, "images": document["images"]}))
     assert load_coco20k(tmp_path).records == truth.records

@@ -16,8 +16,9 @@ JSON). Using one that no longer matches its sources would silently change the gr
   recorded only for files whose mtime and ctime are ``RACY_WINDOW_NS`` older than the clock
   (a fresher file is hashed again next time, and gets its memo then).
 * **The stored file is checksummed.** It is the JSON document then one line ``sha256 <hex>``
-  over every byte before it. A file whose checksum fails (edited by hand, torn, damaged) is
-  ignored with a warning and rebuilt: its boxes are never used as ground truth. (This catches
+  over every byte before it. A file whose checksum fails (edited by hand, torn, damaged, or
+  written by an older version without one) is ignored with a warning and rebuilt: its boxes
+  are never used as ground truth. (This catches
   accidents and hand edits, not someone who recomputes the checksum.) A file that passes is
   still validated field by field by its reader before any record is built from it.
 * **Written atomically, next to the dataset if possible.** A read-only dataset (a shared copy,
@@ -110,7 +111,11 @@ class DerivedStore:
         self.kind = kind
         self.params = params
         folder_id = sha256_hex(str(Path(os.path.abspath(folder))).encode("utf-8"))[:16]
-        self.paths = [folder / name, user_cache_dir() / f"{folder_id}-{name.lstrip('.')}"]
+        self.paths = [folder / name]
+        try:
+            self.paths.append(user_cache_dir() / f"{folder_id}-{name.lstrip('.')}")
+        except RuntimeError:  # no home directory to put a user cache in: the folder only
+            pass
 
     def read_all(self) -> list[tuple[Path, dict[str, Any]]]:
         """Every intact stored document for this kind and params, in preference order. A file
@@ -123,8 +128,9 @@ class DerivedStore:
                 continue  # absent or unreadable: nothing stored there
             document = decode(data)
             if document is None:
-                print(f"warning: {path}: checksum mismatch (edited or damaged); ignored, "
-                      "the index is rebuilt from its sources", file=sys.stderr)
+                print(f"warning: {path}: not an intact lostreg index (checksum mismatch: edited, "
+                      "damaged or from an older version); ignored, rebuilt from its sources",
+                      file=sys.stderr)
                 continue
             if document.get("kind") == self.kind and document.get("params") == self.params:
                 found.append((path, document))
