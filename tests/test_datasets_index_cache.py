@@ -349,3 +349,16 @@ def test_encode_decode_round_trip_and_refusals() -> None:
         assert derived.decode(broken) is None, broken
     with pytest.raises(ValueError):
         derived.encode({"x": float("nan")})
+
+
+def test_bench_index_runs_and_checks_its_paths(monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark behind the README's figures keeps working (no timing is asserted)."""
+    if str(REPO) not in sys.path:
+        monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks import bench_index
+
+    monkeypatch.setattr(derived, "RACY_WINDOW_NS", 0)
+    assert bench_index.main(["--images", "12", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "== dataset index (VOC XMLs) ==" in out and "parse / stat_hit (cpu)" in out

@@ -287,3 +287,14 @@ def test_info_command_reports_the_checks(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "boxes clipped to their image: 1, zero-area boxes: 0" in out
     assert f"first boxes_clipped: {tmp_path / 'VOC2007' / 'Annotations' / 'a.xml'}: object 0 (dog)" in out
+
+
+def test_data_checks_of_a_run_come_from_its_prediction_lines() -> None:
+    records = [_record("a", clipped=["object 0 (x)"]), _record("b"), _record("c")]
+    lines = [{"image_id": "a", "width": 50, "height": 40},
+             {"image_id": "b", "width": 96, "height": 64},  # decoded size differs
+             {"image_id": "c", "width": "50", "height": 40},  # not validated here: skipped
+             {"image_id": "zzz", "width": 1, "height": 1}]  # not a record of the run
+    checks = DataChecks.of_run(records, lines)
+    assert checks.counts == {"boxes_clipped": 1, "zero_area_boxes": 0, "image_size_mismatch": 1}
+    assert checks.first["image_size_mismatch"].startswith("/data/Annotations/b.xml: annotated 50x40")

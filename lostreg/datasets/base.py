@@ -115,6 +115,22 @@ class DataChecks:
                     checks.add(name, f"{record.source()}: {objects[0]}", len(objects))
         return checks
 
+    @classmethod
+    def of_run(cls, records: Sequence[ImageRecord], lines: Iterable[dict]) -> DataChecks:
+        """The checks of a finished run: parse-time ones of ``records`` (the images it
+        evaluates) plus the size check of each prediction line, whose ``width``/``height`` are
+        the decoded image's. Derived from what the run wrote, so a resumed or distributed run
+        counts every image exactly once. Lines of other images, or without integer sizes, are
+        left to the predictions' own validation."""
+        checks = cls.of_records(records)
+        by_id = {record.image_id: record for record in records}
+        for line in lines:
+            record = by_id.get(line.get("image_id"))
+            width, height = line.get("width"), line.get("height")
+            if record is not None and type(width) is int and type(height) is int:
+                checks.check_decoded_size(record, height, width)
+        return checks
+
     def add(self, name: str, where: str, count: int = 1) -> None:
         """Count ``count`` cases of check ``name``; ``where`` names the first one seen."""
         if name not in self.counts:
