@@ -135,10 +135,10 @@ def _stored_records(store: DerivedStore, folder: Path, list_digest: str,
         if document.get("list_sha256") != list_digest or not isinstance(
                 document.get("images"), list):
             continue
+        now = derived.now_ns()  # before the stat: the memo's racy window counts from here
         st = os.stat(ann_path)
         by_stat = memo_matches(document.get("annotation_stat"), st)
         if not by_stat:
-            now = derived.now_ns()
             if sha256_file(ann_path) != document.get("annotation_sha256"):
                 continue
         try:
