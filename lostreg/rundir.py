@@ -384,7 +384,10 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),
-        "model_and_lost": round(max(s["forward"] for s in everyone), 3),
+        "model_and_lost": round(max(s["forward"] + s["method"] for s in everyone), 3),
+        "features": round(max(s["forward"] for s in everyone), 3),
+        "method": round(max(s["method"] for s in everyone), 3),
+        "write": round(max(s["write"] for s in everyone), 3),
         "images_computed": computed,
         "images_per_second": round(computed / total, 3) if total > 0 else None,
         "backbone_images": sum(s["backbone_images"] for s in everyone),

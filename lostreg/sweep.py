@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import queue
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +69,9 @@ class Pass:
         self.runs: list[RunFolder] = [describe_run(c, self.info, index, rounded) for c in configs]
         self.numerics = numerics
         self.todo: dict[int, set[int]] = {}
-        self.stats: dict[str, Any] = {"forward": 0.0, "backbone_images": 0, "cached_images": 0}
+        self.stats: dict[str, Any] = {"forward": 0.0, "method": 0.0, "write": 0.0,
+                                      "backbone_images": 0, "cached_images": 0}
+        self.lines: LineWriter
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -120,6 +125,7 @@ class Pass:
         with contextlib.ExitStack() as stack:
             for run in self.runs:
                 stack.callback(run.close)
+            self.lines = stack.enter_context(LineWriter())  # drained before the runs close
             caches = self._caches(mine, stack)
             writer = stack.enter_context(BackgroundWriter()) if caches else None
             source = FeatureSource(
@@ -156,29 +162,44 @@ class Pass:
 
     def serve(self, batch: FeatureBatch) -> int:
         """Run the method of every run that reads ``batch``'s map and still needs some of its
-        images, appending their lines durably; returns how many images are now complete."""
+        images; their lines are queued for the line writer (nothing here waits for the
+        device). Returns how many of the batch's images no run needs any more."""
         tick = time.perf_counter()
-        cols = batch.grid[1]
+        normalized: torch.Tensor | None = None
         for i, run in enumerate(self.runs):
             if run.request != batch.request:
                 continue
             chosen = [j for j, p in enumerate(batch.positions) if i in self.todo[p]]
             if not chosen:
                 continue
-            feats = batch.feats if len(chosen) == len(batch.positions) else batch.feats[chosen]
+            feats = batch.feats
             if run.config.normalize == "l2":
-                feats = F.normalize(feats, dim=-1)
-            sizes = torch.tensor([batch.sizes[j] for j in chosen], device=feats.device)
-            out = run.method.run(feats, batch.grid, self.info.patch_size, sizes, run.params)
-            lines = []
-            for j, box, seed in zip(chosen, out.box.cpu().tolist(), out.seed.cpu().tolist(),
-                                    strict=True):
-                lines.append(self._line(batch.positions[j], batch.sizes[j], box,
-                                        divmod(seed, cols) if seed >= 0 else None))
-                self.todo[batch.positions[j]].discard(i)
-            run.append(lines, self.ctx)
-        self.stats["forward"] += time.perf_counter() - tick
+                if normalized is None:  # once per batch, whatever the number of runs
+                    normalized = F.normalize(batch.feats, dim=-1)
+                feats = normalized
+            if len(chosen) != len(batch.positions):
+                feats = feats[chosen]
+            sizes = [batch.sizes[j] for j in chosen]
+            out = run.method.run(feats, batch.grid, self.info.patch_size,
+                                 torch.tensor(sizes, device=feats.device), run.params)
+            positions = [batch.positions[j] for j in chosen]
+            for p in positions:
+                self.todo[p].discard(i)
+            self.lines.submit(functools.partial(
+                self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
+                batch.grid[1]), ready_event(feats.device))
+        self.stats["method"] += time.perf_counter() - tick
         return sum(1 for p in batch.positions if not self.todo[p])
+
+    def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
+               boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
+        """Format and append one method output's lines (on the line writer's thread)."""
+        tick = time.perf_counter()
+        lines = [self._line(p, size, box, divmod(seed, cols) if seed >= 0 else None)
+                 for p, size, box, seed in zip(positions, sizes, boxes.tolist(), seeds.tolist(),
+                                               strict=True)]
+        run.append(lines, self.ctx)
+        self.stats["write"] += time.perf_counter() - tick
 
     def _line(self, position: int, size: tuple[int, int], box: list[int],
               seed_rc: tuple[int, int] | None) -> dict:
@@ -226,3 +247,81 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="img",
                 dynamic_ncols=True, file=sys.stderr)
+
+
+# --- results off the device ----------------------------------------------------------------
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a small result tensor that does not make the host wait: on a GPU the
+    copy goes into pinned memory asynchronously (``ready_event`` says when it has landed)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def ready_event(device: torch.device) -> Any:
+    """An event recorded after the work queued so far on ``device`` (None on the CPU, where
+    results are ready when the call returns)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class LineWriter:
+    """Formats prediction lines and appends them on one background thread, so the pass queues
+    the next batch instead of waiting for each batch's results to reach the host.
+
+    Jobs run in submission order, each after its batch's event (so a line is written only
+    when its batch is complete, and each run's file gets its lines in the same order as a
+    synchronous loop would). At most ``max_pending`` jobs wait (bounded memory); a job that
+    fails (a full disk) stops the writer, and its error is raised in the pass at the next
+    ``submit`` or at ``close``.
+    """
+
+    def __init__(self, max_pending: int = 16) -> None:
+        self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None  # raised once in the pass
+        self._failed = False  # stays set: nothing more is written
+        self._thread = threading.Thread(target=self._loop, name="lostreg-lines", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, ready = item
+            if self._failed:
+                continue  # after a failure, drop the rest: those images are recomputed later
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                job()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the pass
+                self._error, self._failed = exc, True
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], None], ready: Any = None) -> None:
+        self._raise()
+        self._jobs.put((job, ready))
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Write everything queued, stop the thread, raise a write's failure."""
+        self._jobs.put(None)
+        self._thread.join()
+        if raise_errors:
+            self._raise()
+
+    def __enter__(self) -> LineWriter:
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        self.close(raise_errors=exc_type is None)

@@ -63,9 +63,10 @@ def shard_files(cache_root: Path) -> list[Path]:
 
 
 def shard_header(path: Path) -> dict:
+    """magic (8) | header length (8) | sha256 (32) | header | payload"""
     data = path.read_bytes()
     length = int.from_bytes(data[8:16], "little")
-    return json.loads(data[16:16 + length])
+    return json.loads(data[48:48 + length])
 
 
 def test_cached_sweep_equals_uncached_runs_without_building_the_model(tmp_path,
@@ -178,21 +179,23 @@ def test_bf16_runs_cache_their_own_dtype_exactly(tmp_path) -> None:
 
 
 def test_index_entries_later_win_and_changed_images_miss(tmp_path) -> None:
-    key = {"format": 1, "timm_name": "arch.tag", "dataset": "d", "split": "s", "feature": "k"}
+    key = {"format": 2, "timm_name": "arch.tag", "dataset": "d", "split": "s", "feature": "k"}
     cache = FeatureCache(tmp_path, key, writer_tag="r0")
     first = torch.arange(2 * 6 * 4, dtype=torch.float32).view(2, 6, 4)
-    cache.write(["a", "b"], [(20, 30), (21, 30)], [100, 200], (2, 3), first)
-    cache.write(["b"], [(21, 30)], [200], (2, 3), first[1:] + 0.5)
+    cache.write(["a", "b"], [(20, 30), (21, 30)], ["sha256:aa", "sha256:bb"], (2, 3), first)
+    cache.write(["b"], [(21, 30)], ["sha256:bb"], (2, 3), first[1:] + 0.5)
     cache.close()
     again = FeatureCache(tmp_path, key)
     assert len(again) == 2
-    entry_b = again.lookup("b", 200)
+    entry_b = again.lookup("b", "sha256:bb")
     assert entry_b is not None and entry_b.row == 0
     shard = again.read(entry_b.shard)
     assert shard.image_ids == ["b"] and shard.grid == (2, 3) and shard.sizes == [(21, 30)]
+    assert shard.fingerprints == ["sha256:bb"]
     assert torch.equal(shard.feats[0], first[1] + 0.5)
-    assert again.lookup("a", 101) is None and again.lookup("a", 100) is not None
-    assert again.lookup("missing") is None
+    assert again.lookup("a", "sha256:ab") is None and again.lookup("a", "sha256:aa") is not None
+    assert again.lookup("a", None) is None  # an unreadable image never matches
+    assert again.lookup("missing", "sha256:aa") is None
 
 
 def test_cached_resume_with_gaps_reads_the_right_rows(tmp_path, count_backbones) -> None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.ndimage
 import torch
 
 from lostreg.errors import LostregError
@@ -70,6 +69,7 @@ def kept_patches(attn: torch.Tensor, head: int, mass: float) -> torch.Tensor:
 
 def _roots_scipy(mask: torch.Tensor) -> torch.Tensor:
     """``component_roots`` with one ``scipy.ndimage.label`` call for the whole stack."""
+    import scipy.ndimage  # where used: a GPU run never loads scipy
     batch, rows, cols = mask.shape
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
@@ -186,6 +186,7 @@ def dinoseg_reference(attn: torch.Tensor, grid: tuple[int, int], patch_size: int
     """Plain per-image DINO-seg on ``(N, heads)``, step by step like the published code
     (every head thresholded, then one labelled), plus the conventions of the module docstring.
     """
+    import scipy.ndimage  # where used: a GPU run never loads scipy
     rows, cols = grid
     heads = attn.shape[1]
     if not 0 <= head < heads:

@@ -70,8 +70,6 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -114,6 +112,7 @@ def reference_eigenpair(feats: torch.Tensor, tau: float, eps: float,
                         binary_graph: bool) -> Eigenpair:
     """The graph and generalised eigen-solve of one image ``(N, D)``, as the reference spells
     them (N >= 3)."""
+    import scipy.linalg  # where used: a GPU run never loads scipy
     feats = F.normalize(feats.float(), p=2)
     similarity = (feats @ feats.transpose(1, 0)).cpu().numpy()
     if not binary_graph:
@@ -159,6 +158,7 @@ def tokencut_reference(feats: torch.Tensor, grid: tuple[int, int], patch_size: i
 
     Kept as the yardstick for ``tokencut``: tests and ``benchmarks/`` compare the two.
     """
+    import scipy.ndimage  # where used: a GPU run never loads scipy
     rows, cols = grid
     if feats.shape[0] != rows * cols:
         raise ValueError(f"grid {grid} has {rows * cols} patches but feats have {feats.shape[0]}")
@@ -218,6 +218,7 @@ def _dense_second(normalized: torch.Tensor) -> torch.Tensor:
 
 def _subset_second(normalized: torch.Tensor) -> torch.Tensor:
     """``_dense_second`` by LAPACK's ``dsyevr`` for that eigenpair alone, matrix by matrix."""
+    import scipy.linalg  # where used: a GPU run never loads scipy
     n = normalized.shape[-1]
     vectors = [scipy.linalg.eigh(matrix, subset_by_index=[n - 2, n - 2], driver="evr",
                                  check_finite=False)[1][:, 0]
