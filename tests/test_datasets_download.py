@@ -417,7 +417,7 @@ def test_download_into_a_new_root_says_so(
     root = tmp_path / "typo" / "root"
     prepare_voc(root, 2007, progress=False)
     err = capsys.readouterr().err
-    assert err == f"note: created the data root {root} for VOC2007\n"
+    assert err == f"warning: created the data root {root} for VOC2007\n"
     (tmp_path / "other").mkdir()
     prepare_voc(tmp_path / "other", 2007, progress=False)
     assert capsys.readouterr().err == ""  # an existing root: nothing to say
@@ -430,6 +430,6 @@ def test_demo_in_a_missing_root_is_generated_and_named(
     root = tmp_path / "nonexistent" / "dir"
     assert len(load_dataset("demo", root)) == 24
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"note: created the data root {root} for the demo dataset"]
+    assert err == [f"warning: created the data root {root} for the demo dataset"]
     load_dataset("demo", root)
     assert capsys.readouterr().err == ""

@@ -222,7 +222,7 @@ def generate_demo(root: str | Path, seed: int = DEMO_SEED) -> Path:
     except OSError as exc:
         raise LostregError(f"{root}: cannot create the data root ({exc})") from None
     if new_root:  # a mistyped --data-root must not silently become a new folder
-        print(f"note: created the data root {Path(os.path.abspath(root))} for the demo dataset",
+        print(f"warning: created the data root {Path(os.path.abspath(root))} for the demo dataset",
               file=sys.stderr)
     if target.exists():
         if not (target / _MARKER).is_file():

@@ -312,7 +312,7 @@ def note_created_root(root: Path, created: list[Path], what: str) -> None:
     """One line on stderr when ``root`` was created (a mistyped ``--data-root`` should not
     silently become a new folder): names the absolute folder and what went there."""
     if root in created:
-        print(f"note: created the data root {Path(os.path.abspath(root))} for {what}",
+        print(f"warning: created the data root {Path(os.path.abspath(root))} for {what}",
               file=sys.stderr)
 
 
