@@ -240,7 +240,10 @@ class Pass:
         outcomes = self.ctx.broadcast(outcomes)
         if isinstance(outcomes, str):
             raise CollectiveError(outcomes)
-        return [self._result(run, *outcome)
+        if self.ctx.is_main:  # the same data, so the same warnings: once per pass
+            for line in dict.fromkeys(w for outcome in outcomes for w in outcome.warnings):
+                print(line, file=sys.stderr, flush=True)
+        return [self._result(run, *outcome[:3])
                 for run, outcome in zip(self.runs, outcomes, strict=True)]
 
     def _result(self, run: RunFolder, score: float, n_hits: int, n_images: int) -> RunResult:

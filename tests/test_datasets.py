@@ -419,10 +419,8 @@ def test_real_coco20k_list() -> None:
 # ---------------------------------------------------------------------------------------- demo
 
 
-def test_demo_generation_is_fast_and_deterministic(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_demo_generation_is_deterministic(tmp_path: Path) -> None:
     generate_demo(tmp_path / "a")
-    assert time.perf_counter() - start < 2.0
     generate_demo(tmp_path / "b")
 
     def digest(folder: Path) -> dict[str, str]:
