@@ -451,19 +451,21 @@ def _median_max(values: Sequence[int]) -> str:
 
 def measure_blocking(grid: tuple[int, int], images: int, patch_size: int, dim: int,
                      k_patches: int, gram_bias: float, device: torch.device, rounds: int,
-                     seed: int) -> tuple[list[tuple[str, object]], bool]:
+                     seed: int, block_bytes: int | None = None
+                     ) -> tuple[list[tuple[str, object]], bool]:
     """LOST's seed expansion on ``images`` large images of one ``grid``, one at a time: the
-    whole ``(N, N)`` similarity (budget lifted) vs row blocks under the device's budget (or a
-    quarter of ``N x N``, so that a GPU's 1 GiB budget still blocks). Returns result rows and
-    whether both paths gave the same bits (degrees, seeds, ``M``)."""
+    whole ``(N, N)`` similarity (budget lifted) vs row blocks under ``block_bytes`` (default:
+    the device's budget, at most a quarter of ``N x N`` floats so that a GPU's 1 GiB budget
+    still blocks). Returns result rows and whether both paths gave the same bits (degrees,
+    seeds, ``M``)."""
     rows_n, cols_n = grid
     n = rows_n * cols_n
     size = (rows_n * patch_size, cols_n * patch_size)
     generator = torch.Generator().manual_seed(seed)
     feats = [synthetic_features(grid, size, patch_size, dim, generator).unsqueeze(0).to(device)
              for _ in range(images)]
-    budget = min(lost_module.CHUNK_BYTES.get(device.type, lost_module.CHUNK_BYTES["cuda"]),
-                 n * n)
+    budget = block_bytes or min(
+        lost_module.CHUNK_BYTES.get(device.type, lost_module.CHUNK_BYTES["cuda"]), n * n)
     saved = dict(lost_module.CHUNK_BYTES)
 
     def expand(f: torch.Tensor, bytes_: int) -> tuple[torch.Tensor, ...]:
@@ -486,7 +488,7 @@ def measure_blocking(grid: tuple[int, int], images: int, patch_size: int, dim: i
     rows: list[tuple[str, object]] = [
         ("blocking: images x grid (N patches)", f"{images} x {rows_n}x{cols_n} ({n})"),
         ("blocking: row blocks",
-         f"{-(-n // block_rows)} of {block_rows} rows (budget {budget / 2**20:.1f} MiB)"),
+         f"{-(-n // block_rows)} of {block_rows} rows (budget {budget / 2**20:.2f} MiB)"),
         ("blocking: largest similarity tensor",
          f"unblocked {n * n * 4 / 2**20:.1f} MiB, blocked {block_rows * n * 4 / 2**20:.1f} MiB"),
         ("blocking: same degrees, seeds, M bits", "yes" if same else "NO"),
@@ -690,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "comparison (48x64 = 3072 patches, 36 MiB of similarities)")
     parser.add_argument("--large-images", type=int, default=2,
                         help="large images for the blocked vs unblocked comparison (0: skip)")
+    parser.add_argument("--block-bytes", type=int, default=None,
+                        help="byte budget of the blocked path in that comparison (default: "
+                             "the device's CHUNK_BYTES, at most a quarter of N x N floats)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the time goes, stage by stage")
     parser.add_argument("--threads", type=int, default=None,
@@ -715,6 +720,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise LostregError("--rounds must be at least 1")
         if args.large_images < 0:
             raise LostregError(f"--large-images {args.large_images}: must be 0 or more")
+        if args.block_bytes is not None and args.block_bytes < 1:
+            raise LostregError(f"--block-bytes {args.block_bytes}: must be at least 1")
         if device.type != "cpu" and {"bf16_filter", "gram_bf16"} & set(paths):
             # its error bound assumes float32 accumulation, which cuBLAS does not promise
             # for bf16 (reduced-precision reductions are allowed by default)
@@ -793,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.large_images:
         block_rows, blocks_same = measure_blocking(
             args.large_grid, args.large_images, args.patch_size, args.dim, args.k_patches,
-            args.gram_bias, device, args.rounds, args.seed)
+            args.gram_bias, device, args.rounds, args.seed, args.block_bytes)
         stage_rows += block_rows
         stages_same = stages_same and blocks_same
     print(result_block("stages: connected components (same masks), row-blocked similarities",

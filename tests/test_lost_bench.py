@@ -64,3 +64,7 @@ def test_large_grid_option(capsys) -> None:
     assert code == 0
     assert "RATIO dilation / propagation time" in out and "RATIO blocked / unblocked time" in out
     assert bench_lost.main(["--large-images", "-1"]) == 2
+    assert bench_lost.main(["--block-bytes", "0"]) == 2
+    rows, same = bench_lost.measure_blocking((9, 11), 1, 16, 8, 20, 0.0, CPU, rounds=1, seed=0,
+                                             block_bytes=1)
+    assert same and dict(rows)["blocking: row blocks"].startswith("2 of 50 rows")
