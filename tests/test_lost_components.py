@@ -229,3 +229,27 @@ def test_components_on_the_gpu_equal_the_cpu_with_one_sync() -> None:
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert 1 <= len(syncs) <= 2, [str(w.message) for w in syncs]
     assert torch.equal(on_gpu.cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lost_on_the_gpu_syncs_only_to_check_convergence() -> None:
+    """A batch of ``lost_with_mask`` on a GPU: the sizes are copied without a sync, and the
+    components' convergence check is the only one (one per four rounds)."""
+    from lostreg.methods.lost import lost_with_mask
+
+    cuda = torch.device("cuda")
+    feats = torch.randn(16, 24 * 32, 64, generator=torch.Generator().manual_seed(0))
+    sizes = [(380, 500)] * 16
+    expected, expected_mask = lost_with_mask(feats, (24, 32), 16, sizes)
+    on_gpu = feats.to(cuda)
+    lost_with_mask(on_gpu, (24, 32), 16, sizes)  # lazy initialisation outside the count
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as caught:
+            out, mask = lost_with_mask(on_gpu, (24, 32), 16, sizes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert 1 <= len(syncs) <= 2, syncs
+    assert torch.equal(out.box.cpu(), expected.box) and torch.equal(mask.cpu(), expected_mask)

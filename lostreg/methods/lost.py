@@ -26,17 +26,20 @@ those ``k`` rows are recomputed for ``M``. Memory is one block plus ``k x N``, n
 Why the row blocks give the unblocked path's bits. Entry ``(i, j)`` of a float32 matmul is a
 sum of ``d`` products whose rounding depends on the order the BLAS kernel sums them in; two
 orders differ by up to ``gamma_d * sum_k |f_ik f_jk|`` (``gamma_d ~ d * 2^-24``), so an entry
-that close to 0 *can* change sign between two kernels, and with it a degree. Blocking is
-exact only if a block's kernel sums each entry in the same order as the full product. GEMM
-kernels split only the ``M x N`` output into tiles and walk ``d`` the same way for every tile,
-so that holds, except for short products: MKL (this project's CPU BLAS) rounds products of
-fewer than 12 rows differently (measured: rows past the last multiple of 4 of a 1-11-row
-product differ; 12-129-row products at any offset are bit-identical to the full product's
-rows). So blocks have at least ``MIN_BLOCK_ROWS`` rows, evened out so no short tail block is
-left, and the ``k`` potential rows are computed padded to ``MIN_BLOCK_ROWS`` rows.
-``tests/test_lost_blocked.py`` checks the BLAS property itself (and, where a GPU exists, the
-blocked path against the unblocked one under cuBLAS), and checks the blocking logic with
-integer-valued features, whose float32 products are exact in any order.
+that close to 0 *can* change sign between two kernels, and with it a degree or ``M``. (The
+same is true between this module's ``bmm`` and the reference's ``mm``, or a CPU and a GPU.)
+Blocking is exact when a block's product sums each entry in the same order as the full one,
+which GEMM kernels that tile only the output and walk ``d`` alike for every tile do; it is not
+guaranteed in general (split-``d`` kernels, other kernels for short products). Measured on
+this project's CPU BLAS (MKL, ``torch.__config__``): products of 12 to 699 rows at any offset
+are bit-identical to the full product's rows; 1-11-row products are not (the rows past the
+last multiple of 4 differ). So blocks have at least ``MIN_BLOCK_ROWS`` (64) rows, evened out
+so that no short tail block is left, and the ``k`` potential rows are computed padded to
+``MIN_BLOCK_ROWS`` rows. ``tests/test_lost_blocked.py`` checks that BLAS property wherever it
+runs (and, on a GPU, the blocked path against the unblocked one under cuBLAS), and checks the
+blocking logic with integer-valued features, whose float32 products and sums are exact in any
+order. Where a BLAS broke the property, the blocked path would still be a float32 LOST, one
+that differs from the unblocked one only on entries within rounding error of 0.
 
 Connected components. On a CPU one ``scipy.ndimage.label`` call labels the whole batch (a 3-D
 structure without links between images). Elsewhere ``seed_component`` labels with tensor ops
@@ -108,9 +111,10 @@ def _run_starts(mask: torch.Tensor) -> torch.Tensor:
 def _propagation_round(labels: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor,
                        jumps: int) -> torch.Tensor:
     """One round on ``labels (B, R*C + 1)`` (slot ``R*C`` of each image is a sentinel that
-    points to itself): every pixel's root takes the lowest label among the pixel and its
-    4-neighbours inside the mask (hooking whole trees, not just the pixel), the pixel too, then
-    ``jumps`` pointer jumps (``label = label[label]``). Returns new labels (input untouched)."""
+    points to itself): the pixel each label points to takes the lowest label among the pixel
+    and its 4-neighbours inside the mask (so whole trees hook onto each other, not just the
+    pixel), the pixel too, then ``jumps`` pointer jumps (``label = label[label]``). Returns new
+    labels (input untouched)."""
     batch, rows, cols = mask.shape
     n = rows * cols
     grid = labels[:, :n].view(batch, rows, cols)
@@ -141,9 +145,16 @@ def component_labels(mask: torch.Tensor, check_every: int = 4) -> torch.Tensor:
     4-neighbour's label inside the mask and vice versa, so labels are constant on a component,
     and as pointers into their own component they differ between components.
     Convergence is checked (one host sync) after every ``check_every`` rounds, comparing the
-    last round's input and output. Rounds needed grow like the log of the longest path, not
-    the path: 2-4 on LOST's masks, at most 5 on spirals and serpentines up to 250x250
-    (``tests/test_lost_components.py``); ``check_every = 4`` makes one sync the usual cost.
+    last round's input and output, so correctness never rests on a round count.
+
+    Rounds needed (the last one, which changes nothing, included): 2-4 on LOST's masks
+    (``benchmarks/bench_lost.py``), 5 on dense random masks, at most 5 on spirals and
+    serpentines up to 250x250 whose single path a dilation walks pixel by pixel (31k steps;
+    ``tests/test_lost_components.py``). No round bound is claimed: the scheme belongs to the
+    simple labeling algorithms of Liu and Tarjan (arXiv:1812.06177: parent-connect and
+    shortcut steps), for some of which they prove O(log n) or O(log^2 n) steps; this variant
+    (a fixed 4 jumps a round) is not shown to be one of them. ``check_every = 4`` makes one
+    sync the usual cost.
     """
     if check_every < 1:
         raise ValueError(f"check_every must be at least 1, got {check_every}")
