@@ -238,6 +238,11 @@ class Backbone:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks (valid ``--layer`` values: -depth..depth-1)."""
+        return len(self.model.blocks)
+
 
 def _weights_path_problem(path: Path) -> LostregError:
     """The one-line error for a ``--weights`` value that is not a readable file."""

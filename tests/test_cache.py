@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lostreg.run as run_module
+import lostreg.methods.lost as lost_module
+import lostreg.pipeline as pipeline_module
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.cache import FeatureCache, is_lossless, storage_dtype
 from lostreg.run import main
@@ -29,13 +30,13 @@ def tiny_model():
 def count_backbones(monkeypatch):
     """Count backbone constructions (the cache's point is to avoid them)."""
     calls: list[str] = []
-    real = run_module.create_backbone
+    real = pipeline_module.create_backbone
 
     def counting(spec, *args, **kwargs):
         calls.append(spec.name)
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "create_backbone", counting)
+    monkeypatch.setattr(pipeline_module, "create_backbone", counting)
     return calls
 
 
@@ -141,13 +142,13 @@ def test_fp16_storage_of_fp32_features_gets_its_own_run_id(tmp_path, count_backb
     args = ("--cache-features", str(cache), "--cache-dtype", "fp16")
     # LOST sees the rounded features also in the pass that computes them (as later passes will)
     representable: list[bool] = []
-    real_lost = run_module.lost
+    real_lost = lost_module.lost_with_mask
 
     def spying_lost(feats, *rest, **kwargs):
         representable.append(torch.equal(feats, feats.half().float()))
         return real_lost(feats, *rest, **kwargs)
 
-    monkeypatch.setattr(run_module, "lost", spying_lost)
+    monkeypatch.setattr(lost_module, "lost_with_mask", spying_lost)
     assert main(cli(tmp_path, "lossy", *args)) == 0
     assert representable and all(representable)
     (plain,) = runs_of(tmp_path / "plain").values()
