@@ -55,7 +55,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -328,6 +327,8 @@ def _seed_component_scipy(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Te
     (a 3-D structure without links across images), cheaper there than many dilations."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    import scipy.ndimage  # where used: a GPU run never loads scipy
+
     labels = torch.from_numpy(scipy.ndimage.label(mask.numpy(), structure=structure)[0])
     batch = mask.shape[0]
     seed_label = labels[torch.arange(batch), seed_rc[:, 0], seed_rc[:, 1]]
@@ -458,6 +459,8 @@ def lost_reference_with_mask(
     similars = potentials[similarity[seed, potentials] > 0]
     summed = similarity[similars, :].double().sum(dim=0)
     rows, cols = grid
+    import scipy.ndimage  # where used: a GPU run never loads scipy
+
     labels, _ = scipy.ndimage.label(summed.reshape(rows, cols).cpu().numpy() > 0)
     seed_r, seed_c = divmod(seed, cols)
     label = labels[seed_r, seed_c]
