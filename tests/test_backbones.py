@@ -129,13 +129,13 @@ def test_hub_weights_load_from_the_offline_cache(monkeypatch, tmp_path) -> None:
 
 def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch) -> None:
     """A run hashes the file to name itself, then builds the model: one read of the file."""
-    from lostreg import backbones
+    from lostreg.backbones import weights
     from lostreg.run import describe_backbone
 
     path = tmp_path / "tiny.pth"
     torch.save(create_backbone(REG, "random").model.state_dict(), path)
     calls = []
-    monkeypatch.setattr(backbones, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    monkeypatch.setattr(weights, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
     info = describe_backbone(REG, str(path))
     built = create_backbone(REG, str(path))
     assert info.weights == built.weights and len(calls) == 1

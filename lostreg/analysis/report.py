@@ -24,11 +24,11 @@ from lostreg.analysis import plots
 from lostreg.analysis.collect import load_norms
 from lostreg.analysis.norms import outlier_mask, patch_token_norms
 from lostreg.analysis.runs import RunInfo, load_run, rebuild_backbone, run_records
-from lostreg.analysis.tokens import attention_from_qkv, last_block_readout
+from lostreg.analysis.tokens import panel_readout
 from lostreg.backbones import Backbone
 from lostreg.datasets.base import load_rgb
 from lostreg.errors import LostregError
-from lostreg.features import preprocess, select_feature
+from lostreg.features import preprocess
 from lostreg.io import atomic_write_text
 from lostreg.methods.lost import lost
 from lostreg.run import PRECISIONS, resolve_device, set_numerics
@@ -64,22 +64,19 @@ def compute_image_maps(backbone: Backbone, image: Image.Image, feature: str, k_p
     one forward (the features are ``lostreg.features``' exact q/k/v slice)."""
     tensor, size = preprocess(image, backbone.mean, backbone.std, backbone.patch_size)
     images = tensor.unsqueeze(0).to(device)
-    p, npt = backbone.patch_size, backbone.num_prefix_tokens
+    p = backbone.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
     with torch.autocast(device.type, dtype=autocast or torch.float32,
                         enabled=autocast is not None):
-        qkv, output = last_block_readout(backbone.model, images)
-    feats = select_feature(qkv, feature, npt).float()
-    out = lost(feats[0], grid, p, size, k_patches, gram_bias)
-    norms = patch_token_norms(output, npt)[0]
-    attention = (attention_from_qkv(backbone.model.blocks[-1].attn, qkv, npt)[0] if npt
-                 else torch.zeros((0, grid[0] * grid[1])))
+        readout = panel_readout(backbone, images, feature)
+    out = lost(readout.features[0], grid, p, size, k_patches, gram_bias)
+    norms = patch_token_norms(readout.output, readout.num_prefix_tokens)[0]
     return ImageMaps(
         grid, size, [int(v) for v in out.box], int(out.seed),
         out.degrees.float().reshape(grid).cpu().numpy(),
         norms.reshape(grid).cpu().numpy(),
-        attention.reshape(-1, *grid).cpu().numpy(),
-        prefix_names(backbone.model, npt),
+        readout.attention[0].reshape(-1, *grid).cpu().numpy(),
+        readout.names,
     )
 
 
