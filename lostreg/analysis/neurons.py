@@ -36,6 +36,7 @@ import lostreg
 from lostreg.backbones import Backbone, create_backbone
 from lostreg.backbones.ttr import NEURON_FILE_KIND, parse_neuron_list
 from lostreg.datasets import default_data_root, load_dataset
+from lostreg.datasets.base import DatasetIndex
 from lostreg.errors import LostregError
 from lostreg.features import resolve_layer, run_taps
 from lostreg.io import atomic_write_json
@@ -178,9 +179,10 @@ def _threshold_from_norms(backbone: Backbone, records, layer: int, device: torch
     return float(split.threshold)
 
 
-def find_register_neurons(config: NeuronSearchConfig) -> tuple[dict, str]:
+def find_register_neurons(config: NeuronSearchConfig, backbone: Backbone | None = None,
+                          index: DatasetIndex | None = None) -> tuple[dict, str]:
     """Run the search end to end, write ``config.output``; returns the file's content and a
-    one-line summary."""
+    one-line summary (``backbone``/``index`` given: used instead of ``config.model/dataset``)."""
     from lostreg.run import iterate_batches, provenance, resolve_device, set_numerics, use_device
 
     if config.outlier_tokens not in OUTLIER_TOKENS:
@@ -190,7 +192,8 @@ def find_register_neurons(config: NeuronSearchConfig) -> tuple[dict, str]:
     device = resolve_device(config.device)
     use_device(device)
     set_numerics("fp32")
-    backbone = create_backbone(config.model, config.weights, device)
+    if backbone is None:
+        backbone = create_backbone(config.model, config.weights, device)
     if backbone.num_suffix_tokens:
         raise LostregError(f"--model {config.model}: find neurons on the model without +ttr")
     depth = len(backbone.model.blocks)
@@ -198,8 +201,9 @@ def find_register_neurons(config: NeuronSearchConfig) -> tuple[dict, str]:
     highest = depth - 1 if config.highest_layer is None else config.highest_layer
     if not 0 <= highest < depth:
         raise LostregError(f"--highest-layer {highest}: the model has {depth} blocks")
-    index = load_dataset(config.dataset, config.data_root, no_hard=config.no_hard,
-                         download=config.download)
+    if index is None:
+        index = load_dataset(config.dataset, config.data_root, no_hard=config.no_hard,
+                             download=config.download)
     records = list(index.records[: config.limit] if config.limit else index.records)
     if not records:
         raise LostregError(f"dataset {index.name} ({index.root}) has no images")
