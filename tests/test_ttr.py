@@ -319,3 +319,22 @@ def test_scores_average_over_images_with_outliers_only(planted) -> None:
     torch.testing.assert_close(both.scores, alone.scores)
     with pytest.raises(LostregError, match="no image has a token above norm"):
         accumulate_scores(backbone, [grey], 1, 50.0, 2)
+
+
+def test_register_neurons_command_writes_a_list_that_ttr_reads(tmp_path, capsys) -> None:
+    from lostreg.analyze import main
+
+    out = tmp_path / "found" / "neurons.json"
+    argv = ["register-neurons", "--model", "dinov2_vits14", "--weights", "random", "--dataset",
+            "demo", "--data-root", str(tmp_path / "data"), "--limit", "3", "--threshold", "0",
+            "--top-k", "5", "--highest-layer", "3", "--output", str(out), "--num-workers", "0",
+            "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    assert "register neurons of dinov2_vits14: 5 neurons" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["provenance"]["smoke_run"] and data["provenance"]["outlier_layer"] == 10
+    assert all(int(layer) <= 3 for layer in data["neurons"])
+    backbone = create_backbone("dinov2_vits14+ttr", "random", ttr_neurons=out)
+    assert backbone.spec.ttr.num_neurons == 5 and backbone.spec.ttr.source == str(out.resolve())
+    assert main([*argv[:2], "dinov2_vits14+ttr", *argv[3:]]) == 2
+    assert "without +ttr" in capsys.readouterr().err

@@ -34,6 +34,7 @@ import torch
 
 import lostreg
 from lostreg.backbones import Backbone, create_backbone
+from lostreg.backbones.registry import split_modifiers
 from lostreg.backbones.ttr import NEURON_FILE_KIND, parse_neuron_list
 from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex
@@ -193,6 +194,8 @@ def find_register_neurons(config: NeuronSearchConfig, backbone: Backbone | None 
     use_device(device)
     set_numerics("fp32")
     if backbone is None:
+        if "ttr" in split_modifiers(config.model)[1]:
+            raise LostregError(f"--model {config.model}: find neurons on the model without +ttr")
         backbone = create_backbone(config.model, config.weights, device)
     if backbone.num_suffix_tokens:
         raise LostregError(f"--model {config.model}: find neurons on the model without +ttr")

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lostreg.errors import LostregError
+
 POS_EMBED_MODES = ("timm", "dino", "dinov2", "dinov2_reg")
 POS_INTERP_CHOICES = ("original", "timm")
 
@@ -26,7 +28,7 @@ def effective_pos_embed_mode(mode: str, pos_interp: str = "original") -> str:
     if mode not in POS_EMBED_MODES:
         raise ValueError(f"unknown pos_embed mode {mode!r}")
     if pos_interp not in POS_INTERP_CHOICES:
-        raise ValueError(f"--pos-interp must be one of {', '.join(POS_INTERP_CHOICES)}, "
+        raise LostregError(f"--pos-interp must be one of {', '.join(POS_INTERP_CHOICES)}, "
                          f"got {pos_interp!r}")
     return "timm" if pos_interp == "timm" else mode
 
