@@ -300,3 +300,51 @@ def test_rope_table_extension_is_the_identity_rotation() -> None:
     assert torch.equal(rotated[:, :, -1], x[:, :, -1])
     assert torch.equal(rotated[:, :, :6], apply_rot_embed_cat(x[:, :, :6], rope, half=True))
     assert F.mse_loss(rotated[:, :, :6], x[:, :, :6]) > 0
+
+
+def test_layer_l_of_an_eva_model_equals_a_hook_on_block_l(tiny_models) -> None:
+    from lostreg.features import layer_qkv
+
+    model = tiny_models["dinov3"].model
+    x = images_for(16, seed=6)
+    store = {}
+    hooks = [model.blocks[i].attn.qkv.register_forward_hook(
+        lambda m, a, out, i=i: store.setdefault(i, out)) for i in range(2)]
+    try:
+        with torch.inference_mode():
+            model.forward_features(x)
+            by_layer = layer_qkv(model, x, [0, -1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(by_layer[0], store[0]) and torch.equal(by_layer[-1], store[1])
+
+
+def test_norm_diagnostics_on_dinov3(tiny_models, tmp_path) -> None:
+    """``analyze norms`` and the panels' prefix attention on a RoPE model with storage tokens:
+    4 registers named, attention = the model's own softmax renormalised over the patches."""
+    from lostreg.analysis.collect import NormsConfig, analyze_norms
+    from lostreg.analysis.tokens import panel_readout
+
+    backbone = tiny_models["dinov3"]
+    result = analyze_norms(NormsConfig(model="tiny_dinov3", dataset="demo",
+                                       data_root=tmp_path / "data", weights="random",
+                                       device="cpu", limit=3, output=tmp_path / "norms",
+                                       num_workers=0, progress=False), backbone)
+    assert result.payload["num_prefix_tokens"] == 5 and result.payload["n_images"] == 3
+    x = images_for(16, batch=1, seed=7)
+    attn = backbone.model.blocks[-1].attn
+    store, fused = {}, attn.fused_attn
+    attn.fused_attn = False
+    hook = attn.attn_drop.register_forward_hook(lambda m, a, out: store.setdefault("a", out))
+    try:
+        with torch.inference_mode():
+            backbone.model.forward_features(x)
+    finally:
+        hook.remove()
+        attn.fused_attn = fused
+    full = store["a"][:, :, :5, 5:]
+    expected = (full / full.sum(-1, keepdim=True)).mean(1)
+    readout = panel_readout(backbone, x, "k")
+    assert readout.names == ["CLS", "register 1", "register 2", "register 3", "register 4"]
+    torch.testing.assert_close(readout.attention, expected, rtol=1e-5, atol=1e-6)

@@ -338,3 +338,20 @@ def test_register_neurons_command_writes_a_list_that_ttr_reads(tmp_path, capsys)
     assert backbone.spec.ttr.num_neurons == 5 and backbone.spec.ttr.source == str(out.resolve())
     assert main([*argv[:2], "dinov2_vits14+ttr", *argv[3:]]) == 2
     assert "without +ttr" in capsys.readouterr().err
+
+
+def test_analyses_rebuild_a_ttr_run_from_its_config(tmp_path, neuron_path) -> None:
+    """``analyze show/attribution`` rebuild the run's model: the neuron file recorded in
+    config.json (``BackboneSpec.describe()``) is reused and its sha256 checked."""
+    from lostreg.analysis.runs import RunInfo, ttr_neurons_argument
+
+    spec = get_backbone_spec("dinov2_vitl14+ttr")
+    shipped = RunInfo(tmp_path, {"ttr_neurons": spec.describe()["ttr_neurons"]}, [])
+    assert ttr_neurons_argument(shipped) is None
+    found = parse_neuron_list(json.loads(neuron_path.read_text()), str(neuron_path))
+    own = RunInfo(tmp_path, {"ttr_neurons": found.describe()}, [])
+    assert ttr_neurons_argument(own) == str(neuron_path)
+    gone = RunInfo(tmp_path, {"ttr_neurons": {**found.describe(), "source": "/nope.json"}}, [])
+    with pytest.raises(LostregError, match="register-neuron list '/nope.json' is gone"):
+        ttr_neurons_argument(gone)
+    assert ttr_neurons_argument(RunInfo(tmp_path, {}, [])) is None
