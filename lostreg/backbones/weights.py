@@ -69,8 +69,8 @@ def _checkpoint_format(path: Path) -> str:
                    else "it is a text file of blanks")
     else:
         problem = "its first bytes are not a torch.save archive, a pickle or a safetensors header"
-    raise LostregError(f"{path}: cannot read checkpoint: {problem}; --weights takes a PyTorch "
-                       "(.pth, .bin) or safetensors weights file")
+    raise LostregError(f"{path}: cannot read checkpoint: not a PyTorch (torch.save) or "
+                       f"safetensors weights file: {problem}")
 
 
 def _is_utf8(data: bytes) -> bool:
