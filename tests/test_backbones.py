@@ -225,3 +225,23 @@ def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, what
         create_backbone(REG, str(path))
     assert what in str(info.value) and str(path) in str(info.value)
     assert "KeyError" not in str(info.value)
+
+
+def test_gated_hub_weights_say_how_to_get_them(monkeypatch, tmp_path) -> None:
+    """DINOv3's hub repositories are gated: say so, and how to get in or around it."""
+    import huggingface_hub
+
+    from lostreg.backbones import weights
+
+    class GatedRepoError(Exception):
+        pass
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("401 Client Error. Cannot access gated repo")
+
+    monkeypatch.setattr(weights, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(LostregError, match="gated on the Hugging Face hub .*huggingface-cli login"
+                                           ".*--weights PATH") as info:
+        resolve_hub_file("vit_small_patch16_dinov3.lvd1689m")
+    assert "timm/vit_small_patch16_dinov3.lvd1689m" in str(info.value)

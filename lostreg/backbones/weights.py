@@ -193,6 +193,11 @@ def _hub_error(timm_name: str, hub_id: str, filename: str, online: bool,
             f"reachable (offline?): download {url} (repository {hub_id}, file {filename}) and "
             f"pass --weights PATH, or fill the cache {cache} on a machine with internet "
             f"(huggingface-cli download {hub_id} {filename}) and copy that folder here")
+    if error is not None and "Gated" in error.__class__.__name__:
+        return LostregError(
+            f"weights for {timm_name} are gated on the Hugging Face hub (repository {hub_id}): "
+            f"accept the licence at https://huggingface.co/{hub_id} and log in "
+            "(huggingface-cli login), or pass the official release file with --weights PATH")
     first = str(error).splitlines()[0] if error is not None and str(error) else ""
     if len(first) > 160:  # hub messages run long: cut at a word
         first = first[:160].rsplit(" ", 1)[0] + " ..."
