@@ -26,7 +26,7 @@ from lostreg.datasets.base import DatasetIndex
 from lostreg.datasets.voc import load_voc_folder, voc_annotation_xml
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lostreg.run import (
+from lostreg.pipeline import (
     decode_workers,
     resolve_device,  # noqa: F401 - re-exported for the scripts
 )

@@ -2,10 +2,12 @@
 
 * ``norms``: token-norm histogram, automatic outlier threshold, outlier shares per image and
   overall, and the neighbour similarity of outlier vs normal tokens, for one model on a dataset;
-* ``attribution``: per image of a LOST run, whether the seed is (next to) an outlier token and
-  whether the box covers outliers; CorLoc split by "image has outliers / has none";
-* ``show``: per-image PNG panels (image, boxes, seed, degree map, norm map, CLS and register
-  attention) with an ``index.html``;
+* ``attribution``: per image of a run, whether the seed is (next to) an outlier token and
+  whether the box covers outliers; CorLoc split by "image has outliers / has none"; with several
+  runs on the same images, also which runs (methods) found the object, per image;
+* ``show``: per-image PNG panels (image, boxes, seed, mask, degree map, norm map, CLS and
+  register attention) with an ``index.html``; with several runs, their boxes and masks side by
+  side;
 * ``register-neurons``: the MLP neurons that write the high-norm outliers (Jiang et al. 2025),
   written as a neuron list for ``--model M+ttr --ttr-neurons FILE``.
 """
@@ -82,6 +84,13 @@ def _add_attribution(sub: argparse._SubParsersAction) -> None:
                              "sha256 in the run's config.json)")
     parser.add_argument("--recompute", action="store_true",
                         help="recompute <run>/analysis/norms even if it exists")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="with several runs: folder of the per-image table of which runs "
+                             "found the object (default: results/analysis/compare-<dataset>-"
+                             "<hash>/)")
+    parser.add_argument("--hits-only", action="store_true",
+                        help="with several runs: only that table (reads predictions only; no "
+                             "model, no norms)")
     add_compute_options(parser)
 
 
@@ -90,17 +99,23 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
         "show", formatter_class=HelpFormatter,
         help="per-image panels (boxes, seed, degree, norm and attention maps) + index.html",
         description=(
-            "Rebuilds the run's model from its config.json and, per image, recomputes LOST's "
-            "degree map, the last block's token norms and the attention of the class token and "
-            "each register to the patches (softmax over patch keys, mean over heads)."),
+            "Rebuilds the run's model from its config.json and, per image, recomputes the "
+            "run's method (box, seed, patch mask; LOST's degree map), the last block's token "
+            "norms and the attention of the class token and each register to the patches "
+            "(softmax over patch keys, mean over heads). With several --run (e.g. LOST, "
+            "TokenCut and DINO-seg on one backbone), draws each run's box and patch mask side "
+            "by side per image instead."),
     )
-    parser.add_argument("--run", type=Path, required=True, help="run folder of lostreg.run")
+    parser.add_argument("--run", type=Path, nargs="+", action="extend", required=True,
+                        help="run folder of lostreg.run; several (--run A B C or --run A "
+                             "--run B) compare their boxes and masks on the same images")
     parser.add_argument("--images", nargs="+", default=None, metavar="ID",
                         help="image ids to show (default: the first --max-images)")
     parser.add_argument("--max-images", type=int, default=None,
                         help="how many images (default: 12, or all --images given)")
     parser.add_argument("--misses", action="store_true",
-                        help="without --images: show only images LOST missed")
+                        help="without --images: show only images the run missed (several "
+                             "runs: that at least one run missed)")
     parser.add_argument("--norms", type=Path, default=None,
                         help="norms.json for marking outliers (default: <run>/analysis/norms)")
     parser.add_argument("--threshold", type=float, default=None,
@@ -112,7 +127,9 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
                         help="checkpoint PATH if the run's weights moved (must match the "
                              "sha256 in the run's config.json)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="output folder (default: <run>/analysis/show/)")
+                        help="output folder (default: <run>/analysis/show/; several runs: "
+                             "results/analysis/compare-<dataset>-<hash>/show/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_register_neurons(sub: argparse._SubParsersAction) -> None:
@@ -186,26 +203,37 @@ def _norms(args: argparse.Namespace) -> int:
 
 
 def _attribution(args: argparse.Namespace) -> int:
-    from lostreg.analysis.attribution import attribute_run
+    from lostreg.analysis.attribution import attribute_runs
 
-    if args.norms is not None and len(args.norms) != len(args.run):
-        raise LostregError(f"--norms has {len(args.norms)} files for {len(args.run)} runs; "
-                           "give one per --run or none")
-    norms = args.norms or [None] * len(args.run)
-    for run_dir, norms_path in zip(args.run, norms, strict=True):
-        result = attribute_run(run_dir, norms_path, args.threshold, args.device, args.data_root,
-                               args.batch_size, args.num_workers, not args.no_progress,
-                               args.recompute, args.weights)
+    results, table = attribute_runs(
+        args.run, args.norms, args.threshold, args.device, args.data_root, args.batch_size,
+        args.num_workers, not args.no_progress, args.recompute, args.weights, args.output,
+        args.hits_only)
+    for result in results:
         print(result.markdown)
         print(f"tables written to {result.output_dir}")
+    if table is not None:
+        print(table.markdown)
+        print(f"per-image table written to {table.output_dir / 'hits.csv'}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
+    from lostreg.analysis.compare import show_compare
     from lostreg.analysis.report import show_run
 
-    index = show_run(args.run, args.images, args.max_images, args.misses, args.device,
-                     args.data_root, args.norms, args.threshold, args.output, args.weights)
+    runs = list(dict.fromkeys(path.resolve() for path in args.run))
+    if len(runs) > 1:
+        for flag, value in (("--norms", args.norms), ("--threshold", args.threshold)):
+            if value is not None:
+                raise LostregError(f"{flag} is for the panels of one run; several --run "
+                                   "compare boxes and masks only")
+        index = show_compare(runs, args.images, args.max_images, args.misses, args.device,
+                             args.data_root, args.output, args.weights, not args.no_progress)
+    else:
+        index = show_run(runs[0], args.images, args.max_images, args.misses, args.device,
+                         args.data_root, args.norms, args.threshold, args.output, args.weights,
+                         not args.no_progress)
     print(f"panels written; open {index}")
     return 0
 

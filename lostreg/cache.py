@@ -12,12 +12,23 @@ weights identity (sha256 of the file, or ``random``), dataset + split (``no_hard
 ``--limit`` do not change features: entries are per image id), feature kind, preprocessing
 (mean/std, patch size, position-embedding interpolation), ``--precision`` and the stored dtype.
 
-A shard is ``MAGIC | header length (8 bytes, little endian) | JSON header | payload``. The
-header holds the key (and its hash), dtype, grid, per-row image ids and sizes, the payload
-length and its sha256. Every read checks all of it: a truncated, corrupted or foreign shard
-is reported as a warning and its images are recomputed, never used. Shards are read one at a
-time (the index is the only thing held in memory), so memory stays flat whatever the cache
-size.
+A shard is ``MAGIC | header length (8 bytes, little endian) | sha256 (32 bytes) | JSON header |
+payload``. The sha256 covers every other byte of the file (magic, length, header, payload), so
+a flipped bit anywhere, a grid ``[12, 16]`` read as ``[16, 12]`` included, is caught. The
+header holds the key (and its hash), dtype, grid, per-row image ids, sizes and image
+fingerprints, and the payload length. Every read checks all of it: a truncated, corrupted,
+foreign or older-format shard is reported as a warning and its images are recomputed, never
+used. Shards are read one at a time (the index is the only thing held in memory), so memory
+stays flat whatever the cache size.
+
+Images are keyed by a fingerprint of their file's bytes (``image_fingerprint``: sha256), not
+their size: an image replaced by another one of the same byte size misses the cache. The
+fingerprint is checked twice: the image file's against the index entry (``lookup``), and the
+index entry's against the shard header (``read``), which the checksum covers.
+
+A cache that cannot be written (read-only, full disk, not a folder) is only a slower run: the
+first failed write or removal warns once and turns writing off for that cache; reading what
+is there still works.
 
 Each writing process appends to its own index file (no two processes append to one file), and
 files are read in name order (their names start with the creation time), so a later entry for
@@ -42,11 +53,18 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lostreg.errors import LostregError
-from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json, read_jsonl
+from lostreg.errors import LostregError, os_error_message
+from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json
 
-FORMAT_VERSION = 1
-MAGIC = b"LRFEATS\x01"
+# 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
+# new format gets a new folder; a shard of another format is refused by its magic.
+FORMAT_VERSION = 2
+MAGIC = b"LRFEATS\x02"
+_OLD_MAGICS = {b"LRFEATS\x01": 1}
+_DIGEST_AT = len(MAGIC) + 8  # the sha256 follows the header length
+_HEADER_AT = _DIGEST_AT + 32
+_SHARD_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{12}\.feats$")
+FINGERPRINT_PREFIX = "sha256:"
 DEFAULT_CACHE_DIR = Path("results/cache")
 CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -111,7 +129,7 @@ class CacheProblem(Exception):
 class CacheEntry(NamedTuple):
     shard: str
     row: int
-    file_size: int | None
+    fingerprint: str | None
 
 
 @dataclass
@@ -123,6 +141,44 @@ class Shard:
     sizes: list[tuple[int, int]]
     grid: tuple[int, int]
     feats: torch.Tensor
+    fingerprints: list[str | None]
+
+
+def image_fingerprint(path: str | os.PathLike) -> str | None:
+    """``sha256:<hex>`` of the image file's bytes: what the cache keys an image by.
+
+    sha256 rather than blake2b: with the SHA extensions most x86 and ARM CPUs have, OpenSSL's
+    sha256 is the faster of the two (``benchmarks/bench_fingerprint.py`` measures its cost
+    against decoding the image). None when the file cannot be read: such an image never
+    matches a cache entry, and its decoding reports the problem.
+    """
+    try:
+        with open(path, "rb") as handle:
+            return FINGERPRINT_PREFIX + hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def file_size(path: Path) -> str | None:
+    """Transitional name of ``image_fingerprint`` for callers not yet renamed (lostreg.run):
+    the cache keys images by their content now, never by their size."""
+    return image_fingerprint(path)
+
+
+def _index_entry(line: object) -> tuple[str, CacheEntry]:
+    """One index line, validated: a line that could point outside the shard folder or carry
+    the wrong types raises ``ValueError``."""
+    if not isinstance(line, dict):
+        raise ValueError("not an object")
+    image_id, shard, row = line.get("image_id"), line.get("shard"), line.get("row")
+    fingerprint = line.get("fingerprint")
+    if not isinstance(image_id, str) or not isinstance(shard, str) or not _SHARD_NAME.match(shard):
+        raise ValueError("bad image_id or shard")
+    if not isinstance(row, int) or isinstance(row, bool) or row < 0:
+        raise ValueError("bad row")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise ValueError("bad fingerprint")
+    return image_id, CacheEntry(shard, row, fingerprint)
 
 
 def _safe(text: str) -> str:
@@ -149,6 +205,7 @@ class FeatureCache:
         self._lock = threading.Lock()
         self._index: dict[str, CacheEntry] = {}
         self._loaded = False
+        self.writable = True  # turned off, with one warning, by the first failed write
 
     # --- index --------------------------------------------------------------------------
 
@@ -158,47 +215,85 @@ class FeatureCache:
         self._loaded = True
         key_file = self.dir / "key.json"
         try:
-            if key_file.is_file() and json.loads(key_file.read_text()) != self.key:
-                warn(f"feature cache {key_file}: does not match its folder; rewriting it "
-                     "(shards are checked against the key hash one by one)")
-                atomic_write_json(key_file, self.key)
+            stale = key_file.is_file() and json.loads(key_file.read_text()) != self.key
         except (OSError, ValueError):
-            warn(f"feature cache {key_file}: unreadable; rewriting it")
-            atomic_write_json(key_file, self.key)
+            stale = True
+        if stale:
+            warn(f"feature cache {key_file}: unreadable or does not match its folder; rewriting "
+                 "it (shards are checked against the key hash one by one)")
+            self._write_key()
         for path in sorted(self.index_dir.glob("*.jsonl")):
+            bad = self._load_index_file(path)
+            if bad:
+                warn(f"feature cache index {path}: {bad} bad line(s) ignored")
+
+    def _load_index_file(self, path: Path) -> int:
+        """Read one index file into ``_index``; returns how many lines were not usable (a
+        torn last line, from a kill, is not counted: it was never durable)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            warn(f"feature cache index: {os_error_message(exc)}; ignoring it")
+            return 0
+        bad = 0
+        for raw in data[: data.rfind(b"\n") + 1].splitlines():
             try:
-                for line in read_jsonl(path):
-                    self._index[str(line["image_id"])] = CacheEntry(
-                        str(line["shard"]), int(line["row"]), line.get("file_size"))
-            except (ValueError, KeyError, TypeError):
-                warn(f"feature cache index {path}: bad line; ignoring the rest of this file")
+                image_id, entry = _index_entry(json.loads(raw))
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+                bad += 1
+                continue
+            self._index[image_id] = entry
+        return bad
+
+    def _write_key(self) -> None:
+        try:
+            atomic_write_json(self.dir / "key.json", self.key)
+        except OSError as exc:
+            self._cannot_write(exc)
+
+    def _cannot_write(self, exc: OSError) -> None:
+        """Turn writing off for this cache, warning once: a cache is an optimisation, and a
+        read-only or full one must never fail a run (nor every rerun of it)."""
+        with self._lock:
+            first, self.writable = self.writable, False
+        if first:
+            warn(f"feature cache {self.dir}: cannot write ({os_error_message(exc)}); "
+                 "continuing without storing features there")
 
     def __len__(self) -> int:
         self._load()
         return len(self._index)
 
-    def lookup(self, image_id: str, file_size: int | None = None) -> CacheEntry | None:
-        """The entry of ``image_id``, or None (also when the image file changed size since)."""
+    def lookup(self, image_id: str, fingerprint: str | None) -> CacheEntry | None:
+        """The entry of ``image_id`` if it was stored for the same image file (same
+        ``image_fingerprint``), else None; an image without a fingerprint never matches."""
         self._load()
         entry = self._index.get(image_id)
-        if entry is None:
-            return None
-        if file_size is not None and entry.file_size is not None and entry.file_size != file_size:
+        if entry is None or fingerprint is None or entry.fingerprint != fingerprint:
             return None
         return entry
 
     def forget(self, shard: str) -> None:
-        """Drop a bad shard and every entry pointing at it; its images are recomputed."""
+        """Drop a bad shard and every entry pointing at it; its images are recomputed. A shard
+        that cannot be removed (read-only cache) stays, and is refused again next time."""
+        self._load()
         with self._lock:
             for image_id in [i for i, e in self._index.items() if e.shard == shard]:
                 del self._index[image_id]
-        (self.shard_dir / shard).unlink(missing_ok=True)
+        if not _SHARD_NAME.match(shard) or not self.writable:
+            return
+        try:
+            (self.shard_dir / shard).unlink(missing_ok=True)
+        except OSError as exc:
+            self._cannot_write(exc)
 
     # --- shards -------------------------------------------------------------------------
 
     def read(self, shard: str) -> Shard:
         """Read and verify one shard; raises ``CacheProblem`` saying what is wrong with it."""
         path = self.shard_dir / shard
+        if not _SHARD_NAME.match(shard):
+            raise CacheProblem(f"{path}: not a shard name of this cache")
         try:
             size = path.stat().st_size
             buffer = bytearray(size)
@@ -206,43 +301,55 @@ class FeatureCache:
                 got = handle.readinto(buffer)
         except OSError as exc:
             raise CacheProblem(f"{path}: cannot read ({exc.strerror or exc})") from None
-        if got != size or size < len(MAGIC) + 8 or bytes(buffer[: len(MAGIC)]) != MAGIC:
-            raise CacheProblem(f"{path}: not a lostreg feature shard (bad magic or too short)")
-        header_len = int.from_bytes(buffer[len(MAGIC): len(MAGIC) + 8], "little")
-        start = len(MAGIC) + 8
-        if header_len > min(size - start, _MAX_HEADER):
-            raise CacheProblem(f"{path}: truncated header")
+        if got != size:
+            raise CacheProblem(f"{path}: changed while being read")
+        header, offset = _verified_header(path, buffer)
         try:
-            header = json.loads(bytes(buffer[start: start + header_len]))
             dtype = _NAME_DTYPES[header["dtype"]]
             rows, cols = (int(v) for v in header["grid"])
             dim = int(header["dim"])
             ids = [str(e["image_id"]) for e in header["entries"]]
             sizes = [(int(e["size"][0]), int(e["size"][1])) for e in header["entries"]]
-            expected_bytes, digest = int(header["payload_bytes"]), str(header["payload_sha256"])
+            fingerprints = [e["fingerprint"] for e in header["entries"]]
+            expected_bytes = int(header["payload_bytes"])
             foreign = (header["key"] != self.hash or header["format"] != FORMAT_VERSION
                        or header.get("cache_key", self.key) != self.key)
         except (ValueError, KeyError, TypeError, IndexError):
             raise CacheProblem(f"{path}: unreadable header") from None
         if foreign:
             raise CacheProblem(f"{path}: written for another cache key")
-        offset = start + header_len
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if expected_bytes != len(ids) * rows * cols * dim * itemsize:
+        if expected_bytes != len(ids) * rows * cols * dim * itemsize \
+                or len(buffer) - offset != expected_bytes:
             raise CacheProblem(f"{path}: header shapes disagree with its payload length")
-        if size - offset != expected_bytes:
-            raise CacheProblem(f"{path}: truncated ({size - offset} of {expected_bytes} "
-                               "payload bytes)")
-        if hashlib.sha256(memoryview(buffer)[offset:]).hexdigest() != digest:
-            raise CacheProblem(f"{path}: payload checksum mismatch (corrupted)")
+        self._check_rows(shard, path, ids, fingerprints)
         feats = torch.frombuffer(buffer, dtype=dtype, offset=offset,
                                  count=len(ids) * rows * cols * dim)
-        return Shard(path, ids, sizes, (rows, cols), feats.view(len(ids), rows * cols, dim))
+        return Shard(path, ids, sizes, (rows, cols), feats.view(len(ids), rows * cols, dim),
+                     fingerprints)
+
+    def _check_rows(self, shard: str, path: Path, ids: list[str],
+                    fingerprints: list[str | None]) -> None:
+        """Every index entry pointing into the shard names the image (id and fingerprint) the
+        shard's checksummed header holds at that row."""
+        with self._lock:
+            entries = [(i, e) for i, e in self._index.items() if e.shard == shard]
+        for image_id, entry in entries:
+            if entry.row >= len(ids) or ids[entry.row] != image_id \
+                    or fingerprints[entry.row] != entry.fingerprint:
+                raise CacheProblem(f"{path}: rows do not match the cache index "
+                                   f"(image {image_id})")
 
     def write(self, image_ids: Sequence[str], sizes: Sequence[tuple[int, int]],
-              file_sizes: Sequence[int | None], grid: tuple[int, int], feats: torch.Tensor) -> None:
+              fingerprints: Sequence[str | None], grid: tuple[int, int],
+              feats: torch.Tensor) -> bool:
         """Store features ``(B, rows*cols, D)`` (CPU) of one batch: the shard atomically, then
-        its index lines durably, so an index line never points at a missing or partial shard."""
+        its index lines durably, so an index line never points at a missing or partial shard.
+
+        ``fingerprints`` are the images' ``image_fingerprint``. Returns False, without raising,
+        when the cache cannot be written (warned once; later writes are skipped)."""
+        if not self.writable:
+            return False
         feats = feats.detach().to("cpu").contiguous()
         if feats.dtype not in _DTYPE_NAMES or feats.ndim != 3 or feats.shape[0] != len(image_ids):
             raise ValueError(f"bad features for the cache: {feats.dtype} {tuple(feats.shape)}")
@@ -254,36 +361,93 @@ class FeatureCache:
             "dtype": _DTYPE_NAMES[feats.dtype],
             "grid": list(grid),
             "dim": int(feats.shape[2]),
-            "entries": [{"image_id": i, "size": list(s)} for i, s in zip(image_ids, sizes,
-                                                                       strict=True)],
+            "entries": [{"image_id": i, "size": list(s), "fingerprint": f}
+                        for i, s, f in zip(image_ids, sizes, fingerprints, strict=True)],
             "payload_bytes": len(payload),
-            "payload_sha256": hashlib.sha256(payload).hexdigest(),
         }
-        header_bytes = json.dumps(header, sort_keys=True).encode()
-        # pad with spaces so the payload starts 64-byte aligned (tensors are views of it)
-        header_bytes += b" " * (-(len(MAGIC) + 8 + len(header_bytes)) % 64)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.feats"
+        lines = [{"image_id": i, "shard": name, "row": row, "fingerprint": f}
+                 for row, (i, f) in enumerate(zip(image_ids, fingerprints, strict=True))]
         self._load()
-        if not (self.dir / "key.json").exists():
-            atomic_write_json(self.dir / "key.json", self.key)
-        atomic_write_bytes(self.shard_dir / name,
-                           MAGIC + len(header_bytes).to_bytes(8, "little") + header_bytes + payload)
-        lines = [{"image_id": i, "shard": name, "row": row, "file_size": fs}
-                 for row, (i, fs) in enumerate(zip(image_ids, file_sizes, strict=True))]
+        try:
+            if not (self.dir / "key.json").exists():
+                atomic_write_json(self.dir / "key.json", self.key)
+            atomic_write_bytes(self.shard_dir / name, _shard_bytes(header, payload))
+            try:
+                self._append_index(lines)
+            except OSError:
+                (self.shard_dir / name).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            self._cannot_write(exc)
+            return False
+        with self._lock:
+            for line in lines:
+                self._index[line["image_id"]] = CacheEntry(name, line["row"], line["fingerprint"])
+        return True
+
+    def _append_index(self, lines: list[dict]) -> None:
         with self._lock:
             if self._appender is None:
                 tag = f"-{self.writer_tag}" if self.writer_tag else ""
                 stem = f"{time.time_ns():020d}-{os.getpid()}{tag}"
                 self._appender = JsonlAppender(self.index_dir / f"{stem}.jsonl")
             self._appender.write_many(lines)
-            for line in lines:
-                self._index[line["image_id"]] = CacheEntry(name, line["row"], line["file_size"])
 
     def close(self) -> None:
         with self._lock:
-            if self._appender is not None:
-                self._appender.close()
-                self._appender = None
+            appender, self._appender = self._appender, None
+        if appender is not None:
+            try:
+                appender.close()
+            except OSError as exc:
+                self._cannot_write(exc)
+
+
+def _shard_bytes(header: dict, payload: bytes) -> bytes:
+    """The file of one shard: the checksum covers every byte but its own."""
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    # pad with spaces so the payload starts 64-byte aligned (tensors are views of it)
+    header_bytes += b" " * (-(_HEADER_AT + len(header_bytes)) % 64)
+    prefix = MAGIC + len(header_bytes).to_bytes(8, "little")
+    digest = hashlib.sha256(prefix)
+    digest.update(header_bytes)
+    digest.update(payload)
+    return prefix + digest.digest() + header_bytes + payload
+
+
+def _verified_header(path: Path, buffer: bytearray) -> tuple[dict, int]:
+    """The JSON header of a shard's bytes and where its payload starts, after checking the
+    magic and the whole-file checksum; ``CacheProblem`` otherwise."""
+    magic = bytes(buffer[: len(MAGIC)])
+    if magic in _OLD_MAGICS:
+        raise CacheProblem(f"{path}: written in cache format {_OLD_MAGICS[magic]} (this lostreg "
+                           f"reads format {FORMAT_VERSION})")
+    if len(buffer) < _HEADER_AT or magic != MAGIC:
+        raise CacheProblem(f"{path}: not a lostreg feature shard (bad magic or too short)")
+    header_len = int.from_bytes(buffer[len(MAGIC): _DIGEST_AT], "little")
+    if header_len > min(len(buffer) - _HEADER_AT, _MAX_HEADER):
+        raise CacheProblem(f"{path}: truncated or corrupted header")
+    view = memoryview(buffer)
+    digest = hashlib.sha256(view[:_DIGEST_AT])
+    digest.update(view[_HEADER_AT:])
+    offset = _HEADER_AT + header_len
+    try:
+        header = json.loads(bytes(view[_HEADER_AT:offset]))
+    except ValueError:
+        header = None
+    if digest.digest() != bytes(view[_DIGEST_AT:_HEADER_AT]):
+        try:  # say "truncated" when the (unverified) header says so; a kill cannot do that,
+            expected = int(header["payload_bytes"])  # a copy or a full disk can
+        except (TypeError, KeyError, ValueError):
+            expected = -1
+        if expected > len(buffer) - offset:
+            raise CacheProblem(f"{path}: truncated ({len(buffer) - offset} of {expected} "
+                               "payload bytes)")
+        raise CacheProblem(f"{path}: checksum mismatch (corrupted)")
+    if not isinstance(header, dict):
+        raise CacheProblem(f"{path}: unreadable header")
+    return header, offset
 
 
 def to_storage(feats: torch.Tensor, storage: str, lossless: bool) -> torch.Tensor:
@@ -293,13 +457,6 @@ def to_storage(feats: torch.Tensor, storage: str, lossless: bool) -> torch.Tenso
     if lossless and stored.dtype != feats.dtype and not torch.equal(stored.to(feats.dtype), feats):
         return feats
     return stored
-
-
-def file_size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def prefetch(read: Callable[[str], Shard], names: Iterable[str],
@@ -330,7 +487,8 @@ def prefetch(read: Callable[[str], Shard], names: Iterable[str],
 
 class BackgroundWriter:
     """Writes cache shards in one background thread, at most ``max_pending`` batches behind
-    (bounded memory); a write that fails only costs a recompute later, so it warns."""
+    (bounded memory). A cache that cannot be written warns once itself (``FeatureCache.write``
+    returns False); any other failure of a write only costs a recompute later, so it warns."""
 
     def __init__(self, max_pending: int = 4) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lostreg-cache-write")
@@ -338,6 +496,8 @@ class BackgroundWriter:
         self.failures = 0
 
     def submit(self, cache: FeatureCache, *args: Any) -> None:
+        if not cache.writable:  # warned once already; do not even copy the features
+            return
         self._slots.acquire()
         future = self._pool.submit(cache.write, *args)
         future.add_done_callback(lambda f, c=cache: self._done(f, c))

@@ -26,12 +26,18 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_text, read_jsonl
+from lostreg.predictions import (
+    PART_PATTERN,  # noqa: F401 - re-exported
+    PREDICTIONS,
+    LoadedPredictions,
+    load_predictions,
+    prediction_files,
+    write_merged,
+)
 
 T = TypeVar("T")
-PREDICTIONS = "predictions.jsonl"
-PART_PATTERN = "predictions.rank*.jsonl"
 # ranks wait for each other at the end of a run; a resumed run can be uneven, so be patient
 TIMEOUT_ENV = "LOSTREG_DIST_TIMEOUT_MIN"
 DEFAULT_TIMEOUT_MIN = 720.0
@@ -247,7 +253,7 @@ def part_path(run_dir: Path, rank: int) -> Path:
 
 
 def part_files(run_dir: Path) -> list[Path]:
-    return sorted(Path(run_dir).glob(PART_PATTERN))
+    return prediction_files(run_dir)[1:]
 
 
 def predictions_target(run_dir: Path, ctx: DistContext) -> Path:
@@ -255,38 +261,37 @@ def predictions_target(run_dir: Path, ctx: DistContext) -> Path:
     return part_path(run_dir, ctx.rank) if ctx.enabled else Path(run_dir) / PREDICTIONS
 
 
-def _all_lines(run_dir: Path) -> dict[str, dict]:
-    """Every durable prediction of a run: the merged file plus parts left by any earlier
-    attempt (with any world size); a torn last line is not durable and is left out."""
-    by_id: dict[str, dict] = {}
-    for path in [Path(run_dir) / PREDICTIONS, *part_files(run_dir)]:
-        try:
-            for line in read_jsonl(path):
-                by_id[line["image_id"]] = line
-        except (ValueError, KeyError, TypeError):
-            raise LostregError(f"{path}: not a predictions file of lostreg.run (bad line); "
-                               "move it away and rerun") from None
-    return by_id
+RunImages = Sequence[ImageRecord] | Sequence[str] | None
 
 
-def done_ids(run_dir: Path) -> set[str]:
-    """Image ids whose predictions are already durable in the run folder."""
-    return set(_all_lines(run_dir))
+def _load(run_dir: Path, images: RunImages, root: Path | None) -> LoadedPredictions:
+    """The validated predictions (``lostreg.predictions``) of a run. ``images``: the run's
+    records (full checks, hit/best_iou recomputed) or, from callers that only have them, its
+    image ids. Only rank 0 repairs (quarantines bad lines); every rank sees the same lines."""
+    images = list(images) if images is not None else None
+    if images and isinstance(images[0], str):
+        return load_predictions(run_dir, None, image_ids=images, repair=current().is_main)
+    return load_predictions(run_dir, images, root=root, repair=current().is_main)
 
 
-def merge_predictions(run_dir: Path, image_ids: Sequence[str]) -> list[dict]:
-    """Write ``predictions.jsonl`` in ``image_ids`` order from the file and all parts, then
-    delete the parts; a kill at any point leaves files a rerun merges the same way."""
-    import json
+def _all_lines(run_dir: Path, images: RunImages = None, root: Path | None = None
+               ) -> dict[str, dict]:
+    """Every durable, valid prediction of a run: the merged file plus parts left by any earlier
+    attempt (with any world size); a torn last line is not durable and is left out, a bad line
+    is quarantined (its image is recomputed), a line of another run is an error."""
+    return _load(run_dir, images, root).lines
 
-    by_id = _all_lines(run_dir)
-    missing = [i for i in image_ids if i not in by_id]
-    if missing:
-        raise LostregError(f"{run_dir}: {len(missing)} predictions missing after the run "
-                           f"(first: {missing[0]}); rerun the same command")
-    ordered = [by_id[i] for i in image_ids]
-    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in ordered)
-    atomic_write_text(Path(run_dir) / PREDICTIONS, text)
-    for path in part_files(run_dir):
-        path.unlink(missing_ok=True)
-    return ordered
+
+def done_ids(run_dir: Path, images: RunImages = None, root: Path | None = None) -> set[str]:
+    """Image ids whose predictions are already durable (and valid) in the run folder."""
+    return set(_all_lines(run_dir, images, root))
+
+
+def merge_predictions(run_dir: Path, images: Sequence[ImageRecord] | Sequence[str],
+                      root: Path | None = None) -> list[dict]:
+    """Write ``predictions.jsonl`` in ``images`` order (records, or image ids) from the
+    validated file and all parts, then delete the parts; a kill at any point leaves files a
+    rerun merges the same way."""
+    images = list(images)
+    ids = [i if isinstance(i, str) else i.image_id for i in images]
+    return write_merged(Path(run_dir), ids, _load(Path(run_dir), images, root).lines)

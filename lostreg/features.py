@@ -314,13 +314,19 @@ class FeatureRequest(NamedTuple):
         return self.kind if self.layer == -1 else f"{self.kind}@{self.layer}"
 
 
+def layer_view(backbone: Backbone, qkv: torch.Tensor, index: int,
+               rope: torch.Tensor | None = None) -> LayerQKV:
+    """``LayerQKV`` of block ``index`` (non-negative) from its projection output ``qkv`` and the
+    RoPE table its attention received (None without RoPE)."""
+    model = backbone.model
+    return LayerQKV(qkv, model.blocks[index], rope, backbone.family, backbone.num_prefix_tokens,
+                    backbone.num_suffix_tokens, getattr(model, "cls_token", None) is not None)
+
+
 def layer_views(backbone: Backbone, taps: Taps, layers: dict[int, int]) -> dict[int, LayerQKV]:
     """``LayerQKV`` per requested layer (as given) from captured ``taps``."""
-    model = backbone.model
-    return {layer: LayerQKV(
-        taps.qkv[index].qkv, model.blocks[index], taps.qkv[index].rope,  # type: ignore[arg-type]
-        backbone.family, backbone.num_prefix_tokens, backbone.num_suffix_tokens,
-        getattr(model, "cls_token", None) is not None) for layer, index in layers.items()}
+    return {layer: layer_view(backbone, taps.qkv[index].qkv, index,  # type: ignore[arg-type]
+                              taps.qkv[index].rope) for layer, index in layers.items()}
 
 
 @torch.inference_mode()
@@ -376,7 +382,7 @@ def extract_features(
 __all__ = [
     "FEATURE_KINDS", "FeatureKind", "FeatureRequest", "LayerQKV", "Taps", "VECTOR_KINDS",
     "cls_attention", "extract", "extract_feature_kinds", "extract_features", "last_qkv",
-    "layer_qkv", "layer_views", "num_suffix_tokens", "padded_size", "preprocess",
+    "layer_qkv", "layer_view", "layer_views", "num_suffix_tokens", "padded_size", "preprocess",
     "register_feature_kind", "resolve_layer", "run_taps", "select_feature",
     "tokens_before_block", "tokens_before_last_block",
 ]

@@ -32,23 +32,48 @@ def _file_mode(path: Path) -> int:
         return 0o666 & ~_UMASK
 
 
+def named(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` naming ``path`` when it names no file (a full disk's ``write`` or ``fsync``
+    error carries none, so the user would read "No space left on device" without the file)."""
+    if exc.filename is None:
+        exc.filename = str(path)
+    return exc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (a write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``.
 
     Readers see either the old file or the new one, never a half-written file. The file gets
-    the permissions ``open`` would give it (or keeps those it had).
+    the permissions ``open`` would give it (or keeps those it had). Any ``OSError`` names a
+    path: the target (not the temp file) when the system named none.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise named(exc, path) from None
+    try:
+        try:
             if hasattr(os, "fchmod"):  # POSIX
-                os.fchmod(handle.fileno(), _file_mode(path))
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+                os.fchmod(fd, _file_mode(path))
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename == tmp:  # name the file the caller asked for, not our temp file
+            exc.filename, exc.filename2 = None, None
+        raise named(exc, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -98,25 +123,46 @@ def repair_jsonl(path: str | os.PathLike) -> int:
 
 
 class JsonlAppender:
-    """Append records to a JSON-lines file; each ``write_many`` is durable when it returns."""
+    """Append records to a JSON-lines file; each ``write_many`` is durable when it returns.
+
+    Writes go straight to the file descriptor (no Python buffer): a write that fails (a full
+    disk) is cut back to the last complete line and raised naming the file, and nothing is
+    left in a buffer for ``close`` to retry, so a later line never lands after a torn one.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_jsonl(self.path)
-        self._handle = open(self.path, "ab")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_jsonl(self.path)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                           0o666)
+        except OSError as exc:
+            raise named(exc, self.path) from None
 
     def write_many(self, records: Iterable[dict]) -> None:
         payload = b"".join(
             json.dumps(record, sort_keys=True).encode("utf-8") + b"\n" for record in records
         )
-        if payload:
-            self._handle.write(payload)
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+        if not payload:
+            return
+        if self._fd is None:
+            raise ValueError(f"{self.path}: appender is closed")
+        start = os.fstat(self._fd).st_size
+        try:
+            _write_all(self._fd, payload)
+            os.fsync(self._fd)
+        except OSError as exc:
+            try:  # best effort: drop the partial line (a rerun's repair would do it too)
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass
+            raise named(exc, self.path) from None
 
     def close(self) -> None:
-        self._handle.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
     def __enter__(self) -> JsonlAppender:
         return self

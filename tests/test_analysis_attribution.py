@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_methods import fake_method_registered
 
 from lostreg.analysis.attribution import attribute_run
 from lostreg.analysis.store import TokenMaps
@@ -29,19 +30,28 @@ def grid_of(height: int, width: int) -> tuple[int, int]:
     return -(-height // P), -(-width // P)
 
 
-def make_run(root: Path, model: str = "tiny_handmade") -> Path:
-    run = root / "run"
+def make_run(root: Path, model: str = "tiny_handmade", name: str = "run",
+             method: dict | None = None, hits: dict[str, bool] | None = None,
+             seedless: bool = False, drop: str | None = None, k_patches: int = 100) -> Path:
+    """A run folder; ``method``: config.json's method keys (none: a pre-registry LOST run),
+    ``hits``: override the hit of some images, ``seedless``: every seed null, ``drop``: an
+    image the run did not predict."""
+    run = root / name
     run.mkdir(parents=True)
     weights = {"source": "random", "path": None, "sha256": None, "hub_id": None}
     (run / "config.json").write_text(json.dumps({
-        "run_id": "smoke-demo-handmade", "model": model, "patch_size": P, "dataset": "demo",
-        "weights": weights, "feature": "k", "k_patches": 100, "gram_bias": 0.0,
-        "smoke_run": True, "settings": {"data_root": str(root / "data")}}))
+        "run_id": f"smoke-demo-handmade-{name}", "model": model, "patch_size": P,
+        "dataset": "demo", "weights": weights, "feature": "k", "k_patches": k_patches,
+        "gram_bias": 0.0, "smoke_run": True, "settings": {"data_root": str(root / "data")},
+        **(method or {})}))
     lines = []
     for image_id, (h, w, seed, box, hit, _) in IMAGES.items():
+        if image_id == drop:
+            continue
+        hit = (hits or {}).get(image_id, hit)
         lines.append(json.dumps({"image_id": image_id, "file": f"{image_id}.jpg", "width": w,
-                                 "height": h, "box": box, "seed": seed, "gt_boxes": [],
-                                 "best_iou": 0.7 if hit else 0.1, "hit": hit,
+                                 "height": h, "box": box, "seed": None if seedless else seed,
+                                 "gt_boxes": [], "best_iou": 0.7 if hit else 0.1, "hit": hit,
                                  "weights": "random"}))
     (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
     (run / "metrics.json").write_text("{}")
@@ -156,3 +166,91 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys) -> None:
     (run / "predictions.jsonl").write_text('{"image_id": "A", "seed": [0]}\n')
     with pytest.raises(LostregError, match="predictions.jsonl: line 1"):
         attribute_run(run, make_norms(tmp_path / "again"))
+
+
+FAKE = {"method": "fake_top", "method_params": {"fake_level": 0.0}}
+
+
+def test_a_seedless_method_leaves_the_seed_columns_empty(tmp_path) -> None:
+    with fake_method_registered():
+        result = attribute_run(make_run(tmp_path, method=FAKE, seedless=True),
+                               make_norms(tmp_path))
+    rows = {row["image_id"]: row for row in result.rows}
+    for row in rows.values():
+        assert [row[k] for k in ("seed_row", "seed_col", "seed_norm", "seed_is_outlier",
+                                 "seed_touches_outlier")] == [None] * 5
+    # the box columns do not need a seed
+    assert [rows[k]["box_has_outlier"] for k in "ABCDE"] == [True, False, True, False, False]
+    summary = {row["group"]: row for row in result.summary}
+    assert summary["all images"]["n_images"] == 5
+    assert summary["all images"]["seed_is_outlier_pct"] is None
+    assert summary["all images"]["box_has_outlier_pct"] == pytest.approx(40.0)
+    assert summary["seed on/next to an outlier"]["n_images"] == 0
+    assert summary["seed away from outliers"]["n_images"] == 0
+    per_image = read_csv(tmp_path / "run" / "analysis" / "attribution.csv")
+    assert per_image[0]["seed_row"] == "" and per_image[0]["box_has_outlier"] == "true"
+    assert "| all images | 5 | 2 | 40.0 | – | – | 40.0 | 8.3 |" in result.markdown
+    assert "FakeTop failure attribution" in result.markdown and "no seed" in result.markdown
+    saved = json.loads((tmp_path / "run" / "analysis" / "attribution.json").read_text())
+    assert saved["method"] == "fake_top" and saved["method_params"] == {"fake_level": 0.0}
+
+
+def test_hits_table_says_which_runs_found_each_object(tmp_path, capsys) -> None:
+    # hits per image A..E: LOST k=100 (the IMAGES table) F F T T F; fake_top T F T F F;
+    # LOST k=5 F F T T and no prediction for E
+    runs = [make_run(tmp_path, name="lost100"),
+            make_run(tmp_path, name="fake", method=FAKE, seedless=True,
+                     hits={"A": True, "D": False}),
+            make_run(tmp_path, name="lost5", drop="E", k_patches=5)]
+    out = tmp_path / "hits"
+    with fake_method_registered():
+        assert main(["attribution", "--run", *map(str, runs), "--hits-only", "--output",
+                     str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 images predicted by every run (1 more left out" in printed
+    table = read_csv(out / "hits.csv")
+    assert list(table[0]) == [
+        "image_id", "hit_lost_k_patches=100", "hit_fake_top", "hit_lost_k_patches=5",
+        "best_iou_lost_k_patches=100", "best_iou_fake_top", "best_iou_lost_k_patches=5",
+        "n_found", "found_by"]
+    assert [(r["image_id"], r["hit_lost_k_patches=100"], r["hit_fake_top"],
+             r["hit_lost_k_patches=5"], r["n_found"]) for r in table] == [
+        ("A", "false", "true", "false", "1"), ("B", "false", "false", "false", "0"),
+        ("C", "true", "true", "true", "3"), ("D", "true", "false", "true", "2")]
+    assert table[3]["found_by"] == "lost k_patches=100;lost k_patches=5"
+    assert table[1]["found_by"] == "" and table[0]["best_iou_fake_top"] == "0.7"
+    summary = {r["group"]: (int(r["n_images"]), float(r["pct"]))
+               for r in read_csv(out / "hits_summary.csv")}
+    assert summary == {
+        "found by all 3 runs": (1, 25.0), "found by none": (1, 25.0),
+        "found by some, not all": (2, 50.0), "found only by lost k_patches=100": (0, 0.0),
+        "found only by fake_top": (1, 25.0), "found only by lost k_patches=5": (0, 0.0),
+        "found by lost k_patches=100 (CorLoc)": (2, 50.0),
+        "found by fake_top (CorLoc)": (2, 50.0), "found by lost k_patches=5 (CorLoc)": (2, 50.0)}
+    markdown = (out / "hits.md").read_text()
+    assert "| found only by fake_top | 1 | 25.0 |" in markdown and "SMOKE RUN" in markdown
+    listed = json.loads((out / "runs.json").read_text())
+    assert [(r["label"], r["column"], r["method"]) for r in listed] == [
+        ("lost k_patches=100", "hit_lost_k_patches=100", "lost"),
+        ("fake_top", "hit_fake_top", "fake_top"),
+        ("lost k_patches=5", "hit_lost_k_patches=5", "lost")]
+    assert not (runs[0] / "analysis").exists()  # --hits-only: no per-run attribution
+
+
+def test_several_runs_refuse_what_cannot_be_compared(tmp_path, capsys) -> None:
+    run = make_run(tmp_path)
+    assert main(["attribution", "--run", str(run), "--hits-only"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    other = make_run(tmp_path, name="other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "dataset": "voc07"}))
+    assert main(["attribution", "--run", str(run), str(other), "--hits-only"]) == 2
+    err = capsys.readouterr().err
+    assert "other/config.json: dataset 'voc07'" in err and "same images" in err
+    unknown = make_run(tmp_path, name="unknown", method={"method": "no_such_method"})
+    assert main(["attribution", "--run", str(run), str(unknown), "--hits-only"]) == 2
+    assert "method 'no_such_method' is not known" in capsys.readouterr().err
+    bad = make_run(tmp_path, name="bad", method={"method": "lost",
+                                                 "method_params": {"k_patches": 0}})
+    assert main(["attribution", "--run", str(bad), str(run), "--hits-only"]) == 2
+    assert "bad/config.json: --k-patches 0: must be at least 1" in capsys.readouterr().err

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lostreg.run as run_module
+import lostreg.methods.lost as lost_module
+import lostreg.pipeline as pipeline_module
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.cache import FeatureCache, is_lossless, storage_dtype
 from lostreg.run import main
@@ -29,13 +30,13 @@ def tiny_model():
 def count_backbones(monkeypatch):
     """Count backbone constructions (the cache's point is to avoid them)."""
     calls: list[str] = []
-    real = run_module.create_backbone
+    real = pipeline_module.create_backbone
 
     def counting(spec, *args, **kwargs):
         calls.append(spec.name)
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(run_module, "create_backbone", counting)
+    monkeypatch.setattr(pipeline_module, "create_backbone", counting)
     return calls
 
 
@@ -62,9 +63,10 @@ def shard_files(cache_root: Path) -> list[Path]:
 
 
 def shard_header(path: Path) -> dict:
+    """magic (8) | header length (8) | sha256 (32) | header | payload"""
     data = path.read_bytes()
     length = int.from_bytes(data[8:16], "little")
-    return json.loads(data[16:16 + length])
+    return json.loads(data[48:48 + length])
 
 
 def test_cached_sweep_equals_uncached_runs_without_building_the_model(tmp_path,
@@ -141,13 +143,13 @@ def test_fp16_storage_of_fp32_features_gets_its_own_run_id(tmp_path, count_backb
     args = ("--cache-features", str(cache), "--cache-dtype", "fp16")
     # LOST sees the rounded features also in the pass that computes them (as later passes will)
     representable: list[bool] = []
-    real_lost = run_module.lost
+    real_lost = lost_module.lost_with_mask
 
     def spying_lost(feats, *rest, **kwargs):
         representable.append(torch.equal(feats, feats.half().float()))
         return real_lost(feats, *rest, **kwargs)
 
-    monkeypatch.setattr(run_module, "lost", spying_lost)
+    monkeypatch.setattr(lost_module, "lost_with_mask", spying_lost)
     assert main(cli(tmp_path, "lossy", *args)) == 0
     assert representable and all(representable)
     (plain,) = runs_of(tmp_path / "plain").values()
@@ -177,21 +179,23 @@ def test_bf16_runs_cache_their_own_dtype_exactly(tmp_path) -> None:
 
 
 def test_index_entries_later_win_and_changed_images_miss(tmp_path) -> None:
-    key = {"format": 1, "timm_name": "arch.tag", "dataset": "d", "split": "s", "feature": "k"}
+    key = {"format": 2, "timm_name": "arch.tag", "dataset": "d", "split": "s", "feature": "k"}
     cache = FeatureCache(tmp_path, key, writer_tag="r0")
     first = torch.arange(2 * 6 * 4, dtype=torch.float32).view(2, 6, 4)
-    cache.write(["a", "b"], [(20, 30), (21, 30)], [100, 200], (2, 3), first)
-    cache.write(["b"], [(21, 30)], [200], (2, 3), first[1:] + 0.5)
+    cache.write(["a", "b"], [(20, 30), (21, 30)], ["sha256:aa", "sha256:bb"], (2, 3), first)
+    cache.write(["b"], [(21, 30)], ["sha256:bb"], (2, 3), first[1:] + 0.5)
     cache.close()
     again = FeatureCache(tmp_path, key)
     assert len(again) == 2
-    entry_b = again.lookup("b", 200)
+    entry_b = again.lookup("b", "sha256:bb")
     assert entry_b is not None and entry_b.row == 0
     shard = again.read(entry_b.shard)
     assert shard.image_ids == ["b"] and shard.grid == (2, 3) and shard.sizes == [(21, 30)]
+    assert shard.fingerprints == ["sha256:bb"]
     assert torch.equal(shard.feats[0], first[1] + 0.5)
-    assert again.lookup("a", 101) is None and again.lookup("a", 100) is not None
-    assert again.lookup("missing") is None
+    assert again.lookup("a", "sha256:ab") is None and again.lookup("a", "sha256:aa") is not None
+    assert again.lookup("a", None) is None  # an unreadable image never matches
+    assert again.lookup("missing", "sha256:aa") is None
 
 
 def test_cached_resume_with_gaps_reads_the_right_rows(tmp_path, count_backbones) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import lostreg.pipeline as pipeline_module
 import lostreg.run as run_module
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.run import RunConfig, main, paper_suite, run_benchmark
@@ -30,7 +31,7 @@ def counted(monkeypatch):
     for spec in SPECS:
         BACKBONES[spec.name] = spec
     calls: dict[str, list[str]] = {"models": [], "datasets": []}
-    real_create, real_load = run_module.create_backbone, run_module.load_dataset
+    real_create, real_load = pipeline_module.create_backbone, run_module.load_dataset
 
     def create(spec, *args, **kwargs):
         calls["models"].append(spec.name)
@@ -41,7 +42,7 @@ def counted(monkeypatch):
         index = real_load("demo", data_root, **kwargs)
         return dataclasses.replace(index, name=name) if name != "demo" else index
 
-    monkeypatch.setattr(run_module, "create_backbone", create)
+    monkeypatch.setattr(pipeline_module, "create_backbone", create)
     monkeypatch.setattr(run_module, "load_dataset", load)
     yield calls
     for spec in SPECS:

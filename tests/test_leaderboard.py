@@ -2,81 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from run_folders import REG, pair_hits, write_run
 from statsmodels.stats.contingency_tables import mcnemar
 
 from lostreg import leaderboard as lb
 from lostreg import stats
 from lostreg.errors import LostregError
 
-GT = [10.0, 10.0, 60.0, 50.0]  # a 50x40 box in a 100x80 image: area share 0.25
-HIT_BOX, MISS_BOX = [12, 11, 60, 50], [70, 60, 99, 79]
-
-
-def write_run(root: Path, name: str, hits, *, model: str = "dinov2_vits14",
-              timm_name: str = "vit_small_patch14_dinov2.lvd142m", family: str = "dinov2",
-              registers: int = 0, dataset: str = "voc07", feature: str = "k",
-              precision: str = "fp32", limit: int | None = None, smoke: bool = False,
-              finished: str = "2026-01-02T00:00:00+00:00", image_ids=None,
-              sha: str = "ab" * 32, finish: bool = True) -> Path:
-    """A run folder in the format lostreg.run writes, with the given per-image hits."""
-    hits = [bool(h) for h in hits]
-    ids = image_ids or [f"{i:06d}" for i in range(len(hits))]
-    identity = {"lostreg_version": "0.1.0", "model": model, "timm_name": timm_name,
-                "pos_embed": "timm", "weights": "random" if smoke else f"sha256:{sha}",
-                "dataset": dataset, "split": "trainval", "no_hard": False, "limit": limit,
-                "feature": feature, "k_patches": 100, "gram_bias": 0.0, "precision": precision}
-    weights = {"source": "random" if smoke else "hub", "path": None,
-               "sha256": None if smoke else sha, "hub_id": None}
-    config = {"run_id": name, "identity": identity, "settings": {}, "model": model,
-              "timm_name": timm_name, "family": family, "patch_size": 14,
-              "num_registers": registers, "num_params": 1234, "weights": weights,
-              "smoke_run": smoke, "dataset": dataset, "split": "trainval",
-              "data_root": str(root / "data"), "no_hard": False, "feature": feature,
-              "k_patches": 100, "gram_bias": 0.0, "precision": precision, "device": "cpu",
-              "device_name": "cpu", "lostreg_version": "0.1.0", "git_commit": "abc123",
-              "created": "2026-01-01T00:00:00+00:00"}
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps(config))
-    lines = []
-    for image_id, hit in zip(ids, hits, strict=True):
-        line = {"image_id": image_id, "file": f"JPEGImages/{image_id}.jpg", "width": 100,
-                "height": 80, "box": HIT_BOX if hit else MISS_BOX, "seed": [1, 1],
-                "gt_boxes": [GT], "best_iou": 0.8 if hit else 0.0, "hit": hit}
-        if smoke:
-            line["weights"] = "random"
-        lines.append(json.dumps(line) + "\n")
-    (run_dir / "predictions.jsonl").write_text("".join(lines))
-    if finish:
-        metrics = {"run_id": name, "corloc": 100 * sum(hits) / len(hits), "n_images": len(hits),
-                   "n_hits": sum(hits), "smoke_run": smoke,
-                   "weights": "random" if smoke else "pretrained",
-                   "seconds": {"total": 1.5}, "finished": finished, "model": model,
-                   "dataset": dataset, "feature": feature}
-        (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    return run_dir
-
-
-REG = {"model": "dinov2_vits14_reg4", "timm_name": "vit_small_patch14_reg4_dinov2.lvd142m",
-       "registers": 4}
-
-
-def pair_hits(b: int, c: int, both: int, neither: int) -> tuple[list[bool], list[bool]]:
-    """base/other hits with b miss->hit and c hit->miss images."""
-    base = [False] * b + [True] * c + [True] * both + [False] * neither
-    other = [True] * b + [False] * c + [True] * both + [False] * neither
-    return base, other
-
 
 def read_board(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "leaderboard.csv")
+
+
+def table_line(markdown: str, *needles: str) -> list[str]:
+    """The cells of the one markdown table line that contains every needle."""
+    (line,) = [line for line in markdown.splitlines()
+               if line.startswith("|") and all(needle in line for needle in needles)]
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
 def test_leaderboard_columns_corloc_and_ci(tmp_path: Path) -> None:
@@ -98,6 +46,9 @@ def test_leaderboard_columns_corloc_and_ci(tmp_path: Path) -> None:
     assert (all_hits["corloc"], all_hits["ci_low"], all_hits["ci_high"]) == (100.0, 100.0, 100.0)
     assert row["weights_sha256"] == "ab" * 32 and row["weights_source"] == "hub"
     assert row["device"] == "cpu" and row["seconds"] == 1.5 and not row["smoke"]
+    assert (row["method"], row["layer"], row["normalize"], row["pos_interp"]) == (
+        "lost", -1, "none", "original")
+    assert (row["k"], row["gram_bias"], row["test_time_registers"]) == (100, 0.0, 0)
     assert list(board["dataset"]) == ["voc07", "voc12"]
     for name in ("comparison.csv", "comparison.md", "figures/corloc_registers.png",
                  "figures/iou/a.png", "figures/iou/b.png"):
@@ -145,6 +96,7 @@ def test_register_pair_statistics(tmp_path: Path) -> None:
     assert len(pairs) == 1
     row = pairs.iloc[0]
     assert (row["run_id"], row["run_id_reg"], row["dataset"]) == ("plain", "reg", "voc07")
+    assert (row["source"], row["registers"], row["method"]) == ("ours", "trained", "lost")
     assert row["corloc"] == pytest.approx(100 * 23 / 50)
     assert row["corloc_reg"] == pytest.approx(100 * 32 / 50)
     assert row["diff"] == pytest.approx(18.0)
@@ -158,11 +110,12 @@ def test_register_pair_statistics(tmp_path: Path) -> None:
     # the twin-less runs are still in the leaderboard
     assert len(read_board(out)) == 4
     markdown = (out / "comparison.md").read_text()
-    assert "46.0 → 64.0 (+18.0)" in markdown
-    assert "dinov2_vits14 vs dinov2_vits14_reg4" in markdown
+    cells = table_line(markdown, "dinov2_vits14 → dinov2_vits14_reg4", "| ours |")
+    assert cells[3] == "trained registers" and cells[5] == "46.0 → 64.0 (+18.0)"
+    assert cells[4].startswith("k, last layer, no normalisation, k=100, bias=0, pos original")
 
 
-def test_published_figures_beside_ours(tmp_path: Path) -> None:
+def test_published_figures_are_rows_of_their_own(tmp_path: Path) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
     base, other = pair_hits(b=6, c=2, both=10, neither=2)
     write_run(runs, "l14", base, model="dinov2_vitl14",
@@ -176,45 +129,31 @@ def test_published_figures_beside_ours(tmp_path: Path) -> None:
               timm_name="vit_small_patch16_224.dino", family="dino")
     lb.build_leaderboard(runs, out)
     comparison = pd.read_csv(out / "comparison.csv")
-    ours = comparison[(comparison["run_id"] == "l14")].iloc[0]
-    assert (ours["published_corloc"], ours["published_corloc_reg"]) == (35.3, 55.4)
-    assert ours["corloc"] == pytest.approx(60.0) and ours["corloc_reg"] == pytest.approx(80.0)
-    # published-only rows keep their own figures, ours left empty
-    only = comparison[comparison["run_id"].isna() & (comparison["model"] == "dinov2_vitl14")]
-    assert set(only["dataset"]) == {"voc12", "coco20k"}
-    assert only["corloc"].isna().all()
-    deit = comparison[comparison["run_id"] == "deit"].iloc[0]
-    assert deit["corloc"] == 25.0 and math.isnan(deit["corloc_reg"])
-    assert deit["published_corloc"] == 11.7
+    ours = comparison[comparison["source"] == "ours"]
+    assert set(ours["run_id"]) == {"l14", "deit", "dino-s16"}
+    assert ours["paper"].isna().all() and ours["citation"].isna().all()
+    published = comparison[comparison["source"] == "published"]
+    assert published["run_id"].isna().all() and published["n_images"].isna().all()
+    darcet = published[(published["paper"] == "registers") & (published["model"] == "dinov2_vitl14")
+                       & (published["dataset"] == "voc07")].iloc[0]
+    assert (darcet["corloc"], darcet["corloc_reg"], darcet["registers"]) == (35.3, 55.4, "trained")
+    assert "keys" in darcet["protocol"] and "Darcet" in darcet["citation"]
     markdown = (out / "comparison.md").read_text()
-    dinov2_line = next(line for line in markdown.splitlines()
-                       if "dinov2_vitl14 vs dinov2_vitl14_reg4" in line)
-    cells = [cell.strip() for cell in dinov2_line.strip("|").split("|")]
-    # VOC07 ours, VOC07 published, VOC12 ours, VOC12 published, ...
-    assert cells[3:9] == ["60.0 → 80.0 (+20.0)", "35.3 → 55.4 (+20.1)", "",
-                          "40.2 → 60.0 (+19.8)", "", "26.9 → 42.0 (+15.1)"]
-    deit_line = next(line for line in markdown.splitlines() if "deit3_vitb16 only" in line)
-    assert "25.0 → —" in deit_line and "11.7 → 27.1 (+15.4)" in deit_line
-    assert any(line.startswith("| OpenCLIP (paper: OpenCLIP)") for line in markdown.splitlines())
+    cells = table_line(markdown, "dinov2_vitl14 → dinov2_vitl14_reg4", "| ours |")
+    assert cells[5:8] == ["60.0 → 80.0 (+20.0)", "", ""]
+    cells = table_line(markdown, "published: registers", "DINOv2 ViT-L/14")
+    assert cells[5:8] == ["35.3 → 55.4 (+20.1)", "40.2 → 60.0 (+19.8)", "26.9 → 42.0 (+15.1)"]
+    assert cells[4].startswith("last-layer keys, no normalisation")
+    deit = table_line(markdown, "| deit3_vitb16 |", "| ours |")  # ours, no twin: CorLoc with its interval
+    assert deit[3] == "—" and deit[5].startswith("25.0 [")
+    assert table_line(markdown, "published: registers", "| DeiT-III |")[5] == "11.7 → 27.1 (+15.4)"
+    dino = table_line(markdown, "| dino_vits16 |", "| ours |")
+    assert dino[5].startswith("75.0 [")
+    assert table_line(markdown, "published: lost", "DINO ViT-S/16")[5] == "61.9"
     assert "Darcet et al." in markdown and "Siméoni et al." in markdown
-    lost_line = next(line for line in markdown.splitlines()
-                     if line.startswith("| DINO ViT-S/16 | dino_vits16"))
-    assert "75.0 [" in lost_line and "61.9" in lost_line
 
 
-def test_published_reference_file() -> None:
-    published = lb.load_published()
-    assert set(published["dataset"]) == set(lb.PAPER_DATASETS)
-    assert published["source"].str.len().gt(0).all()
-    lookup = published.set_index(["compare_with", "with_registers", "dataset"])["corloc"]
-    assert lookup[("dino_vits16", False, "voc07")] == 61.9
-    assert lookup[("dino_vitb16", False, "coco20k")] == 50.0
-    assert lookup[("dinov2_vitl14", True, "voc12")] == 60.0
-    assert lookup[("deit3_vitb16", True, "coco20k")] == 25.1
-    assert published[published["family"] == "openclip"]["corloc"].isna().all()
-
-
-def test_smoke_pairs_get_no_published_figures(tmp_path: Path) -> None:
+def test_smoke_pairs_are_marked_and_published_rows_stay_apart(tmp_path: Path) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
     base, other = pair_hits(2, 1, 3, 2)
     write_run(runs, "smoke-a", base, model="dinov2_vitl14",
@@ -223,13 +162,14 @@ def test_smoke_pairs_get_no_published_figures(tmp_path: Path) -> None:
               timm_name="vit_large_patch14_reg4_dinov2.lvd142m", registers=4, smoke=True,
               dataset="demo")
     lb.build_leaderboard(runs, out)
-    assert not (pd.read_csv(out / "comparison.csv")["run_id"].notna()).any()
+    assert not (pd.read_csv(out / "comparison.csv")["source"] == "ours").any()
     lb.build_leaderboard(runs, out, include_smoke=True)
     comparison = pd.read_csv(out / "comparison.csv")
     smoke = comparison[comparison["run_id"] == "smoke-a"].iloc[0]
     assert smoke["smoke"] and smoke["run_id_reg"] == "smoke-b"
-    assert math.isnan(smoke["published_corloc"])
-    assert "SMOKE" in (out / "comparison.md").read_text()
+    assert pd.isna(smoke["paper"]) and pd.isna(smoke["citation"])
+    markdown = (out / "comparison.md").read_text()
+    assert "SMOKE" in table_line(markdown, "dinov2_vitl14 → dinov2_vitl14_reg4", "| ours |")[4]
 
 
 def test_rebuild_is_idempotent_and_drops_stale_figures(tmp_path: Path) -> None:
@@ -260,28 +200,19 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "runs folder not found" in capsys.readouterr().err
 
 
-def test_bad_run_folders_name_the_file(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    run_dir = write_run(runs, "r", [True, False])
-    (run_dir / "metrics.json").write_text("{not json")
-    with pytest.raises(LostregError, match=r"r/metrics.json: not readable JSON"):
-        lb.collect(runs)
-    write_run(runs / "x", "r2", [True, False, True])
-    bad = runs / "x" / "r2"
-    metrics = json.loads((bad / "metrics.json").read_text())
-    (bad / "metrics.json").write_text(json.dumps({**metrics, "n_hits": 3}))
-    with pytest.raises(LostregError, match="predictions.jsonl: 2/3 hits/images"):
-        lb.collect(runs / "x")
-    (bad / "metrics.json").write_text(json.dumps(metrics))
-    (bad / "config.json").unlink()
-    with pytest.raises(LostregError, match="config.json: missing"):
-        lb.collect(runs / "x")
-
-
 def test_object_size_and_count_columns(tmp_path: Path) -> None:
     run = lb.load_run(write_run(tmp_path, "r", [True, False]))
     assert run.predictions["area_share"].tolist() == [0.25, 0.25]
     assert run.predictions["n_objects"].tolist() == [1, 1]
+    # IoU recomputed from the box: [12, 11, 60, 50] against [10, 10, 60, 50]
+    assert run.predictions["best_iou"].tolist() == pytest.approx([48 * 39 / 2000, 0.0])
+
+
+def test_load_run_raises_one_line_for_a_damaged_folder(tmp_path: Path) -> None:
+    run_dir = write_run(tmp_path, "r", [True, False])
+    (run_dir / "metrics.json").write_text("{not json")
+    with pytest.raises(LostregError, match=r"r/metrics.json: not readable JSON"):
+        lb.load_run(run_dir)
 
 
 def test_paper_suite() -> None:
@@ -289,3 +220,12 @@ def test_paper_suite() -> None:
     assert ("dinov2_vitl14_reg4", "coco20k") in lb.PAPER_SUITE
     assert len(lb.PAPER_SUITE) == len(set(lb.PAPER_SUITE)) == 15
     assert {d for _, d in lb.PAPER_SUITE} == {"voc07", "voc12", "coco20k"}
+
+
+def test_public_names_stay_importable() -> None:
+    """run.py, the notebook and other tools import these from lostreg.leaderboard."""
+    for name in ("PAPER_SUITE", "build_leaderboard", "collect", "comparison_markdown",
+                 "figure_png", "iou_figure", "register_bar_figure", "settings_label", "RunData",
+                 "load_run", "load_published", "main", "build_parser", "LEADERBOARD_COLUMNS",
+                 "COMPARISON_COLUMNS", "find_pairs", "base_timm_name"):
+        assert getattr(lb, name) is not None, name

@@ -72,7 +72,7 @@ def test_cli_run_matches_independent_computation(tmp_path, capsys) -> None:
     assert main(cli(tmp_path, "--batch-size", "5")) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     run_dir = only_run(tmp_path)
-    assert run_dir.name.startswith("smoke-demo-dinov2_vits14_reg4-k-")
+    assert run_dir.name.startswith("smoke-demo-dinov2_vits14_reg4-lost-keys-")
     lines = list(read_jsonl(run_dir / "predictions.jsonl"))
     index = load_dataset("demo", tmp_path / "data")
     assert [line["image_id"] for line in lines] == [r.image_id for r in index.records]
@@ -95,7 +95,7 @@ def test_cli_run_matches_independent_computation(tmp_path, capsys) -> None:
     assert config["smoke_run"] and config["weights"]["source"] == "random"
     assert config["numerics"]["tf32_matmul"] is False and config["timm_name"].endswith("lvd142m")
     assert summary.startswith(f"CorLoc {100 * hits / len(index.records):.2f} ({hits}/24) demo")
-    assert "SMOKE RUN" in summary
+    assert f"| new: {run_dir}" in summary and "SMOKE RUN" in summary
 
 
 def test_batch_size_changes_no_result(tmp_path) -> None:

@@ -6,8 +6,13 @@
   embedding, prefix-token attention);
 * :mod:`~lostreg.analysis.store`: compact per-token maps (``tokens.npz``);
 * :mod:`~lostreg.analysis.collect`: the ``norms`` analysis over a dataset;
-* :mod:`~lostreg.analysis.attribution`: LOST failures joined with outlier maps;
-* :mod:`~lostreg.analysis.report`: per-image panels and ``index.html``.
+* :mod:`~lostreg.analysis.runs`: reading run folders (method, parameters, features) and
+  rebuilding their model; labels of several runs;
+* :mod:`~lostreg.analysis.attribution`: failures joined with outlier maps; which of several
+  runs found each object;
+* :mod:`~lostreg.analysis.report`: per-image panels and ``index.html``;
+* :mod:`~lostreg.analysis.compare`: several runs' boxes and masks side by side;
+* :mod:`~lostreg.analysis.plots`: figure helpers (text that fits, plain ticks, smoke mark).
 
 CLI: ``python -m lostreg.analyze <norms|attribution|show>``.
 """

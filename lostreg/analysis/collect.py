@@ -24,18 +24,13 @@ from lostreg.analysis.norms import nan_mean, neighbour_similarity, patch_token_n
 from lostreg.analysis.store import TokenMaps
 from lostreg.analysis.tokens import block_outputs, resolve_layers
 from lostreg.backbones import Backbone, create_backbone, get_backbone_spec
+from lostreg.config import SMOKE_NOTE
 from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, read_json_object
-from lostreg.run import (
-    SMOKE_NOTE,
-    iterate_batches,
-    provenance,
-    resolve_device,
-    set_numerics,
-    use_device,
-)
+from lostreg.pipeline import iterate_batches, resolve_device, set_numerics, use_device
+from lostreg.rundir import provenance
 
 NORM_DEFINITION = (
     "L2 norm over channels of each patch token at the output of block <layer> (the residual "
@@ -276,14 +271,14 @@ def write_outputs(output_dir: Path, payload: dict, maps: TokenMaps) -> None:
     (its presence means the analysis is complete)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     maps.save(output_dir / payload["tokens_file"])
-    note = SMOKE_NOTE if payload["smoke_run"] else None
+    smoke = bool(payload["smoke_run"])
     figures = []
     for key, stats in payload["per_layer"].items():
         name = f"norm_hist_block{key}.png"
         plots.norm_histogram(
             output_dir / name, maps.norms[int(key)].astype(np.float64), stats["threshold"],
             f"{payload['model']} on {payload['dataset']} ({payload['n_images']} images): "
-            f"patch-token norms, output of block {key}", note)
+            f"patch-token norms, output of block {key}", smoke)
         figures.append(name)
     layer = payload["primary_layer"]
     if payload["threshold"] is not None:
@@ -293,7 +288,7 @@ def write_outputs(output_dir: Path, payload: dict, maps: TokenMaps) -> None:
         plots.similarity_histogram(
             output_dir / "neighbour_similarity.png", sims[flags], sims[~flags],
             f"{payload['model']}: input-embedding similarity to neighbours (block {layer} "
-            "outliers vs normal)")
+            "outliers vs normal)", smoke)
         figures.append("neighbour_similarity.png")
     payload["figures"] = figures
     atomic_write_json(output_dir / "norms.json", payload)

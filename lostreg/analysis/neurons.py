@@ -184,7 +184,8 @@ def find_register_neurons(config: NeuronSearchConfig, backbone: Backbone | None 
                           index: DatasetIndex | None = None) -> tuple[dict, str]:
     """Run the search end to end, write ``config.output``; returns the file's content and a
     one-line summary (``backbone``/``index`` given: used instead of ``config.model/dataset``)."""
-    from lostreg.run import iterate_batches, provenance, resolve_device, set_numerics, use_device
+    from lostreg.pipeline import iterate_batches, resolve_device, set_numerics, use_device
+    from lostreg.rundir import provenance
 
     if config.outlier_tokens not in OUTLIER_TOKENS:
         raise LostregError(f"--outlier-tokens must be one of {', '.join(OUTLIER_TOKENS)}")

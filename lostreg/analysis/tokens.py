@@ -145,6 +145,9 @@ def panel_readout(backbone: Backbone, images: torch.Tensor, feature: str = "k",
                   layer: int = -1) -> PanelReadout:
     """The run's feature (``feature`` of block ``layer``), the last block's output and its
     prefix attention, from one forward of ``backbone``."""
+    if feature not in FEATURE_KINDS:
+        raise LostregError(f"feature {feature!r} is not known to this lostreg (known: "
+                           f"{', '.join(FEATURE_KINDS)})")
     model = backbone.model
     depth = len(model.blocks)
     last, index = depth - 1, resolve_layer(layer, depth)

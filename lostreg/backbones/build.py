@@ -47,6 +47,11 @@ class Backbone:
         return sum(p.numel() for p in self.model.parameters())
 
     @property
+    def depth(self) -> int:
+        """Number of transformer blocks (valid ``--layer`` values: -depth..depth-1)."""
+        return len(self.model.blocks)
+
+    @property
     def family(self) -> Family:
         return family_of(self.model, self.spec.name)
 

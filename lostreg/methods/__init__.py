@@ -162,7 +162,7 @@ def get_method(name: str) -> MethodSpec:
 
 def _register_builtin() -> None:
     """Import the method modules: each registers itself."""
-    from lostreg.methods import lost  # noqa: F401
+    from lostreg.methods import dinoseg, lost, tokencut  # noqa: F401
 
 
 _register_builtin()

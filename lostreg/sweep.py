@@ -1,0 +1,327 @@
+"""One pass: one backbone over one dataset, serving every run that shares it.
+
+The runs of a pass differ only in what they do with the backbone's output (method and its
+parameters, feature kind, layer, normalisation), so each image is decoded and goes through the
+backbone once (or comes from the feature cache) and every run's method then runs on the same
+batch. Each run keeps its own folder and resumes on its own (``lostreg.rundir``); under
+torchrun each rank takes every N-th image still missing from any run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lostreg import distributed
+from lostreg.cache import BackgroundWriter, FeatureCache, is_lossless, storage_dtype
+from lostreg.config import PRECISIONS, RunConfig
+from lostreg.datasets.base import DatasetIndex, ImageRecord
+from lostreg.distributed import CollectiveError, DistContext
+from lostreg.errors import LostregError
+from lostreg.features import FeatureRequest
+from lostreg.pipeline import FeatureBatch, FeatureSource, LazyBackbone, feature_cache_key
+from lostreg.rundir import (
+    RunFolder,
+    RunResult,
+    describe_run,
+    finish_run,
+    open_runs,
+    prediction_record,
+    remove_unused,
+    run_status,
+    summary_line,
+    write_config,
+)
+
+
+def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
+             device: torch.device, numerics: dict, ctx: DistContext) -> list[RunResult]:
+    """One pass over one dataset for one backbone: every run of ``configs`` is resumed."""
+    return Pass(configs, lazy, index, device, numerics, ctx).run()
+
+
+class Pass:
+    """The state of one pass: its runs, which images each still needs, and the timings."""
+
+    def __init__(self, configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
+                 device: torch.device, numerics: dict, ctx: DistContext) -> None:
+        base = configs[0]
+        self.base, self.lazy, self.index, self.device, self.ctx = base, lazy, index, device, ctx
+        self.info = lazy.info
+        self.smoke = self.info.weights.is_random
+        self.records: list[ImageRecord] = list(
+            index.records[: base.limit] if base.limit else index.records)
+        self.storage = (storage_dtype(base.cache_dtype, base.precision)
+                        if base.cache_features else None)
+        self.lossless = self.storage is None or is_lossless(self.storage, base.precision)
+        rounded = {} if self.lossless else {"feature_cache": self.storage}  # never mixed
+        self.runs: list[RunFolder] = [describe_run(c, self.info, index, rounded) for c in configs]
+        self.numerics = numerics
+        self.todo: dict[int, set[int]] = {}
+        self.stats: dict[str, Any] = {"forward": 0.0, "method": 0.0, "write": 0.0,
+                                      "backbone_images": 0, "cached_images": 0}
+        self.lines: LineWriter
+
+    # --- set-up ---------------------------------------------------------------------------
+
+    def _open(self) -> list[Path]:
+        extra = {"world_size": self.ctx.world_size,
+                 "feature_cache": None if self.storage is None else {
+                     "dir": str(self.base.cache_features), "dtype": self.storage,
+                     "lossless": self.lossless}}
+        created = open_runs(self.runs, self.records, self.ctx.is_main, lambda run: write_config(
+            run, self.info, self.index, self.device, self.numerics, extra))
+        self.ctx.barrier()  # every rank has read the same state before any rank appends
+        return created
+
+    def _plan(self) -> tuple[list[int], int]:
+        """This rank's positions (each with the runs that still need it) and how many
+        positions no run needs."""
+        union = sorted(set().union(*(run.pending for run in self.runs)))
+        mine = distributed.shard(union, self.ctx)
+        self.todo = {p: {i for i, run in enumerate(self.runs) if p in run.pending} for p in mine}
+        return mine, len(self.records) - len(union)
+
+    def needs(self, position: int) -> set[FeatureRequest]:
+        return {self.runs[i].request for i in self.todo[position]}
+
+    def _caches(self, mine: Sequence[int], stack: contextlib.ExitStack
+                ) -> dict[FeatureRequest, FeatureCache]:
+        caches: dict[FeatureRequest, FeatureCache] = {}
+        if self.storage is None or not mine:
+            return caches
+        for request in sorted(set().union(*(self.needs(p) for p in mine))):
+            key = feature_cache_key(self.info, self.index, request, self.base.precision,
+                                    self.storage)
+            caches[request] = FeatureCache(self.base.cache_features, key,
+                                           writer_tag=f"r{self.ctx.rank}")
+            stack.callback(caches[request].close)
+        return caches
+
+    # --- the work -------------------------------------------------------------------------
+
+    def run(self) -> list[RunResult]:
+        created = self._open()
+        mine, already = self._plan()
+        errors: list[str] = []
+        started = time.perf_counter()
+        progress = _progress(
+            total=len(self.records) if not self.ctx.enabled else len(mine),
+            initial=already if not self.ctx.enabled else 0,
+            enabled=self.base.progress and self.ctx.is_main and bool(mine),
+            desc=f"{self.index.name} {self.info.spec.name}"
+                 + (f" [rank 0/{self.ctx.world_size}]" if self.ctx.enabled else ""))
+        with contextlib.ExitStack() as stack:
+            for run in self.runs:
+                stack.callback(run.close)
+            self.lines = stack.enter_context(LineWriter())  # drained before the runs close
+            caches = self._caches(mine, stack)
+            writer = stack.enter_context(BackgroundWriter()) if caches else None
+            source = FeatureSource(
+                self.records, self.lazy, self.device, batch_size=self.base.batch_size,
+                num_workers=self.base.num_workers, autocast=PRECISIONS[self.base.precision],
+                caches=caches, storage=self.storage, lossless=self.lossless, writer=writer,
+                stats=self.stats)
+            for step in source.cached(source.fully_cached(mine, self.needs), self.needs):
+                for batch in step.batches:
+                    finished = self.serve(batch)
+                    self.stats["cached_images"] += finished
+                    progress.update(finished)
+            compute = [p for p in mine if self.todo[p]]
+            if compute:
+                errors += self._compute(source, compute, created, progress)
+        progress.close()
+        return self._finish(errors, started)
+
+    def _compute(self, source: FeatureSource, compute: list[int], created: list[Path],
+                 progress) -> list[str]:
+        errors: list[str] = []
+        try:
+            steps = source.computed(compute, self.needs)
+            for step in steps:
+                errors += step.errors
+                for batch in step.batches:
+                    self.serve(batch)
+                progress.update(step.n_items)
+        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
+            if not self.ctx.enabled:
+                remove_unused(created)
+            raise
+        return errors
+
+    def serve(self, batch: FeatureBatch) -> int:
+        """Run the method of every run that reads ``batch``'s map and still needs some of its
+        images; their lines are queued for the line writer (nothing here waits for the
+        device). Returns how many of the batch's images no run needs any more."""
+        tick = time.perf_counter()
+        normalized: torch.Tensor | None = None
+        for i, run in enumerate(self.runs):
+            if run.request != batch.request:
+                continue
+            chosen = [j for j, p in enumerate(batch.positions) if i in self.todo[p]]
+            if not chosen:
+                continue
+            feats = batch.feats
+            if run.config.normalize == "l2":
+                if normalized is None:  # once per batch, whatever the number of runs
+                    normalized = F.normalize(batch.feats, dim=-1)
+                feats = normalized
+            if len(chosen) != len(batch.positions):
+                feats = feats[chosen]
+            sizes = [batch.sizes[j] for j in chosen]
+            out = run.method.run(feats, batch.grid, self.info.patch_size,
+                                 torch.tensor(sizes, device=feats.device), run.params)
+            positions = [batch.positions[j] for j in chosen]
+            for p in positions:
+                self.todo[p].discard(i)
+            self.lines.submit(functools.partial(
+                self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
+                batch.grid[1]), ready_event(feats.device))
+        self.stats["method"] += time.perf_counter() - tick
+        return sum(1 for p in batch.positions if not self.todo[p])
+
+    def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
+               boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
+        """Format and append one method output's lines (on the line writer's thread)."""
+        tick = time.perf_counter()
+        lines = [self._line(p, size, box, divmod(seed, cols) if seed >= 0 else None)
+                 for p, size, box, seed in zip(positions, sizes, boxes.tolist(), seeds.tolist(),
+                                               strict=True)]
+        run.append(lines, self.ctx)
+        self.stats["write"] += time.perf_counter() - tick
+
+    def _line(self, position: int, size: tuple[int, int], box: list[int],
+              seed_rc: tuple[int, int] | None) -> dict:
+        record = self.records[position]
+        if tuple(size) != (record.height, record.width):
+            record = dataclasses.replace(record, height=size[0], width=size[1])
+        return prediction_record(record, box, seed_rc, self.index.root, self.smoke)
+
+    # --- the end --------------------------------------------------------------------------
+
+    def _finish(self, errors: list[str], started: float) -> list[RunResult]:
+        self.ctx.raise_if_any(errors, self._bad_images)
+        everyone = self.ctx.gather(self.stats)  # also: every rank's appends are durable
+        total = time.perf_counter() - started
+        outcomes: Any = None
+        if self.ctx.is_main:
+            try:
+                outcomes = [finish_run(run, self.records, self.index, self.info, total, everyone,
+                                       self.ctx, len(self.runs)) for run in self.runs]
+            except LostregError as exc:
+                self.ctx.broadcast(str(exc))
+                raise
+        outcomes = self.ctx.broadcast(outcomes)
+        if isinstance(outcomes, str):
+            raise CollectiveError(outcomes)
+        return [self._result(run, *outcome)
+                for run, outcome in zip(self.runs, outcomes, strict=True)]
+
+    def _result(self, run: RunFolder, score: float, n_hits: int, n_images: int) -> RunResult:
+        status = run_status(run, len(self.records))
+        return RunResult(run.run_id, run.run_dir, score, n_images, n_hits, self.smoke,
+                         summary_line(score, n_hits, n_images, self.index, self.info.spec.name,
+                                      run, self.smoke, status), status)
+
+    def _bad_images(self, messages: list[str]) -> str:
+        where = (self.runs[0].run_dir if len(self.runs) == 1
+                 else f"the run folders under {self.base.output}")
+        more = f" (and {len(messages) - 1} more bad images)" if len(messages) > 1 else ""
+        return (f"{messages[0]}{more}; the other predictions are saved in {where}, "
+                "fix the files and rerun the same command to finish")
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="img",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+# --- results off the device ----------------------------------------------------------------
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a small result tensor that does not make the host wait: on a GPU the
+    copy goes into pinned memory asynchronously (``ready_event`` says when it has landed)."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def ready_event(device: torch.device) -> Any:
+    """An event recorded after the work queued so far on ``device`` (None on the CPU, where
+    results are ready when the call returns)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+class LineWriter:
+    """Formats prediction lines and appends them on one background thread, so the pass queues
+    the next batch instead of waiting for each batch's results to reach the host.
+
+    Jobs run in submission order, each after its batch's event (so a line is written only
+    when its batch is complete, and each run's file gets its lines in the same order as a
+    synchronous loop would). At most ``max_pending`` jobs wait (bounded memory); a job that
+    fails (a full disk) stops the writer, and its error is raised in the pass at the next
+    ``submit`` or at ``close``.
+    """
+
+    def __init__(self, max_pending: int = 16) -> None:
+        self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None  # raised once in the pass
+        self._failed = False  # stays set: nothing more is written
+        self._thread = threading.Thread(target=self._loop, name="lostreg-lines", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, ready = item
+            if self._failed:
+                continue  # after a failure, drop the rest: those images are recomputed later
+            try:
+                if ready is not None:
+                    ready.synchronize()
+                job()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the pass
+                self._error, self._failed = exc, True
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, job: Callable[[], None], ready: Any = None) -> None:
+        self._raise()
+        self._jobs.put((job, ready))
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Write everything queued, stop the thread, raise a write's failure."""
+        self._jobs.put(None)
+        self._thread.join()
+        if raise_errors:
+            self._raise()
+
+    def __enter__(self) -> LineWriter:
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        self.close(raise_errors=exc_type is None)
