@@ -159,12 +159,6 @@ def image_fingerprint(path: str | os.PathLike) -> str | None:
         return None
 
 
-def file_size(path: Path) -> str | None:
-    """Transitional name of ``image_fingerprint`` for callers not yet renamed (lostreg.run):
-    the cache keys images by their content now, never by their size."""
-    return image_fingerprint(path)
-
-
 def _index_entry(line: object) -> tuple[str, CacheEntry]:
     """One index line, validated: a line that could point outside the shard folder or carry
     the wrong types raises ``ValueError``."""

@@ -20,6 +20,7 @@ from lostreg.datasets import default_data_root
 from lostreg.errors import LostregError
 from lostreg.features import FEATURE_KINDS, FeatureRequest
 from lostreg.methods import DEFAULT_METHOD, MethodSpec, get_method
+from lostreg.pipeline import DEFAULT_MAX_PIXELS
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NORMALIZATIONS = ("none", "l2")
@@ -61,6 +62,8 @@ class RunConfig:
     method_params: dict[str, Any] = field(default_factory=dict)
     layer: int = -1
     normalize: str = "none"
+    wait: bool = False  # wait for another process holding a run folder instead of exiting
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (none is resized)
 
 
 # settings that may differ between the runs of one pass (everything else is shared): one
@@ -99,6 +102,8 @@ def check_config(config: RunConfig) -> None:
         raise LostregError(f"--precision {config.precision!r}: expected fp32, bf16 or fp16")
     if config.batch_size < 1:
         raise LostregError("--batch-size must be at least 1")
+    if config.max_pixels < 1:
+        raise LostregError(f"--max-pixels {config.max_pixels}: must be at least 1")
     if config.limit is not None and config.limit < 1:
         raise LostregError(f"--limit {config.limit}: must be at least 1 (leave it out for all images)")
     if not math.isfinite(float(config.gram_bias)):

@@ -11,16 +11,20 @@ there, from the backbone (built on first use) otherwise. What a method then does
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lostreg
+from lostreg import timeline
 from lostreg.backbones import (
     Backbone,
     BackboneSpec,
@@ -35,7 +39,7 @@ from lostreg.cache import (
     CacheProblem,
     FeatureCache,
     cache_key,
-    file_size,
+    image_fingerprint,
     prefetch,
     to_storage,
     warn,
@@ -72,6 +76,26 @@ def use_device(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def warm_start(device: torch.device) -> threading.Thread:
+    """Start, in a background thread, what the first batch will wait for and the main thread
+    does not need yet: importing timm (seconds: it imports every model family) and starting
+    CUDA with cuBLAS on ``device``. The main thread meanwhile indexes the dataset and hashes
+    the weights; whichever needs these first simply waits for them (imports and CUDA's lazy
+    initialisation are locked)."""
+    def start() -> None:
+        import timm  # noqa: F401
+
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                ones = torch.ones(8, 8, device=device)
+                (ones @ ones).sum().item()
+        timeline.mark("timm imported" + (" and CUDA started" if device.type == "cuda" else ""))
+
+    thread = threading.Thread(target=start, name="lostreg-warm-start", daemon=True)
+    thread.start()
+    return thread
+
+
 def set_numerics(precision: str) -> dict:
     """No TF32 in matmuls or cuDNN convolutions, whatever the precision: fp32 is exact fp32,
     and LOST's similarities are float32 matmuls in every run (with bf16/fp16 the backbone's
@@ -91,13 +115,52 @@ def set_numerics(precision: str) -> dict:
 # --- images -> batches ---------------------------------------------------------------------
 
 
+# No benchmark protocol runs an unresized forward of a 12-megapixel photo (VOC and COCO
+# images are at most 0.4 MP): above this, an image is refused before any forward.
+DEFAULT_MAX_PIXELS = 4_000_000
+
+
+def too_large(height: int, width: int, max_pixels: int) -> str | None:
+    if height * width <= max_pixels:
+        return None
+    return (f"{width}x{height} = {height * width / 1e6:.1f} megapixels is above --max-pixels "
+            f"{max_pixels} (images are not resized: raise --max-pixels to run it anyway)")
+
+
+def check_image_sizes(records: Sequence[ImageRecord], max_pixels: int) -> None:
+    """Refuse, before any forward, a dataset holding an image above ``max_pixels`` (by its
+    annotated size; a decoded image that turns out larger is refused when decoded)."""
+    large = [r for r in records if too_large(r.height, r.width, max_pixels)]
+    if large:
+        more = f" (and {len(large) - 1} more)" if len(large) > 1 else ""
+        raise LostregError(f"{large[0].path}: {too_large(large[0].height, large[0].width, max_pixels)}"
+                           f"{more}")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: Callable[[], str]) -> Iterator[None]:
+    """Turn running out of memory (GPU or host) into one line naming the images (``what``)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise LostregError(f"{what()}: out of GPU memory; lower --batch-size or --max-pixels") \
+            from None
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
+            raise
+        raise LostregError(f"{what()}: out of memory; lower --batch-size or --max-pixels") \
+            from None
+
+
 class PaddedImages(Dataset):
     """Decode + normalise + pad one record; errors come back as data, not exceptions, so one
     bad file never loses the batch around it."""
 
-    def __init__(self, records: Sequence[ImageRecord], mean, std, patch_size: int) -> None:
+    def __init__(self, records: Sequence[ImageRecord], mean, std, patch_size: int,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.records = records
         self.mean, self.std, self.patch_size = mean, std, patch_size
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -105,7 +168,11 @@ class PaddedImages(Dataset):
     def __getitem__(self, position: int) -> dict:
         record = self.records[position]
         try:
-            tensor, size = preprocess(load_rgb(record.path), self.mean, self.std, self.patch_size)
+            image = load_rgb(record.path)
+            problem = too_large(image.height, image.width, self.max_pixels)
+            if problem:  # its annotation said it was smaller
+                raise LostregError(f"{record.path}: {problem}")
+            tensor, size = preprocess(image, self.mean, self.std, self.patch_size)
         except LostregError as exc:
             return {"position": position, "error": str(exc)}
         return {"position": position, "tensor": tensor, "size": size, "error": None}
@@ -176,12 +243,13 @@ def decode_workers(device: torch.device) -> int:
 
 def iterate_batches(records: Sequence[ImageRecord], backbone: Backbone | BackboneInfo,
                     batch_size: int, num_workers: int | None,
-                    device: torch.device) -> Iterator[LoadedBatch]:
+                    device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS
+                    ) -> Iterator[LoadedBatch]:
     """Yield the records' images decoded, padded and stacked by shape, batch by batch
     (``num_workers=None``: ``decode_workers(device)``)."""
     if num_workers is None:
         num_workers = decode_workers(device)
-    dataset = PaddedImages(records, backbone.mean, backbone.std, backbone.patch_size)
+    dataset = PaddedImages(records, backbone.mean, backbone.std, backbone.patch_size, max_pixels)
     loader = DataLoader(
         dataset,
         batch_sampler=size_batches(records, backbone.patch_size, batch_size),
@@ -240,6 +308,7 @@ class LazyBackbone:
     def get(self) -> Backbone:
         if self._backbone is None:
             self._backbone = create_backbone(self.info.spec, self.weights, self.device)
+            timeline.mark("model built")
             if self._backbone.weights.identity() != self.info.weights.identity():
                 raise LostregError(f"{self._backbone.weights.path}: weights changed since the "
                                    "run started (sha256 differs); rerun the command")
@@ -306,26 +375,33 @@ class FeatureSource:
     def __init__(self, records: Sequence[ImageRecord], lazy: LazyBackbone, device: torch.device,
                  *, batch_size: int, num_workers: int | None, autocast: torch.dtype | None,
                  caches: dict[FeatureRequest, FeatureCache], storage: str | None,
-                 lossless: bool, writer: BackgroundWriter | None, stats: dict) -> None:
+                 lossless: bool, writer: BackgroundWriter | None, stats: dict,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.records, self.lazy, self.device = records, lazy, device
         self.batch_size, self.num_workers, self.autocast = batch_size, num_workers, autocast
+        self.max_pixels = max_pixels
         self.caches, self.storage, self.lossless, self.writer = caches, storage, lossless, writer
         self.stats = stats
-        self._sizes_on_disk: dict[int, int | None] = {}
+        self._fingerprints: dict[int, str | None] = {}
 
-    def _disk_size(self, position: int) -> int | None:
-        if position not in self._sizes_on_disk:
-            self._sizes_on_disk[position] = file_size(self.records[position].path)
-        return self._sizes_on_disk[position]
+    def _fingerprint(self, position: int) -> str | None:
+        """The content hash the cache keys an image by (computed once per pass)."""
+        if position not in self._fingerprints:
+            self._fingerprints[position] = image_fingerprint(self.records[position].path)
+        return self._fingerprints[position]
 
     def _lookup(self, position: int, request: FeatureRequest):
         return self.caches[request].lookup(self.records[position].image_id,
-                                           self._disk_size(position))
+                                           self._fingerprint(position))
 
     def fully_cached(self, positions: Sequence[int], needs: Needs) -> list[int]:
         """The positions whose every needed map is in the cache: they never need the model."""
         if not self.caches:
             return []
+        missing = [p for p in positions if p not in self._fingerprints]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing
+            hashes = pool.map(lambda p: image_fingerprint(self.records[p].path), missing)
+            self._fingerprints.update(zip(missing, hashes, strict=True))  # releases the GIL
         return [p for p in positions
                 if all(r in self.caches and self._lookup(p, r) for r in needs(p))]
 
@@ -371,8 +447,10 @@ class FeatureSource:
         loader batch per step; new maps go into the cache in a background thread."""
         backbone = self.lazy.get()
         records = [self.records[p] for p in positions]
-        for loaded in iterate_batches(records, backbone, self.batch_size, self.num_workers,
-                                      self.device):
+        for loaded in timed_iteration(iterate_batches(
+                records, backbone, self.batch_size, self.num_workers, self.device,
+                self.max_pixels), self.stats, "load"):
+            timeline.mark("first batch decoded")
             batches = []
             for group in loaded.groups:
                 tick = time.perf_counter()
@@ -384,12 +462,17 @@ class FeatureSource:
 
     def _forward(self, backbone: Backbone, positions: list[int], group: ImageGroup,
                  needs: Needs) -> list[FeatureBatch]:
+        tick = time.perf_counter()
         images = group.images.to(self.device, non_blocking=True)
+        self.stats["transfer"] += time.perf_counter() - tick
+        timeline.mark("first batch sent to the device")
         patch = backbone.patch_size
         grid = (images.shape[-2] // patch, images.shape[-1] // patch)
         requests = sorted(set().union(*(needs(p) for p in positions)))
+        with out_of_memory_as_error(lambda: describe_images(self.records, positions, group.sizes)):
+            maps = extract(backbone, images, requests, self.autocast)
         out = []
-        for request, feats in extract(backbone, images, requests, self.autocast).items():
+        for request, feats in maps.items():
             if request in self.caches:
                 feats = self._store(request, feats, positions, group.sizes, grid)
             out.append(FeatureBatch(request, feats, grid, positions, group.sizes))
@@ -406,6 +489,28 @@ class FeatureSource:
         if new:
             self.writer.submit(  # type: ignore[union-attr]
                 self.caches[request], [self.records[positions[j]].image_id for j in new],
-                [sizes[j] for j in new], [self._disk_size(positions[j]) for j in new], grid,
+                [sizes[j] for j in new], [self._fingerprint(positions[j]) for j in new], grid,
                 stored[new].to("cpu"))
         return feats
+
+
+def describe_images(records: Sequence[ImageRecord], positions: Sequence[int],
+                    sizes: Sequence[tuple[int, int]]) -> str:
+    """The images of a batch for an error line: the first one's file and size, and how many."""
+    height, width = sizes[0]
+    more = f", in a batch of {len(positions)} of that size" if len(positions) > 1 else ""
+    return f"{records[positions[0]].path} ({width}x{height}{more})"
+
+
+def timed_iteration(items: Iterator, stats: dict, key: str) -> Iterator:
+    """``items`` as they come, adding the seconds spent waiting for each to ``stats[key]``
+    (for the loader: how long the pass waited for decoded batches)."""
+    while True:
+        tick = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            stats[key] += time.perf_counter() - tick
+            return
+        stats[key] += time.perf_counter() - tick
+        yield item

@@ -119,9 +119,11 @@ def prediction_line(record: ImageRecord, box: Sequence[int], seed_rc: Sequence[i
     return line
 
 
-def schema_problem(line: Any) -> str | None:
+def schema_problem(line: Any, box_slack: int = 0) -> str | None:
     """Why ``line`` (parsed JSON) is not a predictions line, or None: keys, types, and a box
-    inside its image (``0 <= x1 <= x2 <= width``, the same for y)."""
+    inside its image (``0 <= x1 <= x2 <= width``, the same for y). ``box_slack``: how far a
+    box may reach into the zero padding right and below (a patch less one pixel, for methods
+    whose published box is not clipped to the image: DINO-seg's reference variant)."""
     if not isinstance(line, dict):
         return f"expected a JSON object, got {type(line).__name__}"
     missing = [k for k, f in SCHEMA.items() if f.required and k not in line]
@@ -134,7 +136,8 @@ def schema_problem(line: Any) -> str | None:
         if not SCHEMA[key].check(value):
             return f"{key}: expected {SCHEMA[key].expected}, got {json.dumps(value)[:60]}"
     x1, y1, x2, y2 = line["box"]
-    if not (0 <= x1 <= x2 <= line["width"] and 0 <= y1 <= y2 <= line["height"]):
+    if not (0 <= x1 <= x2 <= line["width"] + box_slack
+            and 0 <= y1 <= y2 <= line["height"] + box_slack):
         return f"box {line['box']} is not inside its {line['width']}x{line['height']} image"
     return None
 
@@ -154,14 +157,15 @@ class Expected:
     ids: frozenset[str] | None
     records: Mapping[str, ImageRecord] | None
     root: Path | None
+    box_slack: int = 0
 
     @classmethod
     def of(cls, records: Sequence[ImageRecord] | None, root: Path | None = None,
-           image_ids: Collection[str] | None = None) -> Expected:
+           image_ids: Collection[str] | None = None, box_slack: int = 0) -> Expected:
         if records is not None:
             by_id = {r.image_id: r for r in records}
-            return cls(frozenset(by_id), by_id, None if root is None else Path(root))
-        return cls(None if image_ids is None else frozenset(image_ids), None, None)
+            return cls(frozenset(by_id), by_id, None if root is None else Path(root), box_slack)
+        return cls(None if image_ids is None else frozenset(image_ids), None, None, box_slack)
 
     def check(self, line: dict) -> tuple[dict, str | None]:
         """The line with ``hit``/``best_iou`` recomputed, and what was corrected (or None).
@@ -266,7 +270,7 @@ class _Reading:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             self.problem(path, number, "bad", f"not JSON ({exc})", raw)
             return
-        reason = schema_problem(line)
+        reason = schema_problem(line, self.expected.box_slack)
         if reason is not None:
             self.problem(path, number, "bad", reason, raw,
                          line.get("image_id") if isinstance(line, dict) else None)
@@ -300,7 +304,7 @@ class _Reading:
 
 def load_predictions(run_dir: str | Path, records: Sequence[ImageRecord] | None, *,
                      root: str | Path | None = None, image_ids: Collection[str] | None = None,
-                     repair: bool = True) -> LoadedPredictions:
+                     repair: bool = True, box_slack: int = 0) -> LoadedPredictions:
     """Every valid prediction of a run folder (merged file plus parts), by image id.
 
     ``records`` are the run's images (its ``--limit`` applied): lines must be of these images,
@@ -315,7 +319,8 @@ def load_predictions(run_dir: str | Path, records: Sequence[ImageRecord] | None,
     nothing is written.
     """
     run_dir = Path(run_dir)
-    reading = _Reading(Expected.of(records, None if root is None else Path(root), image_ids))
+    reading = _Reading(Expected.of(records, None if root is None else Path(root), image_ids,
+                                   box_slack))
     for path in prediction_files(run_dir):
         for number, raw in enumerate(_complete_lines(path), start=1):
             reading.add(path, number, raw)
@@ -368,13 +373,13 @@ def _quarantined(path: Path) -> list[dict]:
 
 
 def merge_predictions(run_dir: str | Path, records: Sequence[ImageRecord], *,
-                      root: str | Path | None = None) -> list[dict]:
+                      root: str | Path | None = None, box_slack: int = 0) -> list[dict]:
     """Write ``predictions.jsonl`` in ``records`` order from the validated file and parts,
     then delete the parts; a kill at any point leaves files a rerun merges the same way.
     The file is not rewritten when it already holds exactly these lines and no part is left,
     so finalising a finished run changes nothing on disk."""
     run_dir = Path(run_dir)
-    loaded = load_predictions(run_dir, records, root=root)
+    loaded = load_predictions(run_dir, records, root=root, box_slack=box_slack)
     return write_merged(run_dir, [r.image_id for r in records], loaded.lines)
 
 

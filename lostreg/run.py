@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lostreg import distributed
+from lostreg import distributed, timeline
 from lostreg.backbones import Backbone, get_backbone_spec, list_backbones
 from lostreg.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
 from lostreg.cli import HelpFormatter, add_compute_options
@@ -52,6 +52,7 @@ from lostreg.errors import LostregError, error_line
 from lostreg.features import FEATURE_KINDS
 from lostreg.methods import DEFAULT_METHOD, METHODS, Param, get_method
 from lostreg.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks import them here
+    DEFAULT_MAX_PIXELS,
     LazyBackbone,
     LoadedBatch,
     collate_by_shape,
@@ -60,6 +61,7 @@ from lostreg.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks
     resolve_device,
     set_numerics,
     use_device,
+    warm_start,
 )
 from lostreg.rundir import RunResult, check_dataset_complete
 from lostreg.sweep import run_pass
@@ -240,6 +242,8 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
     ctx = distributed.setup(resolve_device(base.device).type)
     device = distributed.local_device(resolve_device(base.device), ctx)
     use_device(device)
+    warm_start(device)
+    timeline.mark("device chosen")
     if base.num_workers is None:  # config.json records the number used
         workers = decode_workers(device)
         sweep = [dataclasses.replace(config, num_workers=workers) for config in sweep]
@@ -255,13 +259,16 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
                 indexes[dataset] = ctx.main_first(lambda d=dataset: load_dataset(
                     d, base.data_root, no_hard=base.no_hard, download=base.download))
             check_dataset_complete(indexes[dataset], base.allow_partial_dataset)
+            timeline.mark("dataset indexed")
             if lazy is None:
                 info = backbone if backbone is not None else ctx.main_first(
                     lambda s=specs[model]: describe_backbone(s, base.weights))
                 lazy = LazyBackbone(info, base.weights, device, backbone)
+                timeline.mark("backbone described")
                 if lazy.info.weights.is_random and ctx.is_main:
                     print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
-            configs = [dataclasses.replace(c, model=model, dataset=dataset) for c in sweep]
+            configs = _limit_within(indexes[dataset], ctx.is_main, [
+                dataclasses.replace(c, model=model, dataset=dataset) for c in sweep])
             for result in run_pass(configs, lazy, indexes[dataset], device, numerics, ctx):
                 results.append(result)
                 if on_result is not None:
@@ -269,6 +276,18 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
         if lazy is not None:
             lazy.release()
     return results
+
+
+def _limit_within(index: DatasetIndex, say: bool, configs: list[RunConfig]) -> list[RunConfig]:
+    """A ``--limit`` of at least the dataset's size is the whole dataset: said once, and the
+    full run (its folder, its id) is the one made or reused."""
+    limit = configs[0].limit if configs else None
+    if limit is None or limit < len(index):
+        return configs
+    if say:
+        print(f"note: --limit {limit} covers all {len(index)} images of {index.name}: running "
+              "(or reusing) the full run", file=sys.stderr)
+    return [dataclasses.replace(config, limit=None) for config in configs]
 
 
 # --- CLI -----------------------------------------------------------------------------------
@@ -322,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "cache but rounds, so such runs get their own run id")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels, before any forward (images are "
+                             "never resized; VOC and COCO images are below 0.4 megapixels)")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another process is writing a run folder of this command, "
+                             "wait for it instead of exiting")
     parser.add_argument("--allow-partial-dataset", action="store_true",
                         help="run even if a VOC07/VOC12/COCO20k split lists another number of "
                              "images than the benchmark's (not comparable; the run id records "
@@ -425,7 +450,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         num_workers=args.num_workers, progress=not args.no_progress,
         cache_features=args.cache_features, cache_dtype=args.cache_dtype,
         allow_partial_dataset=args.allow_partial_dataset,
-        method=first(args.method, DEFAULT_METHOD),
+        method=first(args.method, DEFAULT_METHOD), wait=args.wait, max_pixels=args.max_pixels,
     )
 
 
@@ -467,7 +492,21 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
     return grid
 
 
+def _which_flag(exc: BaseException, args: argparse.Namespace) -> str:
+    """`` (--output)`` when a filesystem error is about a path under one of the command's
+    folders, so the line says which flag to change."""
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return ""
+    path = Path(str(exc.filename)).absolute()
+    for flag, folder in (("--output", args.output), ("--cache-features", args.cache_features),
+                         ("--data-root", args.data_root)):
+        if folder is not None and path.is_relative_to(Path(folder).absolute()):
+            return f" ({flag} {folder})"
+    return ""
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
+    timeline.mark("imports done")
     args = build_parser().parse_args(argv)
     try:
         base = config_from_args(args)
@@ -481,7 +520,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             print(_rebuild_leaderboard(Path(args.output)))
     except (LostregError, OSError) as exc:
         if distributed.current().is_main or not isinstance(exc, CollectiveError):
-            print(error_line(exc), file=sys.stderr)
+            print(error_line(exc) + _which_flag(exc, args), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: what was written is kept; rerun the same command to resume",

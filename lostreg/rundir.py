@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import lostreg
-from lostreg import distributed
+from lostreg import distributed, timeline
 from lostreg.backbones import Backbone
 from lostreg.config import SMOKE_NOTE, RunConfig, feature_request, method_of, method_params
 from lostreg.datasets import DATASETS
@@ -32,10 +32,11 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.distributed import DistContext
 from lostreg.errors import LostregError
 from lostreg.features import FeatureRequest, resolve_layer
-from lostreg.io import JsonlAppender, atomic_write_json, read_jsonl
+from lostreg.io import JsonlAppender, atomic_write_json
 from lostreg.methods import MethodSpec
-from lostreg.metrics import best_iou, corloc, is_hit
+from lostreg.metrics import corloc
 from lostreg.pipeline import BackboneInfo
+from lostreg.predictions import corloc_of, load_predictions
 
 
 @dataclass
@@ -179,30 +180,6 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def prediction_record(record: ImageRecord, box: list[int], seed_rc: tuple[int, int] | None,
-                      index_root: Path, smoke: bool) -> dict:
-    """One line of ``predictions.jsonl``; ``seed`` is null for a method without a seed."""
-    iou = best_iou(box, record.boxes_array())
-    try:
-        file = str(record.path.relative_to(index_root))
-    except ValueError:
-        file = str(record.path)
-    line = {
-        "image_id": record.image_id,
-        "file": record.extra.get("file", file),
-        "width": record.width,
-        "height": record.height,
-        "box": box,
-        "seed": list(seed_rc) if seed_rc is not None else None,
-        "gt_boxes": [list(b) for b in record.boxes],
-        "best_iou": round(iou, 6),
-        "hit": is_hit(iou),
-    }
-    if smoke:
-        line["weights"] = "random"
-    return line
-
-
 def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
                device: torch.device) -> dict:
     """What every artefact records to be traceable to its inputs: model, weights (sha256),
@@ -317,25 +294,28 @@ def is_finished(run: RunFolder) -> bool:
             and not distributed.part_files(run.run_dir))
 
 
-def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], write: bool,
-              config_writer) -> list[Path]:
-    """Create the folders, read what each run already holds, write config.json of unfinished
-    runs (``write``: this process is rank 0). Returns the folders this call created."""
-    seen: dict[str, RunFolder] = {}
+def check_unique(runs: Sequence[RunFolder]) -> None:
+    seen: set[str] = set()
     for run in runs:
         if run.run_id in seen:
             raise LostregError(f"two runs of one command have the same settings ({run.run_id}); "
                                "list each value of a comma list once")
-        seen[run.run_id] = run
-    created = [run.run_dir for run in runs if not run.run_dir.exists()]
+        seen.add(run.run_id)
+
+
+def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: Path,
+              patch_size: int, write: bool, config_writer: Callable[[RunFolder], Any]) -> None:
+    """Create the folders, read back and validate what each run already holds (bad lines are
+    quarantined and their images recomputed, see ``lostreg.predictions``), write config.json
+    of unfinished runs (``write``: this process is rank 0, the only one that repairs)."""
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        done = distributed.done_ids(run.run_dir)
-        run.pending = {p for p, r in enumerate(records) if r.image_id not in done}
-        run.finished = is_finished(run)
+        loaded = load_predictions(run.run_dir, records, root=root, repair=write,
+                                  box_slack=patch_size - 1)
+        run.pending = {p for p, r in enumerate(records) if r.image_id not in loaded.lines}
+        run.finished = is_finished(run) and not loaded.problems
         if write and not run.finished:
             config_writer(run)
-    return created
 
 
 def remove_unused(run_dirs: Sequence[Path]) -> None:
@@ -349,12 +329,15 @@ def remove_unused(run_dirs: Sequence[Path]) -> None:
 # --- finishing -----------------------------------------------------------------------------
 
 
-def finalize(run_dir: Path, index_records: Sequence[ImageRecord], run_id: str, smoke: bool,
-             summary_fields: dict, seconds: dict) -> tuple[float, int, int]:
-    """Merge predictions (the file and any per-rank parts) in dataset order, so a resumed or
-    distributed run's file equals an uninterrupted one's, and write metrics.json atomically."""
-    ordered = distributed.merge_predictions(run_dir, [r.image_id for r in index_records])
+def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, patch_size: int,
+             run_id: str, smoke: bool, summary_fields: dict, seconds: dict
+             ) -> tuple[float, int, int]:
+    """Merge the validated predictions (the file and any per-rank parts) in dataset order, so
+    a resumed or distributed run's file equals an uninterrupted one's, and write metrics.json
+    atomically: its figures always come from the validated lines, hits recomputed."""
+    ordered = distributed.merge_predictions(run_dir, index_records, root, patch_size - 1)
     score, n_hits, n_images = corloc(line["hit"] for line in ordered)
+    timeline.mark("first run finished")
     metrics = {
         "run_id": run_id,
         "corloc": round(score, 4),
@@ -364,6 +347,8 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], run_id: str, s
         "weights": "random" if smoke else "pretrained",
         "seconds": seconds,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # when this process reached each step, in seconds since it started (lostreg.timeline)
+        "startup": timeline.marks(),
         **summary_fields,
     }
     if smoke:
@@ -378,16 +363,18 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     """CorLoc of a run at the end of its pass: read back when it was finished before,
     otherwise merged and written with its timings."""
     if run.finished:
-        wanted = {r.image_id for r in records}
-        return corloc(line["hit"] for line in read_jsonl(run.run_dir / distributed.PREDICTIONS)
-                      if line["image_id"] in wanted)
+        return corloc_of(load_predictions(run.run_dir, records, root=index.root, repair=False,
+                                          box_slack=info.patch_size - 1).lines, records)
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),
         "model_and_lost": round(max(s["forward"] + s["method"] for s in everyone), 3),
-        "features": round(max(s["forward"] for s in everyone), 3),
-        "method": round(max(s["method"] for s in everyone), 3),
-        "write": round(max(s["write"] for s in everyone), 3),
+        # where the time went (the slowest rank's): waiting for decoded batches, copying
+        # them to the device, the backbone (or cache reads), the methods, the line writer
+        # (a background thread, so it overlaps the rest)
+        **{key: round(max(s[stat] for s in everyone), 3) for key, stat in (
+            ("load_wait", "load"), ("transfer", "transfer"), ("features", "forward"),
+            ("method", "method"), ("write", "write"))},
         "images_computed": computed,
         "images_per_second": round(computed / total, 3) if total > 0 else None,
         "backbone_images": sum(s["backbone_images"] for s in everyone),
@@ -398,8 +385,8 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     summary_fields = {"model": info.spec.name, "timm_name": info.spec.timm_name,
                       "dataset": index.name, "split": index.split, **run.settings(),
                       "no_hard": index.no_hard, "resumed_with": len(records) - computed}
-    return finalize(run.run_dir, records, run.run_id, info.weights.is_random, summary_fields,
-                    seconds)
+    return finalize(run.run_dir, records, index.root, info.patch_size, run.run_id,
+                    info.weights.is_random, summary_fields, seconds)
 
 
 def run_status(run: RunFolder, n_images: int) -> str:

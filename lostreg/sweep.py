@@ -17,32 +17,41 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lostreg import distributed
+from lostreg import distributed, timeline
 from lostreg.cache import BackgroundWriter, FeatureCache, is_lossless, storage_dtype
 from lostreg.config import PRECISIONS, RunConfig
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.distributed import CollectiveError, DistContext
 from lostreg.errors import LostregError
 from lostreg.features import FeatureRequest
-from lostreg.pipeline import FeatureBatch, FeatureSource, LazyBackbone, feature_cache_key
+from lostreg.pipeline import (
+    FeatureBatch,
+    FeatureSource,
+    LazyBackbone,
+    check_image_sizes,
+    describe_images,
+    feature_cache_key,
+    out_of_memory_as_error,
+)
+from lostreg.predictions import prediction_line
 from lostreg.rundir import (
     RunFolder,
     RunResult,
+    check_unique,
     describe_run,
     finish_run,
     open_runs,
-    prediction_record,
     remove_unused,
     run_status,
     summary_line,
     write_config,
 )
+from lostreg.runlock import hold_runs
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -69,21 +78,22 @@ class Pass:
         self.runs: list[RunFolder] = [describe_run(c, self.info, index, rounded) for c in configs]
         self.numerics = numerics
         self.todo: dict[int, set[int]] = {}
-        self.stats: dict[str, Any] = {"forward": 0.0, "method": 0.0, "write": 0.0,
+        self.stats: dict[str, Any] = {"load": 0.0, "transfer": 0.0, "forward": 0.0,
+                                      "method": 0.0, "write": 0.0,
                                       "backbone_images": 0, "cached_images": 0}
         self.lines: LineWriter
 
     # --- set-up ---------------------------------------------------------------------------
 
-    def _open(self) -> list[Path]:
+    def _open(self) -> None:
         extra = {"world_size": self.ctx.world_size,
                  "feature_cache": None if self.storage is None else {
                      "dir": str(self.base.cache_features), "dtype": self.storage,
                      "lossless": self.lossless}}
-        created = open_runs(self.runs, self.records, self.ctx.is_main, lambda run: write_config(
-            run, self.info, self.index, self.device, self.numerics, extra))
+        open_runs(self.runs, self.records, self.index.root, self.info.patch_size, self.ctx.is_main,
+                  lambda run: write_config(run, self.info, self.index, self.device,
+                                           self.numerics, extra))
         self.ctx.barrier()  # every rank has read the same state before any rank appends
-        return created
 
     def _plan(self) -> tuple[list[int], int]:
         """This rank's positions (each with the runs that still need it) and how many
@@ -112,8 +122,23 @@ class Pass:
     # --- the work -------------------------------------------------------------------------
 
     def run(self) -> list[RunResult]:
-        created = self._open()
+        """Resume every run, holding each run folder's lock (one writer per folder) from
+        reading what it holds until its metrics are written."""
+        check_unique(self.runs)
+        created = [run.run_dir for run in self.runs if not run.run_dir.exists()]
+        try:
+            with hold_runs([run.run_dir for run in self.runs], self.base.wait, self.ctx):
+                self._open()
+                errors, started = self._work()
+                return self._finish(errors, started)
+        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
+            if not self.ctx.enabled:
+                remove_unused(created)
+            raise
+
+    def _work(self) -> tuple[list[str], float]:
         mine, already = self._plan()
+        check_image_sizes([self.records[p] for p in mine], self.base.max_pixels)
         errors: list[str] = []
         started = time.perf_counter()
         progress = _progress(
@@ -132,33 +157,20 @@ class Pass:
                 self.records, self.lazy, self.device, batch_size=self.base.batch_size,
                 num_workers=self.base.num_workers, autocast=PRECISIONS[self.base.precision],
                 caches=caches, storage=self.storage, lossless=self.lossless, writer=writer,
-                stats=self.stats)
+                stats=self.stats, max_pixels=self.base.max_pixels)
             for step in source.cached(source.fully_cached(mine, self.needs), self.needs):
                 for batch in step.batches:
                     finished = self.serve(batch)
                     self.stats["cached_images"] += finished
                     progress.update(finished)
             compute = [p for p in mine if self.todo[p]]
-            if compute:
-                errors += self._compute(source, compute, created, progress)
-        progress.close()
-        return self._finish(errors, started)
-
-    def _compute(self, source: FeatureSource, compute: list[int], created: list[Path],
-                 progress) -> list[str]:
-        errors: list[str] = []
-        try:
-            steps = source.computed(compute, self.needs)
-            for step in steps:
+            for step in source.computed(compute, self.needs) if compute else ():
                 errors += step.errors
                 for batch in step.batches:
                     self.serve(batch)
                 progress.update(step.n_items)
-        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
-            if not self.ctx.enabled:
-                remove_unused(created)
-            raise
-        return errors
+        progress.close()
+        return errors, started
 
     def serve(self, batch: FeatureBatch) -> int:
         """Run the method of every run that reads ``batch``'s map and still needs some of its
@@ -180,8 +192,10 @@ class Pass:
             if len(chosen) != len(batch.positions):
                 feats = feats[chosen]
             sizes = [batch.sizes[j] for j in chosen]
-            out = run.method.run(feats, batch.grid, self.info.patch_size,
-                                 torch.tensor(sizes, device=feats.device), run.params)
+            where = describe_images(self.records, batch.positions, batch.sizes)
+            with out_of_memory_as_error(lambda w=where, m=run.method.name: f"{w} in {m}"):
+                out = run.method.run(feats, batch.grid, self.info.patch_size,
+                                     torch.tensor(sizes, device=feats.device), run.params)
             positions = [batch.positions[j] for j in chosen]
             for p in positions:
                 self.todo[p].discard(i)
@@ -189,6 +203,7 @@ class Pass:
                 self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
                 batch.grid[1]), ready_event(feats.device))
         self.stats["method"] += time.perf_counter() - tick
+        timeline.mark("first batch through the methods")
         return sum(1 for p in batch.positions if not self.todo[p])
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
@@ -206,7 +221,7 @@ class Pass:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
             record = dataclasses.replace(record, height=size[0], width=size[1])
-        return prediction_record(record, box, seed_rc, self.index.root, self.smoke)
+        return prediction_line(record, box, seed_rc, self.index.root, self.smoke)
 
     # --- the end --------------------------------------------------------------------------
 

@@ -168,3 +168,25 @@ def test_precision_compare_counts_changes(tiny_tree, tiny_backbone, tmp_path) ->
     share = result["vs_fp32"]["bf16"]
     assert share["images"] == len(tiny_tree.records)
     assert 0 <= share["share_box_differs"] <= 1
+
+
+def test_pipeline_benchmark_gives_identical_predictions_across_worker_counts(tmp_path) -> None:
+    from benchmarks import bench_pipeline
+
+    index = write_voc_tree(tmp_path / "data", sample_sizes(4, seed=2, scale=0.2), seed=2)
+    result = bench_pipeline.measure(index, CPU, tmp_path, batch_size=2, workers=[0, 1],
+                                    repeats=1)
+    assert result["identical"] and result["n_images"] == 4
+    seconds = result["results"][0]["seconds"][0]
+    assert {"load_wait", "transfer", "features", "method", "write"} <= set(seconds)
+    assert all(seconds[k] >= 0 for k in ("load_wait", "features", "method", "write"))
+
+
+def test_methods_and_fingerprint_benchmarks_run_on_tiny_inputs(tmp_path, capsys) -> None:
+    from benchmarks import bench_fingerprint, bench_methods
+
+    assert bench_methods.main(["--images", "2", "--size-scale", "0.2", "--threads", "1",
+                               "--device", "cpu"]) == 0
+    assert bench_fingerprint.main(["--images", "3", "--rounds", "1",
+                                   "--workdir", str(tmp_path / "fp")]) == 0
+    assert "RATIO" in capsys.readouterr().out

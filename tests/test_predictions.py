@@ -25,7 +25,7 @@ from lostreg.predictions import (
     quarantine,
     schema_problem,
 )
-from lostreg.run import main, prediction_record
+from lostreg.run import main
 
 ROOT = Path("/data/voc")
 RECORDS = [ImageRecord(f"img{i}", ROOT / "JPEGImages" / f"img{i}.jpg", 100, 80,
@@ -51,11 +51,10 @@ def write(path: Path, text: str) -> Path:
 # --- the line format -----------------------------------------------------------------------
 
 
-def test_prediction_line_is_the_line_run_writes() -> None:
-    """The validator's writer is run's writer: the lead can call one in place of the other."""
+def test_prediction_line_passes_its_own_schema() -> None:
+    """The runs write their lines with ``prediction_line``; each passes the validator."""
     for box in (HIT_BOX, MISS_BOX, [0, 0, 100, 80]):
         ours = prediction_line(RECORDS[1], box, (3, 4), ROOT, smoke=False)
-        assert ours == prediction_record(RECORDS[1], box, (3, 4), ROOT, smoke=False)
         assert schema_problem(ours) is None
     assert prediction_line(RECORDS[0], HIT_BOX, None, ROOT, True)["seed"] is None
 
@@ -265,8 +264,9 @@ def finished_run(tmp_path, capsys):
 
 
 def summary(capsys) -> str:
+    """The score part of the run's last line (what follows ``|`` says what the command did)."""
     (printed,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("CorLoc")]
-    return printed
+    return printed.split(" | ")[0]
 
 
 @pytest.mark.usefixtures("one_thread")
