@@ -14,6 +14,14 @@ batches of one grid like ``lostreg.run`` does, and fed to:
 Every path's boxes and seeds are compared with ``reference``; batched and bf16_filter must
 agree on every image (asserted). Then images/s of each path and the speedup ratios are printed.
 
+Two stages are also timed alone, interleaved the same way (identical outputs asserted):
+
+* connected components on the benchmark's LOST masks: label propagation (``lost``'s tensor
+  path, run on this device even when it is a CPU) vs the former dilation loop vs scipy on the
+  host (``lost``'s CPU path; on a GPU, with the copies);
+* the seed expansion of a few large images (``--large-grid``): the whole ``(N, N)``
+  similarity vs row blocks under the byte budget.
+
     python benchmarks/bench_lost.py                      # CPU defaults, ~1 min on 2 cores
     python benchmarks/bench_lost.py --device cuda --images 2000 --batch-size 64
 """
@@ -26,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -47,6 +56,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features import padded_size  # noqa: E402
+from lostreg.methods import lost as lost_module  # noqa: E402
 from lostreg.methods.lost import LostOutput, lost, lost_reference, seed_boxes  # noqa: E402
 
 Prediction = tuple[tuple[int, int, int, int], int]  # (box, seed)
@@ -314,6 +324,199 @@ def agreement(predictions: dict[str, dict[int, Prediction]], baseline: str = "re
     return counts
 
 
+# --- stage comparisons: connected components, row-blocked similarities ---------------------------
+
+
+def dilation_component(mask: torch.Tensor, seed_rc: torch.Tensor, check_every: int = 8
+                       ) -> torch.Tensor:
+    """The connected-component step ``lost`` used on a GPU before label propagation, kept as
+    the yardstick: 4-neighbour dilation of the seed inside the mask (one ``conv2d`` a step),
+    a convergence check (host sync) every ``check_every`` steps."""
+    batch = mask.shape[0]
+    component = torch.zeros_like(mask)
+    component[torch.arange(batch, device=mask.device), seed_rc[:, 0], seed_rc[:, 1]] = True
+    component &= mask
+    kernel = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32,
+                          device=mask.device).view(1, 1, 3, 3)
+    mask_f = mask.unsqueeze(1).float()
+    current = component.unsqueeze(1).float()
+    while True:
+        previous = current
+        for _ in range(check_every):
+            current = (torch.nn.functional.conv2d(current, kernel, padding=1) > 0).float() * mask_f
+        if torch.equal(current, previous):
+            return current.squeeze(1).bool()
+
+
+def host_scipy_component(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
+    """``lost``'s CPU path on any device: the masks to the host, one ``scipy.ndimage.label``
+    for the batch, the components back (what "label on the host" costs a GPU run)."""
+    component = lost_module._seed_component_scipy(mask.cpu(), seed_rc.cpu())
+    return component.to(mask.device)
+
+
+COMPONENT_PATHS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "propagation": lambda m, s: lost_module.seed_component(m, s),
+    "dilation": dilation_component,
+    "host scipy": host_scipy_component,
+}
+
+
+def propagation_rounds(mask: torch.Tensor) -> int:
+    """Rounds ``component_labels`` runs on ``mask`` with a check after every round (the last
+    one, which changes nothing, included)."""
+    batch, rows, cols = mask.shape
+    n = rows * cols
+    labels = torch.full((batch, n + 1), n, dtype=torch.long, device=mask.device)
+    labels[:, :n] = lost_module._run_starts(mask).view(batch, n)
+    offsets = torch.arange(batch, device=mask.device).unsqueeze(1) * (n + 1)
+    rounds = 0
+    while True:
+        before = labels
+        labels = lost_module._propagation_round(labels, mask, offsets,
+                                                lost_module._JUMPS_PER_ROUND)
+        rounds += 1
+        if torch.equal(labels, before):
+            return rounds
+
+
+def interleaved(paths: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], rounds: int,
+                device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Seconds per round of each path over all ``inputs``, the paths taking turns on each
+    input (order rotating), and the last round's outputs. A first call per path is not timed."""
+    for fn in paths.values():
+        fn(inputs[0])
+    names = list(paths)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {}
+    turn = 0
+    for _ in range(rounds):
+        spent = dict.fromkeys(names, 0.0)
+        outputs = {name: [] for name in names}
+        for item in inputs:
+            turn += 1
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                elapsed, out = timed(lambda f=paths[name], x=item: f(x), device)
+                spent[name] += elapsed
+                outputs[name].append(out)
+        for name in names:
+            seconds[name].append(spent[name])
+    return seconds, outputs
+
+
+def ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> float:
+    """Median over rounds of ``slow``'s time over ``fast``'s (both timed in the same round)."""
+    return median([a / b for a, b in zip(seconds[slow], seconds[fast], strict=True)])
+
+
+def measure_components(batches: Sequence[FeatureBatch], k_patches: int, gram_bias: float,
+                       device: torch.device, rounds: int) -> tuple[list[tuple[str, object]], bool]:
+    """The connected-component step alone on the benchmark's own LOST masks: label propagation
+    (the tensor path, run on this device even when it is a CPU), the former dilation loop, and
+    scipy on the host. Returns result rows and whether all three gave identical components."""
+    inputs = []
+    for batch in batches:
+        _, seed, summed = lost_module._seed_expansions(batch.feats, gram_bias, k_patches)
+        cols = batch.grid[1]
+        inputs.append(((summed > 0).view(-1, *batch.grid),
+                       torch.stack([seed // cols, seed % cols], dim=1)))
+    paths = {name: (lambda x, f=fn: f(*x)) for name, fn in COMPONENT_PATHS.items()}
+    seconds, outputs = interleaved(paths, inputs, rounds, device)
+    same = all(torch.equal(a.cpu(), b.cpu()) for name in paths
+               for a, b in zip(outputs[name], outputs["propagation"], strict=True))
+    n_batches = len(inputs)
+    rows: list[tuple[str, object]] = [
+        ("components: batches (median batch)",
+         f"{n_batches} ({int(median([m.shape[0] for m, _ in inputs]))} masks)"),
+        ("components: identical in all paths", "yes" if same else "NO"),
+    ]
+    for name in paths:
+        rows.append((f"components: {name} ms/batch",
+                     f"{1e3 * median(seconds[name]) / n_batches:.2f}"))
+    rows += [
+        ("RATIO dilation / propagation time", f"{ratio(seconds, 'dilation', 'propagation'):.2f}x"),
+        ("RATIO host scipy / propagation time",
+         f"{ratio(seconds, 'host scipy', 'propagation'):.2f}x"),
+        ("components: propagation rounds per batch (median, max)",
+         _median_max([propagation_rounds(m) for m, _ in inputs])),
+        ("components: dilation steps per batch (median, max)",
+         _median_max([_dilation_steps(m, s) for m, s in inputs])),
+    ]
+    return rows, same
+
+
+def _median_max(values: Sequence[int]) -> str:
+    return f"{median(values):g}, {max(values)}"
+
+
+def measure_blocking(grid: tuple[int, int], images: int, patch_size: int, dim: int,
+                     k_patches: int, gram_bias: float, device: torch.device, rounds: int,
+                     seed: int, block_bytes: int | None = None
+                     ) -> tuple[list[tuple[str, object]], bool]:
+    """LOST's seed expansion on ``images`` large images of one ``grid``, one at a time: the
+    whole ``(N, N)`` similarity (budget lifted) vs row blocks under ``block_bytes`` (default:
+    the device's budget, at most a quarter of ``N x N`` floats so that a GPU's 1 GiB budget
+    still blocks). Returns result rows and whether both paths gave the same bits (degrees,
+    seeds, ``M``)."""
+    rows_n, cols_n = grid
+    n = rows_n * cols_n
+    size = (rows_n * patch_size, cols_n * patch_size)
+    generator = torch.Generator().manual_seed(seed)
+    feats = [synthetic_features(grid, size, patch_size, dim, generator).unsqueeze(0).to(device)
+             for _ in range(images)]
+    budget = block_bytes or min(
+        lost_module.CHUNK_BYTES.get(device.type, lost_module.CHUNK_BYTES["cuda"]), n * n)
+    saved = dict(lost_module.CHUNK_BYTES)
+
+    def expand(f: torch.Tensor, bytes_: int) -> tuple[torch.Tensor, ...]:
+        lost_module.CHUNK_BYTES[device.type] = bytes_
+        try:
+            return lost_module._seed_expansions(f, gram_bias, k_patches)
+        finally:
+            lost_module.CHUNK_BYTES.clear()
+            lost_module.CHUNK_BYTES.update(saved)
+
+    lost_module.CHUNK_BYTES[device.type] = budget
+    block_rows = lost_module._row_block(n, device)
+    lost_module.CHUNK_BYTES.update(saved)
+    paths = {"unblocked": lambda f: expand(f, 1 << 62), "blocked": lambda f: expand(f, budget)}
+    seconds, outputs = interleaved(paths, feats, rounds, device)
+    same = all(torch.equal(a, b) for blocked, unblocked in
+               zip(outputs["blocked"], outputs["unblocked"], strict=True)
+               for a, b in zip(blocked, unblocked, strict=True))
+    peak = _peak_bytes(device, {name: (lambda f=fn: f(feats[0])) for name, fn in paths.items()})
+    rows: list[tuple[str, object]] = [
+        ("blocking: images x grid (N patches)", f"{images} x {rows_n}x{cols_n} ({n})"),
+        ("blocking: row blocks",
+         f"{-(-n // block_rows)} of {block_rows} rows (budget {budget / 2**20:.2f} MiB)"),
+        ("blocking: largest similarity tensor",
+         f"unblocked {n * n * 4 / 2**20:.1f} MiB, blocked {block_rows * n * 4 / 2**20:.1f} MiB"),
+        ("blocking: same degrees, seeds, M bits", "yes" if same else "NO"),
+    ]
+    for name in paths:
+        rows.append((f"blocking: {name} images/s", f"{images / median(seconds[name]):.2f}"))
+    rows.append(("RATIO blocked / unblocked time", f"{ratio(seconds, 'blocked', 'unblocked'):.2f}x"))
+    for name, value in peak.items():
+        rows.append((f"blocking: {name} peak device memory", f"{value / 2**20:.1f} MiB"))
+    return rows, same
+
+
+def _peak_bytes(device: torch.device, runs: dict[str, Callable[[], Any]]) -> dict[str, int]:
+    """Peak allocated device memory of each run, above what was held before it (CUDA only:
+    the CPU allocator keeps no such count)."""
+    if device.type != "cuda":
+        return {}
+    peaks = {}
+    for name, run in runs.items():
+        synchronize(device)
+        held = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        synchronize(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) - held
+    return peaks
+
+
 # --- profile -----------------------------------------------------------------------------------
 
 
@@ -322,13 +525,11 @@ def profile_stages(batches: Sequence[FeatureBatch], k_patches: int, gram_bias: f
     """Seconds per stage of the batched semantics, timed stage by stage over all batches.
 
     The stages replay ``lost``'s operations unchunked (matmul + bias, degrees, sort, seed
-    expansion gather/sum, connected component by dilation, the GPU path); the dilation step
-    count is reported too.
+    expansion gather/sum), then every connected-component path of ``COMPONENT_PATHS`` on the
+    same masks; the dilation's steps and the propagation's rounds are reported too.
     """
-    from lostreg.methods import lost as lost_module
-
     totals: dict[str, float] = defaultdict(float)
-    steps = []
+    steps, rounds = [], []
     for batch in batches:
         rows, cols = batch.grid
         n = rows * cols
@@ -353,12 +554,15 @@ def profile_stages(batches: Sequence[FeatureBatch], k_patches: int, gram_bias: f
         seed = order[:, 0]
         seed_rc = torch.stack([seed // cols, seed % cols], dim=1)
         mask = (summed > 0).view(-1, rows, cols)
-        t, component = timed(lambda m=mask, s=seed_rc: lost_module.seed_component(m, s), device)
-        totals["connected component (dilation loop)"] += t
+        for name, fn in COMPONENT_PATHS.items():
+            t, component = timed(lambda f=fn, m=mask, s=seed_rc: f(m, s), device)
+            totals[f"connected component ({name})"] += t
         t, _ = timed(lambda c=component, s=seed_rc: lost_module._component_boxes(c, s), device)
         totals["component boxes"] += t
         steps.append(_dilation_steps(mask, seed_rc))
+        rounds.append(propagation_rounds(mask))
     totals["dilation steps (max per batch, median)"] = median(steps) if steps else 0.0
+    totals["propagation rounds (per batch, median)"] = median(rounds) if rounds else 0.0
     return dict(totals)
 
 
@@ -458,6 +662,14 @@ def measure(batches: Sequence[FeatureBatch], patch_size: int, k_patches: int, gr
     return {"n_images": n_images, "seconds": seconds, "predictions": predictions}
 
 
+def grid_arg(text: str) -> tuple[int, int]:
+    """``ROWSxCOLS`` of a patch grid, both at least 1."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWSxCOLS, e.g. 48x64")
+    return int(parts[0]), int(parts[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -475,6 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--paths", default="batched,reference,literal,gram_only",
                         help=f"comma-separated subset of {', '.join(PATHS)} (reference is "
                              "always run: it is the yardstick)")
+    parser.add_argument("--large-grid", type=grid_arg, default=(48, 64),
+                        help="ROWSxCOLS of the large images of the blocked vs unblocked "
+                             "comparison (48x64 = 3072 patches, 36 MiB of similarities)")
+    parser.add_argument("--large-images", type=int, default=2,
+                        help="large images for the blocked vs unblocked comparison (0: skip)")
+    parser.add_argument("--block-bytes", type=int, default=None,
+                        help="byte budget of the blocked path in that comparison (default: "
+                             "the device's CHUNK_BYTES, at most a quarter of N x N floats)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the time goes, stage by stage")
     parser.add_argument("--threads", type=int, default=None,
@@ -498,6 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths.append("reference")
         if args.rounds < 1:
             raise LostregError("--rounds must be at least 1")
+        if args.large_images < 0:
+            raise LostregError(f"--large-images {args.large_images}: must be 0 or more")
+        if args.block_bytes is not None and args.block_bytes < 1:
+            raise LostregError(f"--block-bytes {args.block_bytes}: must be at least 1")
         if device.type != "cpu" and {"bf16_filter", "gram_bf16"} & set(paths):
             # its error bound assumes float32 accumulation, which cuBLAS does not promise
             # for bf16 (reduced-precision reductions are allowed by default)
@@ -571,6 +795,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                "images_per_second": speed, "speedup_vs_reference": ratios,
                "speedup_vs_literal": literal_ratios, "agreement": counts,
                "seconds": result["seconds"], "machine": facts}
+    stage_rows, stages_same = measure_components(batches, args.k_patches, args.gram_bias,
+                                                 device, args.rounds)
+    if args.large_images:
+        block_rows, blocks_same = measure_blocking(
+            args.large_grid, args.large_images, args.patch_size, args.dim, args.k_patches,
+            args.gram_bias, device, args.rounds, args.seed, args.block_bytes)
+        stage_rows += block_rows
+        stages_same = stages_same and blocks_same
+    print(result_block("stages: connected components (same masks), row-blocked similarities",
+                       stage_rows))
+    payload["stages"] = dict(stage_rows)
     if args.profile:
         stages = profile_stages(batches, args.k_patches, args.gram_bias, device)
         ref_stages = profile_reference(batches, args.k_patches, args.gram_bias, device)
@@ -585,6 +820,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   and counts[name]["same_both"] != counts[name]["images"]]
     if mismatched:  # a speedup of a path that changes results is no speedup
         print(f"error: {', '.join(mismatched)} differ from lost_reference on some images",
+              file=sys.stderr)
+        return 1
+    if not stages_same:
+        print("error: the component paths or the blocked and unblocked similarities differ",
               file=sys.stderr)
         return 1
     return 0

@@ -83,12 +83,15 @@ def warm_start(device: torch.device) -> threading.Thread:
     the weights; whichever needs these first simply waits for them (imports and CUDA's lazy
     initialisation are locked)."""
     def start() -> None:
-        import timm  # noqa: F401
+        try:
+            import timm  # noqa: F401
 
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                ones = torch.ones(8, 8, device=device)
-                (ones @ ones).sum().item()
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    ones = torch.ones(8, 8, device=device)
+                    (ones @ ones).sum().item()
+        except Exception:  # noqa: BLE001 - only a head start: the main thread meets any failure
+            return
         timeline.mark("timm imported" + (" and CUDA started" if device.type == "cuda" else ""))
 
     thread = threading.Thread(target=start, name="lostreg-warm-start", daemon=True)

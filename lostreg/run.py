@@ -493,14 +493,18 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _which_flag(exc: BaseException, args: argparse.Namespace) -> str:
-    """`` (--output)`` when a filesystem error is about a path under one of the command's
-    folders, so the line says which flag to change."""
+    """`` (--output DIR)`` when a filesystem error comes from a folder a flag names that could
+    not be made (a file in its place, no permission), so the line says which flag to change;
+    an error inside an existing folder names its file, which says enough."""
     if not isinstance(exc, OSError) or exc.filename is None:
         return ""
     path = Path(str(exc.filename)).absolute()
     for flag, folder in (("--output", args.output), ("--cache-features", args.cache_features),
                          ("--data-root", args.data_root)):
-        if folder is not None and path.is_relative_to(Path(folder).absolute()):
+        if folder is None or Path(folder).is_dir():
+            continue
+        folder_path = Path(folder).absolute()
+        if path.is_relative_to(folder_path) or folder_path.is_relative_to(path):
             return f" ({flag} {folder})"
     return ""
 

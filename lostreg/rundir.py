@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,7 +27,7 @@ import lostreg
 from lostreg import distributed, timeline
 from lostreg.backbones import Backbone
 from lostreg.config import SMOKE_NOTE, RunConfig, feature_request, method_of, method_params
-from lostreg.datasets import DATASETS
+from lostreg.datasets import DATASETS, DataChecks
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.distributed import DistContext
 from lostreg.errors import LostregError
@@ -329,14 +329,25 @@ def remove_unused(run_dirs: Sequence[Path]) -> None:
 # --- finishing -----------------------------------------------------------------------------
 
 
+class RunScore(NamedTuple):
+    """A run's CorLoc and, when this command finished it, the data checks to warn about."""
+
+    corloc: float
+    n_hits: int
+    n_images: int
+    warnings: list[str]
+
+
 def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, patch_size: int,
-             run_id: str, smoke: bool, summary_fields: dict, seconds: dict
-             ) -> tuple[float, int, int]:
+             run_id: str, smoke: bool, summary_fields: dict, seconds: dict) -> RunScore:
     """Merge the validated predictions (the file and any per-rank parts) in dataset order, so
     a resumed or distributed run's file equals an uninterrupted one's, and write metrics.json
-    atomically: its figures always come from the validated lines, hits recomputed."""
+    atomically: its figures always come from the validated lines, hits recomputed, and it
+    counts what the data needed (boxes clipped, zero-area boxes, images whose annotated size
+    was not their size: ``data_checks``)."""
     ordered = distributed.merge_predictions(run_dir, index_records, root, patch_size - 1)
     score, n_hits, n_images = corloc(line["hit"] for line in ordered)
+    checks = DataChecks.of_run(index_records, ordered)
     timeline.mark("first run finished")
     metrics = {
         "run_id": run_id,
@@ -349,22 +360,24 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, pa
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         # when this process reached each step, in seconds since it started (lostreg.timeline)
         "startup": timeline.marks(),
+        "data_checks": checks.to_json(),
         **summary_fields,
     }
     if smoke:
         metrics["note"] = SMOKE_NOTE
     atomic_write_json(run_dir / "metrics.json", metrics)
-    return score, n_hits, n_images
+    return RunScore(score, n_hits, n_images, checks.warnings(summary_fields["dataset"]))
 
 
 def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetIndex,
                info: BackboneInfo, total: float, everyone: list[dict], ctx: DistContext,
-               n_runs: int) -> tuple[float, int, int]:
+               n_runs: int) -> RunScore:
     """CorLoc of a run at the end of its pass: read back when it was finished before,
     otherwise merged and written with its timings."""
     if run.finished:
-        return corloc_of(load_predictions(run.run_dir, records, root=index.root, repair=False,
-                                          box_slack=info.patch_size - 1).lines, records)
+        return RunScore(*corloc_of(load_predictions(
+            run.run_dir, records, root=index.root, repair=False,
+            box_slack=info.patch_size - 1).lines, records), [])
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),

@@ -195,7 +195,7 @@ class Pass:
             where = describe_images(self.records, batch.positions, batch.sizes)
             with out_of_memory_as_error(lambda w=where, m=run.method.name: f"{w} in {m}"):
                 out = run.method.run(feats, batch.grid, self.info.patch_size,
-                                     torch.tensor(sizes, device=feats.device), run.params)
+                                     to_device(sizes, feats.device), run.params)
             positions = [batch.positions[j] for j in chosen]
             for p in positions:
                 self.todo[p].discard(i)
@@ -240,7 +240,10 @@ class Pass:
         outcomes = self.ctx.broadcast(outcomes)
         if isinstance(outcomes, str):
             raise CollectiveError(outcomes)
-        return [self._result(run, *outcome)
+        if self.ctx.is_main:  # the same data, so the same warnings: once per pass
+            for line in dict.fromkeys(w for outcome in outcomes for w in outcome.warnings):
+                print(line, file=sys.stderr, flush=True)
+        return [self._result(run, *outcome[:3])
                 for run, outcome in zip(self.runs, outcomes, strict=True)]
 
     def _result(self, run: RunFolder, score: float, n_hits: int, n_images: int) -> RunResult:
@@ -265,6 +268,15 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 
 
 # --- results off the device ----------------------------------------------------------------
+
+
+def to_device(sizes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """Image sizes ``(B, 2)`` on the device without waiting for its queued work: a copy from
+    pageable memory would (it is staged synchronously), one from pinned memory does not."""
+    host = torch.tensor(sizes, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -305,13 +305,14 @@ def test_run_labels_name_what_differs(lost_run) -> None:
     def variant(**changes) -> object:
         return type(base)(base.run_dir, {**base.config, **changes}, base.predictions)
 
-    assert run_labels([base, variant(k_patches=5)]) == ["lost k_patches=100",
-                                                        "lost k_patches=5"]
+    five = {**base.config.get("method_params", {"gram_bias": 0.0}), "k_patches": 5}
+    assert run_labels([base, variant(k_patches=5, method_params=five)]) == [
+        "lost k_patches=100", "lost k_patches=5"]
     assert run_labels([base, variant(feature="v")]) == ["lost feature=k", "lost feature=v"]
     assert run_labels([base, variant(model="other_model")]) == [f"lost {MODEL}",
                                                                 "lost other_model"]
     assert run_labels([base, variant()]) == ["lost #1", "lost #2"]
-    assert run_labels([base, variant(method="fake_top"),
+    assert run_labels([base, variant(method="fake_top", method_params={}),
                        variant(method="fake_top", method_params={"fake_level": 1.0})]) == [
         "lost", "fake_top fake_level=0.0", "fake_top fake_level=1.0"]
 

@@ -12,6 +12,7 @@ MODEL = "dinov2_vits14_reg4"
 
 
 def run_args(tmp_path, *extra: str) -> list[str]:
+    (tmp_path / "data").mkdir(exist_ok=True)  # a new data root adds a "warning: created" line
     return ["--model", MODEL, "--weights", "random", "--dataset", "demo",
             "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "runs"),
             "--num-workers", "0", "--no-progress", *extra]

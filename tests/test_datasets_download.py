@@ -298,3 +298,138 @@ def test_a_failed_automatic_download_says_where_the_data_was_looked_for(tmp_path
     with pytest.raises(LostregError, match=r"\(voc07\) is not under .*nowhere .*downloading it "
                                            r"failed: http://example/VOC.tar: download failed"):
         datasets.load_dataset("voc07", tmp_path / "nowhere")
+
+
+# ------------------------------------------------------- offline, failed attempts, new roots
+
+
+def _closed_port_url() -> str:
+    """A loopback URL nothing listens on: the connection is refused at once, like offline."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _offline_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = _closed_port_url()
+    manifest = {
+        "voc07": {"files": [{"role": "archive", "url": f"{url}/voc.tar", "file": "voc.tar"}]},
+        "coco20k": {"files": [
+            {"role": "list", "url": f"{url}/list.txt", "file": "coco_20k_filenames.txt"},
+            {"role": "annotations", "url": f"{url}/ann.zip", "file": "ann.zip"},
+            {"role": "images", "url": f"{url}/img.zip", "file": "img.zip"},
+        ]},
+    }
+    path = tmp_path / "downloads.json"
+    path.write_text(json.dumps(manifest))
+    monkeypatch.setattr(dl, "MANIFEST_PATH", path)
+
+
+@pytest.mark.parametrize("name", ["voc07", "coco20k"])
+def test_download_command_offline_says_offline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        name: str) -> None:
+    from lostreg.datasets.__main__ import main as datasets_main
+
+    _offline_manifest(tmp_path, monkeypatch)
+    root = tmp_path / "data"
+    root.mkdir()
+    assert datasets_main(["download", name, "--data-root", str(root), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: http://127.0.0.1:")
+    assert "download failed" in err and "; offline? copy " in err
+    assert str(root) in err and "Offline use" in err
+
+
+def test_a_checksum_mismatch_is_not_called_offline(
+        server: tuple[str, _Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from lostreg.datasets.__main__ import main as datasets_main
+
+    url, _ = server
+    manifest = {"voc07": {"files": [{"role": "archive", "url": f"{url}/data.bin",
+                                     "file": "voc.tar", "md5": "0" * 32}]}}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(dl, "MANIFEST_PATH", tmp_path / "m.json")
+    assert datasets_main(["download", "voc07", "--data-root", str(tmp_path / "d"),
+                          "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "md5 mismatch" in err and "offline?" not in err
+
+
+def test_failed_coco_download_leaves_no_empty_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _offline_manifest(tmp_path, monkeypatch)
+    fresh = tmp_path / "new" / "root"
+    with pytest.raises(dl.NetworkError):
+        dl.prepare_coco20k(fresh, progress=False)
+    assert not (tmp_path / "new").exists()  # everything it created is gone, the root too
+
+    existing = tmp_path / "mine"
+    (existing / "VOC2007").mkdir(parents=True)
+    (existing / "notes.txt").write_text("keep")
+    with pytest.raises(dl.NetworkError):
+        dl.prepare_coco20k(existing, progress=False)
+    assert sorted(p.name for p in existing.iterdir()) == ["VOC2007", "notes.txt"]
+
+    # A COCO folder the user made (or holding files) is never removed.
+    (existing / "COCO").mkdir()
+    with pytest.raises(dl.NetworkError):
+        dl.prepare_coco20k(existing, progress=False)
+    assert (existing / "COCO").is_dir() and not any((existing / "COCO").iterdir())
+
+
+def test_failed_download_keeps_a_partial_file_for_resuming(
+        server: tuple[str, _Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url, httpd = server
+    manifest = {"voc07": {"files": [{"role": "archive", "url": f"{url}/data.bin",
+                                     "file": "voc.tar"}]}}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(dl, "MANIFEST_PATH", tmp_path / "m.json")
+
+    def cut(self, amount: int = -1) -> bytes:  # the connection drops mid-download
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    root = tmp_path / "new" / "d"  # created by the attempt, but holding the .part: kept
+    monkeypatch.setattr("http.client.HTTPResponse.read", cut)
+    with pytest.raises(dl.NetworkError, match="is kept, run again to resume"):
+        dl.prepare_voc(root, 2007, progress=False)
+    assert [p.name for p in (root / "downloads").iterdir()] == ["voc.tar.part"]
+    assert [p.name for p in root.iterdir()] == ["downloads"]
+
+
+def test_download_into_a_new_root_says_so(
+        server: tuple[str, _Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url, httpd = server
+    archive = _tar(tmp_path / "voc.tar", {
+        "VOCdevkit/VOC2007/ImageSets/Main/trainval.txt": b"",
+        "VOCdevkit/VOC2007/Annotations/.keep": b"",
+    })
+    httpd.files["/voc.tar"] = archive.read_bytes()
+    manifest = {"voc07": {"files": [{"role": "archive", "url": f"{url}/voc.tar",
+                                     "file": "voc.tar"}]}}
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(dl, "MANIFEST_PATH", tmp_path / "m.json")
+    root = tmp_path / "typo" / "root"
+    prepare_voc(root, 2007, progress=False)
+    err = capsys.readouterr().err
+    assert err == f"warning: created the data root {root} for VOC2007\n"
+    (tmp_path / "other").mkdir()
+    prepare_voc(tmp_path / "other", 2007, progress=False)
+    assert capsys.readouterr().err == ""  # an existing root: nothing to say
+
+
+def test_demo_in_a_missing_root_is_generated_and_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lostreg.datasets import load_dataset
+
+    root = tmp_path / "nonexistent" / "dir"
+    assert len(load_dataset("demo", root)) == 24
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: created the data root {root} for the demo dataset"]
+    load_dataset("demo", root)
+    assert capsys.readouterr().err == ""

@@ -107,7 +107,7 @@ def test_seed_component_matches_scipy_on_random_masks() -> None:
 
 
 def test_spiral_component_needs_many_propagation_steps() -> None:
-    # a long snake forces far more than `check_every` dilation steps
+    # a long snake: a dilation would need one step per pixel of the path
     mask = torch.zeros(1, 9, 9, dtype=torch.bool)
     mask[0, 0, :] = True
     mask[0, :, 8] = True
@@ -183,7 +183,8 @@ def test_half_precision_features_are_upcast() -> None:
 
 def test_chunking_and_component_paths_change_no_result(monkeypatch) -> None:
     """CPU builds similarities a few images at a time and labels with scipy; a GPU builds the
-    whole batch and grows components by dilation. Every combination gives the same output."""
+    whole batch and labels components by tensor-op propagation. Every combination gives the
+    same output."""
     from lostreg.methods import lost as lost_module
 
     gen = torch.Generator().manual_seed(5)
@@ -193,8 +194,8 @@ def test_chunking_and_component_paths_change_no_result(monkeypatch) -> None:
     monkeypatch.setattr(lost_module, "_chunk_size", lambda batch, n, device: 1)
     one_at_a_time = lost(feats, (6, 9), P, sizes, k_patches=20)
     monkeypatch.setattr(lost_module, "_seed_component_scipy", lost_module.seed_component)
-    dilation = lost(feats, (6, 9), P, sizes, k_patches=20)
-    for other in (one_at_a_time, dilation):
+    propagation = lost(feats, (6, 9), P, sizes, k_patches=20)
+    for other in (one_at_a_time, propagation):
         assert torch.equal(default.box, other.box) and torch.equal(default.seed, other.seed)
         assert torch.equal(default.degrees, other.degrees)
 

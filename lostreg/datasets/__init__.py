@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
+from lostreg.datasets.base import CHECK_NAMES, DataChecks, DatasetIndex, ImageRecord, load_rgb
 from lostreg.datasets.coco import COCO20K_LIST_SHA256, coco20k_is_present, load_coco20k
 from lostreg.datasets.demo import demo_is_present, generate_demo, load_demo
 from lostreg.datasets.voc import load_voc, voc_is_present
@@ -172,7 +172,9 @@ def load_dataset(
 
 
 __all__ = [
+    "CHECK_NAMES",
     "DATASETS",
+    "DataChecks",
     "DatasetIndex",
     "DatasetSpec",
     "ImageRecord",

@@ -42,21 +42,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def _download(name: str, root: Path, keep_archives: bool, progress: bool) -> None:
     from lostreg.datasets.demo import generate_demo
-    from lostreg.datasets.download import prepare_coco20k, prepare_voc
+    from lostreg.datasets.download import NetworkError, prepare_coco20k, prepare_voc
 
     spec = get_dataset(name)
     if spec.is_present(root):
         print(f"{name}: already present under {root}")
         return
-    if name == "demo":
-        generate_demo(root)
-    elif name in ("voc07", "voc12"):
-        prepare_voc(root, 2007 if name == "voc07" else 2012, progress=progress,
-                    keep_archive=keep_archives)
-    elif name == "coco20k":
-        prepare_coco20k(root, progress=progress, keep_archive=keep_archives)
-    else:  # pragma: no cover - a registry entry without a download recipe
-        raise LostregError(f"{name}: no download recipe")
+    try:
+        if name == "demo":
+            generate_demo(root)
+        elif name in ("voc07", "voc12"):
+            prepare_voc(root, 2007 if name == "voc07" else 2012, progress=progress,
+                        keep_archive=keep_archives)
+        elif name == "coco20k":
+            prepare_coco20k(root, progress=progress, keep_archive=keep_archives)
+        else:  # pragma: no cover - a registry entry without a download recipe
+            raise LostregError(f"{name}: no download recipe")
+    except NetworkError as exc:
+        raise LostregError(
+            f"{exc}; offline? copy {spec.title} from a machine that has it to {root} "
+            f"({spec.layout}), see 'Offline use' in datasets/README.md"
+        ) from None
     print(f"{name}: ready under {root}")
 
 
@@ -74,6 +80,11 @@ def _info(name: str, root: Path, no_hard: bool, download: bool) -> None:
     print(f"images: {len(index)}{expected}")
     print(f"objects: {n_objects}")
     print(f"images without objects: {empty}")
+    checks = index.checks
+    print("boxes clipped to their image: {boxes_clipped}, zero-area boxes: {zero_area_boxes}"
+          .format(**checks))
+    for check, where in index.check_examples.items():
+        print(f"  first {check}: {where}")
 
 
 def main(argv: list[str] | None = None) -> int:

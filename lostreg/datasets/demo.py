@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,10 +216,14 @@ def generate_demo(root: str | Path, seed: int = DEMO_SEED) -> Path:
     target = demo_folder(root)
     if seed == DEMO_SEED and demo_is_present(root):
         return target
+    new_root = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LostregError(f"{root}: cannot create the data root ({exc})") from None
+    if new_root:  # a mistyped --data-root must not silently become a new folder
+        print(f"warning: created the data root {Path(os.path.abspath(root))} for the demo dataset",
+              file=sys.stderr)
     if target.exists():
         if not (target / _MARKER).is_file():
             raise LostregError(

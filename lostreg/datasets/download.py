@@ -10,16 +10,19 @@ What to fetch is listed in ``datasets/manifests/downloads.json`` at the reposito
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -32,6 +35,12 @@ MANIFEST_PATH = Path(__file__).resolve().parents[2] / "datasets" / "manifests" /
 DOWNLOADS_FOLDER = "downloads"
 _CHUNK = 1 << 20
 _USER_AGENT = "lostreg-datasets/0.1 (+urllib)"
+
+
+class NetworkError(LostregError):
+    """A download that could not reach its server or was cut off (offline, DNS, timeout), as
+    opposed to a server's refusal or a checksum mismatch: the one case where "offline?" is the
+    right hint."""
 
 
 def load_manifest(path: Path | None = None) -> dict[str, Any]:
@@ -116,7 +125,7 @@ def download_file(
         raise LostregError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise LostregError(f"{url}: download failed ({reason})") from None
+        raise NetworkError(f"{url}: download failed ({reason})") from None
 
     with response:
         status = getattr(response, "status", None)
@@ -147,11 +156,11 @@ def download_file(
                 handle.flush()
                 os.fsync(handle.fileno())
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            raise LostregError(
+            raise NetworkError(
                 f"{url}: download interrupted ({exc}); {part} is kept, run again to resume"
             ) from None
     if total is not None and part.stat().st_size != total:
-        raise LostregError(
+        raise NetworkError(
             f"{url}: download ended early ({part.stat().st_size} of {total} bytes); "
             f"{part} is kept, run again to resume"
         )
@@ -277,6 +286,36 @@ def _item(files: list[dict[str, Any]], role: str) -> dict[str, Any]:
     raise LostregError(f"{MANIFEST_PATH}: no file with role {role!r}")
 
 
+@contextlib.contextmanager
+def removed_if_failed(*folders: Path) -> Iterator[list[Path]]:
+    """Undo the folders a failed attempt created: yields the folders among ``folders`` and
+    their ancestors that do not exist yet; if the body raises, each of them that is still
+    empty is removed (deepest first). Only ``rmdir``: a folder holding anything (a ``.part``
+    file kept for resuming, data the user put there meanwhile) stays, so nothing is lost."""
+    created: list[Path] = []
+    for folder in folders:
+        for path in (folder, *folder.parents):
+            if path.exists():
+                break
+            if path not in created:
+                created.append(path)
+    try:
+        yield created
+    except BaseException:
+        for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def note_created_root(root: Path, created: list[Path], what: str) -> None:
+    """One line on stderr when ``root`` was created (a mistyped ``--data-root`` should not
+    silently become a new folder): names the absolute folder and what went there."""
+    if root in created:
+        print(f"warning: created the data root {Path(os.path.abspath(root))} for {what}",
+              file=sys.stderr)
+
+
 def prepare_voc(
     root: str | Path, year: int, progress: bool = True, keep_archive: bool = False
 ) -> Path:
@@ -290,10 +329,12 @@ def prepare_voc(
             f"{target}: exists but has no ImageSets/Main/trainval.txt; move it away and retry"
         )
     item = _item(manifest_files(f"voc{str(year)[-2:]}"), "archive")
-    archive = _fetch(item, root / DOWNLOADS_FOLDER, progress)
-    _install(archive, f"VOCdevkit/VOC{year}", target)
-    if not keep_archive:
-        archive.unlink(missing_ok=True)
+    with removed_if_failed(root / DOWNLOADS_FOLDER) as created:
+        archive = _fetch(item, root / DOWNLOADS_FOLDER, progress)
+        _install(archive, f"VOCdevkit/VOC{year}", target)
+        if not keep_archive:
+            archive.unlink(missing_ok=True)
+    note_created_root(root, created, f"VOC{year}")
     return target
 
 
@@ -301,24 +342,27 @@ def prepare_coco20k(root: str | Path, progress: bool = True, keep_archive: bool 
     """Download train2014 images, their annotations and the 20k list into ``ROOT/COCO``."""
     from lostreg.datasets.coco import ANNOTATION_REL, IMAGES_REL, LIST_NAME, coco_folder
 
+    root = Path(root).expanduser()
     folder = coco_folder(root)
     files = manifest_files("coco20k")
-    downloads = Path(root).expanduser() / DOWNLOADS_FOLDER
+    downloads = root / DOWNLOADS_FOLDER
 
     list_item = _item(files, "list")
-    download_file(
-        list_item["url"], folder / LIST_NAME, sha256=list_item.get("sha256"), progress=progress,
-        md5=list_item.get("md5"),
-    )
     steps = (
         ("annotations", "annotations/instances_train2014.json", folder / ANNOTATION_REL),
         ("images", "train2014", folder / IMAGES_REL),
     )
-    for role, inner, target in steps:
-        if target.exists():
-            continue
-        archive = _fetch(_item(files, role), downloads, progress)
-        _install(archive, inner, target)
-        if not keep_archive:
-            archive.unlink(missing_ok=True)
+    with removed_if_failed(downloads, *(target.parent for _, _, target in steps)) as created:
+        download_file(
+            list_item["url"], folder / LIST_NAME, sha256=list_item.get("sha256"),
+            progress=progress, md5=list_item.get("md5"),
+        )
+        for role, inner, target in steps:
+            if target.exists():
+                continue
+            archive = _fetch(_item(files, role), downloads, progress)
+            _install(archive, inner, target)
+            if not keep_archive:
+                archive.unlink(missing_ok=True)
+    note_created_root(root, created, "COCO 20k")
     return folder

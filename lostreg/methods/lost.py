@@ -14,11 +14,38 @@ Semantics, identical to the reference implementation:
 If the seed itself is outside the mask (only possible with a negative ``gram_bias``; the
 reference raises there), the box is the seed's own patch.
 
-``lost`` runs the whole batch as tensor ops (on a GPU the connected component is grown by
-4-neighbour propagation inside the mask, so there is no host round trip per image; on a CPU one
-``scipy.ndimage.label`` call labels the whole batch).
-``lost_reference`` is the plain per-image path (torch + ``scipy.ndimage.label``) that tests
-compare it with.
+``lost`` runs the whole batch as tensor ops; ``lost_reference`` is the plain per-image path
+(torch + ``scipy.ndimage.label``) that tests compare it with.
+
+Bounded memory. Similarities are built a few images at a time under ``CHUNK_BYTES``; an image
+whose ``(N, N)`` block alone exceeds the budget (a 4000x3000 image at patch 14 has N ~ 61k, a
+15 GB block) is built in row blocks instead: each block gives its rows' degrees (positive
+entries minus the diagonal one), the degrees give the seed and the ``k`` potentials, and only
+those ``k`` rows are recomputed for ``M``. Memory is one block plus ``k x N``, never ``N x N``.
+
+Why the row blocks give the unblocked path's bits. Entry ``(i, j)`` of a float32 matmul is a
+sum of ``d`` products whose rounding depends on the order the BLAS kernel sums them in; two
+orders differ by up to ``gamma_d * sum_k |f_ik f_jk|`` (``gamma_d ~ d * 2^-24``), so an entry
+that close to 0 *can* change sign between two kernels, and with it a degree or ``M``. (The
+same is true between this module's ``bmm`` and the reference's ``mm``, or a CPU and a GPU.)
+Blocking is exact when a block's product sums each entry in the same order as the full one,
+which GEMM kernels that tile only the output and walk ``d`` alike for every tile do; it is not
+guaranteed in general (split-``d`` kernels, other kernels for short products). Measured on
+this project's CPU BLAS (MKL, ``torch.__config__``): products of 12 to 699 rows at any offset
+are bit-identical to the full product's rows; 1-11-row products are not (the rows past the
+last multiple of 4 differ). So blocks have at least ``MIN_BLOCK_ROWS`` (64) rows, evened out
+so that no short tail block is left, and the ``k`` potential rows are computed padded to
+``MIN_BLOCK_ROWS`` rows. ``tests/test_lost_blocked.py`` checks that BLAS property wherever it
+runs (and, on a GPU, the blocked path against the unblocked one under cuBLAS), and checks the
+blocking logic with integer-valued features, whose float32 products and sums are exact in any
+order. Where a BLAS broke the property, the blocked path would still be a float32 LOST, one
+that differs from the unblocked one only on entries within rounding error of 0.
+
+Connected components. On a CPU one ``scipy.ndimage.label`` call labels the whole batch (a 3-D
+structure without links between images). Elsewhere ``seed_component`` labels with tensor ops
+only (min-label hooking with pointer jumping, see ``component_labels``): a few rounds and one
+host sync per batch, where a 4-neighbour dilation needed one step per pixel of the longest path
+inside the component.
 """
 
 from __future__ import annotations
@@ -28,7 +55,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -52,7 +78,12 @@ class LostOutput(NamedTuple):
 
 def _image_sizes(image_size: ImageSize | Sequence[ImageSize] | torch.Tensor, batch: int,
                  device: torch.device) -> torch.Tensor:
-    sizes = torch.as_tensor(image_size, dtype=torch.long, device=device)
+    # built on the host, copied to an accelerator without blocking: a plain
+    # ``as_tensor(..., device=cuda)`` waits for every kernel queued before it (a host sync per
+    # batch); a copy to the host stays blocking (it must be complete when read)
+    sizes = torch.as_tensor(image_size, dtype=torch.long)
+    if sizes.device != device:
+        sizes = sizes.to(device, non_blocking=device.type != "cpu")
     if sizes.ndim == 1:
         sizes = sizes.expand(batch, 2)
     if sizes.shape != (batch, 2):
@@ -60,28 +91,98 @@ def _image_sizes(image_size: ImageSize | Sequence[ImageSize] | torch.Tensor, bat
     return sizes
 
 
-def seed_component(mask: torch.Tensor, seed_rc: torch.Tensor, check_every: int = 8) -> torch.Tensor:
-    """The 4-connected component of ``mask`` (B, R, C) that contains each seed (B, 2).
+# Pointer jumps per propagation round: a round then shortens every label chain 16-fold.
+_JUMPS_PER_ROUND = 4
 
-    Grows the seed by 4-neighbour dilation restricted to the mask until nothing changes;
-    convergence is checked every ``check_every`` steps to keep device syncs rare. A seed
-    outside the mask gives an empty component.
+
+def _run_starts(mask: torch.Tensor) -> torch.Tensor:
+    """Initial labels ``(B, R, C)``: the flat index of the start of each pixel's horizontal
+    run inside the mask (one ``cummax``, so a row's run is labelled before any round), ``R*C``
+    for pixels outside the mask."""
+    batch, rows, cols = mask.shape
+    starts = mask.clone()
+    starts[:, :, 1:] &= ~mask[:, :, :-1]
+    index = torch.arange(rows * cols, device=mask.device).view(1, rows, cols)
+    first = torch.where(starts, index, -1).cummax(dim=2).values
+    return torch.where(mask, first, rows * cols)
+
+
+def _propagation_round(labels: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor,
+                       jumps: int) -> torch.Tensor:
+    """One round on ``labels (B, R*C + 1)`` (slot ``R*C`` of each image is a sentinel that
+    points to itself): the pixel each label points to takes the lowest label among the pixel
+    and its 4-neighbours inside the mask (so whole trees hook onto each other, not just the
+    pixel), the pixel too, then ``jumps`` pointer jumps (``label = label[label]``). Returns new
+    labels (input untouched)."""
+    batch, rows, cols = mask.shape
+    n = rows * cols
+    grid = labels[:, :n].view(batch, rows, cols)
+    padded = F.pad(grid, (1, 1, 1, 1), value=n)
+    neighbours = torch.minimum(torch.minimum(padded[:, :-2, 1:-1], padded[:, 2:, 1:-1]),
+                               torch.minimum(padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]))
+    lowest = torch.where(mask, torch.minimum(grid, neighbours), n).reshape(batch, n)
+    roots = (labels[:, :n] + offsets).reshape(-1)
+    hooked = labels.reshape(-1).scatter_reduce(0, roots, lowest.reshape(-1), reduce="amin")
+    hooked = hooked.view(batch, n + 1)
+    hooked[:, :n] = torch.minimum(hooked[:, :n], lowest)
+    for _ in range(jumps):
+        hooked = torch.gather(hooked, 1, hooked)
+    return hooked
+
+
+def component_labels(mask: torch.Tensor, check_every: int = 4) -> torch.Tensor:
+    """4-connected component labels of each mask in ``(B, R, C)``, tensor ops on any device.
+
+    Returns ``(B, R*C)`` long: for a pixel inside the mask, the flat index of one pixel of its
+    component (the same for the whole component, so different for different components);
+    ``R*C`` outside the mask.
+
+    Why it is exact: every label is a pointer to a pixel of the same component with an index
+    no larger than the pixel's own (true of the run starts, and kept by each round, which only
+    takes minima of such pointers and follows them), so labels only decrease and the loop
+    ends. It ends at a round that changed nothing; there each pixel's label is at most every
+    4-neighbour's label inside the mask and vice versa, so labels are constant on a component,
+    and as pointers into their own component they differ between components.
+    Convergence is checked (one host sync) after every ``check_every`` rounds, comparing the
+    last round's input and output, so correctness never rests on a round count.
+
+    Rounds needed (the last one, which changes nothing, included): 2-4 on LOST's masks
+    (``benchmarks/bench_lost.py``), 5 on dense random masks, at most 5 on spirals and
+    serpentines up to 250x250 whose single path a dilation walks pixel by pixel (31k steps;
+    ``tests/test_lost_components.py``). No round bound is claimed: the scheme belongs to the
+    simple labeling algorithms of Liu and Tarjan (arXiv:1812.06177: parent-connect and
+    shortcut steps), for some of which they prove O(log n) or O(log^2 n) steps; this variant
+    (a fixed 4 jumps a round) is not shown to be one of them. ``check_every = 4`` makes one
+    sync the usual cost.
+    """
+    if check_every < 1:
+        raise ValueError(f"check_every must be at least 1, got {check_every}")
+    batch, rows, cols = mask.shape
+    n = rows * cols
+    labels = torch.full((batch, n + 1), n, dtype=torch.long, device=mask.device)
+    labels[:, :n] = _run_starts(mask).view(batch, n)
+    offsets = torch.arange(batch, device=mask.device).unsqueeze(1) * (n + 1)
+    while True:
+        for _ in range(check_every):
+            before = labels
+            labels = _propagation_round(labels, mask, offsets, _JUMPS_PER_ROUND)
+        if torch.equal(labels, before):
+            return labels[:, :n]
+
+
+def seed_component(mask: torch.Tensor, seed_rc: torch.Tensor, check_every: int = 4
+                   ) -> torch.Tensor:
+    """The 4-connected component of ``mask`` (B, R, C) that contains each seed (B, 2) as
+    ``(row, col)``; a seed outside the mask gives an empty component.
+
+    Tensor ops on any device (``component_labels``), the GPU path of ``seed_components``; one
+    host sync per ``check_every`` propagation rounds.
     """
     batch, rows, cols = mask.shape
-    index = torch.arange(batch, device=mask.device)
-    component = torch.zeros_like(mask)
-    component[index, seed_rc[:, 0], seed_rc[:, 1]] = True
-    component &= mask
-    kernel = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32,
-                          device=mask.device).view(1, 1, 3, 3)
-    mask_f = mask.unsqueeze(1).float()
-    current = component.unsqueeze(1).float()
-    while True:
-        previous = current
-        for _ in range(check_every):
-            current = (F.conv2d(current, kernel, padding=1) > 0).float() * mask_f
-        if torch.equal(current, previous):
-            return current.squeeze(1).bool()
+    labels = component_labels(mask, check_every)
+    seed_flat = (seed_rc[:, 0] * cols + seed_rc[:, 1]).unsqueeze(1)
+    seed_label = torch.gather(labels, 1, seed_flat)  # R*C for a seed outside the mask
+    return ((labels == seed_label) & mask.reshape(batch, -1)).view(batch, rows, cols)
 
 
 def _component_boxes(component: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
@@ -111,14 +212,32 @@ def _component_boxes(component: torch.Tensor, seed_rc: torch.Tensor) -> torch.Te
 # cache instead of streaming ``(B, N, N)`` temporaries; on a GPU as many as fit a budget that
 # leaves room for the backbone (``(N, N)`` float32 plus its boolean and gathered copies is
 # ~2.5x this): ViT-S/14 on VOC (N ~ 1000) runs 256 images at once, a ViT/8 on COCO (N ~ 4800)
-# 11, instead of one ``(B, N, N)`` block of ~6 GiB at batch 64.
+# 11, instead of one ``(B, N, N)`` block of ~6 GiB at batch 64. An image whose own ``(N, N)``
+# exceeds the budget is built in row blocks of about the budget (``_row_block``).
 CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 1 << 30}
+
+# Fewest rows in one similarity block and in the potential rows' product: shorter products
+# may take another BLAS kernel that rounds differently (see the module docstring).
+MIN_BLOCK_ROWS = 64
 
 
 def _chunk_size(batch: int, num_patches: int, device: torch.device) -> int:
     """Images whose ``(N, N)`` similarities are built at once (see ``CHUNK_BYTES``)."""
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
     return max(1, min(batch, budget // max(1, num_patches * num_patches * 4)))
+
+
+def _row_block(num_patches: int, device: torch.device) -> int:
+    """Rows of one image's similarity built at once: ``N`` when its ``(N, N)`` fits the
+    budget (the unblocked path), else about the budget's worth but at least
+    ``MIN_BLOCK_ROWS``, evened out over the blocks so that no short tail block is left."""
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
+    fit = budget // max(1, num_patches * 4)
+    if fit >= num_patches:
+        return num_patches
+    rows = min(num_patches, max(MIN_BLOCK_ROWS, fit))
+    blocks = -(-num_patches // rows)
+    return -(-num_patches // blocks)
 
 
 def _seed_expansion(feats: torch.Tensor, gram_bias: float, k_patches: int
@@ -141,11 +260,75 @@ def _seed_expansion(feats: torch.Tensor, gram_bias: float, k_patches: int
     return degrees, seed, summed
 
 
+def _blocked_degrees(feats: torch.Tensor, gram_bias: float, block_rows: int) -> torch.Tensor:
+    """LOST's degrees ``(1, N)`` int32 of one image ``(1, N, d)``, its similarity built
+    ``block_rows`` rows at a time into one reused block (no ``(N, N)`` allocation)."""
+    _, num_patches, _ = feats.shape
+    feats_t = feats.transpose(1, 2)
+    degrees = torch.empty(1, num_patches, dtype=torch.int32, device=feats.device)
+    block = torch.empty(1, block_rows, num_patches, dtype=feats.dtype, device=feats.device)
+    positive = torch.empty(block.shape, dtype=torch.bool, device=feats.device)
+    for start in range(0, num_patches, block_rows):
+        stop = min(num_patches, start + block_rows)
+        rows, rows_positive = block[:, : stop - start], positive[:, : stop - start]
+        torch.bmm(feats[:, start:stop], feats_t, out=rows)
+        if gram_bias != 0.0:
+            rows.add_(gram_bias)
+        torch.gt(rows, 0, out=rows_positive)
+        count = rows_positive.sum(dim=-1, dtype=torch.int32)
+        # the block's own diagonal entries: (i, start + i)
+        count -= torch.diagonal(rows_positive, offset=start, dim1=-2, dim2=-1).to(torch.int32)
+        degrees[:, start:stop] = count
+    return degrees
+
+
+def _seed_expansion_blocked(feats: torch.Tensor, gram_bias: float, k_patches: int,
+                            block_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_seed_expansion`` of one image ``(1, N, d)`` in ``O(block_rows * N + k * N)`` memory:
+    degrees from row blocks, then only the ``k`` potential rows of the similarity."""
+    _, num_patches, dim = feats.shape
+    degrees = _blocked_degrees(feats, gram_bias, block_rows)
+    order = torch.sort(degrees, dim=1, stable=True).indices
+    seed = order[:, 0]
+    potentials = order[:, : min(k_patches, num_patches)]
+    count = potentials.shape[1]
+    padded = potentials  # at least MIN_BLOCK_ROWS rows, so the product takes the blocks' kernel
+    if count < MIN_BLOCK_ROWS:
+        padded = torch.cat([potentials, potentials[:, :1].expand(1, MIN_BLOCK_ROWS - count)], 1)
+    chosen = torch.gather(feats, 1, padded.unsqueeze(-1).expand(-1, -1, dim))
+    rows = torch.bmm(chosen, feats.transpose(1, 2))
+    if gram_bias != 0.0:
+        rows.add_(gram_bias)
+    rows = rows[:, :count]  # rows[:, 0] is the seed's row: potentials start with the seed
+    is_similar = torch.gather(rows[:, 0], 1, potentials) > 0  # (1, k)
+    summed = torch.bmm(is_similar.unsqueeze(1).double(), rows.double()).squeeze(1)  # (1, N)
+    return degrees, seed, summed
+
+
+def _seed_expansions(feats: torch.Tensor, gram_bias: float, k_patches: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Degrees ``(B, N)`` long, seeds ``(B,)`` and ``M`` ``(B, N)`` float64 of a batch, under the
+    byte budget: chunks of images whose similarities fit, else row blocks image by image."""
+    batch, num_patches, _ = feats.shape
+    block_rows = _row_block(num_patches, feats.device)
+    if block_rows < num_patches:
+        parts = [_seed_expansion_blocked(feats[i:i + 1], gram_bias, k_patches, block_rows)
+                 for i in range(batch)]
+    else:
+        chunk = _chunk_size(batch, num_patches, feats.device)
+        parts = [_seed_expansion(feats[i:i + chunk], gram_bias, k_patches)
+                 for i in range(0, batch, chunk)]
+    degrees = torch.cat([p[0] for p in parts]).long()
+    return degrees, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
 def _seed_component_scipy(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
     """CPU path of ``seed_component``: one ``scipy.ndimage.label`` call for the whole stack
     (a 3-D structure without links across images), cheaper there than many dilations."""
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    import scipy.ndimage  # where used: a GPU run never loads scipy
+
     labels = torch.from_numpy(scipy.ndimage.label(mask.numpy(), structure=structure)[0])
     batch = mask.shape[0]
     seed_label = labels[torch.arange(batch), seed_rc[:, 0], seed_rc[:, 1]]
@@ -182,8 +365,7 @@ def seed_components(mask: torch.Tensor, seed: torch.Tensor, patch_size: int,
     grid_box = _component_boxes(component, seed_rc)
     # an empty component becomes the seed's own patch (no host sync: a masked one-hot)
     empty = ~component.flatten(1).any(dim=1)
-    seed_patch = torch.zeros_like(component).flatten(1)
-    seed_patch[torch.arange(mask.shape[0], device=mask.device), seed] = True
+    seed_patch = torch.zeros_like(component).flatten(1).scatter_(1, seed.unsqueeze(1), True)
     component = component | (seed_patch.view_as(component) & empty.view(-1, 1, 1))
     return grid_boxes_to_pixels(grid_box, patch_size, sizes), component
 
@@ -232,12 +414,8 @@ def lost_with_mask(
     device = feats.device
     sizes = _image_sizes(image_size, batch, device)
 
-    chunk = _chunk_size(batch, num_patches, device)
-    parts = [_seed_expansion(feats[i:i + chunk], gram_bias, k_patches)
-             for i in range(0, batch, chunk)]
-    degrees = torch.cat([p[0] for p in parts]).long()
-    seed = torch.cat([p[1] for p in parts])
-    mask = (torch.cat([p[2] for p in parts]) > 0).view(batch, rows, cols)
+    degrees, seed, summed = _seed_expansions(feats, gram_bias, k_patches)
+    mask = (summed > 0).view(batch, rows, cols)
 
     boxes, component = seed_components(mask, seed, patch_size, sizes)
     if unbatched:
@@ -281,6 +459,8 @@ def lost_reference_with_mask(
     similars = potentials[similarity[seed, potentials] > 0]
     summed = similarity[similars, :].double().sum(dim=0)
     rows, cols = grid
+    import scipy.ndimage  # where used: a GPU run never loads scipy
+
     labels, _ = scipy.ndimage.label(summed.reshape(rows, cols).cpu().numpy() > 0)
     seed_r, seed_c = divmod(seed, cols)
     label = labels[seed_r, seed_c]
