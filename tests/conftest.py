@@ -15,3 +15,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model_builds(monkeypatch) -> list[str]:
+    """The names of the backbones built while the test runs (a pass that needs no forward,
+    e.g. one served by the feature cache, builds none)."""
+    import lostreg.pipeline as pipeline_module
+
+    built: list[str] = []
+    real = pipeline_module.create_backbone
+
+    def counting(spec, *args, **kwargs):
+        built.append(spec.name)
+        return real(spec, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "create_backbone", counting)
+    return built

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import lostreg.pipeline as pipeline_module
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
 from lostreg.datasets import load_dataset
 from lostreg.io import read_jsonl
@@ -30,15 +29,6 @@ def tiny_model():
     BACKBONES[SPEC.name] = SPEC
     yield
     BACKBONES.pop(SPEC.name, None)
-
-
-@pytest.fixture
-def builds(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    real = pipeline_module.create_backbone
-    monkeypatch.setattr(pipeline_module, "create_backbone",
-                        lambda spec, *a, **k: calls.append(spec.name) or real(spec, *a, **k))
-    return calls
 
 
 def cli(root: Path, out: str, *extra: str) -> list[str]:
@@ -78,10 +68,10 @@ def independent_features(backbone, path: Path) -> tuple[torch.Tensor, torch.Tens
     return keys, cls_attention, grid, (h, w)
 
 
-def test_three_methods_share_one_pass_and_match_their_references(tmp_path, builds) -> None:
+def test_three_methods_share_one_pass_and_match_their_references(tmp_path, model_builds) -> None:
     assert main(cli(tmp_path, "runs", "--method", "lost,tokencut,dinoseg",
                     "--dinoseg-variant", "reference,corrected")) == 0
-    assert builds == [SPEC.name]  # one forward pass served all four runs
+    assert model_builds == [SPEC.name]  # one forward pass served all four runs
     runs = {}
     for run_dir in (tmp_path / "runs").iterdir():
         config = json.loads((run_dir / "config.json").read_text())
@@ -113,12 +103,12 @@ def test_three_methods_share_one_pass_and_match_their_references(tmp_path, build
     assert robust >= LIMIT // 2  # the TokenCut comparison is not vacuous
 
 
-def test_tokencut_on_cached_keys_never_builds_the_model(tmp_path, builds) -> None:
+def test_tokencut_on_cached_keys_never_builds_the_model(tmp_path, model_builds) -> None:
     cache = ("--cache-features", str(tmp_path / "cache"))
     assert main(cli(tmp_path, "runs", *cache)) == 0  # LOST on k fills the cache
-    assert builds == [SPEC.name]
+    assert model_builds == [SPEC.name]
     assert main(cli(tmp_path, "runs", *cache, "--method", "tokencut", "--tau", "0.2,0.3")) == 0
-    assert builds == [SPEC.name]
+    assert model_builds == [SPEC.name]
     assert main(cli(tmp_path, "plain", "--method", "tokencut", "--tau", "0.2,0.3")) == 0
     for plain in (tmp_path / "plain").iterdir():
         cached = tmp_path / "runs" / plain.name

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import lostreg
-import lostreg.pipeline as pipeline_module
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
 from lostreg.config import RunConfig
 from lostreg.datasets import load_dataset
@@ -86,13 +85,10 @@ def test_resumed_run_says_how_much_was_done(tmp_path, capsys) -> None:
 
 
 def test_layers_and_normalisations_share_one_pass_and_match_a_plain_computation(
-        tmp_path, monkeypatch) -> None:
+        tmp_path, model_builds) -> None:
     """--layer -1,0 --normalize none,l2: four runs, one model build, each box equal to LOST on
     features computed directly (layer 0 from a hook on block 0, l2 by hand)."""
-    built: list[str] = []
-    real = pipeline_module.create_backbone
-    monkeypatch.setattr(pipeline_module, "create_backbone",
-                        lambda spec, *a, **k: built.append(spec.name) or real(spec, *a, **k))
+    built = model_builds
     assert main(cli(tmp_path, "--layer=-1,0", "--normalize", "none,l2",
                     "--gram-bias=0,-0.2")) == 0
     assert built == [SPEC.name]

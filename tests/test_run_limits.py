@@ -25,15 +25,6 @@ def tiny_model():
     BACKBONES.pop(SPEC.name, None)
 
 
-@pytest.fixture
-def builds(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    real = pipeline_module.create_backbone
-    monkeypatch.setattr(pipeline_module, "create_backbone",
-                        lambda spec, *a, **k: calls.append(spec.name) or real(spec, *a, **k))
-    return calls
-
-
 def cli(root: Path, *extra: str) -> list[str]:
     return ["--model", SPEC.name, "--weights", "random", "--dataset", "demo",
             "--data-root", str(root / "data"), "--output", str(root / "runs"),
@@ -44,14 +35,14 @@ def errors(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
 
 
-def test_an_image_above_max_pixels_is_refused_before_any_forward(tmp_path, capsys, builds) -> None:
+def test_an_image_above_max_pixels_is_refused_before_any_forward(tmp_path, capsys, model_builds) -> None:
     index = load_dataset("demo", tmp_path / "data")
     big = max(index.records, key=lambda r: r.width * r.height)
     limit = big.width * big.height - 1
     assert main(cli(tmp_path, "--max-pixels", str(limit))) == 2
     (line,) = errors(capsys)
     assert str(big.path) in line and f"above --max-pixels {limit}" in line
-    assert builds == []  # refused from the annotated sizes, before the model is built
+    assert model_builds == []  # refused from the annotated sizes, before the model is built
     assert main(cli(tmp_path, "--limit", "2", "--max-pixels", str(limit + 1))) == 0
 
 
