@@ -7,7 +7,9 @@
   runs on the same images, also which runs (methods) found the object, per image;
 * ``show``: per-image PNG panels (image, boxes, seed, mask, degree map, norm map, CLS and
   register attention) with an ``index.html``; with several runs, their boxes and masks side by
-  side.
+  side;
+* ``register-neurons``: the MLP neurons that write the high-norm outliers (Jiang et al. 2025),
+  written as a neuron list for ``--model M+ttr --ttr-neurons FILE``.
 """
 
 from __future__ import annotations
@@ -130,15 +132,58 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_register_neurons(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "register-neurons", formatter_class=HelpFormatter,
+        help="find the MLP neurons that write the outlier tokens (for test-time registers)",
+        description=(
+            "Jiang et al. (2025): outlier tokens are those whose norm at the output of "
+            "--outlier-layer is above the threshold (default: the norm analysis' automatic "
+            "split); each MLP neuron is scored by its mean absolute activation on them, "
+            "averaged over images with outliers; the --top-k best in layers <= "
+            "--highest-layer are written to --output, for --model M+ttr --ttr-neurons FILE. "
+            "Their DINOv2 ViT-L/14 settings: --outlier-layer -2 --threshold 150 "
+            "--highest-layer 17 (45 neurons published)."),
+    )
+    parser.add_argument("--model", required=True,
+                        help="backbone short name or timm:<name> (without +ttr)")
+    parser.add_argument("--output", type=Path, required=True, help="neuron list to write (.json)")
+    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(DATASETS)}")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset root (default: $LOSTREG_DATA or datasets/)")
+    parser.add_argument("--weights", default="hub",
+                        help="hub, a checkpoint PATH, or random (smoke run, never a result)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images")
+    parser.add_argument("--outlier-layer", type=int, default=-2,
+                        help="block whose output norms mark the outliers (negative counts from "
+                             "the end)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="outlier norm threshold (default: automatic split of the patch "
+                             "norms at --outlier-layer)")
+    parser.add_argument("--top-k", type=int, default=45, help="neurons to keep")
+    parser.add_argument("--highest-layer", type=int, default=None,
+                        help="keep neurons of blocks <= this index (default: every block)")
+    parser.add_argument("--outlier-tokens", choices=("all", "patches"), default="all",
+                        help="which tokens can be outliers: all (as the reference code, class "
+                             "and registers included) or patches only")
+    parser.add_argument("--no-hard", action="store_true",
+                        help="drop VOC objects marked truncated or difficult")
+    parser.add_argument("--no-download", action="store_true",
+                        help="fail instead of downloading a missing dataset")
+    add_compute_options(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lostreg-analyze",
         description="Artifact diagnostics: token norms, outliers, and where LOST fails.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{norms,attribution,show}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{norms,attribution,show,register-neurons}")
     _add_norms(sub)
     _add_attribution(sub)
     _add_show(sub)
+    _add_register_neurons(sub)
     return parser
 
 
@@ -193,9 +238,30 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_neurons(args: argparse.Namespace) -> int:
+    from lostreg.analysis.neurons import NeuronSearchConfig, find_register_neurons
+
+    if args.limit is not None and args.limit < 1:
+        raise LostregError("--limit must be at least 1")
+    if args.batch_size < 1:
+        raise LostregError("--batch-size must be at least 1")
+    config = NeuronSearchConfig(
+        model=args.model, output=args.output, dataset=args.dataset,
+        data_root=args.data_root if args.data_root is not None else default_data_root(),
+        weights=args.weights, device=args.device, limit=args.limit,
+        outlier_layer=args.outlier_layer, threshold=args.threshold, top_k=args.top_k,
+        highest_layer=args.highest_layer, outlier_tokens=args.outlier_tokens,
+        batch_size=args.batch_size, num_workers=args.num_workers, no_hard=args.no_hard,
+        download=not args.no_download, progress=not args.no_progress,
+    )
+    print(find_register_neurons(config)[1])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"norms": _norms, "attribution": _attribution, "show": _show}[args.command]
+    handler = {"norms": _norms, "attribution": _attribution, "show": _show,
+               "register-neurons": _register_neurons}[args.command]
     try:
         return handler(args)
     except (LostregError, OSError) as exc:

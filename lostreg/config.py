@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lostreg.backbones import POS_INTERP_CHOICES
 from lostreg.cache import storage_dtype
 from lostreg.datasets import default_data_root
 from lostreg.errors import LostregError
@@ -64,6 +65,8 @@ class RunConfig:
     normalize: str = "none"
     wait: bool = False  # wait for another process holding a run folder instead of exiting
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (none is resized)
+    pos_interp: str = "original"  # position-embedding resampling: the family's own, or timm's
+    ttr_neurons: Path | None = None  # register-neuron list of a +ttr model (None: shipped)
 
 
 # settings that may differ between the runs of one pass (everything else is shared): one
@@ -111,6 +114,9 @@ def check_config(config: RunConfig) -> None:
     if config.features is not None and config.features not in FEATURE_KINDS:
         raise LostregError(f"--features {config.features!r}: expected one of "
                            f"{', '.join(FEATURE_KINDS)}")
+    if config.pos_interp not in POS_INTERP_CHOICES:
+        raise LostregError(f"--pos-interp {config.pos_interp!r}: expected one of "
+                           f"{', '.join(POS_INTERP_CHOICES)}")
     if config.normalize not in NORMALIZATIONS:
         raise LostregError(f"--normalize {config.normalize!r}: expected none or l2")
     method_params(config)  # validates --method and its parameters

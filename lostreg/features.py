@@ -5,17 +5,24 @@ Images are RGB via PIL, ``ToTensor`` (``uint8 / 255``), normalised with the mode
 of the patch size. Padding patches are part of the feature map.
 
 Features are q, k or v of a block's attention (the **last block** unless a run asks for another
-``layer``): the fused ``qkv`` projection's output, all heads concatenated in head order
-(exactly the tensor LOST reshapes), with the class token and every register token removed,
-patch tokens kept in row-major order. ``attn`` is the class token's attention to the patches,
-per head (DINO-seg's input). Each kind is one ``FEATURE_KINDS`` entry.
+``layer``): the attention's projection output (fused ``qkv``, or separate q/k/v projections
+concatenated in the same layout), all heads concatenated in head order (exactly the tensor LOST
+reshapes), with the class token, every register token and every test-time register removed,
+patch tokens kept in row-major order. ``q``/``k`` are **as projected**, for every family;
+``q_rope``/``k_rope`` are what a RoPE model's attention multiplies (after its q/k norms and the
+rotation); ``attn`` is the class token's attention to the patches, per head, from the
+attention's real logits (DINO-seg's input). Each kind is one ``FEATURE_KINDS`` entry.
+
+Everything is read with forward hooks during the model's own forward
+(:mod:`lostreg.backbones.families`), which stops as soon as the deepest requested block's
+projection has run: later blocks, the final norm and the head never run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -23,6 +30,8 @@ import torch
 from PIL import Image
 
 from lostreg.backbones import Backbone
+from lostreg.backbones.families import Capture, Family, StopForward, family_of
+from lostreg.backbones.ttr import num_suffix_tokens
 from lostreg.errors import LostregError
 
 VECTOR_KINDS = ("q", "k", "v")
@@ -54,57 +63,74 @@ def preprocess(
     return out, (height, width)
 
 
-def tokens_before_block(model: torch.nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
-    """Run a timm ViT up to the input of block ``layer`` (all tokens, prefix included)."""
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    for block in model.blocks[:layer]:
-        x = block(x)
-    return x
+# --- one forward, hooks, early stop ------------------------------------------------------------
 
 
-def tokens_before_last_block(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Run a timm ViT up to the input of its last block (all tokens, prefix included)."""
-    return tokens_before_block(model, images, len(model.blocks) - 1)
+@dataclass
+class Taps:
+    """What one forward captured: per block, its attention's inputs (``qkv``), its output
+    (``outputs``), its input (``inputs``), and the patch embedding (``embedded``)."""
+
+    qkv: dict[int, Capture] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    embedded: torch.Tensor | None = None
 
 
-def _block_qkv(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if not hasattr(block, "attn") or not hasattr(block.attn, "qkv"):
-        raise TypeError("backbone's block has no fused attn.qkv projection")
-    return block.attn.qkv(block.norm1(x))
-
-
-def last_qkv(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The last block's fused ``qkv`` output ``(B, T, 3*D)`` for all T tokens.
-
-    Only the last block's first norm and ``qkv`` projection run: the rest of it is not needed.
+def run_taps(model: torch.nn.Module, images: torch.Tensor, qkv: Iterable[int] = (),
+             outputs: Iterable[int] = (), inputs: Iterable[int] = (), embedded: bool = False,
+             family: Family | None = None) -> Taps:
+    """Run ``model.forward_features`` on ``images`` with hooks capturing what is asked for
+    (non-negative block indices), stopping the forward as soon as the last of it is captured.
     """
-    return _block_qkv(model.blocks[-1], tokens_before_last_block(model, images))
+    family = family or family_of(model)
+    taps = Taps()
+    pending = {("qkv", i) for i in qkv} | {("out", i) for i in outputs} | {("in", i) for i in inputs}
+    if embedded:
+        pending.add(("embed", -1))
+    if not pending:
+        return taps
 
+    def done(item: tuple[str, int]) -> None:
+        pending.discard(item)
+        if not pending:
+            raise StopForward
 
-def layer_qkv(model: torch.nn.Module, images: torch.Tensor,
-              layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """Fused ``qkv`` outputs ``(B, T, 3*D)`` of several blocks from one forward, keyed by the
-    layer index as given (negative counts from the end). The forward stops at the deepest
-    requested block's ``qkv``: nothing after it runs."""
-    depth = len(model.blocks)
-    resolved = {layer: resolve_layer(layer, depth) for layer in layers}
-    deepest = max(resolved.values())
-    x = model.patch_embed(images)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
-    out: dict[int, torch.Tensor] = {}
-    for index, block in enumerate(model.blocks[:deepest + 1]):
-        wanted = [layer for layer, r in resolved.items() if r == index]
-        if wanted:
-            qkv = _block_qkv(block, x)
-            out.update({layer: qkv for layer in wanted})
-        if index < deepest:
-            x = block(x)
-    return out
+    def capture_ready(index: int) -> Callable[[], None]:
+        def ready() -> None:
+            if taps.qkv[index].qkv is not None:
+                done(("qkv", index))
+        return ready
+
+    handles = []
+    for index in sorted({i for kind, i in pending if kind == "qkv"}):
+        taps.qkv[index] = Capture()
+        handles += family.tap(model.blocks[index], taps.qkv[index], capture_ready(index))
+    def keep(store: Callable[[torch.Tensor], None], item: tuple[str, int]) -> Callable:
+        def hook(_module, args, output=None):  # forward hook or pre-hook: never replaces
+            store(args[0] if output is None else output)
+            done(item)
+        return hook
+
+    for index in sorted({i for kind, i in pending if kind == "out"}):
+        handles.append(model.blocks[index].register_forward_hook(
+            keep(lambda t, i=index: taps.outputs.__setitem__(i, t), ("out", index))))
+    for index in sorted({i for kind, i in pending if kind == "in"}):
+        handles.append(model.blocks[index].register_forward_pre_hook(
+            keep(lambda t, i=index: taps.inputs.__setitem__(i, t), ("in", index))))
+    if embedded:
+        handles.append(model.patch_embed.register_forward_hook(
+            keep(lambda t: setattr(taps, "embedded", t), ("embed", -1))))
+    try:
+        model.forward_features(images)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if pending:
+        raise RuntimeError(f"the forward finished without reaching {sorted(pending)}")
+    return taps
 
 
 def resolve_layer(layer: int, depth: int) -> int:
@@ -116,8 +142,41 @@ def resolve_layer(layer: int, depth: int) -> int:
     return layer % depth
 
 
-def select_feature(qkv: torch.Tensor, kind: str, num_prefix_tokens: int) -> torch.Tensor:
-    """Slice q, k or v (heads concatenated in head order) and drop class + register tokens.
+def tokens_before_block(model: torch.nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
+    """The input of block ``layer`` (all tokens, prefix and suffix included), from the model's
+    own forward stopped there."""
+    index = resolve_layer(layer, len(model.blocks))
+    return run_taps(model, images, inputs=[index]).inputs[index]
+
+
+def tokens_before_last_block(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input of the model's last block (all tokens, prefix included)."""
+    return tokens_before_block(model, images, -1)
+
+
+def layer_qkv(model: torch.nn.Module, images: torch.Tensor,
+              layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Fused ``qkv`` outputs ``(B, T, 3*D)`` of several blocks from one forward, keyed by the
+    layer index as given (negative counts from the end). The forward stops at the deepest
+    requested block's projection: nothing after it runs."""
+    depth = len(model.blocks)
+    resolved = {layer: resolve_layer(layer, depth) for layer in layers}
+    taps = run_taps(model, images, qkv=set(resolved.values()))
+    return {layer: taps.qkv[index].qkv for layer, index in resolved.items()}  # type: ignore[misc]
+
+
+def last_qkv(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The last block's fused ``qkv`` output ``(B, T, 3*D)`` for all T tokens."""
+    return layer_qkv(model, images, [-1])[-1]
+
+
+# --- feature kinds ---------------------------------------------------------------------------
+
+
+def select_feature(qkv: torch.Tensor, kind: str, num_prefix_tokens: int,
+                   num_suffix_tokens: int = 0) -> torch.Tensor:
+    """Slice q, k or v (heads concatenated in head order) and drop class, register and
+    test-time register tokens.
 
     timm lays ``qkv`` out as ``(3, heads, head_dim)`` along the last axis, so ``k`` with its
     heads concatenated is the contiguous middle third, the tensor LOST builds by reshaping.
@@ -126,36 +185,96 @@ def select_feature(qkv: torch.Tensor, kind: str, num_prefix_tokens: int) -> torc
         raise ValueError(f"feature must be one of {VECTOR_KINDS}, got {kind!r}")
     dim = qkv.shape[-1] // 3
     which = VECTOR_KINDS.index(kind)
-    return qkv[:, num_prefix_tokens:, which * dim:(which + 1) * dim]
+    return qkv[:, num_prefix_tokens:qkv.shape[1] - num_suffix_tokens, which * dim:(which + 1) * dim]
 
 
-def cls_attention(qkv: torch.Tensor, attn: torch.nn.Module, num_prefix_tokens: int) -> torch.Tensor:
-    """The class token's attention to the **patch** tokens, per head: ``(B, N, heads)`` float32.
+@dataclass
+class LayerQKV:
+    """One block's attention inputs as a feature kind sees them."""
+
+    qkv: torch.Tensor  # (B, T, 3*D): projection output, all tokens
+    block: torch.nn.Module
+    rope: torch.Tensor | None
+    family: Family
+    num_prefix_tokens: int
+    num_suffix_tokens: int = 0
+    has_class_token: bool = True
+
+    @property
+    def attn(self) -> torch.nn.Module:
+        return self.block.attn
+
+    def heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as projected, ``(B, heads, T, head_dim)``."""
+        batch, tokens, _ = self.qkv.shape
+        parts = self.qkv.reshape(batch, tokens, 3, self.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return parts[0], parts[1], parts[2]
+
+    def attention_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k exactly as the attention multiplies them (q/k norms, RoPE), ``(B, H, T, hd)``."""
+        q, k, v = self.heads()
+        return self.family.rotate(self.attn, q, k, self.rope, v.dtype)
+
+    def patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of ``(B, T, ...)``."""
+        return tokens[:, self.num_prefix_tokens:tokens.shape[1] - self.num_suffix_tokens]
+
+
+def _heads_concatenated(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, hd)`` -> ``(B, T, H*hd)``, heads in head order."""
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def _rotated(layer: LayerQKV, which: int) -> torch.Tensor:
+    if layer.rope is None:
+        raise LostregError("feature q_rope/k_rope needs a model with rotary position embeddings "
+                           "(EVA-02, DINOv3); this model has none: use q or k")
+    return layer.patches(_heads_concatenated(layer.attention_qk()[which]))
+
+
+def _class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, num_prefix_tokens: int,
+                     num_suffix_tokens: int) -> torch.Tensor:
+    """``softmax((q_cls . k^T) * scale)`` over all tokens, patch columns kept: ``(B, N, heads)``."""
+    logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)) * scale  # (B, heads, 1, T)
+    probs = logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:k.shape[2] - num_suffix_tokens]
+    return probs.transpose(1, 2)
+
+
+def cls_attention(qkv: torch.Tensor, attn: torch.nn.Module, num_prefix_tokens: int,
+                  num_suffix_tokens: int = 0) -> torch.Tensor:
+    """The class token's attention to the **patch** tokens, per head: ``(B, N, heads)`` float32,
+    for a model without RoPE (see the ``attn`` feature kind for any family).
 
     As DINO's ``get_last_selfattention``: ``softmax((q_cls . k^T) * scale)`` over *all* tokens
-    (class, registers, patches), then the patch columns only: registers never appear as
-    patches. ``q_norm``/``k_norm`` run as in the model's own attention.
+    (class, registers, patches, test-time registers), then the patch columns only: registers
+    never appear as patches. ``q_norm``/``k_norm`` run as in the model's own attention.
     """
     batch, tokens, _ = qkv.shape
-    heads = attn.num_heads
-    parts = qkv.reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(parts[0]).float(), attn.k_norm(parts[1]).float()
+    parts = qkv.reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(parts[0]), attn.k_norm(parts[1])
     scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
-    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale  # (B, heads, 1, T)
-    probs = logits.softmax(dim=-1)[:, :, 0, num_prefix_tokens:]
-    return probs.transpose(1, 2)
+    return _class_attention(q, k, scale, num_prefix_tokens, num_suffix_tokens)
+
+
+def _attention_feature(layer: LayerQKV) -> torch.Tensor:
+    if not layer.has_class_token:
+        raise LostregError("feature attn is the class token's attention, and this model has no "
+                           "class token")
+    q, k = layer.attention_qk()
+    scale = getattr(layer.attn, "scale", q.shape[-1] ** -0.5)
+    return _class_attention(q, k, scale, layer.num_prefix_tokens, layer.num_suffix_tokens)
 
 
 @dataclass(frozen=True)
 class FeatureKind:
-    """One kind of per-patch feature a method can read, computed from one block's ``qkv``.
-
-    ``compute(qkv, block, num_prefix_tokens)`` returns ``(B, N, D)`` for the N patch tokens
-    (class and register tokens dropped). Adding a kind is one ``register_feature_kind`` call.
-    """
+    """One kind of per-patch feature a method can read, computed from one block's attention
+    inputs. ``compute(layer: LayerQKV)`` returns ``(B, N, D)`` for the N patch tokens (class,
+    register and test-time register tokens dropped). Adding a kind is one
+    ``register_feature_kind`` call."""
 
     name: str
-    compute: Callable[[torch.Tensor, torch.nn.Module, int], torch.Tensor]
+    compute: Callable[[LayerQKV], torch.Tensor]
     description: str = ""
 
 
@@ -169,10 +288,17 @@ def register_feature_kind(kind: FeatureKind) -> FeatureKind:
 
 for _name in VECTOR_KINDS:
     register_feature_kind(FeatureKind(
-        _name, lambda qkv, block, prefix, n=_name: select_feature(qkv, n, prefix),
-        f"{_name} of the block's attention, heads concatenated in head order"))
+        _name, lambda layer, n=_name: select_feature(layer.qkv, n, layer.num_prefix_tokens,
+                                                     layer.num_suffix_tokens),
+        f"{_name} of the block's attention as projected (before any RoPE), heads concatenated"))
 register_feature_kind(FeatureKind(
-    "attn", lambda qkv, block, prefix: cls_attention(qkv, block.attn, prefix),
+    "q_rope", lambda layer: _rotated(layer, 0),
+    "q as the attention uses it: after the q norm and the rotary position embedding"))
+register_feature_kind(FeatureKind(
+    "k_rope", lambda layer: _rotated(layer, 1),
+    "k as the attention uses it: after the k norm and the rotary position embedding"))
+register_feature_kind(FeatureKind(
+    "attn", _attention_feature,
     "the class token's attention to each patch, per head (DINO-seg's input)"))
 
 
@@ -186,6 +312,21 @@ class FeatureRequest(NamedTuple):
     @property
     def label(self) -> str:
         return self.kind if self.layer == -1 else f"{self.kind}@{self.layer}"
+
+
+def layer_view(backbone: Backbone, qkv: torch.Tensor, index: int,
+               rope: torch.Tensor | None = None) -> LayerQKV:
+    """``LayerQKV`` of block ``index`` (non-negative) from its projection output ``qkv`` and the
+    RoPE table its attention received (None without RoPE)."""
+    model = backbone.model
+    return LayerQKV(qkv, model.blocks[index], rope, backbone.family, backbone.num_prefix_tokens,
+                    backbone.num_suffix_tokens, getattr(model, "cls_token", None) is not None)
+
+
+def layer_views(backbone: Backbone, taps: Taps, layers: dict[int, int]) -> dict[int, LayerQKV]:
+    """``LayerQKV`` per requested layer (as given) from captured ``taps``."""
+    return {layer: layer_view(backbone, taps.qkv[index].qkv, index,  # type: ignore[arg-type]
+                              taps.qkv[index].rope) for layer, index in layers.items()}
 
 
 @torch.inference_mode()
@@ -204,15 +345,16 @@ def extract(
     """
     for request in requests:
         if request.kind not in FEATURE_KINDS:
-            raise ValueError(f"feature must be one of {tuple(FEATURE_KINDS)}, got {request.kind!r}")
+            raise LostregError(f"--features {request.kind}: unknown feature kind (known: "
+                               f"{', '.join(FEATURE_KINDS)})")
     model = backbone.model
+    depth = len(model.blocks)
+    layers = {r.layer: resolve_layer(r.layer, depth) for r in requests}
     with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
-        by_layer = layer_qkv(model, images, sorted({r.layer for r in requests}))
-        depth = len(model.blocks)
-        return {r: FEATURE_KINDS[r.kind].compute(
-                    by_layer[r.layer], model.blocks[resolve_layer(r.layer, depth)],
-                    backbone.num_prefix_tokens).float().contiguous()
+        taps = run_taps(model, images, qkv=set(layers.values()), family=backbone.family)
+        views = layer_views(backbone, taps, layers)
+        return {r: FEATURE_KINDS[r.kind].compute(views[r.layer]).float().contiguous()
                 for r in requests}
 
 
@@ -235,3 +377,12 @@ def extract_features(
 ) -> torch.Tensor:
     """One kind of ``extract_feature_kinds``."""
     return extract_feature_kinds(backbone, images, [kind], autocast_dtype)[kind]
+
+
+__all__ = [
+    "FEATURE_KINDS", "FeatureKind", "FeatureRequest", "LayerQKV", "Taps", "VECTOR_KINDS",
+    "cls_attention", "extract", "extract_feature_kinds", "extract_features", "last_qkv",
+    "layer_qkv", "layer_view", "layer_views", "num_suffix_tokens", "padded_size", "preprocess",
+    "register_feature_kind", "resolve_layer", "run_taps", "select_feature",
+    "tokens_before_block", "tokens_before_last_block",
+]

@@ -356,11 +356,12 @@ def feature_cache_key(info: Backbone | BackboneInfo, index: DatasetIndex,
         model=info.spec.name, timm_name=info.spec.timm_name, model_kwargs=info.spec.model_kwargs,
         weights=info.weights.identity(), num_prefix_tokens=info.num_prefix_tokens,
         mean=info.mean, std=info.std, patch_size=info.spec.patch_size,
-        pos_embed=info.spec.pos_embed, dataset=index.name, split=index.split,
+        pos_embed=info.spec.pos_embed_mode, dataset=index.name, split=index.split,
         feature=request.kind, precision=precision, storage=storage,
         lostreg_version=lostreg.__version__)
     if request.layer != -1:
         key["layer"] = request.layer
+    key.update(info.spec.identity_extras())  # +ttr's neurons; nothing for a default model
     return key
 
 

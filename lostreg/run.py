@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from lostreg import distributed, timeline
-from lostreg.backbones import Backbone, get_backbone_spec, list_backbones
+from lostreg.backbones import (
+    POS_INTERP_CHOICES,
+    Backbone,
+    BackboneSpec,
+    get_backbone_spec,
+    list_backbones,
+    with_pos_interp,
+)
 from lostreg.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
 from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
@@ -203,13 +210,16 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
              method_values: dict[str, list[Any]] | None = None,
              layers: Sequence[int] | None = None,
              normalizations: Sequence[str] | None = None,
+             pos_interps: Sequence[str] | None = None,
              pairs: Sequence[tuple[str, str]] | None = None,
              sweep: Sequence[RunConfig] | None = None,
              backbone: Backbone | None = None, index: DatasetIndex | None = None,
              on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
-    """Every (model, dataset) pair (``pairs``, or ``models`` x ``datasets``) times every run
-    of ``expand_sweep`` (methods, features, layers, normalisations, method parameters with
-    ``k_patches``/``gram_biases`` for LOST; None keeps ``base``'s value), or ``sweep`` as given.
+    """Every (model, dataset) pair (``pairs``, or ``models`` x ``datasets``), with each
+    position-embedding resampling of ``pos_interps`` (it changes the model: one pass each),
+    times every run of ``expand_sweep`` (methods, features, layers, normalisations, method
+    parameters with ``k_patches``/``gram_biases`` for LOST; None keeps ``base``'s value), or
+    ``sweep`` as given.
 
     Models run one after the other; each is described (weights hashed) once, built at most
     once and only if some image is not in the feature cache; each dataset is indexed once.
@@ -218,8 +228,7 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
     if pairs is None:
         pairs = [(m, d) for m in (models or [base.model]) for d in (datasets or [base.dataset])]
     by_model = _group_by_model(pairs)
-    # fail on a typo before hours of work, not after
-    specs = {m: (backbone.spec if backbone is not None else get_backbone_spec(m)) for m in by_model}
+    specs = _backbone_specs(base, by_model, pos_interps or [base.pos_interp], backbone)
     if index is None:
         _check_datasets_present(base, [d for ds in by_model.values() for d in ds])
     if sweep is None:
@@ -235,8 +244,22 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
     return _run_models(base, by_model, specs, list(sweep), backbone, index, on_result)
 
 
-def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
-                sweep: list[RunConfig], backbone: Backbone | None, index: DatasetIndex | None,
+def _backbone_specs(base: RunConfig, by_model: dict[str, list[str]], pos_interps: Sequence[str],
+                    backbone: Backbone | None) -> dict[tuple[str, str], BackboneSpec]:
+    """Each model's spec with its modifiers (``+ttr``, ``--pos-interp``), resolved before any
+    work so that a typo fails at once, not after hours."""
+    specs = {}
+    for model in by_model:
+        spec = backbone.spec if backbone is not None else get_backbone_spec(
+            model, ttr_neurons=base.ttr_neurons)
+        for pos_interp in pos_interps:
+            specs[(model, pos_interp)] = with_pos_interp(spec, pos_interp)
+    return specs
+
+
+def _run_models(base: RunConfig, by_model: dict[str, list[str]],
+                specs: dict[tuple[str, str], BackboneSpec], sweep: list[RunConfig],
+                backbone: Backbone | None, index: DatasetIndex | None,
                 on_result: Callable[[RunResult], None] | None) -> list[RunResult]:
     """The models of a grid one after the other, each over its datasets (one pass each)."""
     ctx = distributed.setup(resolve_device(base.device).type)
@@ -249,33 +272,44 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]], specs: dict,
         sweep = [dataclasses.replace(config, num_workers=workers) for config in sweep]
     numerics = set_numerics(base.precision)
     indexes: dict[str, DatasetIndex] = {}
+    if index is not None:
+        indexes = {dataset: index for datasets in by_model.values() for dataset in datasets}
+
+    def indexed(dataset: str) -> DatasetIndex:
+        if dataset not in indexes:
+            indexes[dataset] = ctx.main_first(lambda: load_dataset(
+                dataset, base.data_root, no_hard=base.no_hard, download=base.download))
+        check_dataset_complete(indexes[dataset], base.allow_partial_dataset)
+        timeline.mark("dataset indexed")
+        return indexes[dataset]
+
     results: list[RunResult] = []
-    for model, datasets_of_model in by_model.items():
+    for (model, pos_interp), spec in specs.items():
         lazy: LazyBackbone | None = None
-        for dataset in datasets_of_model:
-            if index is not None:
-                indexes[dataset] = index
-            if dataset not in indexes:
-                indexes[dataset] = ctx.main_first(lambda d=dataset: load_dataset(
-                    d, base.data_root, no_hard=base.no_hard, download=base.download))
-            check_dataset_complete(indexes[dataset], base.allow_partial_dataset)
-            timeline.mark("dataset indexed")
+        for dataset in by_model[model]:
+            current = indexed(dataset)
             if lazy is None:
-                info = backbone if backbone is not None else ctx.main_first(
-                    lambda s=specs[model]: describe_backbone(s, base.weights))
-                lazy = LazyBackbone(info, base.weights, device, backbone)
-                timeline.mark("backbone described")
-                if lazy.info.weights.is_random and ctx.is_main:
-                    print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
-            configs = _limit_within(indexes[dataset], ctx.is_main, [
-                dataclasses.replace(c, model=model, dataset=dataset) for c in sweep])
-            for result in run_pass(configs, lazy, indexes[dataset], device, numerics, ctx):
+                lazy = _describe(spec, base.weights, device, backbone, ctx)
+            configs = _limit_within(current, ctx.is_main, [dataclasses.replace(
+                c, model=model, dataset=dataset, pos_interp=pos_interp) for c in sweep])
+            for result in run_pass(configs, lazy, current, device, numerics, ctx):
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
         if lazy is not None:
             lazy.release()
     return results
+
+
+def _describe(spec: BackboneSpec, weights: str, device, backbone: Backbone | None,
+              ctx) -> LazyBackbone:
+    """The model's identity (weights hashed), built only when some image needs it."""
+    info = backbone if backbone is not None else ctx.main_first(
+        lambda: describe_backbone(spec, weights))
+    timeline.mark("backbone described")
+    if info.weights.is_random and ctx.is_main:
+        print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
+    return LazyBackbone(info, weights, device, backbone)
 
 
 def _limit_within(index: DatasetIndex, say: bool, configs: list[RunConfig]) -> list[RunConfig]:
@@ -324,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hub (timm from the Hugging Face hub), a checkpoint PATH, or random "
                              "(untrained: smoke run, never a result)")
     _add_method_options(parser)
+    parser.add_argument("--pos-interp", default=None,
+                        help="how position embeddings are resampled to each image's grid: "
+                             "original (each family's own code, the default) or timm; a comma "
+                             "list runs both (one pass each: it changes the model)")
+    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
+                        help="the register neurons of a +ttr model (default: the list shipped "
+                             "for it; python -m lostreg.analyze register-neurons finds them)")
     parser.add_argument("--no-hard", action="store_true",
                         help="drop VOC objects marked truncated or difficult (and emptied images)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
@@ -451,6 +492,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cache_features=args.cache_features, cache_dtype=args.cache_dtype,
         allow_partial_dataset=args.allow_partial_dataset,
         method=first(args.method, DEFAULT_METHOD), wait=args.wait, max_pixels=args.max_pixels,
+        pos_interp=first(args.pos_interp, "original"), ttr_neurons=args.ttr_neurons,
     )
 
 
@@ -476,6 +518,7 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
                        if k not in ("k_patches", "gram_bias")},
         layers=_split(args.layer, "--layer", int),
         normalizations=_split(args.normalize, "--normalize", _one_of(NORMALIZATIONS)),
+        pos_interps=_split(args.pos_interp, "--pos-interp", _one_of(POS_INTERP_CHOICES)),
         pairs=None)
     if args.suite is not None:
         if models or datasets:

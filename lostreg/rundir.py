@@ -95,6 +95,7 @@ def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: Da
         "feature": request.kind,
         "precision": config.precision,
         **method_of(config).identity(params),
+        **backbone.spec.identity_extras(),  # --pos-interp timm, +ttr with its neuron list
     }
     if request.layer != -1:
         identity["layer"] = request.layer
@@ -132,6 +133,8 @@ def settings_label(identity: dict) -> str:
     if "layer" in identity:
         feature += f"@L{identity['layer']}"
     parts = [method, feature]
+    if "pos_interp" in identity:
+        parts.append(f"pos{identity['pos_interp']}")
     if "normalize" in identity:
         parts.append(identity["normalize"])
     if method == "lost":
@@ -194,7 +197,8 @@ def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
         "patch_size": backbone.spec.patch_size,
         "num_registers": backbone.spec.num_registers,
         "num_params": backbone.num_params,
-        "pos_embed_interpolation": backbone.spec.pos_embed,
+        "pos_embed_interpolation": backbone.spec.pos_embed_mode,
+        **backbone.spec.describe(),  # pos_interp, test_time_registers, ttr_neurons
         "mean": list(backbone.mean),
         "std": list(backbone.std),
         "weights": dataclasses.asdict(backbone.weights),
@@ -426,6 +430,8 @@ def summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, 
                 else f" {short.get(name, name)}={value}"
     if run.config.normalize != "none":
         summary += f" normalize={run.config.normalize}"
+    if run.config.pos_interp != "original":
+        summary += f" pos_interp={run.config.pos_interp}"
     if index.no_hard:
         summary += " no_hard"
     if run.config.precision != "fp32":

@@ -129,13 +129,13 @@ def test_hub_weights_load_from_the_offline_cache(monkeypatch, tmp_path) -> None:
 
 def test_weights_file_is_hashed_once_per_process(tmp_path, monkeypatch) -> None:
     """A run hashes the file to name itself, then builds the model: one read of the file."""
-    from lostreg import backbones
+    from lostreg.backbones import weights
     from lostreg.run import describe_backbone
 
     path = tmp_path / "tiny.pth"
     torch.save(create_backbone(REG, "random").model.state_dict(), path)
     calls = []
-    monkeypatch.setattr(backbones, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    monkeypatch.setattr(weights, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
     info = describe_backbone(REG, str(path))
     built = create_backbone(REG, str(path))
     assert info.weights == built.weights and len(calls) == 1
@@ -154,3 +154,94 @@ def test_description_from_the_meta_device_matches_the_model(name) -> None:
     real = build_model(spec)
     assert info.num_prefix_tokens == real.num_prefix_tokens
     assert info.num_params == sum(p.numel() for p in real.parameters())
+
+
+# --- issue 15: fast, precise failures ----------------------------------------------------------
+
+
+def unreachable_hub(monkeypatch, tmp_path) -> list:
+    """The hub looks online to huggingface_hub (no HF_HUB_OFFLINE) but no connection succeeds,
+    as on a machine without network: the probe must notice, once."""
+    import huggingface_hub.constants as constants
+
+    from lostreg.backbones import weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"), raising=False)
+    monkeypatch.setattr(weights, "_HUB_REACHABLE", {})
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append((address, timeout))
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(weights.socket, "create_connection", refuse)
+    return calls
+
+
+def test_offline_hub_fails_fast_and_names_the_file(monkeypatch, tmp_path, capfd) -> None:
+    import time
+
+    calls = unreachable_hub(monkeypatch, tmp_path)
+    start = time.monotonic()
+    for _ in range(2):
+        with pytest.raises(LostregError) as info:
+            resolve_hub_file("vit_small_patch16_224.dino")
+    assert time.monotonic() - start < 5
+    assert len(calls) == 1 and calls[0][0] == ("huggingface.co", 443) and calls[0][1] <= 5
+    message = str(info.value)
+    assert "\n" not in message and "--weights PATH" in message
+    assert "timm/vit_small_patch16_224.dino" in message and "model.safetensors" in message
+    assert str(tmp_path / "hub" / "models--timm--vit_small_patch16_224.dino") in message
+    assert "thrown while requesting" not in capfd.readouterr().err
+
+
+def test_unreachable_hub_still_uses_the_cache(monkeypatch, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    unreachable_hub(monkeypatch, tmp_path)
+    source = create_backbone(REG, "random", seed=12)
+    repo = tmp_path / "hub" / "models--timm--vit_small_patch14_reg4_dinov2.lvd142m"
+    snapshot = repo / "snapshots" / ("1" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1" * 40)
+    save_file({k: v.contiguous() for k, v in source.model.state_dict().items()},
+              str(snapshot / "model.safetensors"))
+    loaded = create_backbone(REG, "hub")
+    assert loaded.weights.source == "hub" and torch.equal(forward(source), forward(loaded))
+
+
+@pytest.mark.parametrize("content,what", [
+    (b"hello weights\n", "it is a text file (starts 'hello weights')"),
+    (b"", "the file is empty"),
+    (bytes(range(1, 200)) * 3, "not a torch.save archive"),
+])
+def test_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, what) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(LostregError) as info:
+        create_backbone(REG, str(path))
+    assert what in str(info.value) and str(path) in str(info.value)
+    assert "KeyError" not in str(info.value)
+
+
+def test_gated_hub_weights_say_how_to_get_them(monkeypatch, tmp_path) -> None:
+    """DINOv3's hub repositories are gated: say so, and how to get in or around it."""
+    import huggingface_hub
+
+    from lostreg.backbones import weights
+
+    class GatedRepoError(Exception):
+        pass
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("401 Client Error. Cannot access gated repo")
+
+    monkeypatch.setattr(weights, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(LostregError, match="gated on the Hugging Face hub .*huggingface-cli login"
+                                           ".*--weights PATH") as info:
+        resolve_hub_file("vit_small_patch16_dinov3.lvd1689m")
+    assert "timm/vit_small_patch16_dinov3.lvd1689m" in str(info.value)

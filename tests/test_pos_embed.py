@@ -19,6 +19,7 @@ from lostreg.backbones import (
     install_pos_embed,
     resample_patch_pos_embed,
 )
+from lostreg.errors import LostregError
 from lostreg.features import padded_size
 
 # A VOC image of 500x375 (width x height) padded to whole patches.
@@ -221,3 +222,43 @@ def test_fixed_size_model_keeps_working() -> None:
         ours = model.forward_features(images)
         del model._pos_embed
         assert torch.equal(ours, model.forward_features(images))
+
+
+# --- --pos-interp ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dino_vits16", "dinov2_vits14"])
+def test_pos_interp_timm_differs_from_original_at_voc_size_only(name) -> None:
+    """``--pos-interp timm`` swaps in timm's resampling: a different embedding at 500x375 than
+    the family's original, the same at the pretrained grid, and timm's own bit for bit."""
+    spec = BACKBONES[name]
+    tiny = BackboneSpec(f"{name}_tiny", spec.timm_name, spec.family, spec.patch_size,
+                        spec.num_registers, pos_embed=spec.pos_embed, model_kwargs=TINY)
+    original = create_backbone(tiny, "random", seed=5)
+    timm_interp = create_backbone(tiny, "random", seed=5, pos_interp="timm")
+    assert original.spec.pos_interp == "original" and timm_interp.spec.pos_interp == "timm"
+    assert timm_interp.spec.pos_embed_mode == "timm" and original.spec.pos_embed_mode == spec.pos_embed
+    assert timm_interp.spec.identity_extras() == {"pos_interp": "timm"}
+    assert original.spec.identity_extras() == {}
+    for backbone in (original, timm_interp):
+        unit_pos_embed(backbone.model, 13)
+    voc = GRID16 if spec.patch_size == 16 else GRID14
+    side = math.isqrt(original.model.pos_embed.shape[1] - (0 if original.model.no_embed_class else 1))
+    for grid, same in ((voc, False), ((side, side), True)):
+        x = torch.randn(1, *grid, 48, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            a, b = original.model._pos_embed(x), timm_interp.model._pos_embed(x)
+            timm_default = VisionTransformer._pos_embed(timm_interp.model, x)
+        assert torch.equal(b, timm_default)
+        assert torch.equal(a, b) if same else (a - b).abs().max().item() > 0.05
+
+
+def test_pos_interp_is_validated() -> None:
+    with pytest.raises(LostregError, match="--pos-interp must be one of original, timm"):
+        create_backbone(BackboneSpec("t", "vit_small_patch16_224.dino", "dino", 16, 0,
+                                     pos_embed="dino", model_kwargs=TINY), "random",
+                        pos_interp="bilinear")
+    model = create_backbone(BackboneSpec("t2", "vit_small_patch16_224.dino", "dino", 16, 0,
+                                         model_kwargs=TINY), "random").model
+    install_pos_embed(model, "dino", pos_interp="timm")
+    assert "_pos_embed" not in vars(model)  # timm's own method, untouched

@@ -35,12 +35,19 @@ from lostreg.analysis.runs import (
     rebuild_backbone,
     run_records,
 )
-from lostreg.analysis.tokens import attention_from_qkv, last_block_readout
+from lostreg.analysis.tokens import panel_readout
 from lostreg.backbones import Backbone
 from lostreg.config import PRECISIONS
 from lostreg.datasets.base import load_rgb
 from lostreg.errors import LostregError
-from lostreg.features import FEATURE_KINDS, FeatureRequest, extract, preprocess, resolve_layer
+from lostreg.features import (
+    FEATURE_KINDS,
+    FeatureRequest,
+    extract,
+    layer_view,
+    preprocess,
+    resolve_layer,
+)
 from lostreg.io import atomic_write_text
 from lostreg.methods.lost import lost
 from lostreg.pipeline import resolve_device, set_numerics
@@ -89,21 +96,23 @@ def method_features(backbone: Backbone, images: torch.Tensor, requests: list[Fea
                     last_qkv: torch.Tensor | None = None) -> dict[FeatureRequest, torch.Tensor]:
     """The run pipeline's features (``lostreg.features.extract``) for each request, from one
     forward. With ``last_qkv`` (the last block's fused qkv of ``images``, already computed),
-    last-block kinds are derived from it exactly as ``extract`` does, with no second forward."""
+    last-block kinds of a model without RoPE are derived from it exactly as ``extract`` does,
+    with no second forward (a RoPE model's rotation is not in ``qkv``: it runs ``extract``)."""
     model = backbone.model
     depth = len(model.blocks)
     out: dict[FeatureRequest, torch.Tensor] = {}
     missing = []
+    reusable = last_qkv is not None and getattr(model, "rope", None) is None
     for request in dict.fromkeys(requests):
         if request.kind not in FEATURE_KINDS:
             raise LostregError(f"feature {request.kind!r} is not known to this lostreg (known: "
                                f"{', '.join(FEATURE_KINDS)})")
-        if last_qkv is not None and resolve_layer(request.layer, depth) == depth - 1:
+        if reusable and resolve_layer(request.layer, depth) == depth - 1:
             with torch.inference_mode(), torch.autocast(
                     images.device.type, dtype=autocast or torch.float32,
                     enabled=autocast is not None):
-                out[request] = FEATURE_KINDS[request.kind].compute(
-                    last_qkv, model.blocks[-1], backbone.num_prefix_tokens).float().contiguous()
+                view = layer_view(backbone, last_qkv, depth - 1)
+                out[request] = FEATURE_KINDS[request.kind].compute(view).float().contiguous()
         else:
             missing.append(request)
     if missing:
@@ -133,12 +142,12 @@ def compute_image_maps(backbone: Backbone, image: Image.Image, method: RunMethod
     norms and the prefix attention, from one forward when the method reads the last block."""
     tensor, size = preprocess(image, backbone.mean, backbone.std, backbone.patch_size)
     images = tensor.unsqueeze(0).to(device)
-    p, npt = backbone.patch_size, backbone.num_prefix_tokens
+    p = backbone.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
     with torch.autocast(device.type, dtype=autocast or torch.float32,
                         enabled=autocast is not None):
-        qkv, output = last_block_readout(backbone.model, images)
-    feats = method_features(backbone, images, [method.request], autocast, qkv)[method.request]
+        readout = panel_readout(backbone, images, method.request.kind, method.request.layer)
+    feats = readout.features.contiguous()
     result = apply_method(method, feats, grid, p, size)
     degrees = None
     if method.name == "lost":
@@ -146,12 +155,9 @@ def compute_image_maps(backbone: Backbone, image: Image.Image, method: RunMethod
         out = lost(lost_feats[0], grid, p, size, method.params["k_patches"],
                    method.params["gram_bias"])
         degrees = out.degrees.float().reshape(grid).cpu().numpy()
-    norms = patch_token_norms(output, npt)[0]
-    attention = (attention_from_qkv(backbone.model.blocks[-1].attn, qkv, npt)[0] if npt
-                 else torch.zeros((0, grid[0] * grid[1])))
+    norms = patch_token_norms(readout.output, readout.num_prefix_tokens)[0]
     return ImageMaps(grid, size, result, degrees, norms.reshape(grid).cpu().numpy(),
-                     attention.reshape(-1, *grid).cpu().numpy(),
-                     prefix_names(backbone.model, npt))
+                     readout.attention[0].reshape(-1, *grid).cpu().numpy(), readout.names)
 
 
 # --- drawing ---------------------------------------------------------------------------------

@@ -189,10 +189,25 @@ def weights_argument(config: dict) -> str:
     raise LostregError(f"config.json: unknown weights record {config['weights']!r}")
 
 
+def ttr_neurons_argument(info: RunInfo) -> str | None:
+    """The ``--ttr-neurons`` file of a ``+ttr`` run (None: the shipped list, or no ``+ttr``),
+    from ``config.json``'s ``ttr_neurons`` record (``BackboneSpec.describe()``)."""
+    record = info.config.get("ttr_neurons")
+    if not isinstance(record, dict) or str(record.get("source", "")).startswith("shipped:"):
+        return None
+    source = record.get("source")
+    if not isinstance(source, str) or not Path(source).is_file():
+        raise LostregError(f"{info.run_dir / 'config.json'}: the run's register-neuron list "
+                           f"{source!r} is gone; put it back to rebuild the model")
+    return source
+
+
 def rebuild_backbone(info: RunInfo, device: torch.device, weights: str | None = None) -> Backbone:
     """The run's backbone with the run's weights (sha256-checked), or ``weights`` if given."""
     config = info.config
-    backbone = create_backbone(config["model"], weights or weights_argument(config), device)
+    backbone = create_backbone(config["model"], weights or weights_argument(config), device,
+                               pos_interp=config.get("pos_interp") or None,
+                               ttr_neurons=ttr_neurons_argument(info))
     recorded = config["weights"].get("sha256") if isinstance(config["weights"], dict) else None
     if (config["weights"].get("source") == "random") != backbone.weights.is_random:
         raise LostregError(f"{info.run_dir / 'config.json'}: the run used "
@@ -202,6 +217,11 @@ def rebuild_backbone(info: RunInfo, device: torch.device, weights: str | None = 
             f"{info.run_dir / 'config.json'}: the run used weights sha256 {recorded[:12]}..., "
             f"but {backbone.weights.path} has {backbone.weights.sha256[:12]}...; pass --weights "
             "with the run's checkpoint")
+    ttr = config.get("ttr_neurons")
+    if isinstance(ttr, dict) and backbone.spec.ttr is not None \
+            and ttr.get("sha256") != backbone.spec.ttr.sha256:
+        raise LostregError(f"{info.run_dir / 'config.json'}: the register-neuron list "
+                           f"{backbone.spec.ttr.source} changed since the run (sha256 differs)")
     if backbone.patch_size != info.patch_size:
         raise LostregError(f"{info.run_dir / 'config.json'}: patch size {info.patch_size} but "
                            f"model {config['model']} has {backbone.patch_size}")
