@@ -275,15 +275,30 @@ def test_a_layer_the_model_lacks_is_one_line(tmp_path, capsys) -> None:
     assert "Traceback" not in err and not (tmp_path / "protocol").exists()
 
 
-def test_pos_interp_timm_waits_for_run_configs_to_carry_it(tmp_path, capsys) -> None:
-    from lostreg.protocol import supports_pos_interp
+def test_pos_interp_puts_both_resamplings_in_one_study(tmp_path, model_builds) -> None:
+    """--pos-interp original,timm: one pass (one model) per resampling, every point in both,
+    a heatmap per normalisation and resampling; the timm pass's run ids say so."""
+    grid = ["--features", "k", "--layers=-1,-2", "--normalize", "none,l2", "--bias-l2=0,-0.5"]
+    assert main(args(tmp_path, *grid, "--pos-interp", "original,timm")) == 0
+    assert model_builds == [SPEC.name, SPEC.name]
+    folder = tmp_path / "protocol" / STUDY
+    frame = read_protocol_csv(folder / "protocol.csv")
+    assert len(frame) == 12 and frame["pos_interp"].tolist() == ["original"] * 6 + ["timm"] * 6
+    assert all(("postimm" in run_id) == (pos == "timm")
+               for run_id, pos in zip(frame["run_id"], frame["pos_interp"], strict=True))
+    for run_id, pos in zip(frame["run_id"], frame["pos_interp"], strict=True):
+        config = json.loads((tmp_path / "runs" / run_id / "config.json").read_text())
+        assert config["pos_interp"] == pos
+    assert {p.name for p in folder.glob("*.png")} == {
+        f"{kind}_{pos}.png" for kind in ("heatmap_none", "heatmap_l2", "bias_curves")
+        for pos in ("original", "timm")} | {"positions.png"}
 
-    if supports_pos_interp():
-        pytest.skip("RunConfig carries pos_interp: the timm pass runs")
-    assert main(args(tmp_path, "--pos-interp", "original,timm")) == 2
+
+def test_a_bad_ttr_neurons_option_is_one_line_before_any_run(tmp_path, capsys) -> None:
+    assert main(args(tmp_path, "--ttr-neurons", str(tmp_path / "n.json"))) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--pos-interp timm: " in err[0] and "use --pos-interp original" in err[0]
-    assert not (tmp_path / "protocol").exists()
+    assert len(err) == 1 and "--ttr-neurons is given but --model tiny_protocol has no +ttr" in err[0]
+    assert not (tmp_path / "runs").exists()
 
 
 # --- the notebook ---------------------------------------------------------------------------

@@ -14,15 +14,7 @@ from hypothesis import strategies as st
 from lostreg import stats
 from lostreg.config import RunConfig
 from lostreg.errors import LostregError
-from lostreg.protocol import grid as grid_module
-from lostreg.protocol.grid import (
-    GridPoint,
-    ProtocolGrid,
-    config_for_pos_interp,
-    parse_biases,
-    pass_configs,
-    supports_pos_interp,
-)
+from lostreg.protocol.grid import GridPoint, ProtocolGrid, parse_biases, pass_configs
 from lostreg.protocol.selection import (
     best_of_grid,
     cross_dataset,
@@ -152,31 +144,15 @@ def test_a_grid_that_cannot_run_is_one_line(kwargs, needle) -> None:
 
 def test_pass_configs_are_lostreg_run_sweeps_of_every_point(tmp_path) -> None:
     base = RunConfig(model="m", dataset="demo", output=tmp_path, method="tokencut",
-                     method_params={"tau": 0.3}, gram_bias=0.5, k_patches=7)
+                     method_params={"tau": 0.3}, gram_bias=0.5, k_patches=7, pos_interp="timm")
     grid = ProtocolGrid()
-    configs = pass_configs(base, grid, "original")
-    got = {GridPoint("original", c.normalize, c.features, c.layer, c.gram_bias) for c in configs}
-    assert len(configs) == 144 and got == set(grid.points())
+    configs = pass_configs(base, grid)
+    got = {GridPoint(c.pos_interp, c.normalize, c.features, c.layer, c.gram_bias)
+           for c in configs}
+    assert len(configs) == 144
+    assert got == {dataclasses.replace(p, pos_interp="timm") for p in grid.points()}
     assert all(c.method == "lost" and c.method_params == {} and c.k_patches == 100
                for c in configs)
-
-
-def test_pos_interp_runs_only_where_run_configs_can_carry_it(tmp_path, monkeypatch) -> None:
-    base = RunConfig(model="m", dataset="demo", output=tmp_path)
-    if not supports_pos_interp():
-        assert config_for_pos_interp(base, "original") is base
-        with pytest.raises(LostregError, match="--pos-interp timm"):
-            config_for_pos_interp(base, "timm")
-
-    @dataclasses.dataclass
-    class WithPosInterp(RunConfig):
-        pos_interp: str = "original"
-
-    monkeypatch.setattr(grid_module, "RunConfig", WithPosInterp)
-    assert supports_pos_interp()
-    widened = WithPosInterp(**dataclasses.asdict(base))
-    configs = pass_configs(widened, ProtocolGrid(), "timm")
-    assert len(configs) == 144 and {c.pos_interp for c in configs} == {"timm"}
 
 
 # --- the matrix bootstrap and protocol.csv ----------------------------------------------------

@@ -24,10 +24,8 @@ from lostreg.protocol.grid import (
     POS_INTERPS,
     GridPoint,
     ProtocolGrid,
-    config_for_pos_interp,
     pass_configs,
     run_passes,
-    supports_pos_interp,
 )
 from lostreg.protocol.selection import (
     Choice,
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
 __all__ = [
     "DEFAULT_POS_INTERP", "L2_BIASES", "POS_INTERPS", "PROTOCOL_COLUMNS", "Choice",
     "CrossChoice", "GridPoint", "ProtocolGrid", "SplitHalf", "best_of_grid", "bootstrap_cis",
-    "config_for_pos_interp", "cross_dataset", "load_grid_runs", "main", "pass_configs",
+    "cross_dataset", "load_grid_runs", "main", "pass_configs",
     "points_of", "protocol_frame", "read_protocol_csv", "run_passes", "setting_corloc",
-    "split_half", "supports_pos_interp",
+    "split_half",
 ]

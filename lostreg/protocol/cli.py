@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Gram biases with l2 (cosine units)")
     parser.add_argument("--k-patches", type=int, default=100, help="LOST's k")
     parser.add_argument("--pos-interp", default="original",
-                        help=f"position-embedding interpolation(s): {', '.join(POS_INTERPS)}; "
-                             "each value is a pass of its own (it changes the model)")
+                        help=f"position-embedding interpolation(s): {', '.join(POS_INTERPS)} "
+                             "(original: each family's own code); a comma list puts both in the "
+                             "grid, one pass each (it changes the model)")
+    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
+                        help="the register neurons of a +ttr model (default: the list shipped "
+                             "for it), as lostreg.run")
     parser.add_argument("--splits", type=int, default=DEFAULT_SPLITS,
                         help="seeded random halves for split-half selection")
     parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED,
@@ -127,7 +131,7 @@ def base_config(args: argparse.Namespace) -> RunConfig:
                                "one command per model and dataset")
     if args.dataset not in DATASETS:
         raise LostregError(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
-    get_backbone_spec(args.model)  # an unknown model fails here, before any work
+    get_backbone_spec(args.model, ttr_neurons=args.ttr_neurons)  # fails here, before any work
     return RunConfig(
         model=args.model, dataset=args.dataset,
         data_root=args.data_root if args.data_root is not None else default_data_root(),
@@ -135,7 +139,8 @@ def base_config(args: argparse.Namespace) -> RunConfig:
         batch_size=args.batch_size, limit=args.limit, output=args.runs,
         precision=args.precision, download=not args.no_download, num_workers=args.num_workers,
         progress=not args.no_progress, allow_partial_dataset=args.allow_partial_dataset,
-        method="lost", k_patches=args.k_patches, max_pixels=args.max_pixels, wait=args.wait)
+        method="lost", k_patches=args.k_patches, max_pixels=args.max_pixels, wait=args.wait,
+        ttr_neurons=args.ttr_neurons)
 
 
 def _select_on(text: str) -> list[str] | None:
@@ -155,7 +160,7 @@ def run_study(args: argparse.Namespace) -> str:
     """Run (or resume) the grid, write the study; returns the summary line."""
     grid = grid_from_args(args)
     base = base_config(args)
-    spec = get_backbone_spec(args.model)
+    spec = get_backbone_spec(args.model, ttr_neurons=args.ttr_neurons)
     key = StudyKey(spec.name, args.dataset, args.limit, args.no_hard, args.precision,
                    smoke=args.weights == "random")
     sources = selection_sources(args.output, key, _select_on(args.select_on))

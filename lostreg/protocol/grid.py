@@ -8,10 +8,9 @@ batch's features. The features are not kept in a feature cache (4 layers x 3 kin
 maps of VOC07 would be about 120 GB). Each point is an ordinary run folder, so the leaderboard
 sees it and a rerun resumes it.
 
-The position-embedding interpolation changes the model itself, so each of its values is a pass
-of its own (``ProtocolGrid.pos_interps``). A value runs only when ``RunConfig`` has a
-``pos_interp`` field (``supports_pos_interp``); until then only the default ``original`` runs
-and any other value is refused with one line.
+The position-embedding interpolation (``RunConfig.pos_interp``: each family's ``original``
+resampling, or ``timm``'s) changes the model itself, so each of its values is a pass of its own
+(``ProtocolGrid.pos_interps``, run by ``lostreg.run.run_grid``'s ``pos_interps``).
 """
 
 from __future__ import annotations
@@ -21,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lostreg.backbones import Backbone
+from lostreg.backbones.pos_embed import POS_INTERP_CHOICES
 from lostreg.config import NORMALIZATIONS, RunConfig
 from lostreg.datasets.base import DatasetIndex
 from lostreg.errors import LostregError
 from lostreg.rundir import RunResult
 
-POS_INTERPS = ("original", "timm")
+POS_INTERPS = POS_INTERP_CHOICES  # ("original", "timm")
 DEFAULT_POS_INTERP = "original"
 # the grid of the test-time-registers protocol: 0, -0.1, ..., -1.0 in cosine units
 L2_BIASES = tuple(0.0 - i / 10 for i in range(11))
@@ -104,29 +104,12 @@ class ProtocolGrid:
         return len(self.points())
 
 
-def supports_pos_interp() -> bool:
-    """Whether runs can set the position-embedding interpolation (``RunConfig.pos_interp``)."""
-    return "pos_interp" in {f.name for f in dataclasses.fields(RunConfig)}
-
-
-def config_for_pos_interp(base: RunConfig, pos_interp: str) -> RunConfig:
-    """``base`` with ``pos_interp`` set; refused (one line) where runs cannot set it yet."""
-    if supports_pos_interp():
-        return dataclasses.replace(base, pos_interp=pos_interp)  # type: ignore[call-arg]
-    if pos_interp == DEFAULT_POS_INTERP:
-        return base
-    raise LostregError(f"--pos-interp {pos_interp}: this version of lostreg cannot run another "
-                       "position-embedding interpolation than each family's original yet "
-                       "(RunConfig has no pos_interp); use --pos-interp original")
-
-
-def pass_configs(base: RunConfig, grid: ProtocolGrid, pos_interp: str) -> list[RunConfig]:
-    """The run configs of one pass (one interpolation): every feature, layer, normalisation
-    and bias of the grid, built exactly as ``lostreg.run`` builds a sweep."""
+def pass_configs(base: RunConfig, grid: ProtocolGrid) -> list[RunConfig]:
+    """The run configs of the grid for one interpolation (``base.pos_interp``): every
+    feature, layer, normalisation and bias, built exactly as ``lostreg.run`` builds a sweep."""
     from lostreg.run import expand_sweep
 
-    lost = dataclasses.replace(config_for_pos_interp(base, pos_interp), method="lost",
-                               method_params={}, k_patches=grid.k_patches)
+    lost = dataclasses.replace(base, method="lost", method_params={}, k_patches=grid.k_patches)
     configs: list[RunConfig] = []
     for normalize, biases in grid.biases:
         configs += expand_sweep(lost, methods=["lost"], features=list(grid.features),
@@ -141,18 +124,18 @@ def run_passes(base: RunConfig, grid: ProtocolGrid,
                backbone: Backbone | None = None, index: DatasetIndex | None = None
                ) -> list[RunResult]:
     """Run (or resume) every point of ``grid`` for ``base.model`` on ``base.dataset``: one pass
-    per interpolation, each one forward per batch. ``backbone`` and ``index`` (a built model,
-    an indexed dataset: benchmarks pass them) serve one interpolation only."""
+    per interpolation (``lostreg.run.run_grid``'s ``pos_interps``: it changes the model), each
+    one forward per batch for all the pass's points. ``backbone`` and ``index`` (a built
+    model, an indexed dataset: benchmarks pass them) serve one interpolation only."""
     from lostreg.run import run_grid
 
     if backbone is not None and len(grid.pos_interps) > 1:
         raise ValueError("a built backbone has one position-embedding interpolation")
-    passes = [pass_configs(base, grid, p) for p in grid.pos_interps]  # all checked up front
-    results: list[RunResult] = []
-    for configs in passes:
-        results += run_grid(configs[0], pairs=[(base.model, base.dataset)], sweep=configs,
-                            on_result=on_result, backbone=backbone, index=index)
-    return results
+    first = dataclasses.replace(base, pos_interp=grid.pos_interps[0])
+    configs = pass_configs(first, grid)
+    return run_grid(configs[0], pairs=[(base.model, base.dataset)], sweep=configs,
+                    pos_interps=list(grid.pos_interps), on_result=on_result,
+                    backbone=backbone, index=index)
 
 
 def parse_biases(text: str, flag: str) -> tuple[float, ...]:
