@@ -123,7 +123,9 @@ def repair_jsonl(path: str | os.PathLike) -> int:
 
 
 class JsonlAppender:
-    """Append records to a JSON-lines file; each ``write_many`` is durable when it returns.
+    """Append records to a JSON-lines file; each ``write_many`` is durable when it returns
+    (with ``sync=False`` it is written, so a killed process loses nothing, and durable against
+    a machine crash at the next ``sync`` or ``close``).
 
     Writes go straight to the file descriptor (no Python buffer): a write that fails (a full
     disk) is cut back to the last complete line and raised naming the file, and nothing is
@@ -140,7 +142,9 @@ class JsonlAppender:
         except OSError as exc:
             raise named(exc, self.path) from None
 
-    def write_many(self, records: Iterable[dict]) -> None:
+    _unsynced = False
+
+    def write_many(self, records: Iterable[dict], sync: bool = True) -> None:
         payload = b"".join(
             json.dumps(record, sort_keys=True).encode("utf-8") + b"\n" for record in records
         )
@@ -151,7 +155,9 @@ class JsonlAppender:
         start = os.fstat(self._fd).st_size
         try:
             _write_all(self._fd, payload)
-            os.fsync(self._fd)
+            self._unsynced = True
+            if sync:
+                self.sync()
         except OSError as exc:
             try:  # best effort: drop the partial line (a rerun's repair would do it too)
                 os.ftruncate(self._fd, start)
@@ -159,10 +165,22 @@ class JsonlAppender:
                 pass
             raise named(exc, self.path) from None
 
+    def sync(self) -> None:
+        """Make what was written durable (one ``fsync``, only when something is pending)."""
+        if self._fd is not None and self._unsynced:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise named(exc, self.path) from None
+            self._unsynced = False
+
     def close(self) -> None:
         if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+            try:
+                self.sync()
+            finally:
+                fd, self._fd = self._fd, None
+                os.close(fd)
 
     def __enter__(self) -> JsonlAppender:
         return self

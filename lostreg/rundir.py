@@ -10,6 +10,7 @@ computes only the images not yet written.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -170,8 +171,10 @@ def find_run_id(output: Path, identity: dict, smoke: bool) -> str:
 # --- what a run writes ---------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the lostreg checkout, with ``-dirty`` when it has local changes."""
+    """The commit of the lostreg checkout, with ``-dirty`` when it has local changes (asked
+    once per process: the code that runs is the code that was imported)."""
     repo = Path(lostreg.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
@@ -249,10 +252,15 @@ class RunFolder:
                 "precision": self.config.precision}
 
     def append(self, lines: list[dict], ctx: DistContext) -> None:
-        """Append ``lines`` durably (this rank's part file under torchrun)."""
+        """Append ``lines`` (this rank's part file under torchrun); ``sync`` makes them
+        durable. Written lines survive a killed process at once, so resume stays exact."""
         if self.out is None:
             self.out = JsonlAppender(distributed.predictions_target(self.run_dir, ctx))
-        self.out.write_many(lines)
+        self.out.write_many(lines, sync=False)
+
+    def sync(self) -> None:
+        if self.out is not None:
+            self.out.sync()
 
     def close(self) -> None:
         if self.out is not None:

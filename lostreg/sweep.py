@@ -150,7 +150,8 @@ class Pass:
         with contextlib.ExitStack() as stack:
             for run in self.runs:
                 stack.callback(run.close)
-            self.lines = stack.enter_context(LineWriter())  # drained before the runs close
+            self.lines = stack.enter_context(LineWriter(  # drained before the runs close
+                on_idle=lambda: [run.sync() for run in self.runs]))
             caches = self._caches(mine, stack)
             writer = stack.enter_context(BackgroundWriter()) if caches else None
             source = FeatureSource(
@@ -175,36 +176,46 @@ class Pass:
     def serve(self, batch: FeatureBatch) -> int:
         """Run the method of every run that reads ``batch``'s map and still needs some of its
         images; their lines are queued for the line writer (nothing here waits for the
-        device). Returns how many of the batch's images no run needs any more."""
+        device). Runs that share a method, a normalisation and images are served by one call
+        (``MethodSpec.run_all``: LOST computes one Gram matrix for a whole bias/k sweep).
+        Returns how many of the batch's images no run needs any more."""
         tick = time.perf_counter()
-        normalized: torch.Tensor | None = None
+        normalized: dict[str, torch.Tensor] = {"none": batch.feats}
+        groups: dict[tuple, list[int]] = {}
         for i, run in enumerate(self.runs):
-            if run.request != batch.request:
-                continue
-            chosen = [j for j, p in enumerate(batch.positions) if i in self.todo[p]]
-            if not chosen:
-                continue
-            feats = batch.feats
-            if run.config.normalize == "l2":
-                if normalized is None:  # once per batch, whatever the number of runs
-                    normalized = F.normalize(batch.feats, dim=-1)
-                feats = normalized
+            if run.request == batch.request:
+                chosen = tuple(j for j, p in enumerate(batch.positions) if i in self.todo[p])
+                if chosen:
+                    groups.setdefault((run.method.name, run.config.normalize, chosen), []).append(i)
+        for (_, normalize, chosen), members in groups.items():
+            if normalize not in normalized:  # once per batch, whatever the number of runs
+                normalized[normalize] = F.normalize(batch.feats, dim=-1)
+            feats = normalized[normalize]
             if len(chosen) != len(batch.positions):
-                feats = feats[chosen]
-            sizes = [batch.sizes[j] for j in chosen]
-            where = describe_images(self.records, batch.positions, batch.sizes)
-            with out_of_memory_as_error(lambda w=where, m=run.method.name: f"{w} in {m}"):
-                out = run.method.run(feats, batch.grid, self.info.patch_size,
-                                     to_device(sizes, feats.device), run.params)
-            positions = [batch.positions[j] for j in chosen]
+                feats = feats[list(chosen)]
+            self._serve_group(batch, feats, list(chosen), [self.runs[i] for i in members],
+                              members)
+        self.stats["method"] += time.perf_counter() - tick
+        timeline.mark("first batch through the methods")
+        return sum(1 for p in batch.positions if not self.todo[p])
+
+    def _serve_group(self, batch: FeatureBatch, feats: torch.Tensor, chosen: list[int],
+                     runs: list[RunFolder], members: list[int]) -> None:
+        """One method call for runs that differ only in the method's parameters."""
+        sizes = [batch.sizes[j] for j in chosen]
+        method = runs[0].method
+        where = describe_images(self.records, batch.positions, batch.sizes)
+        with out_of_memory_as_error(lambda: f"{where} in {method.name}"):
+            outputs = method.run_all(feats, batch.grid, self.info.patch_size,
+                                     to_device(sizes, feats.device), [r.params for r in runs])
+        positions = [batch.positions[j] for j in chosen]
+        ready = ready_event(feats.device)
+        for i, run, out in zip(members, runs, outputs, strict=True):
             for p in positions:
                 self.todo[p].discard(i)
             self.lines.submit(functools.partial(
                 self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
-                batch.grid[1]), ready_event(feats.device))
-        self.stats["method"] += time.perf_counter() - tick
-        timeline.mark("first batch through the methods")
-        return sum(1 for p in batch.positions if not self.todo[p])
+                batch.grid[1]), ready)
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
                boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
@@ -307,9 +318,16 @@ class LineWriter:
     synchronous loop would). At most ``max_pending`` jobs wait (bounded memory); a job that
     fails (a full disk) stops the writer, and its error is raised in the pass at the next
     ``submit`` or at ``close``.
+
+    ``on_idle`` (making the files durable: one fsync per file, not one per run and batch, which
+    a 144-run sweep would pay 144 times a batch) runs whenever the queue is empty, at least
+    every ``sync_seconds`` while it is not, and at ``close``. Written lines survive a killed
+    process without it; only a machine crash can take the last second.
     """
 
-    def __init__(self, max_pending: int = 16) -> None:
+    def __init__(self, max_pending: int = 64, on_idle: Callable[[], Any] | None = None,
+                 sync_seconds: float = 1.0) -> None:
+        self._on_idle, self._sync_seconds = on_idle, sync_seconds
         self._jobs: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None  # raised once in the pass
         self._failed = False  # stays set: nothing more is written
@@ -317,9 +335,11 @@ class LineWriter:
         self._thread.start()
 
     def _loop(self) -> None:
+        synced = time.monotonic()
         while True:
             item = self._jobs.get()
             if item is None:
+                self._idle()
                 return
             job, ready = item
             if self._failed:
@@ -330,6 +350,18 @@ class LineWriter:
                 job()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the pass
                 self._error, self._failed = exc, True
+                continue
+            if self._jobs.empty() or time.monotonic() - synced >= self._sync_seconds:
+                self._idle()
+                synced = time.monotonic()
+
+    def _idle(self) -> None:
+        if self._on_idle is None or self._failed:
+            return
+        try:
+            self._on_idle()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the pass
+            self._error, self._failed = exc, True
 
     def _raise(self) -> None:
         if self._error is not None:

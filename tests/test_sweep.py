@@ -60,3 +60,35 @@ def test_close_raises_an_error_not_yet_seen() -> None:
 def test_cpu_results_need_no_copy_and_no_event() -> None:
     box = torch.arange(8).view(2, 4)
     assert to_host(box) is box and ready_event(torch.device("cpu")) is None
+
+
+def test_files_are_synced_when_the_writer_is_idle_and_at_close_not_per_job() -> None:
+    gate = threading.Event()
+    synced: list[int] = []
+    done: list[int] = []
+    with LineWriter(on_idle=lambda: synced.append(len(done)), sync_seconds=3600) as writer:
+        writer.submit(lambda: gate.wait(5))
+        for i in range(20):
+            writer.submit(lambda i=i: done.append(i))
+        gate.set()
+    assert done == list(range(20))
+    assert 1 <= len(synced) <= 3 and synced[-1] == 20  # the last sync follows the last write
+
+
+def test_an_appender_syncs_once_for_many_unsynced_writes(tmp_path, monkeypatch) -> None:
+    import os
+
+    from lostreg.io import JsonlAppender
+
+    calls: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    out = JsonlAppender(tmp_path / "p.jsonl")
+    for i in range(10):
+        out.write_many([{"i": i}], sync=False)
+    assert calls == [] and (tmp_path / "p.jsonl").read_text().count("\n") == 10
+    out.sync()
+    out.sync()  # nothing pending: no second fsync
+    out.write_many([{"i": 10}])  # the default stays durable on return
+    out.close()
+    assert len(calls) == 2

@@ -19,7 +19,7 @@ run ids, config.json and the leaderboard all come from the entry.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -87,7 +87,9 @@ class MethodSpec:
     and the like); ``default_feature``: the kind it reads unless told (``None``: the backbone's
     default feature). ``check(params)`` validates a full parameter set (one line, or None).
     ``legacy_identity``: the run id carries the parameters without a ``method`` key (LOST's
-    runs predate the registry and keep their ids).
+    runs predate the registry and keep their ids). ``run_many(feats, grid, patch_size, sizes,
+    [params, ...])``, optional: several parameter sets on the same features at once, each
+    output equal to ``run``'s (LOST computes ``F F^T`` once for every bias and k of a sweep).
     """
 
     name: str
@@ -102,6 +104,15 @@ class MethodSpec:
     title: str = ""
     description: str = ""
     check: Callable[[dict[str, Any]], str | None] | None = None
+    run_many: Callable[[torch.Tensor, tuple[int, int], int, torch.Tensor,
+                        Sequence[dict[str, Any]]], list[MethodOutput]] | None = None
+
+    def run_all(self, feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
+                sizes: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[MethodOutput]:
+        """``run`` for each parameter set (through ``run_many`` when the method has it)."""
+        if self.run_many is not None and len(params) > 1:
+            return self.run_many(feats, grid, patch_size, sizes, params)
+        return [self.run(feats, grid, patch_size, sizes, p) for p in params]
 
     def defaults(self) -> dict[str, Any]:
         return {p.name: p.default for p in self.params}

@@ -240,24 +240,51 @@ def _row_block(num_patches: int, device: torch.device) -> int:
     return -(-num_patches // blocks)
 
 
+def _float32(value: float) -> float:
+    """``value`` as float32 rounds it (an exact Python float): what ``add_`` on a float32
+    tensor adds."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
 def _seed_expansion(feats: torch.Tensor, gram_bias: float, k_patches: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Degrees, seeds and ``M`` (the sum of the similar potentials' rows) for ``(b, N, d)``."""
+    return _seed_expansion_many(feats, [(gram_bias, k_patches)])[0]
+
+
+def _seed_expansion_many(feats: torch.Tensor, settings: Sequence[tuple[float, int]]
+                         ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``_seed_expansion`` for several ``(gram_bias, k_patches)`` settings of the same features
+    from one ``F F^T``: settings differ only in where ``A = F F^T + bias`` is cut at 0.
+
+    Exactly the single-setting result: with ``b`` the bias rounded to float32 (as ``add_``
+    rounds it), ``fl(a + b) > 0`` holds exactly when ``a > -b`` (rounding to nearest never
+    changes a sign, and a sum is 0 only when it is exactly 0), so degrees are counted on the
+    shared Gram against ``-b``; the potential rows are the shared rows plus ``b`` in float32,
+    the same values the biased matrix holds. Settings with the same bias share the degrees
+    and their sort.
+    """
     batch, num_patches, _ = feats.shape
     similarity = torch.bmm(feats, feats.transpose(1, 2))
-    if gram_bias != 0.0:
-        similarity.add_(gram_bias)
-    positive = similarity > 0
-    degrees = positive.sum(dim=-1, dtype=torch.int32)
-    degrees -= torch.diagonal(positive, dim1=-2, dim2=-1).to(torch.int32)
-    order = torch.sort(degrees, dim=1, stable=True).indices
-    seed = order[:, 0]
-    potentials = order[:, : min(k_patches, num_patches)]
-    index = torch.arange(batch, device=feats.device)
-    is_similar = torch.gather(similarity[index, seed], 1, potentials) > 0  # (b, k)
-    rows = torch.gather(similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches))
-    summed = torch.bmm(is_similar.unsqueeze(1).double(), rows.double()).squeeze(1)  # (b, N)
-    return degrees, seed, summed
+    diagonal = torch.diagonal(similarity, dim1=-2, dim2=-1)
+    orders: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = []
+    for gram_bias, k_patches in settings:
+        bias = _float32(gram_bias)
+        if bias not in orders:
+            degrees = (similarity > -bias).sum(dim=-1, dtype=torch.int32)
+            degrees -= (diagonal > -bias).to(torch.int32)
+            orders[bias] = degrees, torch.sort(degrees, dim=1, stable=True).indices
+        degrees, order = orders[bias]
+        seed = order[:, 0]
+        potentials = order[:, : min(k_patches, num_patches)]
+        rows = torch.gather(similarity, 1, potentials.unsqueeze(-1).expand(-1, -1, num_patches))
+        if gram_bias != 0.0:
+            rows = rows + bias
+        is_similar = torch.gather(rows[:, 0], 1, potentials) > 0  # rows[:, 0]: the seed's row
+        summed = torch.bmm(is_similar.unsqueeze(1).double(), rows.double()).squeeze(1)  # (b, N)
+        out.append((degrees, seed, summed))
+    return out
 
 
 def _blocked_degrees(feats: torch.Tensor, gram_bias: float, block_rows: int) -> torch.Tensor:
@@ -307,19 +334,27 @@ def _seed_expansion_blocked(feats: torch.Tensor, gram_bias: float, k_patches: in
 
 def _seed_expansions(feats: torch.Tensor, gram_bias: float, k_patches: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Degrees ``(B, N)`` long, seeds ``(B,)`` and ``M`` ``(B, N)`` float64 of a batch, under the
-    byte budget: chunks of images whose similarities fit, else row blocks image by image."""
+    """Degrees ``(B, N)`` long, seeds ``(B,)`` and ``M`` ``(B, N)`` float64 of a batch for one
+    setting (see ``_seed_expansions_many``)."""
+    return _seed_expansions_many(feats, [(gram_bias, k_patches)])[0]
+
+
+def _seed_expansions_many(feats: torch.Tensor, settings: Sequence[tuple[float, int]]
+                          ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per ``(gram_bias, k_patches)`` setting: degrees ``(B, N)`` long, seeds ``(B,)`` and ``M``
+    ``(B, N)`` float64 of a batch, under the byte budget: chunks of images whose similarities
+    fit (one Gram per chunk for every setting), else row blocks image by image."""
     batch, num_patches, _ = feats.shape
     block_rows = _row_block(num_patches, feats.device)
     if block_rows < num_patches:
-        parts = [_seed_expansion_blocked(feats[i:i + 1], gram_bias, k_patches, block_rows)
-                 for i in range(batch)]
+        parts = [[_seed_expansion_blocked(feats[i:i + 1], bias, k, block_rows)
+                  for bias, k in settings] for i in range(batch)]
     else:
         chunk = _chunk_size(batch, num_patches, feats.device)
-        parts = [_seed_expansion(feats[i:i + chunk], gram_bias, k_patches)
+        parts = [_seed_expansion_many(feats[i:i + chunk], settings)
                  for i in range(0, batch, chunk)]
-    degrees = torch.cat([p[0] for p in parts]).long()
-    return degrees, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    return [(torch.cat([p[s][0] for p in parts]).long(), torch.cat([p[s][1] for p in parts]),
+             torch.cat([p[s][2] for p in parts])) for s in range(len(settings))]
 
 
 def _seed_component_scipy(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
@@ -407,21 +442,39 @@ def lost_with_mask(
         feats = feats.unsqueeze(0)
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
+    (out, component), = lost_many(feats, grid, patch_size, image_size,
+                                  [(gram_bias, k_patches)])
+    if unbatched:
+        return (LostOutput([int(v) for v in out.box[0].tolist()], int(out.seed[0]),
+                           out.degrees[0]), component[0])
+    return out, component
+
+
+def lost_many(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    image_size: ImageSize | Sequence[ImageSize] | torch.Tensor,
+    settings: Sequence[tuple[float, int]],
+) -> list[tuple[LostOutput, torch.Tensor]]:
+    """``lost_with_mask`` of a batch ``(B, N, d)`` for several ``(gram_bias, k_patches)``
+    settings at once: one ``F F^T`` per chunk of images serves every setting (see
+    ``_seed_expansion_many``), and one labelling call covers every setting's masks. Each
+    result equals the single-setting call's."""
+    if feats.dtype not in (torch.float32, torch.float64):
+        feats = feats.float()
     batch, num_patches, _ = feats.shape
     rows, cols = grid
     if rows * cols != num_patches:
         raise ValueError(f"grid {grid} has {rows * cols} patches but feats have {num_patches}")
-    device = feats.device
-    sizes = _image_sizes(image_size, batch, device)
-
-    degrees, seed, summed = _seed_expansions(feats, gram_bias, k_patches)
-    mask = (summed > 0).view(batch, rows, cols)
-
-    boxes, component = seed_components(mask, seed, patch_size, sizes)
-    if unbatched:
-        return (LostOutput([int(v) for v in boxes[0].tolist()], int(seed[0]), degrees[0]),
-                component[0])
-    return LostOutput(boxes, seed, degrees), component
+    sizes = _image_sizes(image_size, batch, feats.device)
+    expansions = _seed_expansions_many(feats, settings)
+    masks = torch.cat([(summed > 0).view(batch, rows, cols) for _, _, summed in expansions])
+    seeds = torch.cat([seed for _, seed, _ in expansions])
+    boxes, components = seed_components(masks, seeds, patch_size, sizes.repeat(len(settings), 1))
+    return [(LostOutput(boxes[i * batch:(i + 1) * batch], seed, degrees),
+             components[i * batch:(i + 1) * batch])
+            for i, (degrees, seed, _) in enumerate(expansions)]
 
 
 def lost_reference(
@@ -494,6 +547,14 @@ def _run(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: tor
     return MethodOutput(out.box, out.seed, mask)
 
 
+def _run_many(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: torch.Tensor,
+              params: Sequence[dict]) -> list[MethodOutput]:
+    """Several parameter sets on the same features: one Gram matrix for all of them."""
+    outputs = lost_many(feats, grid, patch_size, sizes,
+                        [(p["gram_bias"], p["k_patches"]) for p in params])
+    return [MethodOutput(out.box, out.seed, mask) for out, mask in outputs]
+
+
 def _reference(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, size: ImageSize,
                params: dict) -> MethodOutput:
     out, mask = lost_reference_with_mask(feats, grid, patch_size, size, params["k_patches"],
@@ -518,6 +579,7 @@ register_method(MethodSpec(
               "(write --gram-bias=-0.1,0 when the list starts with a minus)", on_config=True),
     ),
     legacy_identity=True,
+    run_many=_run_many,
     title="LOST",
     description="Siméoni et al., BMVC 2021: the lowest-degree patch seeds a box",
     check=_check,
