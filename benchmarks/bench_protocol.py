@@ -9,9 +9,11 @@ study (reading the 144 run folders back, bootstrap intervals, selection, figures
 Rounds alternate, so load on a shared machine hits both alike; medians are reported.
 
 Where the time goes is measured by wrapping, in every round, the feature extraction
-(``lostreg.pipeline.extract``), the LOST method's ``run``, formatting and appending the
-prediction lines (``Pass._write`` on the line writer's thread, overlapping the main thread,
-with ``RunFolder.append``: one fsync per run and batch), opening and finishing the run folders
+(``lostreg.pipeline.extract``), the LOST method's ``run`` and ``run_many`` (one Gram
+matrix for all the biases and k of a feature map), formatting and appending the prediction
+lines (``Pass._write`` on the line writer's thread, overlapping the main thread,
+with ``RunFolder.append``; files are synced when the writer is idle), opening and finishing
+the run folders
 (``lostreg.sweep.open_runs`` / ``finish_run``, and ``git_commit`` inside the first), the
 per-run L2 normalisation and image decoding; on a GPU each wrapper
 synchronises the device so the seconds are the work's own. The single run's boxes are checked
@@ -114,7 +116,8 @@ def instrumented(device: torch.device) -> Iterator[dict[str, float]]:
         patch(study_module, "protocol_frame", timer("study_cis", study_module.protocol_frame))
         patch(study_module, "study_figures", timer("study_draw", study_module.study_figures))
         patch(study_module, "save_figure", timer("study_save_figures", study_module.save_figure))
-        METHODS["lost"] = dataclasses.replace(lost, run=timer("lost", lost.run))
+        METHODS["lost"] = dataclasses.replace(lost, run=timer("lost", lost.run),
+                                              run_many=timer("lost", lost.run_many))
         try:
             yield seconds
         finally:
