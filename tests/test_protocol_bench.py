@@ -35,7 +35,9 @@ def test_bench_protocol_core_runs_and_checks_its_boxes(tmp_path, one_thread) -> 
     assert result["n_runs"] == 144 and result["same_boxes_as_single"] is True
     single, protocol = result["single_parts"], result["protocol_parts"]
     batches = int(single["calls_extract"])
-    assert single["calls_lost"] == batches and protocol["calls_lost"] == 144 * batches
+    # LOST serves a whole bias sweep from one Gram matrix: one call per batch for each
+    # (feature, layer, normalize) group: 3 features x 4 layers x 2 normalisations = 24.
+    assert single["calls_lost"] == batches and protocol["calls_lost"] == 24 * batches
     assert protocol["calls_extract"] == batches  # one forward per batch for the whole grid
     assert protocol["calls_append"] == 144 * batches and protocol["calls_finish_runs"] == 144
     assert result["ratio_protocol_vs_single"] > 0
