@@ -112,7 +112,7 @@ def test_register_pair_statistics(tmp_path: Path) -> None:
     markdown = (out / "comparison.md").read_text()
     cells = table_line(markdown, "dinov2_vits14 → dinov2_vits14_reg4", "| ours |")
     assert cells[3] == "trained registers" and cells[5] == "46.0 → 64.0 (+18.0)"
-    assert cells[4].startswith("k, last layer, no normalisation, k=100, bias=0, pos original")
+    assert cells[4].startswith("k, last layer, no added normalisation, k=100, bias=0, pos original")
 
 
 def test_published_figures_are_rows_of_their_own(tmp_path: Path) -> None:

@@ -117,7 +117,9 @@ def comparison_markdown(board: Leaderboard) -> str:
         "A cell joins two measurements made under its row's protocol; a baseline with trained "
         "registers and with a test-time register is two rows from the same baseline. Our "
         f"single runs show a 95% bootstrap interval. {WARNING} marks a row whose two sides "
-        "differ in a way its protocol cell states.",
+        "differ in a way its protocol cell states. In our protocol cells, the normalisation "
+        "is lostreg's `--normalize`, applied before the method; a method's own step (TokenCut "
+        "L2-normalises its features) is part of the method.",
     ]
     methods = sorted(frame["method"].dropna().unique(), key=method_order)
     for name in methods:

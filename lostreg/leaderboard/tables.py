@@ -26,7 +26,7 @@ PAPER_DATASETS = ("voc07", "voc12", "coco20k")
 DATASET_LABELS = {"voc07": "VOC07", "voc12": "VOC12", "coco20k": "COCO20k"}
 FAMILY_LABELS = {"dino": "DINO", "dinov2": "DINOv2", "deit3": "DeiT-III", "openclip": "OpenCLIP"}
 TTR_SUFFIX = "+ttr"
-NORMALIZE_LABELS = {"none": "no normalisation", "l2": "L2-normalised"}
+NORMALIZE_LABELS = {"none": "no added normalisation", "l2": "L2-normalised"}
 
 LEADERBOARD_COLUMNS = [
     "run_id", "model", "timm_name", "family", "registers", "test_time_registers", "params",
