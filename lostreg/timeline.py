@@ -45,7 +45,10 @@ def mark(name: str) -> None:
         return
     _MARKS[name] = round(since_start(), 3)
     if os.environ.get("LOSTREG_TIMELINE"):
-        print(f"timeline: {_MARKS[name]:8.3f} s  {name}", file=sys.stderr, flush=True)
+        # one write per line: marks come from two threads (the warm start imports timm in
+        # the background), and print() writes the text and its newline separately
+        sys.stderr.write(f"timeline: {_MARKS[name]:8.3f} s  {name}\n")
+        sys.stderr.flush()
 
 
 def marks() -> dict[str, float]:

@@ -119,3 +119,26 @@ def test_bad_lists_fail_before_any_work(tmp_path, counted, capsys, extra, needle
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and needle in err[0]
     assert counted["models"] == [] and not (tmp_path / "runs").exists()
+
+
+def test_methods_suite_runs_every_method_and_both_dinoseg_variants(tmp_path, counted,
+                                                                   monkeypatch) -> None:
+    monkeypatch.setattr(run_module, "METHODS_SUITE_MODELS", (MODELS[0],))
+    monkeypatch.setattr(run_module, "METHODS_SUITE_DATASETS", ("demo",))
+    from lostreg import leaderboard
+    monkeypatch.setattr(leaderboard, "build_leaderboard", lambda **kw: None)
+    assert main(cli(tmp_path, "--suite", "methods", "--dinoseg-head", "0")) == 0  # 2 heads
+    assert counted["models"] == [MODELS[0]]  # one pass serves every method
+    found = set()
+    for run_dir in (tmp_path / "runs").iterdir():
+        config = json.loads((run_dir / "config.json").read_text())
+        found.add((config["method"], config["method_params"].get("dinoseg_variant")))
+    assert found == {("lost", None), ("tokencut", None), ("dinoseg", "reference"),
+                     ("dinoseg", "corrected")}
+    # a flag narrows the suite's own choice
+    assert main(cli(tmp_path, "--suite", "methods", "--dinoseg-head", "0",
+                    "--dinoseg-variant", "corrected",
+                    "--output", str(tmp_path / "narrow"))) == 0
+    variants = {json.loads((d / "config.json").read_text())["method_params"].get("dinoseg_variant")
+                for d in (tmp_path / "narrow").iterdir()}
+    assert variants == {None, "corrected"}

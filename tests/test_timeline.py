@@ -44,3 +44,25 @@ def test_a_run_records_its_startup_steps(tmp_path) -> None:
              "first batch through the methods", "first run finished"]
     assert all(step in startup for step in steps)
     assert [startup[s] for s in steps] == sorted(startup[s] for s in steps)
+
+
+def test_each_printed_mark_is_one_whole_write(monkeypatch) -> None:
+    """Marks come from two threads (the warm start imports timm in the background); a line
+    written in pieces interleaves with the other thread's and the benchmark loses the mark."""
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setenv("LOSTREG_TIMELINE", "1")
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    monkeypatch.setattr(timeline, "_MARKS", {})
+    timeline.mark("a step only this test reaches")
+    assert len(writes) == 1
+    assert writes[0].startswith("timeline:") and writes[0].endswith(
+        "a step only this test reaches\n")
