@@ -66,3 +66,15 @@ def test_each_printed_mark_is_one_whole_write(monkeypatch) -> None:
     assert len(writes) == 1
     assert writes[0].startswith("timeline:") and writes[0].endswith(
         "a step only this test reaches\n")
+
+
+def test_importing_the_run_leaves_the_heavy_packages_for_later() -> None:
+    """timm (seconds) is imported by the warm-start thread while the dataset is indexed, and
+    scipy, pandas and matplotlib only by the stages that use them; none on the import path."""
+    code = ("import sys, lostreg.run; "
+            "print(','.join(m for m in ('timm', 'scipy', 'pandas', 'matplotlib') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ""

@@ -55,10 +55,16 @@ class Family:
 
     name = ""
     description = ""
-    model_class: type | None = None
+
+    def model_class(self) -> type | None:
+        """The timm class this family reads. Imported when first asked, not when lostreg is
+        imported: timm takes seconds to import, and the run imports it in a background thread
+        while it reads the dataset (``pipeline.warm_start``)."""
+        return None
 
     def matches(self, model: nn.Module) -> bool:
-        return self.model_class is not None and isinstance(model, self.model_class)
+        model_class = self.model_class()
+        return model_class is not None and isinstance(model, model_class)
 
     def unsupported(self, model: nn.Module) -> str | None:
         """Why this model cannot be read (one clause), or None."""
@@ -112,10 +118,10 @@ class ViTFamily(Family):
     name = "vit"
     description = "timm VisionTransformer (ViT, DeiT/DeiT-III, CLIP, SigLIP, DINO, DINOv2)"
 
-    def __init__(self) -> None:
+    def model_class(self) -> type:
         from timm.models.vision_transformer import VisionTransformer
 
-        self.model_class = VisionTransformer
+        return VisionTransformer
 
     def unsupported(self, model: nn.Module) -> str | None:
         for index, block in enumerate(model.blocks):
@@ -156,10 +162,10 @@ class EvaFamily(Family):
     name = "eva"
     description = "timm Eva (EVA-02, DINOv3, timm's RoPE ViTs)"
 
-    def __init__(self) -> None:
+    def model_class(self) -> type:
         from timm.models.eva import Eva
 
-        self.model_class = Eva
+        return Eva
 
     def unsupported(self, model: nn.Module) -> str | None:
         from timm.layers import AttentionRope
