@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from lostreg.datasets.base import ImageRecord
-from lostreg.errors import LostregError
+from lostreg.errors import LostregError, error_line
 from lostreg.predictions import (
     PART_PATTERN,  # noqa: F401 - re-exported
     PREDICTIONS,
@@ -200,6 +200,27 @@ def shutdown() -> None:
             pass
         dist.destroy_process_group()
     _CONTEXT = None
+
+
+def command_status(body: Callable[[], None],
+                   hint: Callable[[BaseException], str] = lambda exc: "") -> int:
+    """Run a command that may be one of torchrun's ranks; its exit status: 0, 2 for bad input
+    (one line on stderr, ``error_line`` plus ``hint``; printed by the main rank, or by the rank
+    whose own error it is, so N ranks do not print one failure N times) or 130 when
+    interrupted. The process group is shut down either way."""
+    try:
+        body()
+    except (LostregError, OSError) as exc:
+        if current().is_main or not isinstance(exc, CollectiveError):
+            print(error_line(exc) + hint(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was written is kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        shutdown()
+    return 0
 
 
 def rank_gpu(local_rank: int) -> int:

@@ -54,8 +54,7 @@ from lostreg.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-export
 )
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex
-from lostreg.distributed import CollectiveError
-from lostreg.errors import LostregError, error_line
+from lostreg.errors import LostregError
 from lostreg.features import FEATURE_KINDS
 from lostreg.methods import DEFAULT_METHOD, METHODS, Param, get_method
 from lostreg.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks import them here
@@ -560,27 +559,17 @@ def _which_flag(exc: BaseException, args: argparse.Namespace) -> str:
 def _main(argv: Sequence[str] | None = None) -> int:
     timeline.mark("imports done")
     args = build_parser().parse_args(argv)
-    try:
-        base = config_from_args(args)
 
-        def report(result: RunResult) -> None:
-            if distributed.current().is_main:
-                print(result.summary, flush=True)
+    def report(result: RunResult) -> None:
+        if distributed.current().is_main:
+            print(result.summary, flush=True)
 
-        run_grid(base, **_grid_of(args), on_result=report)
+    def body() -> None:
+        run_grid(config_from_args(args), **_grid_of(args), on_result=report)
         if args.suite is not None and distributed.current().is_main:
             print(_rebuild_leaderboard(Path(args.output)))
-    except (LostregError, OSError) as exc:
-        if distributed.current().is_main or not isinstance(exc, CollectiveError):
-            print(error_line(exc) + _which_flag(exc, args), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: what was written is kept; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    finally:
-        distributed.shutdown()
-    return 0
+
+    return distributed.command_status(body, hint=lambda exc: _which_flag(exc, args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import torch
 from fake_methods import expected, fake_method_registered
 from figure_checks import drawn_texts, offset_texts, text_problems
 from PIL import Image
+from voc_trees import write_voc2007 as write_tree
 
 from lostreg import run as lostreg_run
 from lostreg.analysis import plots
@@ -49,22 +50,7 @@ def registered():
 
 
 def write_voc2007(root: Path) -> None:
-    folder = root / "VOC2007"
-    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for image_id, width, height, (x1, y1, x2, y2) in IMAGES:
-        pixels = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)
-        pixels[y1 - 1:y2, x1 - 1:x2] = (230, 40, 40)
-        Image.fromarray(pixels).save(folder / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        (folder / "Annotations" / f"{image_id}.xml").write_text(
-            f"<annotation><filename>{image_id}.jpg</filename><size><width>{width}</width>"
-            f"<height>{height}</height><depth>3</depth></size><object><name>thing</name>"
-            f"<truncated>0</truncated><difficult>0</difficult><bndbox><xmin>{x1}</xmin>"
-            f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
-            "</annotation>")
-    (folder / "ImageSets" / "Main" / "trainval.txt").write_text(
-        "".join(f"{image_id}\n" for image_id, *_ in IMAGES))
+    write_tree(root, IMAGES)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,8 +11,7 @@ from lostreg.backbones import get_backbone_spec, list_backbones
 from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.config import DEFAULT_MAX_PIXELS, PRECISIONS, RunConfig
 from lostreg.datasets import DATASETS, default_data_root
-from lostreg.distributed import CollectiveError
-from lostreg.errors import LostregError, error_line
+from lostreg.errors import LostregError
 from lostreg.protocol.grid import (
     DEFAULT_FEATURES,
     DEFAULT_LAYERS,
@@ -191,21 +189,13 @@ def run_study(args: argparse.Namespace) -> str:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         line = run_study(args)
         if line:
             print(line, flush=True)
-    except (LostregError, OSError) as exc:
-        if distributed.current().is_main or not isinstance(exc, CollectiveError):
-            print(error_line(exc), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: what was written is kept; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    finally:
-        distributed.shutdown()
-    return 0
+
+    return distributed.command_status(body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
