@@ -706,48 +706,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        unknown = [p for p in paths if p not in PATHS]
-        if unknown:
-            raise LostregError(f"--paths: unknown {', '.join(unknown)}; known: {', '.join(PATHS)}")
-        if "reference" not in paths:
-            paths.append("reference")
-        if args.rounds < 1:
-            raise LostregError("--rounds must be at least 1")
-        if args.large_images < 0:
-            raise LostregError(f"--large-images {args.large_images}: must be 0 or more")
-        if args.block_bytes is not None and args.block_bytes < 1:
-            raise LostregError(f"--block-bytes {args.block_bytes}: must be at least 1")
-        if device.type != "cpu" and {"bf16_filter", "gram_bf16"} & set(paths):
-            # its error bound assumes float32 accumulation, which cuBLAS does not promise
-            # for bf16 (reduced-precision reductions are allowed by default)
-            raise LostregError("--paths bf16_filter/gram_bf16: CPU only (a tried CPU idea)")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise LostregError(f"--threads {args.threads}: must be at least 1")
-            torch.set_num_threads(args.threads)
-        sizes = sample_sizes(args.images, args.seed, args.size_scale)
-        batches = make_batches(sizes, args.patch_size, args.dim, args.batch_size, device,
-                               args.seed, args.features)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    result = measure(batches, args.patch_size, args.k_patches, args.gram_bias, device, paths,
-                     args.rounds)
-    counts = agreement(result["predictions"])
-    n = result["n_images"]
-    speed = {name: n / median(secs) for name, secs in result["seconds"].items()}
-    ratios = {name: median([r / s for r, s in zip(result["seconds"]["reference"], secs,
-                                                  strict=True)])
-              for name, secs in result["seconds"].items()}
-    literal_ratios = ({name: median([r / s for r, s in zip(result["seconds"]["literal"], secs,
-                                                           strict=True)])
-                       for name, secs in result["seconds"].items()}
-                      if "literal" in result["seconds"] else {})
+def checked_paths(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The paths to time (the reference always among them); bad options as one line."""
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise LostregError(f"--paths: unknown {', '.join(unknown)}; known: {', '.join(PATHS)}")
+    if "reference" not in paths:
+        paths.append("reference")
+    if args.rounds < 1:
+        raise LostregError("--rounds must be at least 1")
+    if args.large_images < 0:
+        raise LostregError(f"--large-images {args.large_images}: must be 0 or more")
+    if args.block_bytes is not None and args.block_bytes < 1:
+        raise LostregError(f"--block-bytes {args.block_bytes}: must be at least 1")
+    if device.type != "cpu" and {"bf16_filter", "gram_bf16"} & set(paths):
+        # its error bound assumes float32 accumulation, which cuBLAS does not promise
+        # for bf16 (reduced-precision reductions are allowed by default)
+        raise LostregError("--paths bf16_filter/gram_bf16: CPU only (a tried CPU idea)")
+    if args.threads is not None and args.threads < 1:
+        raise LostregError(f"--threads {args.threads}: must be at least 1")
+    return paths
+
+
+def _ratios_to(base: str, seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Median over rounds of ``base``'s seconds / each path's (empty without ``base``)."""
+    if base not in seconds:
+        return {}
+    return {name: median([r / s for r, s in zip(seconds[base], secs, strict=True)])
+            for name, secs in seconds.items()}
+
+
+def headline_rows(args: argparse.Namespace, batches: list, paths: list[str],
+                  result: dict[str, Any], counts: dict[str, dict[str, int]],
+                  ratios: dict[str, float]) -> list[tuple[str, object]]:
+    """The first result block: the input, agreement, images/s and speedups of each path."""
+    n, seconds = result["n_images"], result["seconds"]
+    literal_ratios = _ratios_to("literal", seconds)
     grids = sorted({b.grid for b in batches}, key=lambda g: -sum(
         len(b.positions) for b in batches if b.grid == g))
     rows: list[tuple[str, object]] = [
@@ -758,20 +753,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("k_patches / gram_bias", f"{args.k_patches} / {args.gram_bias}"),
         ("rounds (interleaved) / torch threads", f"{args.rounds} / {torch.get_num_threads()}"),
     ]
-    for name in counts:
-        c = counts[name]
+    for name, c in counts.items():
         rows.append((f"{name}: same box+seed as reference",
                      f"{c['same_both']}/{c['images']} (box {c['same_box']}, "
                      f"seed {c['same_seed']})"))
     for name in paths:
-        per_round = ", ".join(f"{n / t:.0f}" for t in result["seconds"][name])
-        rows.append((f"{name}: images/s", f"{speed[name]:.1f} (rounds: {per_round})"))
-    for name in paths:
-        if name != "reference" and name not in FLOORS:
-            rows.append((f"SPEEDUP {name} vs reference", f"{ratios[name]:.2f}x"))
-    for name in paths:
-        if literal_ratios and name not in ("reference", "literal", *FLOORS):
-            rows.append((f"SPEEDUP {name} vs literal", f"{literal_ratios[name]:.2f}x"))
+        per_round = ", ".join(f"{n / t:.0f}" for t in seconds[name])
+        rows.append((f"{name}: images/s", f"{n / median(seconds[name]):.1f} "
+                     f"(rounds: {per_round})"))
+    rows += [(f"SPEEDUP {name} vs reference", f"{ratios[name]:.2f}x") for name in paths
+             if name != "reference" and name not in FLOORS]
+    rows += [(f"SPEEDUP {name} vs literal", f"{literal_ratios[name]:.2f}x") for name in paths
+             if literal_ratios and name not in ("reference", "literal", *FLOORS)]
     if "gram_only" in paths:
         rows.append(("CEILING reference vs gram_only",
                      f"{ratios['gram_only']:.2f}x (no exact LOST can beat F F^T alone)"))
@@ -788,21 +781,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows.append(("goal (batched vs reference)",
                  f">= {goal:.0f}x: {'MET' if ratios['batched'] >= goal else 'NOT MET'}"
                  if "batched" in ratios else "n/a (batched not run)"))
-    facts = machine_facts(device)
-    print(result_block("bench_lost: LOST stage, batched vs per-image loop",
-                       rows + facts_rows(facts)))
-    payload = {"benchmark": "bench_lost", "args": vars(args) | {"json": str(args.json)},
-               "images_per_second": speed, "speedup_vs_reference": ratios,
-               "speedup_vs_literal": literal_ratios, "agreement": counts,
-               "seconds": result["seconds"], "machine": facts}
-    stage_rows, stages_same = measure_components(batches, args.k_patches, args.gram_bias,
-                                                 device, args.rounds)
+    return rows
+
+
+def stage_rows_of(args: argparse.Namespace, batches: list,
+                  device: torch.device) -> tuple[list[tuple[str, object]], bool]:
+    """The second block: the component paths and, with ``--large-images``, row blocks."""
+    rows, same = measure_components(batches, args.k_patches, args.gram_bias, device,
+                                    args.rounds)
     if args.large_images:
         block_rows, blocks_same = measure_blocking(
             args.large_grid, args.large_images, args.patch_size, args.dim, args.k_patches,
             args.gram_bias, device, args.rounds, args.seed, args.block_bytes)
-        stage_rows += block_rows
-        stages_same = stages_same and blocks_same
+        rows += block_rows
+        same = same and blocks_same
+    return rows, same
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        paths = checked_paths(args, device)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        sizes = sample_sizes(args.images, args.seed, args.size_scale)
+        batches = make_batches(sizes, args.patch_size, args.dim, args.batch_size, device,
+                               args.seed, args.features)
+    except LostregError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = measure(batches, args.patch_size, args.k_patches, args.gram_bias, device, paths,
+                     args.rounds)
+    counts = agreement(result["predictions"])
+    ratios = _ratios_to("reference", result["seconds"])
+    facts = machine_facts(device)
+    print(result_block("bench_lost: LOST stage, batched vs per-image loop",
+                       headline_rows(args, batches, paths, result, counts, ratios)
+                       + facts_rows(facts)))
+    payload = {"benchmark": "bench_lost", "args": vars(args) | {"json": str(args.json)},
+               "images_per_second": {name: result["n_images"] / median(secs)
+                                     for name, secs in result["seconds"].items()},
+               "speedup_vs_reference": ratios,
+               "speedup_vs_literal": _ratios_to("literal", result["seconds"]),
+               "agreement": counts, "seconds": result["seconds"], "machine": facts}
+    stage_rows, stages_same = stage_rows_of(args, batches, device)
     print(result_block("stages: connected components (same masks), row-blocked similarities",
                        stage_rows))
     payload["stages"] = dict(stage_rows)
