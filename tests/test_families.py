@@ -348,3 +348,21 @@ def test_norm_diagnostics_on_dinov3(tiny_models, tmp_path) -> None:
     readout = panel_readout(backbone, x, "k")
     assert readout.names == ["CLS", "register 1", "register 2", "register 3", "register 4"]
     torch.testing.assert_close(readout.attention, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["vit_dinov2_reg4", "dinov3", "eva02_separate"])
+def test_blocks_before_the_read_one_use_fused_attention(tiny_models, key, monkeypatch) -> None:
+    """Reading q/k/v must not push the model off PyTorch's fused scaled-dot-product attention
+    (the fast path on a GPU): every block before the one read runs it, and the read block
+    stops at its projection, so it computes no attention at all."""
+    calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    backbone = tiny_models[key]
+    extract(backbone, images_for(MODELS[key][1]), [FeatureRequest("k")])
+    assert len(calls) == len(backbone.model.blocks) - 1
