@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lostreg.pipeline as pipeline_module  # noqa: E402
+import lostreg.protocol.files as files_module  # noqa: E402
 import lostreg.protocol.study as study_module  # noqa: E402
 import lostreg.rundir as rundir_module  # noqa: E402
 import lostreg.sweep as sweep_module  # noqa: E402
@@ -114,8 +115,8 @@ def instrumented(device: torch.device) -> Iterator[dict[str, float]]:
         patch(rundir_module, "git_commit", timer("git_commit", rundir_module.git_commit))
         patch(study_module, "load_grid_runs", timer("study_read", study_module.load_grid_runs))
         patch(study_module, "protocol_frame", timer("study_cis", study_module.protocol_frame))
-        patch(study_module, "study_figures", timer("study_draw", study_module.study_figures))
-        patch(study_module, "save_figure", timer("study_save_figures", study_module.save_figure))
+        patch(files_module, "study_figures", timer("study_draw", files_module.study_figures))
+        patch(files_module, "save_figure", timer("study_save_figures", files_module.save_figure))
         METHODS["lost"] = dataclasses.replace(lost, run=timer("lost", lost.run),
                                               run_many=timer("lost", lost.run_many))
         try:
@@ -173,7 +174,7 @@ def protocol_round(backbone: Backbone, index: DatasetIndex, config: RunConfig,
         passed = time.perf_counter()
         study = study_module.build_study([r.run_dir for r in results], grid,
                                          runs_dir=config.output, default_feature="k")
-        study_module.write_study(study, study_dir)
+        files_module.write_study(study, study_dir)
         done = time.perf_counter()
     return {"pass": passed - start, "study": done - passed, "total": done - start,
             "parts": dict(parts), "n_runs": len(results),

@@ -12,6 +12,7 @@ from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.config import DEFAULT_MAX_PIXELS, PRECISIONS, RunConfig
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
+from lostreg.protocol.files import write_study
 from lostreg.protocol.grid import (
     DEFAULT_FEATURES,
     DEFAULT_LAYERS,
@@ -22,7 +23,7 @@ from lostreg.protocol.grid import (
     run_passes,
 )
 from lostreg.protocol.selection import DEFAULT_SPLIT_SEED, DEFAULT_SPLITS
-from lostreg.protocol.study import StudyKey, build_study, selection_sources, write_study
+from lostreg.protocol.study import StudyKey, build_study, selection_sources
 from lostreg.rundir import RunResult
 
 DEFAULT_OUTPUT = Path("results/protocol")

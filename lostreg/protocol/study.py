@@ -2,14 +2,12 @@
 
 ``build_study`` reads the finished runs of a grid into ``protocol.csv``'s rows, computes the
 best-of-grid score with its split-half and cross-dataset selection estimates, and finds the
-published figures for this backbone and dataset. ``write_study`` writes every file of the
-study's folder atomically (``protocol.csv``, ``protocol.md``, ``selection.json`` and the
-figures); figures of an earlier, different grid that this one no longer draws are removed.
+published figures for this backbone and dataset; ``draw_figures`` draws its figures.
+``lostreg.protocol.files`` writes them, with the study's other files.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lostreg.analysis.plots import save_figure
 from lostreg.datasets import DATASETS
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_text, read_json_object
+from lostreg.io import read_json_object
 from lostreg.leaderboard.fields import Fields
 from lostreg.leaderboard.published import VARIANT_LABELS, load_published, method_key, variant_of
 from lostreg.leaderboard.runs import RunInfo
@@ -43,7 +40,6 @@ from lostreg.protocol.table import (
     GridRuns,
     load_grid_runs,
     points_of,
-    protocol_csv,
     protocol_frame,
     read_protocol_csv,
 )
@@ -292,46 +288,3 @@ def study_figures(study: Study) -> dict[str, Any]:
     held = study.split.summary()["held_out"]
     return draw_figures(study.frame, study.published, study.reference,
                         HeldOut(held.mean, held.sd, study.split.n_splits))
-
-
-def selection_json(study: Study) -> dict[str, Any]:
-    """The selection figures, machine-readable."""
-    points = study.runs.points
-    summary = {name: vars(spread) for name, spread in study.split.summary().items()}
-    return {
-        "smoke": study.smoke, "n_images": int(study.frame["n_images"].iloc[0]),
-        "n_points": len(points),
-        "best_of_grid": {"point": points[study.best.index].label(), "corloc": study.best.corloc,
-                         "selection": "in-sample: chosen on the images it is scored on"},
-        "split_half": {"n_splits": study.split.n_splits, "seed": study.split.seed,
-                       "n_select": study.split.n_select, "n_score": study.split.n_score,
-                       **summary,
-                       "times_chosen": {points[i].label(): n
-                                        for i, n in study.split.times_chosen().items()}},
-        "cross_dataset": [{"selected_on": cross.dataset, "source": str(cross.source),
-                           "n_common_points": len(cross.points),
-                           "point": cross.points[cross.choice.index].label(),
-                           "corloc_there": cross.choice.selected_on,
-                           "held_out": cross.choice.held_out,
-                           "in_sample_best": cross.choice.best.corloc,
-                           "optimism": cross.choice.optimism} for cross in study.cross],
-    }
-
-
-def write_study(study: Study, folder: Path) -> list[Path]:
-    """Write the study's files into ``folder`` atomically; returns them."""
-    from lostreg.protocol.markdown import protocol_markdown
-
-    folder = Path(folder)
-    written = [folder / "protocol.csv", folder / "protocol.md", folder / "selection.json"]
-    atomic_write_text(written[0], protocol_csv(study.frame))
-    atomic_write_text(written[1], protocol_markdown(study))
-    atomic_write_text(written[2], json.dumps(selection_json(study), indent=2) + "\n")
-    for name, fig in study_figures(study).items():
-        save_figure(fig, folder / name)
-        written.append(folder / name)
-    keep = {path.name for path in written}
-    for stale in folder.glob("*.png"):
-        if stale.name not in keep and stale.name.startswith(("heatmap_", "bias_curves")):
-            stale.unlink()
-    return written
