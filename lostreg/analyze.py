@@ -43,6 +43,9 @@ def _add_norms(sub: argparse._SubParsersAction) -> None:
                         help="dataset root (default: $LOSTREG_DATA or datasets/)")
     parser.add_argument("--weights", default="hub",
                         help="hub, a checkpoint PATH, or random (smoke run, never a result)")
+    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
+                        help="the register neurons of a +ttr model (default: the list shipped "
+                             "for it; register-neurons finds them), as for lostreg.run")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="block indices whose outputs to measure (negative counts from the "
@@ -196,7 +199,7 @@ def _norms(args: argparse.Namespace) -> int:
         weights=args.weights, device=args.device, limit=args.limit, layers=args.layers,
         threshold=args.threshold, output=args.output, batch_size=args.batch_size,
         num_workers=args.num_workers, no_hard=args.no_hard, download=not args.no_download,
-        progress=not args.no_progress,
+        progress=not args.no_progress, ttr_neurons=args.ttr_neurons,
     )
     print(analyze_norms(config).summary)
     return 0

@@ -487,8 +487,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         model=first(args.model, "dinov2_reg4"), dataset=first(args.dataset, "voc07"),
         data_root=args.data_root if args.data_root is not None else default_data_root(),
         weights=args.weights, features=args.features.split(",")[0] if args.features else None,
-        k_patches=int(first(args.param_k_patches, "100")),
-        gram_bias=float(first(args.param_gram_bias, "0")), no_hard=args.no_hard,
+        # through _split, as the grid reads them: a bad first value is one line, not a traceback
+        k_patches=(_split(args.param_k_patches, "--k-patches", int) or [100])[0],
+        gram_bias=(_split(args.param_gram_bias, "--gram-bias", float) or [0.0])[0],
+        no_hard=args.no_hard,
         device=args.device, batch_size=args.batch_size, limit=args.limit, output=args.output,
         precision=args.precision, download=not args.no_download,
         num_workers=args.num_workers, progress=not args.no_progress,

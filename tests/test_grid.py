@@ -110,6 +110,8 @@ def test_paper_suite_is_the_paper_list(monkeypatch) -> None:
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--suite", "paper", "--model", "tiny_grid"], "drop --model"),
     (["--model", "tiny_grid", "--k-patches", "5,x"], "--k-patches '5,x'"),
+    (["--model", "tiny_grid", "--k-patches", "1.5"], "--k-patches '1.5'"),  # the first value
+    (["--model", "tiny_grid", "--gram-bias=abc,0"], "--gram-bias 'abc,0'"),
     (["--model", "tiny_grid", "--features", "k,w"], "'w' is not a valid value"),
     (["--model", "tiny_grid,nope_model", "--dataset", "demo"], "unknown model 'nope_model'"),
     (["--model", "tiny_grid", "--dataset", "demo,voc13"], "unknown dataset 'voc13'"),

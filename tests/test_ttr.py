@@ -338,6 +338,14 @@ def test_register_neurons_command_writes_a_list_that_ttr_reads(tmp_path, capsys)
     assert backbone.spec.ttr.num_neurons == 5 and backbone.spec.ttr.source == str(out.resolve())
     assert main([*argv[:2], "dinov2_vits14+ttr", *argv[3:]]) == 2
     assert "without +ttr" in capsys.readouterr().err
+    # the error of a +ttr model without a shipped list says to pass --ttr-neurons: norms takes it
+    norms = ["norms", "--model", "dinov2_vits14+ttr", "--weights", "random", "--dataset", "demo",
+             "--data-root", str(tmp_path / "data"), "--limit", "2", "--num-workers", "0",
+             "--no-progress", "--device", "cpu", "--output", str(tmp_path / "norms")]
+    assert main(norms) == 2 and "--ttr-neurons" in capsys.readouterr().err
+    assert main([*norms, "--ttr-neurons", str(out)]) == 0
+    assert json.loads((tmp_path / "norms" / "norms.json").read_text())["model"] == \
+        "dinov2_vits14+ttr"
 
 
 def test_analyses_rebuild_a_ttr_run_from_its_config(tmp_path, neuron_path) -> None:

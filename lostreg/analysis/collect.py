@@ -72,6 +72,7 @@ class NormsConfig:
     no_hard: bool = False
     download: bool = True
     progress: bool = True
+    ttr_neurons: Path | None = None  # the register neurons of a ``+ttr`` model
 
 
 @dataclass
@@ -305,7 +306,8 @@ def analyze_norms(config: NormsConfig, backbone: Backbone | None = None,
     device = resolve_device(config.device)
     use_device(device)
     set_numerics("fp32")
-    spec = backbone.spec if backbone is not None else get_backbone_spec(config.model)
+    spec = (backbone.spec if backbone is not None
+            else get_backbone_spec(config.model, ttr_neurons=config.ttr_neurons))
     if index is None:
         index = load_dataset(config.dataset, config.data_root, no_hard=config.no_hard,
                              download=config.download)
