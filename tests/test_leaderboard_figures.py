@@ -110,3 +110,19 @@ def test_the_checker_ignores_tick_labels_that_are_not_drawn() -> None:
         axis.plot([0, 1], [0, 100])
         axis.set_xlim(0.4, 0.6)  # most ticks fall outside the view and are never drawn
     assert_text_layout_ok(figure)
+
+
+def test_register_figure_of_one_short_group_is_as_wide_as_its_legend(tmp_path: Path) -> None:
+    """One backbone with all four register variants: a narrow panel, a four-entry legend."""
+    runs = tmp_path / "runs"
+    base, other = pair_hits(3, 1, 4, 2)
+    names = {"timm_name": "vit_small_patch14_dinov2.lvd142m", "smoke": True}
+    write_run(runs, "smoke-a", base, model="dinov2_vits14", **names)
+    write_run(runs, "smoke-b", other, model="dinov2_vits14+ttr", ttr=1, **names)
+    reg = {"timm_name": "vit_small_patch14_reg4_dinov2.lvd142m", "smoke": True, "registers": 4}
+    write_run(runs, "smoke-c", other, model="dinov2_vits14_reg4", **reg)
+    write_run(runs, "smoke-d", base, model="dinov2_vits14_reg4+ttr", ttr=1, **reg)
+    board = lb.collect(runs, include_smoke=True, report=None)
+    figure = lb.register_bar_figure(board.comparison)
+    assert_text_layout_ok(figure)
+    assert figure_says(figure, "no registers") and figure_says(figure, "trained registers")

@@ -68,9 +68,8 @@ def _slot_inches(group: dict[str, Any]) -> float:
     return max(2.0, 0.55 * len(group["bars"]))
 
 
-def _draw_panel(axis: Any, groups: list[dict[str, Any]], title: str) -> set[str]:
-    """Bars of one dataset; returns the variants drawn (for one shared legend)."""
-    drawn = set()
+def _draw_panel(axis: Any, groups: list[dict[str, Any]], title: str) -> None:
+    """Bars of one dataset (the figure has one legend for all)."""
     for position, group in enumerate(groups):
         width = 0.8 / len(group["bars"])
         for index, (kind, value, low, high) in enumerate(group["bars"]):
@@ -78,14 +77,12 @@ def _draw_panel(axis: Any, groups: list[dict[str, Any]], title: str) -> set[str]
             axis.bar(x, value, width, yerr=[[value - low], [high - value]], capsize=3,
                      color=BAR_COLORS[kind], edgecolor="#08306b",
                      hatch="//" if kind == "none" else "", label=VARIANT_LABELS[kind])
-            drawn.add(kind)
     axis.set_xticks(np.arange(len(groups)),
                     [wrap(group["label"], _slot_inches(group) - 0.2) for group in groups],
                     fontsize=TICK_FONT)
     axis.set_title(title)
     axis.set_xlim(-0.6, len(groups) - 0.4)
     axis.set_ylim(0, 100)
-    return drawn
 
 
 def register_bar_figure(comparison: pd.DataFrame) -> Any:
@@ -110,14 +107,17 @@ def register_bar_figure(comparison: pd.DataFrame) -> Any:
     widths = [sum(_slot_inches(group) for group in groups) for groups in panels]
     lines = max(wrap(group["label"], _slot_inches(group) - 0.2).count("\n") + 1
                 for groups in panels for group in groups)
-    figure = Figure(figsize=(sum(widths) + 1.2, 3.6 + 0.14 * lines), layout="constrained")
+    present = {bar[0] for groups in panels for group in groups for bar in group["bars"]}
+    kinds = [kind for kind in VARIANTS if kind in present]
+    # one row of legend entries (patch, gap, label at 8 pt): the figure is at least that wide
+    legend_inches = sum(0.6 + 0.065 * len(VARIANT_LABELS[kind]) for kind in kinds) + 0.4
+    figure = Figure(figsize=(max(sum(widths) + 1.2, legend_inches), 3.6 + 0.14 * lines),
+                    layout="constrained")
     axes = figure.subplots(1, len(datasets), sharey=True, squeeze=False,
                            gridspec_kw={"width_ratios": widths})[0]
-    drawn: set[str] = set()
     for axis, name, groups in zip(axes, datasets, panels, strict=True):
-        drawn |= _draw_panel(axis, groups, DATASET_LABELS.get(name, name))
+        _draw_panel(axis, groups, DATASET_LABELS.get(name, name))
     axes[0].set_ylabel("CorLoc (%) with 95% bootstrap CI")
-    kinds = [kind for kind in VARIANTS if kind in drawn]
     figure.legend(handles=[Patch(facecolor=BAR_COLORS[k], edgecolor="#08306b",
                                  hatch="//" if k == "none" else "", label=VARIANT_LABELS[k])
                            for k in kinds], loc="outside lower center", ncols=len(kinds),
