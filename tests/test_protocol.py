@@ -23,7 +23,7 @@ from lostreg.leaderboard.published import PUBLISHED_COLUMNS
 from lostreg.protocol import ProtocolGrid, read_protocol_csv
 from lostreg.protocol.cli import main
 from lostreg.protocol.markdown import protocol_markdown
-from lostreg.protocol.study import build_study, study_figures, within_ci
+from lostreg.protocol.study import HeldOut, build_study, draw_figures, study_figures, within_ci
 
 SPEC = BackboneSpec("tiny_protocol", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
                     pos_embed="dinov2_reg", model_kwargs=dict(depth=4, embed_dim=48, num_heads=3))
@@ -315,3 +315,14 @@ def test_notebook_shows_the_protocol_section(default_grid, tmp_path, monkeypatch
     assert f"protocol studies in {default_grid[0] / 'protocol'}: 1" in text
     assert f"{SPEC.name} on demo: 144 settings" in text
     assert "| split-half, held out |" in text  # the best-of figure with its selection protocol
+
+
+def test_a_one_cell_grid_still_fits_its_titles(study) -> None:
+    """One feature x one block: the smallest heatmap must still hold the study's long title,
+    the best-of note and the SMOKE line (they were drawn over each other)."""
+    frame = study.frame
+    one = frame[(frame["feature"] == frame["feature"].iloc[0]) & (frame["layer"] == -1)]
+    drawn = draw_figures(one, held_out=HeldOut(29.0, 19.8, 50))
+    for name, fig in drawn.items():
+        assert_texts_fit(fig, name)
+        assert figure_says(fig, "SMOKE RUN"), name

@@ -69,7 +69,10 @@ def heatmap_figure(frame: pd.DataFrame, normalize: str, title: str, smoke: bool,
     cells = best_per_cell(rows)
     several = rows.groupby(["feature", "layer"])["gram_bias"].nunique().max() > 1
     values = np.full((len(layers), len(features)), np.nan)
-    fig, axes = new_figure(1, 1, (1.15 * len(features) + 1.9, 0.62 * len(layers) + 1.6))
+    # at least room for the study's wrapped title, the best-of note and the SMOKE line above
+    # and below a small grid (a 1 x 1 grid drew them over each other)
+    fig, axes = new_figure(1, 1, (max(1.15 * len(features) + 1.9, 5.0),
+                                  max(0.62 * len(layers) + 1.6, 3.6)))
     ax = axes[0, 0]
     for (feature, layer), cell in cells.iterrows():
         values[layers.index(layer), features.index(feature)] = cell["corloc"]
