@@ -23,7 +23,14 @@ from lostreg.leaderboard.published import PUBLISHED_COLUMNS
 from lostreg.protocol import ProtocolGrid, read_protocol_csv
 from lostreg.protocol.cli import main
 from lostreg.protocol.markdown import protocol_markdown
-from lostreg.protocol.study import HeldOut, build_study, draw_figures, study_figures, within_ci
+from lostreg.protocol.study import (
+    HeldOut,
+    StudyKey,
+    build_study,
+    draw_figures,
+    study_figures,
+    within_ci,
+)
 
 SPEC = BackboneSpec("tiny_protocol", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
                     pos_embed="dinov2_reg", model_kwargs=dict(depth=4, embed_dim=48, num_heads=3))
@@ -202,13 +209,18 @@ def voc(root: Path, dataset: str, *extra: str) -> list[str]:
                 dataset=dataset)
 
 
+def small_study(root: Path, dataset: str) -> Path:
+    """The folder of the SMALL grid's study: named apart from the default grid's."""
+    (folder,) = (root / "protocol").glob(f"{SPEC.name}-{dataset}-first{LIMIT}-grid*-smoke")
+    return folder
+
+
 def test_choosing_on_voc07_and_scoring_on_voc12(two_datasets, capsys) -> None:
     root = two_datasets
     assert main(voc(root, "voc07")) == 0
     assert main(voc(root, "voc12")) == 0  # auto: finds the VOC07 study of the same options
-    first = read_protocol_csv(root / "protocol" / f"{SPEC.name}-voc07-first{LIMIT}-smoke"
-                              / "protocol.csv")
-    folder = root / "protocol" / f"{SPEC.name}-voc12-first{LIMIT}-smoke"
+    first = read_protocol_csv(small_study(root, "voc07") / "protocol.csv")
+    folder = small_study(root, "voc12")
     second = read_protocol_csv(folder / "protocol.csv")
     assert len(first) == len(second) == 4
     (cross,) = json.loads((folder / "selection.json").read_text())["cross_dataset"]
@@ -224,7 +236,7 @@ def test_choosing_on_voc07_and_scoring_on_voc12(two_datasets, capsys) -> None:
     capsys.readouterr()
     assert main(voc(root, "voc07", "--select-on", "voc12")) == 0  # the other way round
     assert "| chosen on voc12, scored here |" in (
-        root / "protocol" / f"{SPEC.name}-voc07-first{LIMIT}-smoke" / "protocol.md").read_text()
+        small_study(root, "voc07") / "protocol.md").read_text()
 
 
 def test_a_missing_selection_dataset_fails_before_any_run(two_datasets, capsys) -> None:
@@ -281,7 +293,7 @@ def test_pos_interp_puts_both_resamplings_in_one_study(tmp_path, model_builds) -
     grid = ["--features", "k", "--layers=-1,-2", "--normalize", "none,l2", "--bias-l2=0,-0.5"]
     assert main(args(tmp_path, *grid, "--pos-interp", "original,timm")) == 0
     assert model_builds == [SPEC.name, SPEC.name]
-    folder = tmp_path / "protocol" / STUDY
+    (folder,) = (tmp_path / "protocol").glob(f"{SPEC.name}-demo-first{LIMIT}-grid*-smoke")
     frame = read_protocol_csv(folder / "protocol.csv")
     assert len(frame) == 12 and frame["pos_interp"].tolist() == ["original"] * 6 + ["timm"] * 6
     assert all(("postimm" in run_id) == (pos == "timm")
@@ -326,3 +338,16 @@ def test_a_one_cell_grid_still_fits_its_titles(study) -> None:
     for name, fig in drawn.items():
         assert_texts_fit(fig, name)
         assert figure_says(fig, "SMOKE RUN"), name
+
+
+def test_another_grid_gets_its_own_study_folder() -> None:
+    """A second study with another grid must not replace the first one's files."""
+    default, small = ProtocolGrid(), ProtocolGrid(features=("k",), layers=(-1, -2))
+    assert default.tag() == "" and small.tag().startswith("grid")
+    assert small.tag() == ProtocolGrid(features=("k",), layers=(-1, -2)).tag()
+    assert small.tag() != ProtocolGrid(features=("k",), layers=(-1,)).tag()
+    assert small.tag() != ProtocolGrid(features=("k",), layers=(-1, -2), k_patches=50).tag()
+    key = StudyKey("m", "voc07", limit=4, smoke=True)
+    assert key.folder(Path("out")).name == "m-voc07-first4-smoke"
+    tagged = dataclasses.replace(key, grid_tag=small.tag())
+    assert tagged.folder(Path("out"), "voc12").name == f"m-voc12-first4-{small.tag()}-smoke"

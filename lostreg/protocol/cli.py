@@ -161,7 +161,7 @@ def run_study(args: argparse.Namespace) -> str:
     base = base_config(args)
     spec = get_backbone_spec(args.model, ttr_neurons=args.ttr_neurons)
     key = StudyKey(spec.name, args.dataset, args.limit, args.no_hard, args.precision,
-                   smoke=args.weights == "random")
+                   smoke=args.weights == "random", grid_tag=grid.tag())
     sources = selection_sources(args.output, key, _select_on(args.select_on))
     if args.splits < 1:
         raise LostregError(f"--splits {args.splits}: must be at least 1")

@@ -16,6 +16,7 @@ resampling, or ``timm``'s) changes the model itself, so each of its values is a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -102,6 +103,14 @@ class ProtocolGrid:
 
     def size(self) -> int:
         return len(self.points())
+
+    def tag(self) -> str:
+        """``""`` for the default grid, else ``grid<hash>`` of its points and k: a study of
+        another grid gets a folder of its own instead of replacing the default study."""
+        if self == ProtocolGrid():
+            return ""
+        text = repr((self.k_patches, [point.label() for point in self.points()]))
+        return "grid" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def pass_configs(base: RunConfig, grid: ProtocolGrid) -> list[RunConfig]:

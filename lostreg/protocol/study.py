@@ -84,9 +84,10 @@ class Study:
 
 
 def folder_name(model: str, dataset: str, *, limit: int | None, no_hard: bool, precision: str,
-                smoke: bool) -> str:
+                smoke: bool, grid_tag: str = "") -> str:
     """``<model>-<dataset>``, then what makes the images or numbers differ from a full run:
-    ``-nohard``, ``-bf16``, ``-first500``, ``-smoke``."""
+    ``-nohard``, ``-bf16``, ``-first500``, a grid other than the default (``-grid<hash>``,
+    ``ProtocolGrid.tag``), ``-smoke``."""
     name = f"{re.sub(r'[^A-Za-z0-9_.+-]', '_', model)}-{dataset}"
     if no_hard:
         name += "-nohard"
@@ -94,6 +95,8 @@ def folder_name(model: str, dataset: str, *, limit: int | None, no_hard: bool, p
         name += f"-{precision}"
     if limit:
         name += f"-first{limit}"
+    if grid_tag:
+        name += f"-{grid_tag}"
     return name + ("-smoke" if smoke else "")
 
 
@@ -108,12 +111,13 @@ class StudyKey:
     no_hard: bool = False
     precision: str = "fp32"
     smoke: bool = False
+    grid_tag: str = ""  # ProtocolGrid.tag(): a non-default grid's study has its own folder
 
     def folder(self, output: Path, dataset: str | None = None) -> Path:
         """This study's folder under ``output`` (or the same study on ``dataset``)."""
         return Path(output) / folder_name(self.model, dataset or self.dataset, limit=self.limit,
                                           no_hard=self.no_hard, precision=self.precision,
-                                          smoke=self.smoke)
+                                          smoke=self.smoke, grid_tag=self.grid_tag)
 
 
 def published_lost(published: pd.DataFrame, model: str, registers: int,
