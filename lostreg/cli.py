@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS = {
-    "run": ("lostreg.run", "score LOST CorLoc for a backbone on a dataset"),
+    "run": ("lostreg.run", "score object discovery (LOST, TokenCut, DINO-seg) CorLoc for "
+            "backbones on datasets"),
     "datasets": ("lostreg.datasets.__main__", "download / inspect datasets"),
     "leaderboard": ("lostreg.leaderboard", "rebuild results/leaderboard.csv and comparison tables"),
     "analyze": ("lostreg.analyze", "token-norm diagnostics, failure attribution, visual report"),
@@ -17,6 +20,18 @@ COMMANDS = {
     "protocol": ("lostreg.protocol", "LOST over a grid of protocols: published figures, best-of "
                  "and its held-out estimate"),
 }
+
+
+class ListsParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reads a comma list starting with a minus (``--layer -1,-2``,
+    ``--gram-bias -0.1,0``) as a value. Python 3.11's argparse takes only a lone negative
+    number for a value and ``-1,-2`` for an unknown option; newer Pythons match any
+    ``-<digit>`` start, as this does. Safe while no option of these parsers looks like a
+    negative number."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -61,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: lostreg <command> [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:12s} {text}")
-        print("\nLOST runs on the last block's attention keys (or q/v) of the patch tokens only:"
-              "\nthe class token and every register token are removed. `lostreg run --help`.")
+        print("\nEvery method reads a block's attention features (LOST and TokenCut: keys, or q/v;"
+              "\nDINO-seg: the class token's attention) of the patch tokens only: the class token"
+              "\nand every register token are removed. `lostreg run --help`.")
         if not args or args[0] in ("-h", "--help"):
             return 0
         close = difflib.get_close_matches(args[0], list(COMMANDS), n=1)

@@ -43,7 +43,7 @@ from lostreg.backbones import (
     with_pos_interp,
 )
 from lostreg.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
-from lostreg.cli import HelpFormatter, add_compute_options
+from lostreg.cli import HelpFormatter, ListsParser, add_compute_options
 from lostreg.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
     NORMALIZATIONS,
     PRECISIONS,
@@ -330,7 +330,7 @@ def _limit_within(index: DatasetIndex, say: bool, configs: list[RunConfig]) -> l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ListsParser(
         prog="lostreg-run",
         description=(
             "Score object discovery (CorLoc) on a ViT's attention features. Features are q, k "

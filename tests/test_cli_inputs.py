@@ -212,3 +212,16 @@ def test_a_missing_dataset_fails_before_any_run_with_no_download(tmp_path, capsy
     err = capsys.readouterr().err
     assert "PASCAL VOC 2012 (voc12) not found" in err
     assert not (tmp_path / "runs").exists()  # nothing was run on voc07 first
+
+
+def test_comma_lists_may_start_with_a_minus() -> None:
+    """``--layer -1,-2`` and ``--gram-bias -0.1,0`` are values, not unknown options (Python
+    3.11's argparse needed ``--layer=-1,-2``)."""
+    from lostreg.protocol.cli import build_parser as protocol_parser
+    from lostreg.run import build_parser
+
+    args = build_parser().parse_args(["--layer", "-1,-2", "--gram-bias", "-0.1,0",
+                                      "--k-patches", "50"])
+    assert (args.layer, args.param_gram_bias) == ("-1,-2", "-0.1,0")
+    protocol = protocol_parser().parse_args(["--layers", "-1,-2", "--bias-l2", "-0.5,0"])
+    assert (protocol.layers, protocol.bias_l2) == ("-1,-2", "-0.5,0")

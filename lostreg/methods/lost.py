@@ -576,7 +576,7 @@ register_method(MethodSpec(
         Param("k_patches", int, 100, "LOST's k (seed expansion); a comma list sweeps it",
               on_config=True),
         Param("gram_bias", float, 0.0, "added to F F^T; a comma list sweeps it in one pass "
-              "(write --gram-bias=-0.1,0 when the list starts with a minus)", on_config=True),
+              "(e.g. -0.1,0)", on_config=True),
     ),
     legacy_identity=True,
     run_many=_run_many,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lostreg import distributed
 from lostreg.backbones import get_backbone_spec, list_backbones
-from lostreg.cli import HelpFormatter, add_compute_options
+from lostreg.cli import HelpFormatter, ListsParser, add_compute_options
 from lostreg.config import DEFAULT_MAX_PIXELS, PRECISIONS, RunConfig
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
@@ -34,7 +34,7 @@ def _biases_text(values: Sequence[float]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ListsParser(
         prog="python -m lostreg.protocol",
         description=(
             "Run LOST over a grid of protocols (features x blocks x normalisation and Gram "
@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", default=",".join(DEFAULT_FEATURES),
                         help="feature kinds of the grid, comma separated")
     parser.add_argument("--layers", default=",".join(str(v) for v in DEFAULT_LAYERS),
-                        help="blocks of the grid, comma separated (negative from the end; write "
-                             "--layers=-1,-2 when the list starts with a minus)")
+                        help="blocks of the grid, comma separated (negative from the end, "
+                             "e.g. -1,-2)")
     parser.add_argument("--normalize", default="none,l2", help="normalisations of the grid")
     parser.add_argument("--bias-none", default="0",
                         help="Gram biases without normalisation (the features' own units)")
