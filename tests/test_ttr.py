@@ -106,6 +106,21 @@ def test_list_for_another_model_is_refused(tmp_path) -> None:
         create_backbone(spec, "random", ttr_neurons=path)
 
 
+
+def test_list_found_on_another_model_is_applied_with_a_warning(tmp_path, capsys) -> None:
+    """A list whose file says it was found on another timm model (dinov2_vits14's neurons on
+    its _reg4 twin) fits the shapes, so it runs, but the user is told which model it is for."""
+    path = tmp_path / "found.json"
+    path.write_text(json.dumps({**neuron_json({1: [3]}),
+                                "timm_name": "vit_small_patch14_dinov2.lvd142m"}))
+    get_backbone_spec("dinov2_vits14_reg4+ttr", ttr_neurons=path)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "vit_small_patch14_dinov2.lvd142m" in err
+    assert "applied here to vit_small_patch14_reg4_dinov2.lvd142m" in err
+    get_backbone_spec("dinov2_vits14+ttr", ttr_neurons=path)  # its own model: nothing said
+    assert capsys.readouterr().err == ""
+
+
 # --- the hook ----------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,9 @@ def with_test_time_registers(spec: BackboneSpec, ttr_neurons: str | Path | None 
     base = spec.name.split("+")[0]
     if ttr_neurons is not None:
         ttr = load_neuron_file(ttr_neurons)
+        if ttr.found_on is not None and ttr.found_on != spec.timm_name:
+            print(f"warning: {ttr.source} lists the register neurons of {ttr.found_on}, "
+                  f"applied here to {spec.timm_name}", file=sys.stderr)
     else:
         ttr = shipped_neurons(spec.timm_name) if not spec.model_kwargs else None
         if ttr is None:

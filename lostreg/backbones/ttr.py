@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -57,6 +57,8 @@ class TestTimeRegisters:
     sha256: str
     write: str = "signed_max"
     count: int = 1
+    # the timm model the list was found on, as its file records it (not part of its identity)
+    found_on: str | None = field(default=None, compare=False)
 
     @property
     def num_neurons(self) -> int:
@@ -101,9 +103,11 @@ def parse_neuron_list(data: object, source: str) -> TestTimeRegisters:
         if len(set(values)) != len(values):
             raise _bad(source, f"layer {key}: a neuron is listed twice")
         neurons[int(key)] = list(values)
+    found_on = data.get("timm_name")
     return TestTimeRegisters(
         tuple((layer, tuple(neurons[layer])) for layer in sorted(neurons)), source,
-        canonical_sha256(neurons, write), write)
+        canonical_sha256(neurons, write), write,
+        found_on=found_on if isinstance(found_on, str) else None)
 
 
 def load_neuron_file(path: str | Path) -> TestTimeRegisters:
