@@ -126,8 +126,8 @@ DEFAULT_MAX_PIXELS = 4_000_000
 def too_large(height: int, width: int, max_pixels: int) -> str | None:
     if height * width <= max_pixels:
         return None
-    return (f"{width}x{height} = {height * width / 1e6:.1f} megapixels is above --max-pixels "
-            f"{max_pixels} (images are not resized: raise --max-pixels to run it anyway)")
+    return (f"{width}x{height} = {height * width:,} pixels is above --max-pixels {max_pixels} "
+            "(images are not resized: raise --max-pixels to run it anyway)")
 
 
 def check_image_sizes(records: Sequence[ImageRecord], max_pixels: int) -> None:

@@ -42,6 +42,7 @@ def test_an_image_above_max_pixels_is_refused_before_any_forward(tmp_path, capsy
     assert main(cli(tmp_path, "--max-pixels", str(limit))) == 2
     (line,) = errors(capsys)
     assert str(big.path) in line and f"above --max-pixels {limit}" in line
+    assert f"{big.width}x{big.height} = {big.width * big.height:,} pixels" in line  # not "0.0 MP"
     assert model_builds == []  # refused from the annotated sizes, before the model is built
     assert main(cli(tmp_path, "--limit", "2", "--max-pixels", str(limit + 1))) == 0
 
