@@ -240,3 +240,12 @@ def test_only_smoke_runs_says_what_was_skipped_and_how_to_see_it(
     assert lb.main(["--runs", str(runs), "--out", str(out), "--include-smoke"]) == 0
     line = capsys.readouterr().out
     assert line.startswith("2 runs (2 smoke)") and "--include-smoke shows" not in line
+
+
+def test_one_run_folder_as_runs_says_to_pass_its_parent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "one", [True, False])
+    assert lb.main(["--runs", str(runs / "one"), "--out", str(tmp_path / "out")]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("0 runs") and "is one run's folder" in line and f"({runs})" in line

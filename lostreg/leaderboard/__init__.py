@@ -194,5 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LostregError, OSError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
-    print(summary_line(board, args.out))
+    line = summary_line(board, args.out)
+    if len(board.table) == 0 and (Path(args.runs) / "config.json").is_file():
+        line += (f"; {args.runs} is one run's folder: --runs takes the folder that holds the "
+                 f"run folders ({Path(args.runs).parent})")
+    print(line)
     return 0
