@@ -427,9 +427,7 @@ def summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, 
     """The one line a run prints: CorLoc, what it was measured on, every setting that changes
     the result, what this command did and where the run folder is."""
     summary = (f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} "
-               f"{model} {run.request.label}")
-    if run.method.name != "lost":
-        summary += f" {run.method.name}"
+               f"{model} {run.request.label} {run.method.name}")
     defaults = run.method.defaults()
     short = {"k_patches": "k"}
     for name, value in run.params.items():

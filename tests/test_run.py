@@ -269,3 +269,4 @@ def test_summary_line_names_every_setting_that_changes_the_result(tmp_path, caps
                     "--k-patches", "7")) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert " k=7" in line and " no_hard" in line and " bf16" in line and " limit=3" in line
+    assert " k lost k=7" in line  # the feature, the method (LOST too), then its parameters
