@@ -229,3 +229,13 @@ def test_public_names_stay_importable() -> None:
                  "load_run", "load_published", "main", "build_parser", "LEADERBOARD_COLUMNS",
                  "COMPARISON_COLUMNS", "find_pairs", "base_timm_name"):
         assert getattr(lb, name) is not None, name
+
+
+def test_our_backbone_labels_name_the_size_as_published_rows_do() -> None:
+    from lostreg.leaderboard.tables import backbone_label
+
+    assert backbone_label("dinov2", "vit_large_patch14_reg4_dinov2.lvd142m") == "DINOv2 ViT-L/14"
+    assert backbone_label("deit3", "deit3_base_patch16_224.fb_in22k_ft_in1k") == \
+        "DeiT-III ViT-B/16"
+    assert backbone_label("dinov3", "vit_huge_plus_patch16_dinov3.lvd1689m") == "DINOv3 ViT-H+/16"
+    assert backbone_label("dino", "resnet50") == "DINO" and backbone_label("x", None) == "x"

@@ -97,7 +97,8 @@ def test_trained_and_test_time_registers_are_two_arrows_from_one_baseline(tmp_pa
     assert arrows.loc["test-time", "model_reg"] == "dinov2_vits14+ttr"
     assert arrows.loc["trained", "corloc"] == arrows.loc["test-time", "corloc"] == 55.0
     markdown = (out / "comparison.md").read_text()
-    lines = [line for line in markdown.splitlines() if line.startswith("| DINOv2 | ours |")]
+    lines = [line for line in markdown.splitlines()
+             if line.startswith("| DINOv2 ViT-S/14 | ours |")]  # sized, as published rows
     assert [line.split("|")[4].strip() for line in lines] == ["trained registers",
                                                               "test-time register"]
     assert all("55.0 → " in line for line in lines)

@@ -24,7 +24,8 @@ from lostreg.leaderboard.runs import RunData
 
 PAPER_DATASETS = ("voc07", "voc12", "coco20k")
 DATASET_LABELS = {"voc07": "VOC07", "voc12": "VOC12", "coco20k": "COCO20k"}
-FAMILY_LABELS = {"dino": "DINO", "dinov2": "DINOv2", "deit3": "DeiT-III", "openclip": "OpenCLIP"}
+FAMILY_LABELS = {"dino": "DINO", "dinov2": "DINOv2", "dinov3": "DINOv3", "deit3": "DeiT-III",
+                 "openclip": "OpenCLIP"}
 TTR_SUFFIX = "+ttr"
 NORMALIZE_LABELS = {"none": "no added normalisation", "l2": "L2-normalised"}
 
@@ -45,6 +46,22 @@ COMPARISON_COLUMNS = [
     "ci_low_reg", "ci_high_reg", "diff", "diff_ci_low", "diff_ci_high", "miss_to_hit",
     "hit_to_miss", "mcnemar_p", "run_id", "run_id_reg", "citation",
 ]
+
+
+SIZE_LABELS = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "giant": "g", "huge": "H",
+               "7b": "7B"}
+_SIZE = re.compile(r"(?:^|_)(tiny|small|base|large|giant|huge|7b)(_plus)?_patch(\d+)")
+
+
+def backbone_label(family: str, timm_name: str | None) -> str:
+    """``DINOv2 ViT-S/14`` from the family and timm's name (the published rows' style, so
+    ours sort beside them); the family alone where the name does not say the size."""
+    label = FAMILY_LABELS.get(family, family)
+    match = _SIZE.search(timm_name or "")
+    if match is None:
+        return label
+    size, plus, patch = match.groups()
+    return f"{label} ViT-{SIZE_LABELS[size]}{'+' if plus else ''}/{patch}"
 
 
 def dataset_rank(name: str) -> tuple[int, str]:
@@ -179,7 +196,7 @@ def _our_row(run: RunData) -> dict[str, Any]:
     info, mine = run.info, run.summary
     settings = run.settings()
     return {"source": "ours", "paper": None, "family": info.family,
-            "backbone": FAMILY_LABELS.get(info.family, info.family), "model": info.model,
+            "backbone": backbone_label(info.family, info.timm_name), "model": info.model,
             **settings, "protocol": settings_label(settings), "n_images": mine["n"],
             "corloc": mine["corloc"], "ci_low": mine["low"], "ci_high": mine["high"],
             "run_id": run.run_id}
