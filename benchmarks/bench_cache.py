@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     add_run_options,
     facts_rows,
     machine_facts,
@@ -38,6 +37,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     timed,
     warm_up,
     workers_label,
@@ -127,30 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerun-gram-bias", type=float, default=0.1)
     parser.add_argument("--no-check", action="store_true",
                         help="skip the untimed comparison with uncached runs")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where data, cache and runs go (default: a temp folder, removed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-cache-"))
-    try:
-        device = resolve_device(args.device)
-        sizes = sample_sizes(args.images, args.seed, args.size_scale)
-        index = write_voc_tree(workdir / "data", sizes, args.seed)
-        config = cache_config(index, args.model, args.weights, str(device), workdir,
-                              args.batch_size, args.precision, args.num_workers)
-        result = measure(index, config, args.rerun_k_patches, args.rerun_gram_bias,
-                         check=not args.no_check)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "cache") as workdir:
+        try:
+            device = resolve_device(args.device)
+            sizes = sample_sizes(args.images, args.seed, args.size_scale)
+            index = write_voc_tree(workdir / "data", sizes, args.seed)
+            config = cache_config(index, args.model, args.weights, str(device), workdir,
+                                  args.batch_size, args.precision, args.num_workers)
+            result = measure(index, config, args.rerun_k_patches, args.rerun_gram_bias,
+                             check=not args.no_check)
+        except LostregError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     n = result["n_images"]
     secs = result["seconds"]
     rows: list[tuple[str, object]] = [

@@ -19,9 +19,7 @@ tensors, and, once untimed, the run's boxes are checked against ``lost`` on thos
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     add_run_options,
     facts_rows,
     machine_facts,
@@ -40,6 +39,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     timed,
     workers_label,
     write_voc_tree,
@@ -177,32 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true",
                         help="skip the untimed check that the run's boxes equal lost on the "
                              "baseline's features")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to write the generated images and runs (default: a temp "
-                             "folder, removed afterwards)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-extraction-"))
-    try:
-        device = resolve_device(args.device)
-        if args.repeats < 1:
-            raise LostregError("--repeats must be at least 1")
-        sizes = sample_sizes(args.images, args.seed, args.size_scale)
-        index = write_voc_tree(workdir / "data", sizes, args.seed)
-        backbone = create_backbone(args.model, args.weights, device)
-        result = measure(index, backbone, device, workdir, args.batch_size, args.precision,
-                         args.num_workers, args.repeats, check=not args.no_check)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "extraction") as workdir:
+        try:
+            device = resolve_device(args.device)
+            if args.repeats < 1:
+                raise LostregError("--repeats must be at least 1")
+            sizes = sample_sizes(args.images, args.seed, args.size_scale)
+            index = write_voc_tree(workdir / "data", sizes, args.seed)
+            backbone = create_backbone(args.model, args.weights, device)
+            result = measure(index, backbone, device, workdir, args.batch_size, args.precision,
+                             args.num_workers, args.repeats, check=not args.no_check)
+        except LostregError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     speed = result["images_per_second"]
     heights = sorted(h for h, _ in sizes)
     rows: list[tuple[str, object]] = [

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,12 +30,14 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     facts_rows,
     machine_facts,
     median,
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     write_voc_tree,
 )
 from lostreg.cache import image_fingerprint  # noqa: E402
@@ -83,29 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--patch-size", type=int, default=14)
     parser.add_argument("--dim", type=int, default=384, help="feature dim for the checksum")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the data goes (default: a temp folder, removed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-fingerprint-"))
-    try:
-        sizes = sample_sizes(args.images, args.seed)
-        index = write_voc_tree(workdir / "data", sizes, args.seed)
-        paths = [record.path for record in index.records]
-        feature_bytes = [bytes(4 * args.dim * (-(-h // args.patch_size)) * (-(-w // args.patch_size)))
-                         for h, w in sizes]
-        result = measure(paths, feature_bytes, max(1, args.rounds))
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "fingerprint") as workdir:
+        try:
+            sizes = sample_sizes(args.images, args.seed)
+            index = write_voc_tree(workdir / "data", sizes, args.seed)
+            paths = [record.path for record in index.records]
+            feature_bytes = [bytes(4 * args.dim * (-(-h // args.patch_size)) * (-(-w // args.patch_size)))
+                             for h, w in sizes]
+            result = measure(paths, feature_bytes, max(1, args.rounds))
+        except LostregError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     secs = result["seconds_per_image"]
     rows: list[tuple[str, object]] = [
         ("images", f"{result['n_images']} generated, VOC-like sizes, JPEG q90, "

@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     add_run_options,
     facts_rows,
     machine_facts,
@@ -35,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     workers_label,
     write_voc_tree,
 )
@@ -123,10 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="scale of the VOC-like sizes (0.128: 500x375 -> 64x48)")
     parser.add_argument("--model", default="dinov2_vits14")
     add_run_options(parser, device="cpu")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where data and runs go (default: a temp folder, removed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-output", type=Path, default=None, help=argparse.SUPPRESS)
     return parser
@@ -139,19 +136,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.batch_size, args.num_workers)
         print(_RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-memory-"))
-    try:
-        device = resolve_device(args.device)
-        if not 0 < args.small < args.large:
-            raise LostregError(f"--small {args.small} --large {args.large}: need 0 < small < large")
-        results = measure(workdir, [args.small, args.large], args.model, str(device),
-                          args.batch_size, args.num_workers, args.size_scale, args.seed)
-    except (LostregError, subprocess.TimeoutExpired) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "memory") as workdir:
+        try:
+            device = resolve_device(args.device)
+            if not 0 < args.small < args.large:
+                raise LostregError(f"--small {args.small} --large {args.large}: need 0 < small < large")
+            results = measure(workdir, [args.small, args.large], args.model, str(device),
+                              args.batch_size, args.num_workers, args.size_scale, args.seed)
+        except (LostregError, subprocess.TimeoutExpired) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     small, large = results[args.small], results[args.large]
     ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
     worker_ratio = (large["workers_peak_rss_mib"] / small["workers_peak_rss_mib"]

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     facts_rows,
     machine_facts,
     median,
@@ -43,6 +42,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     synchronize,
     warm_up,
     write_voc_tree,
@@ -151,30 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", default="0,2",
                         help="comma list of decoding-worker counts to compare")
     parser.add_argument("--repeats", type=int, default=3, help="alternating timing rounds")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to write images and runs (default: a temp folder, removed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-pipeline-"))
-    try:
-        device = resolve_device(args.device)
-        workers = [workers_count(w) for w in args.workers.split(",")]
-        if args.repeats < 1 or any(w is None for w in workers):
-            raise LostregError("--repeats must be at least 1 and --workers whole numbers")
-        index = write_voc_tree(workdir / "data", sample_sizes(args.images, args.seed,
-                                                                args.size_scale), args.seed)
-        result = measure(index, device, workdir, args.batch_size, workers, args.repeats)
-    except (LostregError, argparse.ArgumentTypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "pipeline") as workdir:
+        try:
+            device = resolve_device(args.device)
+            workers = [workers_count(w) for w in args.workers.split(",")]
+            if args.repeats < 1 or any(w is None for w in workers):
+                raise LostregError("--repeats must be at least 1 and --workers whole numbers")
+            index = write_voc_tree(workdir / "data", sample_sizes(args.images, args.seed,
+                                                                    args.size_scale), args.seed)
+            result = measure(index, device, workdir, args.batch_size, workers, args.repeats)
+        except (LostregError, argparse.ArgumentTypeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     facts = machine_facts(device)
     rows = [("images", f"{result['n_images']} generated, VOC-like sizes x{args.size_scale}"),
             ("batch size / repeats", f"{args.batch_size} / {args.repeats}"),

@@ -16,9 +16,7 @@ fragile LOST's sign tests are to rounding on noise-like features; with real weig
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +24,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     add_run_options,
     facts_rows,
     machine_facts,
@@ -33,6 +32,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     timed,
     warm_up,
     write_voc_tree,
@@ -99,33 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precisions", default="fp32,bf16,fp16",
                         help="comma-separated; fp32 is always run first")
     add_run_options(parser)
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where data and runs go (default: a temp folder, removed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-precision-"))
-    try:
-        device = resolve_device(args.device)
-        precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
-        bad = [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
-        if bad:
-            raise LostregError(f"--precisions: unknown {', '.join(bad)}; expected fp32, bf16, fp16")
-        index = write_voc_tree(workdir / "data",
-                               sample_sizes(args.images, args.seed, args.size_scale), args.seed)
-        backbone = create_backbone(args.model, args.weights, device)
-        result = measure(index, backbone, workdir, str(device), precisions, args.batch_size,
-                         args.num_workers)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "precision") as workdir:
+        try:
+            device = resolve_device(args.device)
+            precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+            bad = [p for p in precisions if p not in ("fp32", "bf16", "fp16")]
+            if bad:
+                raise LostregError(f"--precisions: unknown {', '.join(bad)}; expected fp32, bf16, fp16")
+            index = write_voc_tree(workdir / "data",
+                                   sample_sizes(args.images, args.seed, args.size_scale), args.seed)
+            backbone = create_backbone(args.model, args.weights, device)
+            result = measure(index, backbone, workdir, str(device), precisions, args.batch_size,
+                             args.num_workers)
+        except LostregError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     rows: list[tuple[str, object]] = [
         ("model / weights", f"{args.model} / {args.weights}"
                             + (" (SMOKE: random weights)" if args.weights == "random" else "")),

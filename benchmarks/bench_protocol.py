@@ -33,9 +33,7 @@ import cProfile
 import dataclasses
 import io
 import pstats
-import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -53,6 +51,7 @@ import lostreg.protocol.study as study_module  # noqa: E402
 import lostreg.rundir as rundir_module  # noqa: E402
 import lostreg.sweep as sweep_module  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     add_run_options,
     facts_rows,
     machine_facts,
@@ -61,6 +60,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     synchronize,
     warm_up,
     workers_label,
@@ -259,12 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size-scale", type=float, default=0.6,
                         help="scale of the VOC-like image sizes (1 = 500 px long side)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true",
                         help="print a cProfile of the last protocol pass")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep the generated data and run folders here")
-    parser.add_argument("--json", type=Path, default=None)
+    add_output_options(parser)
     add_run_options(parser)
     return parser
 
@@ -305,22 +302,19 @@ def report(args: argparse.Namespace, result: dict[str, Any], backbone: Backbone,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-protocol-"))
-    try:
-        device = resolve_device(args.device)
-        if args.repeats < 1:
-            raise LostregError("--repeats must be at least 1")
-        index = write_voc_tree(workdir / "data", sample_sizes(args.images, args.seed,
-                                                              args.size_scale), args.seed)
-        backbone = create_backbone(args.model, args.weights, device)
-        result = measure(index, backbone, device, workdir, args.batch_size, args.num_workers,
-                         args.repeats, args.profile)
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "protocol") as workdir:
+        try:
+            device = resolve_device(args.device)
+            if args.repeats < 1:
+                raise LostregError("--repeats must be at least 1")
+            index = write_voc_tree(workdir / "data", sample_sizes(args.images, args.seed,
+                                                                  args.size_scale), args.seed)
+            backbone = create_backbone(args.model, args.weights, device)
+            result = measure(index, backbone, device, workdir, args.batch_size, args.num_workers,
+                             args.repeats, args.profile)
+        except LostregError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(report(args, result, backbone, device))
     if "profile" in result:
         print(result["profile"])

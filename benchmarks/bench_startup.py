@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
+    add_output_options,
     facts_rows,
     machine_facts,
     median,
@@ -34,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     result_block,
     sample_sizes,
     save_json,
+    scratch_folder,
     write_voc_tree,
 )
 from lostreg.errors import LostregError  # noqa: E402
@@ -95,29 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    add_output_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lostreg-bench-startup-"))
-    try:
-        device = resolve_device(args.device)
-        write_voc_tree(workdir / "voc" / "VOC2007", sample_sizes(args.images, args.seed,
-                                                                  args.size_scale), args.seed)
-        env = {**os.environ, "LOSTREG_TIMELINE": "1", "HF_HUB_OFFLINE": "1"}
-        runs = [run_tree(args, device, workdir, repeat, env)  # a new output each time
-                for repeat in range(args.repeats)]
-        imports = heavy_imports()
-    except LostregError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_folder(args.workdir, "startup") as workdir:
+        try:
+            device = resolve_device(args.device)
+            write_voc_tree(workdir / "voc" / "VOC2007", sample_sizes(args.images, args.seed,
+                                                                      args.size_scale), args.seed)
+            env = {**os.environ, "LOSTREG_TIMELINE": "1", "HF_HUB_OFFLINE": "1"}
+            runs = [run_tree(args, device, workdir, repeat, env)  # a new output each time
+                    for repeat in range(args.repeats)]
+            imports = heavy_imports()
+        except LostregError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     steps = list(dict.fromkeys(step for marks in runs for step in marks))
     rows: list[tuple[str, object]] = [
         ("model / device / precision", f"{args.model} / {device} / {args.precision}"),

@@ -11,9 +11,12 @@ import argparse
 import io
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +186,29 @@ def save_json(path: str | Path | None, payload: dict[str, Any]) -> None:
     """Write the result atomically when ``--json PATH`` was given."""
     if path is not None:
         atomic_write_json(path, payload)
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``--workdir --seed --json``: where the generated data goes, its seed, and the result as
+    JSON; the same in every script."""
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where generated data and runs go (default: a temp folder, "
+                             "removed afterwards)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+
+
+@contextmanager
+def scratch_folder(given: Path | None, name: str) -> Iterator[Path]:
+    """``--workdir`` when given (kept), else a temporary folder removed on the way out."""
+    if given is not None:
+        yield Path(given)
+        return
+    folder = Path(tempfile.mkdtemp(prefix=f"lostreg-bench-{name}-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def add_run_options(parser: argparse.ArgumentParser, device: str = "auto") -> None:
