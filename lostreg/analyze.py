@@ -20,7 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lostreg.backbones import list_backbones
-from lostreg.cli import HelpFormatter, add_compute_options
+from lostreg.cli import (
+    HelpFormatter,
+    add_compute_options,
+    add_model_data_options,
+    add_ttr_neurons_option,
+)
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError, error_line
 
@@ -36,16 +41,8 @@ def _add_norms(sub: argparse._SubParsersAction) -> None:
             "(no outliers) unless the distribution is clearly bimodal. Writes norms.json, "
             "tokens.npz (float16 per-token maps) and histogram PNGs."),
     )
-    parser.add_argument("--model", default="dinov2_reg4",
-                        help=f"backbone short name or timm:<name>; known: {', '.join(list_backbones())}")
-    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="dataset root (default: $LOSTREG_DATA or datasets/)")
-    parser.add_argument("--weights", default="hub",
-                        help="hub, a checkpoint PATH, or random (smoke run, never a result)")
-    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
-                        help="the register neurons of a +ttr model (default: the list shipped "
-                             "for it; register-neurons finds them), as for lostreg.run")
+    add_model_data_options(parser, list_backbones(), list(DATASETS))
+    add_ttr_neurons_option(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--layers", type=int, nargs="+", default=None,
                         help="block indices whose outputs to measure (negative counts from the "
@@ -148,14 +145,9 @@ def _add_register_neurons(sub: argparse._SubParsersAction) -> None:
             "Their DINOv2 ViT-L/14 settings: --outlier-layer -2 --threshold 150 "
             "--highest-layer 17 (45 neurons published)."),
     )
-    parser.add_argument("--model", required=True,
-                        help="backbone short name or timm:<name> (without +ttr)")
+    add_model_data_options(parser, list_backbones(), list(DATASETS),
+                           model_help="backbone short name or timm:<name> (without +ttr)")
     parser.add_argument("--output", type=Path, required=True, help="neuron list to write (.json)")
-    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="dataset root (default: $LOSTREG_DATA or datasets/)")
-    parser.add_argument("--weights", default="hub",
-                        help="hub, a checkpoint PATH, or random (smoke run, never a result)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--outlier-layer", type=int, default=-2,
                         help="block whose output norms mark the outliers (negative counts from "

@@ -8,6 +8,7 @@ import importlib
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 COMMANDS = {
@@ -56,6 +57,32 @@ def workers_count(text: str) -> int | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value}: must be 0 or more (0 decodes in the main process)")
     return value
+
+
+def add_model_data_options(parser: argparse.ArgumentParser, known_models: Sequence[str],
+                           datasets: Sequence[str], model_help: str | None = None) -> None:
+    """``--model --dataset --data-root --weights`` of the commands that take one backbone on
+    one dataset (protocol, analyze norms and register-neurons). ``model_help`` given: the
+    model is required and this is its help."""
+    if model_help is None:
+        parser.add_argument("--model", default="dinov2_reg4",
+                            help="backbone short name or timm:<name>; known: "
+                                 + ", ".join(known_models))
+    else:
+        parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(datasets)}")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset root (default: $LOSTREG_DATA or datasets/)")
+    parser.add_argument("--weights", default="hub",
+                        help="hub, a checkpoint PATH, or random (smoke run, never a result)")
+
+
+def add_ttr_neurons_option(parser: argparse.ArgumentParser) -> None:
+    """``--ttr-neurons FILE``: the register neurons of a ``+ttr`` model, the same in every
+    command that builds one."""
+    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
+                        help="the register neurons of a +ttr model (default: the list shipped "
+                             "for it; python -m lostreg.analyze register-neurons finds them)")
 
 
 def add_compute_options(parser: argparse.ArgumentParser,

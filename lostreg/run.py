@@ -43,7 +43,7 @@ from lostreg.backbones import (
     with_pos_interp,
 )
 from lostreg.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
-from lostreg.cli import HelpFormatter, ListsParser, add_compute_options
+from lostreg.cli import HelpFormatter, ListsParser, add_compute_options, add_ttr_neurons_option
 from lostreg.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
     NORMALIZATIONS,
     PRECISIONS,
@@ -365,9 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how position embeddings are resampled to each image's grid: "
                              "original (each family's own code, the default) or timm; a comma "
                              "list runs both (one pass each: it changes the model)")
-    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
-                        help="the register neurons of a +ttr model (default: the list shipped "
-                             "for it; python -m lostreg.analyze register-neurons finds them)")
+    add_ttr_neurons_option(parser)
     parser.add_argument("--no-hard", action="store_true",
                         help="drop VOC objects marked truncated or difficult (and emptied images)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from lostreg import distributed
 from lostreg.backbones import get_backbone_spec, list_backbones
-from lostreg.cli import HelpFormatter, ListsParser, add_compute_options
+from lostreg.cli import (
+    HelpFormatter,
+    ListsParser,
+    add_compute_options,
+    add_model_data_options,
+    add_ttr_neurons_option,
+)
 from lostreg.config import DEFAULT_MAX_PIXELS, PRECISIONS, RunConfig
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
@@ -43,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             "on the test images is worth (split-half and cross-dataset selection). Each "
             "setting is an ordinary run folder under --runs."),
         formatter_class=HelpFormatter)
-    parser.add_argument("--model", default="dinov2_reg4",
-                        help=f"backbone short name or timm:<name>; known: {', '.join(list_backbones())}")
-    parser.add_argument("--dataset", default="voc07", help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--data-root", type=Path, default=None,
-                        help="dataset root (default: $LOSTREG_DATA or datasets/)")
-    parser.add_argument("--weights", default="hub",
-                        help="hub, a checkpoint PATH, or random (smoke run, never a result)")
+    add_model_data_options(parser, list_backbones(), list(DATASETS))
     parser.add_argument("--features", default=",".join(DEFAULT_FEATURES),
                         help="feature kinds of the grid, comma separated")
     parser.add_argument("--layers", default=",".join(str(v) for v in DEFAULT_LAYERS),
@@ -65,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"position-embedding interpolation(s): {', '.join(POS_INTERPS)} "
                              "(original: each family's own code); a comma list puts both in the "
                              "grid, one pass each (it changes the model)")
-    parser.add_argument("--ttr-neurons", type=Path, default=None, metavar="FILE",
-                        help="the register neurons of a +ttr model (default: the list shipped "
-                             "for it), as lostreg.run")
+    add_ttr_neurons_option(parser)
     parser.add_argument("--splits", type=int, default=DEFAULT_SPLITS,
                         help="seeded random halves for split-half selection")
     parser.add_argument("--split-seed", type=int, default=DEFAULT_SPLIT_SEED,
