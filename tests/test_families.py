@@ -68,6 +68,22 @@ def images_for(patch: int, batch: int = 2, rows: int = 3, cols: int = 4, seed: i
                        generator=torch.Generator().manual_seed(seed))
 
 
+def last_attention(backbone, x: torch.Tensor) -> torch.Tensor:
+    """The last block's softmax attention ``(B, heads, T, T)`` from the model's own unfused
+    forward: the independent reference for what lostreg reads."""
+    attn = backbone.model.blocks[-1].attn
+    store, fused = {}, attn.fused_attn
+    attn.fused_attn = False
+    hook = attn.attn_drop.register_forward_hook(lambda m, a, out: store.setdefault("a", out))
+    try:
+        with torch.inference_mode():
+            backbone.model.forward_features(x)
+    finally:
+        hook.remove()
+        attn.fused_attn = fused
+    return store["a"]
+
+
 @pytest.mark.parametrize("key", list(MODELS))
 def test_every_family_extracts_patch_features(tiny_models, key) -> None:
     backbone = tiny_models[key]
@@ -119,19 +135,9 @@ def test_recomputed_attention_equals_the_models_own(tiny_models, key) -> None:
 def test_attn_kind_equals_the_models_softmax(tiny_models, key) -> None:
     """``attn`` = row 0 of the model's own (unfused) attention matrix, patch columns."""
     backbone = tiny_models[key]
-    attn = backbone.model.blocks[-1].attn
     x = images_for(MODELS[key][1], seed=2)
-    store, fused = {}, attn.fused_attn
-    attn.fused_attn = False
-    hook = attn.attn_drop.register_forward_hook(lambda m, a, out: store.setdefault("a", out))
-    try:
-        with torch.inference_mode():
-            backbone.model.forward_features(x)
-    finally:
-        hook.remove()
-        attn.fused_attn = fused
     npt = backbone.num_prefix_tokens
-    expected = store["a"][:, :, 0, npt:].transpose(1, 2)
+    expected = last_attention(backbone, x)[:, :, 0, npt:].transpose(1, 2)
     ours = extract(backbone, x, [FeatureRequest("attn")])[FeatureRequest("attn")]
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
 
@@ -333,17 +339,7 @@ def test_norm_diagnostics_on_dinov3(tiny_models, tmp_path) -> None:
                                        num_workers=0, progress=False), backbone)
     assert result.payload["num_prefix_tokens"] == 5 and result.payload["n_images"] == 3
     x = images_for(16, batch=1, seed=7)
-    attn = backbone.model.blocks[-1].attn
-    store, fused = {}, attn.fused_attn
-    attn.fused_attn = False
-    hook = attn.attn_drop.register_forward_hook(lambda m, a, out: store.setdefault("a", out))
-    try:
-        with torch.inference_mode():
-            backbone.model.forward_features(x)
-    finally:
-        hook.remove()
-        attn.fused_attn = fused
-    full = store["a"][:, :, :5, 5:]
+    full = last_attention(backbone, x)[:, :, :5, 5:]
     expected = (full / full.sum(-1, keepdim=True)).mean(1)
     readout = panel_readout(backbone, x, "k")
     assert readout.names == ["CLS", "register 1", "register 2", "register 3", "register 4"]

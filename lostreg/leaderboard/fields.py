@@ -9,6 +9,8 @@ type itself and raises :class:`LostregError` with the file, the key and the offe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lostreg.errors import LostregError
@@ -120,3 +122,19 @@ class Fields:
 def is_box(value: Any) -> bool:
     return (isinstance(value, list) and len(value) == 4 and all(is_number(v) for v in value)
             and value[0] <= value[2] and value[1] <= value[3])
+
+
+def read_text_csv(path: Path, columns: Sequence[str]) -> Any:
+    """A CSV read as text (``dtype=str``, empty cells kept as ``""``: every value is then
+    checked by its reader, never converted by pandas' guesses), with ``columns`` required;
+    one line naming the file otherwise. Returns a ``pandas.DataFrame``."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise LostregError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [column for column in columns if column not in frame.columns]
+    if missing:
+        raise LostregError(f"{path}: missing column(s) {', '.join(missing)}")
+    return frame

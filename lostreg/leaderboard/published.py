@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lostreg.errors import LostregError
-from lostreg.leaderboard.fields import shown
+from lostreg.leaderboard.fields import read_text_csv, shown
 
 DEFAULT_PUBLISHED = (Path(__file__).resolve().parents[2] / "results" / "reference"
                      / "published_corloc.csv")
@@ -76,14 +76,7 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
         if explicit:
             raise LostregError(f"{path}: published figures file not found")
         return pd.DataFrame(columns=PUBLISHED_COLUMNS)
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise LostregError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [column for column in PUBLISHED_COLUMNS if column not in frame.columns]
-    if missing:
-        raise LostregError(f"{path}: missing column(s) {', '.join(missing)}")
-    frame = frame[PUBLISHED_COLUMNS].copy()
+    frame = read_text_csv(path, PUBLISHED_COLUMNS)[PUBLISHED_COLUMNS].copy()
     _check_rows(frame, path)
     values = pd.to_numeric(frame["corloc"].replace("", np.nan), errors="coerce")
     bad = (frame["corloc"].ne("") & values.isna()) | values.lt(0) | values.gt(100)

@@ -19,6 +19,7 @@ import pandas as pd
 from lostreg import stats
 from lostreg.config import NORMALIZATIONS
 from lostreg.errors import LostregError
+from lostreg.leaderboard.fields import read_text_csv
 from lostreg.leaderboard.runs import RunData, load_run
 from lostreg.protocol.grid import GridPoint, ProtocolGrid, clean_bias
 
@@ -193,13 +194,7 @@ def read_protocol_csv(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise LostregError(f"{path}: protocol table not found")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise LostregError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in PROTOCOL_COLUMNS if c not in frame.columns]
-    if missing:
-        raise LostregError(f"{path}: missing column(s) {', '.join(missing)}")
+    frame = read_text_csv(path, PROTOCOL_COLUMNS)
     if frame.empty:
         raise LostregError(f"{path}: no rows")
     frame = frame[PROTOCOL_COLUMNS].copy()
