@@ -45,14 +45,14 @@ from benchmarks.common import (  # noqa: E402
     write_voc_tree,
 )
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
-from lostreg.config import PRECISIONS  # noqa: E402
 from lostreg.datasets.base import DatasetIndex, load_rgb  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
-from lostreg.features import extract_features, preprocess  # noqa: E402
+from lostreg.features.extract import extract_features, preprocess  # noqa: E402
+from lostreg.features.pipeline import set_numerics, size_batches  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
 from lostreg.methods.lost import lost  # noqa: E402
-from lostreg.pipeline import set_numerics, size_batches  # noqa: E402
 from lostreg.run import RunConfig, run_benchmark  # noqa: E402
+from lostreg.runs.config import PRECISIONS  # noqa: E402
 
 
 @dataclass

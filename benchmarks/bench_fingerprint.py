@@ -4,7 +4,7 @@ costs, against decoding the same image.
 On a generated VOC-format tree (VOC-like sizes, JPEG quality 90), per image and interleaved
 over ``--rounds`` rounds (medians, so machine load hits every path alike):
 
-* ``fingerprint``: ``lostreg.cache.image_fingerprint`` (sha256 of the file's bytes);
+* ``fingerprint``: ``lostreg.features.cache.image_fingerprint`` (sha256 of the file's bytes);
 * ``decode``: ``lostreg.datasets.base.load_rgb`` (PIL decode to RGB), the least a run that
   computes features does per image;
 * ``shard checksum``: sha256 over the fp32 features of one image of that size for a
@@ -40,9 +40,9 @@ from benchmarks.common import (  # noqa: E402
     scratch_folder,
     write_voc_tree,
 )
-from lostreg.cache import image_fingerprint  # noqa: E402
 from lostreg.datasets.base import load_rgb  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
+from lostreg.features.cache import image_fingerprint  # noqa: E402
 
 GOAL = 0.1
 

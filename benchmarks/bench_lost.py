@@ -55,7 +55,7 @@ from benchmarks.common import (  # noqa: E402
     timed,
 )
 from lostreg.errors import LostregError  # noqa: E402
-from lostreg.features import padded_size  # noqa: E402
+from lostreg.features.extract import padded_size  # noqa: E402
 from lostreg.methods import lost as lost_module  # noqa: E402
 from lostreg.methods.lost import LostOutput, lost, lost_reference, seed_boxes  # noqa: E402
 

@@ -50,7 +50,7 @@ def child_main(data: Path, output: Path, model: str, device: str, batch_size: in
     import torch
 
     from lostreg.datasets.voc import load_voc_folder
-    from lostreg.pipeline import decode_workers
+    from lostreg.features.pipeline import decode_workers
     from lostreg.run import RunConfig, run_benchmark
 
     index = load_voc_folder(data, "bench")

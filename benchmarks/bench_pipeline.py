@@ -47,12 +47,12 @@ from benchmarks.common import (  # noqa: E402
     warm_up,
     write_voc_tree,
 )
-from lostreg import pipeline  # noqa: E402
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone  # noqa: E402
 from lostreg.cli import workers_count  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
-from lostreg.features import FeatureRequest  # noqa: E402
+from lostreg.features import pipeline  # noqa: E402
+from lostreg.features.extract import FeatureRequest  # noqa: E402
 from lostreg.run import RunConfig, run_benchmark  # noqa: E402
 
 SPEC = BackboneSpec("noop_vits14", "vit_small_patch14_dinov2.lvd142m", "dinov2", 14, 0,
@@ -71,7 +71,7 @@ def projection(patch_size: int, device: torch.device) -> torch.Tensor:
 
 
 def noop_extract(weight: torch.Tensor, patch_size: int):
-    """A stand-in for ``lostreg.features.extract``: every request gets the projected patches."""
+    """A stand-in for ``lostreg.features.extract.extract``: every request gets the projected patches."""
     def extract(backbone, images: torch.Tensor, requests: Sequence[FeatureRequest],
                 autocast_dtype=None) -> dict[FeatureRequest, torch.Tensor]:
         patches = torch.nn.functional.unfold(images, patch_size, stride=patch_size)

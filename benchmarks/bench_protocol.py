@@ -1,4 +1,4 @@
-"""The whole protocol grid vs one run: ``lostreg.protocol`` (144 LOST settings in one pass)
+"""The whole protocol grid vs one run: ``lostreg.reports.protocol`` (144 LOST settings in one pass)
 against a single ``lostreg.run`` of the same model on the same images, in one run.
 
 A VOC-format tree of generated scenes with VOC-like sizes is written to a temporary folder.
@@ -9,12 +9,12 @@ study (reading the 144 run folders back, bootstrap intervals, selection, figures
 Rounds alternate, so load on a shared machine hits both alike; medians are reported.
 
 Where the time goes is measured by wrapping, in every round, the feature extraction
-(``lostreg.pipeline.extract``), the LOST method's ``run`` and ``run_many`` (one Gram
+(``lostreg.features.pipeline.extract``), the LOST method's ``run`` and ``run_many`` (one Gram
 matrix for all the biases and k of a feature map), formatting and appending the prediction
 lines (``Pass._write`` on the line writer's thread, overlapping the main thread,
 with ``RunFolder.append``; files are synced when the writer is idle), opening and finishing
 the run folders
-(``lostreg.sweep.open_runs`` / ``finish_run``, and ``git_commit`` inside the first), the
+(``lostreg.runs.sweep.open_runs`` / ``finish_run``, and ``git_commit`` inside the first), the
 per-run L2 normalisation and image decoding; on a GPU each wrapper
 synchronises the device so the seconds are the work's own. The single run's boxes are checked
 against the protocol's run of the same setting (identical predictions files).
@@ -45,11 +45,11 @@ import torch
 if __package__ in (None, ""):  # run as a file: make the ``benchmarks`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lostreg.pipeline as pipeline_module  # noqa: E402
-import lostreg.protocol.files as files_module  # noqa: E402
-import lostreg.protocol.study as study_module  # noqa: E402
-import lostreg.rundir as rundir_module  # noqa: E402
-import lostreg.sweep as sweep_module  # noqa: E402
+import lostreg.features.pipeline as pipeline_module  # noqa: E402
+import lostreg.reports.protocol.files as files_module  # noqa: E402
+import lostreg.reports.protocol.study as study_module  # noqa: E402
+import lostreg.runs.folder as rundir_module  # noqa: E402
+import lostreg.runs.sweep as sweep_module  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_output_options,
     add_run_options,
@@ -70,9 +70,9 @@ from lostreg.backbones import Backbone, create_backbone  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.methods import METHODS  # noqa: E402
-from lostreg.protocol import ProtocolGrid, run_passes  # noqa: E402
+from lostreg.reports.protocol import ProtocolGrid, run_passes  # noqa: E402
 from lostreg.run import RunConfig, run_grid  # noqa: E402
-from lostreg.rundir import RunFolder  # noqa: E402
+from lostreg.runs.folder import RunFolder  # noqa: E402
 
 GOAL_GPU = 3.0  # protocol / one run, on a GPU (issue 12)
 # parts of a pass timed on the main thread (they add up, with "other", to the pass)
@@ -296,7 +296,7 @@ def report(args: argparse.Namespace, result: dict[str, Any], backbone: Backbone,
          f"{100 * result['protocol_parts'].get('lost', 0.0) / result['protocol_total']:.1f}%"),
         ("single run's boxes == protocol's same setting", result["same_boxes_as_single"]),
     ]
-    return result_block("bench_protocol: lostreg.protocol (144 settings) vs one lostreg.run",
+    return result_block("bench_protocol: lostreg.reports.protocol (144 settings) vs one lostreg.run",
                         rows + facts_rows(machine_facts(device)))
 
 

@@ -28,11 +28,11 @@ from lostreg.cli import workers_count
 from lostreg.datasets.base import DatasetIndex
 from lostreg.datasets.voc import load_voc_folder, voc_annotation_xml
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from lostreg.pipeline import (
+from lostreg.features.pipeline import (
     decode_workers,
     resolve_device,  # noqa: F401 - re-exported for the scripts
 )
+from lostreg.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # (width, height) of common VOC07 image shapes with rough relative weights: most VOC images
 # are 500x375 or 375x500, the rest spread over other 500-px-long-side shapes. The weights are

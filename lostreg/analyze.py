@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _norms(args: argparse.Namespace) -> int:
-    from lostreg.analysis.collect import NormsConfig, analyze_norms
+    from lostreg.reports.analysis.collect import NormsConfig, analyze_norms
 
     config = NormsConfig(
         model=args.model, dataset=args.dataset,
@@ -198,7 +198,7 @@ def _norms(args: argparse.Namespace) -> int:
 
 
 def _attribution(args: argparse.Namespace) -> int:
-    from lostreg.analysis.attribution import attribute_runs
+    from lostreg.reports.analysis.attribution import attribute_runs
 
     results, table = attribute_runs(
         args.run, args.norms, args.threshold, args.device, args.data_root, args.batch_size,
@@ -214,8 +214,8 @@ def _attribution(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from lostreg.analysis.compare import show_compare
-    from lostreg.analysis.report import show_run
+    from lostreg.reports.analysis.compare import show_compare
+    from lostreg.reports.analysis.report import show_run
 
     runs = list(dict.fromkeys(path.resolve() for path in args.run))
     if len(runs) > 1:
@@ -234,7 +234,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _register_neurons(args: argparse.Namespace) -> int:
-    from lostreg.analysis.neurons import NeuronSearchConfig, find_register_neurons
+    from lostreg.reports.analysis.neurons import NeuronSearchConfig, find_register_neurons
 
     if args.limit is not None and args.limit < 1:
         raise LostregError("--limit must be at least 1")

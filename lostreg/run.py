@@ -3,11 +3,12 @@
 This module is the command line and the grid: which runs a command asks for, and in which
 order they are done. The work itself reads bottom to top through
 
-* ``lostreg.pipeline``: image files -> padded batches on the device -> feature maps (or the
+* ``lostreg.features.pipeline``: image files -> padded batches on the device -> feature maps (or the
   feature cache);
 * ``lostreg.methods``: feature maps -> one box per image (LOST, TokenCut, DINO-seg, ...);
-* ``lostreg.sweep``: one pass of a backbone over a dataset serving every run that shares it;
-* ``lostreg.rundir``: each run's identity, folder, resume and files; ``lostreg.metrics``: CorLoc.
+* ``lostreg.runs.sweep``: one pass of a backbone over a dataset serving every run that shares it;
+* ``lostreg.runs.folder``: each run's identity, folder, resume and files;
+* ``lostreg.evaluation.corloc``: CorLoc.
 
 At scale (see the README section "Scale"):
 
@@ -33,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lostreg import distributed, timeline
+from lostreg import timeline
 from lostreg.backbones import (
     POS_INTERP_CHOICES,
     Backbone,
@@ -42,22 +43,13 @@ from lostreg.backbones import (
     list_backbones,
     with_pos_interp,
 )
-from lostreg.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
 from lostreg.cli import HelpFormatter, ListsParser, add_compute_options, add_ttr_neurons_option
-from lostreg.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
-    NORMALIZATIONS,
-    PRECISIONS,
-    SMOKE_NOTE,
-    RunConfig,
-    check_config,
-    pass_key,
-)
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex
 from lostreg.errors import LostregError
-from lostreg.features import FEATURE_KINDS
-from lostreg.methods import DEFAULT_METHOD, METHODS, Param, get_method
-from lostreg.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks import them here
+from lostreg.features.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
+from lostreg.features.extract import FEATURE_KINDS
+from lostreg.features.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks import them here
     DEFAULT_MAX_PIXELS,
     LazyBackbone,
     LoadedBatch,
@@ -69,8 +61,18 @@ from lostreg.pipeline import (  # noqa: F401 - re-exported: tests and benchmarks
     use_device,
     warm_start,
 )
-from lostreg.rundir import RunResult, check_dataset_complete
-from lostreg.sweep import run_pass
+from lostreg.methods import DEFAULT_METHOD, METHODS, Param, get_method
+from lostreg.runs import distributed
+from lostreg.runs.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
+    NORMALIZATIONS,
+    PRECISIONS,
+    SMOKE_NOTE,
+    RunConfig,
+    check_config,
+    pass_key,
+)
+from lostreg.runs.folder import RunResult, check_dataset_complete
+from lostreg.runs.sweep import run_pass
 
 SUITES = ("paper", "methods")
 
@@ -87,7 +89,7 @@ def run_benchmark(config: RunConfig, backbone: Backbone | None = None,
 def run_sweep(configs: Sequence[RunConfig], backbone: Backbone | None = None,
               index: DatasetIndex | None = None) -> list[RunResult]:
     """Run (or resume) several runs that differ only in what they do with the backbone's
-    output (``lostreg.config.SWEPT``: method and parameters, features, layer, normalisation)
+    output (``lostreg.runs.config.SWEPT``: method and parameters, features, layer, normalisation)
     in one pass over the images. One folder per run."""
     if not configs:
         return []
@@ -166,8 +168,8 @@ def _flag(name: str) -> str:
 
 
 def paper_suite() -> list[tuple[str, str]]:
-    """``lostreg.leaderboard.PAPER_SUITE`` (the runs behind the comparison table)."""
-    from lostreg.leaderboard import PAPER_SUITE
+    """``lostreg.reports.leaderboard.PAPER_SUITE`` (the runs behind the comparison table)."""
+    from lostreg.reports.leaderboard import PAPER_SUITE
 
     return [(str(m), str(d)) for m, d in PAPER_SUITE]
 
@@ -501,7 +503,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _rebuild_leaderboard(output: Path) -> str:
     """Rebuild ``results/`` (leaderboard, comparison tables, figures) from the run folders."""
-    from lostreg import leaderboard
+    from lostreg.reports import leaderboard
 
     out_dir = Path(output).parent
     leaderboard.build_leaderboard(runs_dir=Path(output), out_dir=out_dir)

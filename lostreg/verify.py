@@ -28,8 +28,8 @@ import numpy as np
 
 from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.errors import LostregError, error_line
+from lostreg.evaluation.corloc import best_iou, box_iou, corloc, is_hit
 from lostreg.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
-from lostreg.metrics import best_iou, box_iou, corloc, is_hit
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def one_thread():
 def model_builds(monkeypatch) -> list[str]:
     """The names of the backbones built while the test runs (a pass that needs no forward,
     e.g. one served by the feature cache, builds none)."""
-    import lostreg.pipeline as pipeline_module
+    import lostreg.features.pipeline as pipeline_module
 
     built: list[str] = []
     real = pipeline_module.create_backbone

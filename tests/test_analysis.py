@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from lostreg.analysis.collect import collect_token_maps, layer_statistics, thresholds_for
-from lostreg.analysis.norms import (
+from lostreg.backbones import BackboneSpec, create_backbone
+from lostreg.datasets import load_dataset
+from lostreg.errors import LostregError
+from lostreg.features.extract import last_qkv, preprocess
+from lostreg.reports.analysis.collect import collect_token_maps, layer_statistics, thresholds_for
+from lostreg.reports.analysis.norms import (
     box_patch_slice,
     neighbour_similarity,
     otsu_split,
@@ -16,17 +20,13 @@ from lostreg.analysis.norms import (
     split_threshold,
     touches_mask,
 )
-from lostreg.analysis.store import TokenMaps
-from lostreg.analysis.tokens import (
+from lostreg.reports.analysis.store import TokenMaps
+from lostreg.reports.analysis.tokens import (
     attention_from_qkv,
     block_outputs,
     last_block_readout,
     resolve_layers,
 )
-from lostreg.backbones import BackboneSpec, create_backbone
-from lostreg.datasets import load_dataset
-from lostreg.errors import LostregError
-from lostreg.features import last_qkv, preprocess
 
 TINY = dict(depth=3, embed_dim=48, num_heads=3)
 

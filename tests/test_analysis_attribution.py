@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fake_methods import fake_method_registered
 
-from lostreg.analysis.attribution import attribute_run
-from lostreg.analysis.store import TokenMaps
 from lostreg.analyze import main
 from lostreg.errors import LostregError
+from lostreg.reports.analysis.attribution import attribute_run
+from lostreg.reports.analysis.store import TokenMaps
 
 P = 16
 # image_id: (height, width, seed [row, col], box, hit, outlier cells)

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from lostreg import run as lostreg_run
-from lostreg.analysis.store import TokenMaps
 from lostreg.analyze import main
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.io import read_jsonl
+from lostreg.reports.analysis.store import TokenMaps
 
 MODEL = "tiny_analysis_cli"
 SPEC = BackboneSpec(MODEL, "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,

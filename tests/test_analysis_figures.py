@@ -18,16 +18,16 @@ from PIL import Image
 from voc_trees import write_voc2007 as write_tree
 
 from lostreg import run as lostreg_run
-from lostreg.analysis import plots
-from lostreg.analysis.compare import backbone_key, recompute_image, show_compare
-from lostreg.analysis.report import show_run
-from lostreg.analysis.runs import load_run, load_runs, run_labels
 from lostreg.analyze import main
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
-from lostreg.features import FeatureRequest, extract, preprocess
+from lostreg.evaluation.corloc import best_iou, is_hit
+from lostreg.features.extract import FeatureRequest, extract, preprocess
 from lostreg.io import read_jsonl
 from lostreg.methods.lost import lost_reference_with_mask
-from lostreg.metrics import best_iou, is_hit
+from lostreg.reports.analysis import plots
+from lostreg.reports.analysis.compare import backbone_key, recompute_image, show_compare
+from lostreg.reports.analysis.report import show_run
+from lostreg.reports.analysis.runs import load_run, load_runs, run_labels
 
 MODEL = "tiny_dinov2_vitl14_reg4_with_a_deliberately_long_model_name_for_figure_tests"
 SPEC = BackboneSpec(MODEL, "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
@@ -270,7 +270,7 @@ def test_compare_cli_options_and_errors(lost_run, fake_run, tmp_path, capsys,
 
 def test_attribution_of_several_runs_shares_token_maps_and_tables_hits(lost_run, fake_run,
                                                                        tmp_path) -> None:
-    from lostreg.analysis.attribution import attribute_runs
+    from lostreg.reports.analysis.attribution import attribute_runs
 
     results, table = attribute_runs([lost_run, fake_run], device="cpu", num_workers=0,
                                     output=tmp_path / "hits")

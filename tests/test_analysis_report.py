@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lostreg.analysis.norms import patch_token_norms
-from lostreg.analysis.report import compute_image_maps, method_features, render_panel, write_index
-from lostreg.analysis.runs import RunMethod
-from lostreg.analysis.tokens import block_outputs, last_block_readout
 from lostreg.backbones import BackboneSpec, create_backbone
-from lostreg.features import FEATURE_KINDS, FeatureRequest, extract, extract_features, preprocess
+from lostreg.features.extract import FEATURE_KINDS, FeatureRequest, extract, extract_features, preprocess
 from lostreg.methods.lost import lost, lost_reference_with_mask
+from lostreg.reports.analysis.norms import patch_token_norms
+from lostreg.reports.analysis.report import compute_image_maps, method_features, render_panel, write_index
+from lostreg.reports.analysis.runs import RunMethod
+from lostreg.reports.analysis.tokens import block_outputs, last_block_readout
 
 TINY = dict(depth=2, embed_dim=48, num_heads=3)
 LOST_K = RunMethod("lost", {"k_patches": 100, "gram_bias": 0.0}, "k")

@@ -25,7 +25,7 @@ from benchmarks import (  # noqa: E402
 )
 from benchmarks.common import sample_sizes, write_voc_tree  # noqa: E402
 from lostreg.backbones import BackboneSpec, create_backbone  # noqa: E402
-from lostreg.features import padded_size  # noqa: E402
+from lostreg.features.extract import padded_size  # noqa: E402
 from lostreg.methods.lost import lost_reference  # noqa: E402
 
 CPU = torch.device("cpu")

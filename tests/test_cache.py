@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import lostreg.features.pipeline as pipeline_module
 import lostreg.methods.lost as lost_module
-import lostreg.pipeline as pipeline_module
 from lostreg.backbones import BACKBONES, BackboneSpec
-from lostreg.cache import FeatureCache, is_lossless, storage_dtype
+from lostreg.features.cache import FeatureCache, is_lossless, storage_dtype
 from lostreg.run import main
 
 SPEC = BackboneSpec("tiny_cache_reg", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,

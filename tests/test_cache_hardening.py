@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-import lostreg.cache as cache_module
+import lostreg.features.cache as cache_module
 from lostreg.backbones import BACKBONES, BackboneSpec
-from lostreg.cache import CacheProblem, FeatureCache, image_fingerprint
 from lostreg.datasets import load_dataset
+from lostreg.features.cache import CacheProblem, FeatureCache, image_fingerprint
 from lostreg.io import JsonlAppender
 from lostreg.run import main
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lostreg import analyze, cli, leaderboard, run, verify
+from lostreg import analyze, cli, run, verify
+from lostreg.reports import leaderboard
 
 MODEL = "dinov2_vits14_reg4"
 
@@ -162,7 +163,7 @@ def test_relative_paths_are_recorded_absolute_so_analysis_works_from_elsewhere(
         tmp_path, monkeypatch) -> None:
     import json
 
-    from lostreg.analysis.runs import load_run, run_records
+    from lostreg.reports.analysis.runs import load_run, run_records
 
     work = tmp_path / "work"
     work.mkdir()
@@ -184,8 +185,8 @@ def test_relative_paths_are_recorded_absolute_so_analysis_works_from_elsewhere(
 
 
 def test_analysis_of_a_run_whose_data_moved_points_to_data_root(tmp_path) -> None:
-    from lostreg.analysis.runs import load_run, run_records
     from lostreg.errors import LostregError
+    from lostreg.reports.analysis.runs import load_run, run_records
 
     _demo_as_voc07(tmp_path)
     assert run.main(["--model", MODEL, "--weights", "random", "--dataset", "voc07", "--data-root",
@@ -217,7 +218,7 @@ def test_a_missing_dataset_fails_before_any_run_with_no_download(tmp_path, capsy
 def test_comma_lists_may_start_with_a_minus() -> None:
     """``--layer -1,-2`` and ``--gram-bias -0.1,0`` are values, not unknown options (Python
     3.11's argparse needed ``--layer=-1,-2``)."""
-    from lostreg.protocol.cli import build_parser as protocol_parser
+    from lostreg.reports.protocol.cli import build_parser as protocol_parser
     from lostreg.run import build_parser
 
     args = build_parser().parse_args(["--layer", "-1,-2", "--gram-bias", "-0.1,0",

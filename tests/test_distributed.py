@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lostreg import distributed
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.datasets import load_dataset
 from lostreg.errors import LostregError
 from lostreg.io import read_jsonl
 from lostreg.run import main
+from lostreg.runs import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "dinov2_vits14_reg4"

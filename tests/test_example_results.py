@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lostreg.leaderboard.tables import COMPARISON_COLUMNS, LEADERBOARD_COLUMNS
+from lostreg.reports.leaderboard.tables import COMPARISON_COLUMNS, LEADERBOARD_COLUMNS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "results" / "example"
 REBUILD = "rebuild it with: bash scripts/make_example.sh"

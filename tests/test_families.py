@@ -24,7 +24,7 @@ from lostreg.backbones import (
     get_backbone_spec,
 )
 from lostreg.errors import LostregError
-from lostreg.features import (
+from lostreg.features.extract import (
     FeatureRequest,
     extract,
     layer_views,
@@ -309,7 +309,7 @@ def test_rope_table_extension_is_the_identity_rotation() -> None:
 
 
 def test_layer_l_of_an_eva_model_equals_a_hook_on_block_l(tiny_models) -> None:
-    from lostreg.features import layer_qkv
+    from lostreg.features.extract import layer_qkv
 
     model = tiny_models["dinov3"].model
     x = images_for(16, seed=6)
@@ -329,8 +329,8 @@ def test_layer_l_of_an_eva_model_equals_a_hook_on_block_l(tiny_models) -> None:
 def test_norm_diagnostics_on_dinov3(tiny_models, tmp_path) -> None:
     """``analyze norms`` and the panels' prefix attention on a RoPE model with storage tokens:
     4 registers named, attention = the model's own softmax renormalised over the patches."""
-    from lostreg.analysis.collect import NormsConfig, analyze_norms
-    from lostreg.analysis.tokens import panel_readout
+    from lostreg.reports.analysis.collect import NormsConfig, analyze_norms
+    from lostreg.reports.analysis.tokens import panel_readout
 
     backbone = tiny_models["dinov3"]
     result = analyze_norms(NormsConfig(model="tiny_dinov3", dataset="demo",

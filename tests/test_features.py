@@ -10,7 +10,7 @@ from torchvision import transforms
 
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone, get_backbone_spec
 from lostreg.errors import LostregError
-from lostreg.features import extract_features, padded_size, preprocess, select_feature
+from lostreg.features.extract import extract_features, padded_size, preprocess, select_feature
 
 TINY = dict(depth=2, embed_dim=48, num_heads=3)
 
@@ -88,7 +88,7 @@ def test_register_tokens_do_not_leak_into_features(tiny_reg4) -> None:
     assert tiny_reg4.num_prefix_tokens == 5
     assert feats.shape[1] == 16
     qkv_rows = tiny_reg4.model.reg_token.shape[1] + 1 + 16
-    from lostreg.features import last_qkv
+    from lostreg.features.extract import last_qkv
 
     with torch.no_grad():
         qkv = last_qkv(tiny_reg4.model, tensor.unsqueeze(0))

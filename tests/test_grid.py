@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import lostreg.pipeline as pipeline_module
+import lostreg.features.pipeline as pipeline_module
 import lostreg.run as run_module
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.run import RunConfig, main, paper_suite, run_benchmark
@@ -83,7 +83,7 @@ def test_grid_builds_each_model_and_indexes_each_dataset_once(tmp_path, counted,
 
 def test_suite_runs_the_list_and_rebuilds_the_leaderboard(tmp_path, counted, monkeypatch,
                                                          capsys) -> None:
-    from lostreg import leaderboard
+    from lostreg.reports import leaderboard
 
     built: list[dict] = []
     monkeypatch.setattr(leaderboard, "PAPER_SUITE", [(MODELS[0], "demo"), (MODELS[1], "demo"),
@@ -98,7 +98,7 @@ def test_suite_runs_the_list_and_rebuilds_the_leaderboard(tmp_path, counted, mon
 
 
 def test_paper_suite_is_the_paper_list(monkeypatch) -> None:
-    from lostreg import leaderboard
+    from lostreg.reports import leaderboard
 
     expected = {(m, d) for m in ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4",
                                  "deit3_vitb16", "openclip_vitb16")
@@ -127,7 +127,7 @@ def test_methods_suite_runs_every_method_and_both_dinoseg_variants(tmp_path, cou
                                                                    monkeypatch) -> None:
     monkeypatch.setattr(run_module, "METHODS_SUITE_MODELS", (MODELS[0],))
     monkeypatch.setattr(run_module, "METHODS_SUITE_DATASETS", ("demo",))
-    from lostreg import leaderboard
+    from lostreg.reports import leaderboard
     monkeypatch.setattr(leaderboard, "build_leaderboard", lambda **kw: None)
     assert main(cli(tmp_path, "--suite", "methods", "--dinoseg-head", "0")) == 0  # 2 heads
     assert counted["models"] == [MODELS[0]]  # one pass serves every method

@@ -11,9 +11,9 @@ import pytest
 from run_folders import REG, pair_hits, write_run
 from statsmodels.stats.contingency_tables import mcnemar
 
-from lostreg import leaderboard as lb
-from lostreg import stats
 from lostreg.errors import LostregError
+from lostreg.evaluation import stats
+from lostreg.reports import leaderboard as lb
 
 
 def read_board(out: Path) -> pd.DataFrame:
@@ -223,7 +223,7 @@ def test_paper_suite() -> None:
 
 
 def test_public_names_stay_importable() -> None:
-    """run.py, the notebook and other tools import these from lostreg.leaderboard."""
+    """run.py, the notebook and other tools import these from lostreg.reports.leaderboard."""
     for name in ("PAPER_SUITE", "build_leaderboard", "collect", "comparison_markdown",
                  "figure_png", "iou_figure", "register_bar_figure", "settings_label", "RunData",
                  "load_run", "load_published", "main", "build_parser", "LEADERBOARD_COLUMNS",
@@ -232,7 +232,7 @@ def test_public_names_stay_importable() -> None:
 
 
 def test_our_backbone_labels_name_the_size_as_published_rows_do() -> None:
-    from lostreg.leaderboard.tables import backbone_label
+    from lostreg.reports.leaderboard.tables import backbone_label
 
     assert backbone_label("dinov2", "vit_large_patch14_reg4_dinov2.lvd142m") == "DINOv2 ViT-L/14"
     assert backbone_label("deit3", "deit3_base_patch16_224.fb_in22k_ft_in1k") == \

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from run_folders import REG, TTR, pair_hits, write_run
 
-from lostreg import leaderboard as lb
 from lostreg.errors import LostregError
-from lostreg.leaderboard.markdown import method_title
+from lostreg.reports import leaderboard as lb
+from lostreg.reports.leaderboard.markdown import method_title
 
 TOKENCUT = {"tau": 0.2, "eps": 1e-5, "binary_graph": True}
 DINOSEG_REFERENCE = {"head": 4, "mass": 0.6, "variant": "reference"}

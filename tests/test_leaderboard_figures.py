@@ -9,7 +9,7 @@ from figure_checks import assert_text_layout_ok, figure_says, text_layout_proble
 from matplotlib.figure import Figure
 from run_folders import pair_hits, write_run
 
-from lostreg import leaderboard as lb
+from lostreg.reports import leaderboard as lb
 
 LONG_MODEL = "timm:vit_small_patch14_dinov2.lvd142m_with_a_rather_long_checkpoint_suffix"
 LONG_REG = "timm:vit_small_patch14_reg4_dinov2.lvd142m_with_a_rather_long_checkpoint_suffix"

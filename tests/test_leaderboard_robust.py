@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from run_folders import MISS_BOX, edit_json, edit_line, write_run
 
-from lostreg import leaderboard as lb
 from lostreg.errors import LostregError
+from lostreg.reports import leaderboard as lb
 
 
 def _config(key, value):
@@ -210,9 +210,9 @@ BOXES = st.tuples(COORD, COORD, SIDE, SIDE).map(_box)
 @settings(max_examples=200, deadline=None)
 @given(images=st.lists(st.tuples(BOXES, st.lists(BOXES, max_size=4)), max_size=12))
 def test_batched_iou_equals_the_per_image_metric_to_the_bit(images) -> None:
-    """The leaderboard's batched recomputation against lostreg.metrics.best_iou, image by
+    """The leaderboard's batched recomputation against lostreg.evaluation.corloc.best_iou, image by
     image (integer and float corners, touching and zero-area boxes, images without GT)."""
-    from lostreg.metrics import best_iou
+    from lostreg.evaluation.corloc import best_iou
 
     boxes = np.array([box for box, _ in images], dtype=np.float64).reshape(-1, 4)
     gts = np.array([gt for _, gt_list in images for gt in gt_list],

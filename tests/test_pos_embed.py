@@ -20,7 +20,7 @@ from lostreg.backbones import (
     resample_patch_pos_embed,
 )
 from lostreg.errors import LostregError
-from lostreg.features import padded_size
+from lostreg.features.extract import padded_size
 
 # A VOC image of 500x375 (width x height) padded to whole patches.
 VOC_H, VOC_W = 375, 500

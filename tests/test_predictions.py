@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lostreg import distributed
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError
-from lostreg.predictions import (
+from lostreg.run import main
+from lostreg.runs import distributed
+from lostreg.runs.predictions import (
     PREDICTIONS,
     QUARANTINE,
     LineProblem,
@@ -25,7 +26,6 @@ from lostreg.predictions import (
     quarantine,
     schema_problem,
 )
-from lostreg.run import main
 
 ROOT = Path("/data/voc")
 RECORDS = [ImageRecord(f"img{i}", ROOT / "JPEGImages" / f"img{i}.jpg", 100, 80,

@@ -13,17 +13,18 @@ import pandas as pd
 import pytest
 from figure_checks import assert_texts_fit, figure_says
 
-import lostreg.pipeline as pipeline_module
-from lostreg import cli, leaderboard
+import lostreg.features.pipeline as pipeline_module
+from lostreg import cli
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.datasets.demo import generate_demo
-from lostreg.features import FeatureRequest
+from lostreg.features.extract import FeatureRequest
 from lostreg.io import read_jsonl
-from lostreg.leaderboard.published import PUBLISHED_COLUMNS
-from lostreg.protocol import ProtocolGrid, read_protocol_csv
-from lostreg.protocol.cli import main
-from lostreg.protocol.markdown import protocol_markdown
-from lostreg.protocol.study import (
+from lostreg.reports import leaderboard
+from lostreg.reports.leaderboard.published import PUBLISHED_COLUMNS
+from lostreg.reports.protocol import ProtocolGrid, read_protocol_csv
+from lostreg.reports.protocol.cli import main
+from lostreg.reports.protocol.markdown import protocol_markdown
+from lostreg.reports.protocol.study import (
     HeldOut,
     StudyKey,
     build_study,
@@ -271,7 +272,7 @@ def test_bad_input_is_one_line_and_runs_nothing(tmp_path, capsys, extra, needle)
 
 
 def test_help_states_each_default_once() -> None:
-    from lostreg.protocol.cli import build_parser
+    from lostreg.reports.protocol.cli import build_parser
 
     text = " ".join(build_parser().format_help().split())
     assert "(default: None)" not in text and "(default: False)" not in text

@@ -18,7 +18,7 @@ from benchmarks import bench_protocol  # noqa: E402
 from benchmarks.common import sample_sizes, write_voc_tree  # noqa: E402
 from lostreg.backbones import BackboneSpec, create_backbone  # noqa: E402
 from lostreg.methods import METHODS  # noqa: E402
-from lostreg.rundir import RunFolder  # noqa: E402
+from lostreg.runs.folder import RunFolder  # noqa: E402
 
 TINY = BackboneSpec("tiny_bench_protocol", "vit_small_patch14_dinov2.lvd142m", "dinov2", 14, 0,
                     pos_embed="dinov2", model_kwargs=dict(depth=4, embed_dim=48, num_heads=3))

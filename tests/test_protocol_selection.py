@@ -11,17 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lostreg import stats
-from lostreg.config import RunConfig
 from lostreg.errors import LostregError
-from lostreg.protocol.grid import GridPoint, ProtocolGrid, parse_biases, pass_configs
-from lostreg.protocol.selection import (
+from lostreg.evaluation import stats
+from lostreg.reports.protocol.grid import GridPoint, ProtocolGrid, parse_biases, pass_configs
+from lostreg.reports.protocol.selection import (
     best_of_grid,
     cross_dataset,
     setting_corloc,
     split_half,
 )
-from lostreg.protocol.table import bootstrap_cis, protocol_csv, read_protocol_csv
+from lostreg.reports.protocol.table import bootstrap_cis, protocol_csv, read_protocol_csv
+from lostreg.runs.config import RunConfig
 
 
 def columns(*hit_lists: list[int]) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 
 from lostreg.backbones import BackboneSpec, create_backbone
 from lostreg.errors import LostregError
-from lostreg.features import (
+from lostreg.features.extract import (
     FeatureRequest,
     extract,
     extract_features,

@@ -10,15 +10,15 @@ import pytest
 
 import lostreg
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
-from lostreg.config import RunConfig
 from lostreg.datasets import load_dataset
 from lostreg.datasets.base import load_rgb
-from lostreg.features import FeatureRequest, extract, preprocess
+from lostreg.features.extract import FeatureRequest, extract, preprocess
+from lostreg.features.pipeline import describe_backbone
 from lostreg.io import read_jsonl
 from lostreg.methods.lost import lost_reference
-from lostreg.pipeline import describe_backbone
 from lostreg.run import expand_sweep, main
-from lostreg.rundir import describe_run, legacy_run_id, make_run_id
+from lostreg.runs.config import RunConfig
+from lostreg.runs.folder import describe_run, legacy_run_id, make_run_id
 
 SPEC = BackboneSpec("tiny_axes", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
                     pos_embed="dinov2_reg", model_kwargs=dict(depth=3, embed_dim=48, num_heads=3))

@@ -11,7 +11,7 @@ import pytest
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone, get_backbone_spec
 from lostreg.datasets import load_dataset
 from lostreg.datasets.base import load_rgb
-from lostreg.features import FeatureRequest, extract, preprocess
+from lostreg.features.extract import FeatureRequest, extract, preprocess
 from lostreg.io import read_jsonl
 from lostreg.methods.lost import lost_reference
 from lostreg.run import main

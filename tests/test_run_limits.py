@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import lostreg.pipeline as pipeline_module
-import lostreg.sweep as sweep_module
+import lostreg.features.pipeline as pipeline_module
+import lostreg.runs.sweep as sweep_module
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.datasets import load_dataset
 from lostreg.run import main

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from lostreg.distributed import CollectiveError
 from lostreg.errors import LostregError
-from lostreg.runlock import LOCK_NAME, RunLock, RunLocked, describe_holder, hold_runs
+from lostreg.runs.distributed import CollectiveError
+from lostreg.runs.lock import LOCK_NAME, RunLock, RunLocked, describe_holder, hold_runs
 
 REPO = Path(__file__).resolve().parents[1]
 # a process that takes the lock (waiting if asked), says so, and holds it until killed or done
 HOLDER = """
 import sys, time
 from lostreg.errors import LostregError, error_line
-from lostreg.runlock import RunLock
+from lostreg.runs.lock import RunLock
 try:
     with RunLock(sys.argv[1], wait=sys.argv[2] == "wait"):
         print("acquired", flush=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from statsmodels.stats.contingency_tables import mcnemar
 
-from lostreg import stats
+from lostreg.evaluation import stats
 
 
 def _hits(n_hits: int, n: int, seed: int = 0) -> np.ndarray:

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from lostreg.sweep import LineWriter, ready_event, to_host
+from lostreg.runs.sweep import LineWriter, ready_event, to_host
 
 
 class FakeEvent:

@@ -12,19 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from lostreg.analysis.collect import NormsConfig, analyze_norms, load_norms
-from lostreg.analysis.neurons import (
+from lostreg.backbones import BackboneSpec, create_backbone, get_backbone_spec, load_neuron_file
+from lostreg.backbones.ttr import move_to_register, parse_neuron_list, shipped_neurons
+from lostreg.datasets.base import DatasetIndex, ImageRecord
+from lostreg.errors import LostregError
+from lostreg.features.extract import FeatureRequest, extract, tokens_before_block
+from lostreg.reports.analysis.collect import NormsConfig, analyze_norms, load_norms
+from lostreg.reports.analysis.neurons import (
     NeuronSearchConfig,
     accumulate_scores,
     find_register_neurons,
     rank_neurons,
 )
-from lostreg.analysis.tokens import block_outputs, panel_readout
-from lostreg.backbones import BackboneSpec, create_backbone, get_backbone_spec, load_neuron_file
-from lostreg.backbones.ttr import move_to_register, parse_neuron_list, shipped_neurons
-from lostreg.datasets.base import DatasetIndex, ImageRecord
-from lostreg.errors import LostregError
-from lostreg.features import FeatureRequest, extract, tokens_before_block
+from lostreg.reports.analysis.tokens import block_outputs, panel_readout
 
 TINY = dict(depth=3, embed_dim=48, num_heads=3)
 PUBLISHED = {  # Jiang et al. 2025, dinov2/dinov2/hub/register_neurons.py (LARGE_REGISTER_NEURONS)
@@ -366,7 +366,7 @@ def test_register_neurons_command_writes_a_list_that_ttr_reads(tmp_path, capsys)
 def test_analyses_rebuild_a_ttr_run_from_its_config(tmp_path, neuron_path) -> None:
     """``analyze show/attribution`` rebuild the run's model: the neuron file recorded in
     config.json (``BackboneSpec.describe()``) is reused and its sha256 checked."""
-    from lostreg.analysis.runs import RunInfo, ttr_neurons_argument
+    from lostreg.reports.analysis.runs import RunInfo, ttr_neurons_argument
 
     spec = get_backbone_spec("dinov2_vitl14+ttr")
     shipped = RunInfo(tmp_path, {"ttr_neurons": spec.describe()["ttr_neurons"]}, [])

@@ -2,7 +2,7 @@
 
 Features are read with forward hooks during the model's **own** forward, never with a copy of
 it: a copy silently diverges when a family adds a step (EVA's RoPE, DINOv3's storage tokens,
-patch dropout). A family tells :mod:`lostreg.features` three things:
+patch dropout). A family tells :mod:`lostreg.features.extract` three things:
 
 * ``tap``: hooks that hand over one block's q/k/v projection output (fused layout
   ``(B, T, 3*D)``: q heads, then k heads, then v heads, each in head order) and the RoPE table

@@ -1,0 +1,202 @@
+"""``python -m lostreg.leaderboard``: every finished run in one table, register pairs compared.
+
+The leaderboard only *reads* run folders (``config.json``, ``predictions.jsonl``,
+``metrics.json``); it never runs a model, so it can be rebuilt at any time and gives the same
+files for the same runs (fixed bootstrap seed, deterministic order, no timestamps). A folder it
+cannot read is skipped with one line on stderr saying why; the rest is built.
+
+Outputs under ``--out`` (default ``results/``), each written atomically:
+
+- ``leaderboard.csv``: one row per distinct run identity (the newest finished run wins), with
+  the method, its parameters and the protocol (feature, layer, normalisation, Gram bias,
+  position-embedding interpolation), and a 95% percentile-bootstrap interval over images.
+  Random-weight smoke runs are left out unless ``--include-smoke`` (then kept and flagged).
+- ``comparison.csv`` / ``comparison.md``: per method, each model without registers beside its
+  trained-register twin and its test-time-register variant (same settings), with the exact
+  McNemar test and a paired bootstrap interval of the difference; published figures
+  (``lostreg/reports/leaderboard/published_corloc.csv``) as rows of their own with their protocol.
+- ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``.
+
+Modules: ``runs`` (reading and validating run folders), ``published`` (the reference figures),
+``tables`` (leaderboard and comparison rows), ``markdown`` and ``figures``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from lostreg.cli import HelpFormatter
+from lostreg.errors import LostregError, error_line
+from lostreg.io import atomic_write_bytes, atomic_write_text
+from lostreg.reports.leaderboard.figures import figure_png, iou_figure, register_bar_figure
+from lostreg.reports.leaderboard.markdown import comparison_markdown
+from lostreg.reports.leaderboard.predictions import batched_best_iou, read_predictions
+from lostreg.reports.leaderboard.published import (
+    DEFAULT_PUBLISHED,
+    PUBLISHED_COLUMNS,
+    load_published,
+    method_key,
+)
+from lostreg.reports.leaderboard.runs import (
+    RunData,
+    RunInfo,
+    ScanResult,
+    is_smoke,
+    load_run,
+    scan_runs,
+)
+from lostreg.reports.leaderboard.tables import (
+    COMPARISON_COLUMNS,
+    DATASET_LABELS,
+    FAMILY_LABELS,
+    LEADERBOARD_COLUMNS,
+    PAPER_DATASETS,
+    SETTING_COLUMNS,
+    base_model_name,
+    base_timm_name,
+    comparison_frame,
+    find_pairs,
+    leaderboard_frame,
+    leaderboard_row,
+    pair_row,
+    settings_label,
+    single_row,
+)
+
+PAPER_MODELS = ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4", "deit3_vitb16",
+                "openclip_vitb16")
+# (model short name, dataset) runs that fill the comparison table with public weights
+PAPER_SUITE: list[tuple[str, str]] = [(m, d) for m in PAPER_MODELS for d in PAPER_DATASETS]
+
+__all__ = [
+    "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
+    "LEADERBOARD_COLUMNS", "PAPER_DATASETS", "PAPER_MODELS", "PAPER_SUITE", "PUBLISHED_COLUMNS",
+    "SETTING_COLUMNS", "Leaderboard", "RunData", "RunInfo", "ScanResult", "base_model_name",
+    "base_timm_name", "batched_best_iou", "build_leaderboard", "build_parser", "collect", "comparison_frame",
+    "comparison_markdown", "figure_png", "find_pairs", "iou_figure", "is_smoke",
+    "leaderboard_frame", "leaderboard_row", "load_published", "load_run", "main", "method_key",
+    "pair_row", "read_predictions", "register_bar_figure", "scan_runs", "settings_label",
+    "single_row", "write_outputs",
+]
+
+
+@dataclass
+class Leaderboard:
+    """Everything the leaderboard writes, in memory (the notebook uses this directly)."""
+
+    runs: list[RunData]
+    table: pd.DataFrame
+    comparison: pd.DataFrame
+    singles: pd.DataFrame
+    published: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)  # one line per unreadable run folder
+    smoke_excluded: int = 0  # smoke runs left out (no include_smoke)
+    unfinished: int = 0  # run folders without metrics.json
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def collect(runs_dir: str | Path, include_smoke: bool = False,
+            published: str | Path | None = None,
+            report: Callable[[str], None] | None = _stderr) -> Leaderboard:
+    """Read every finished run and compute all tables without writing anything; each folder
+    that cannot be read is reported (one line, ``report``) and left out."""
+    scan = scan_runs(runs_dir, include_smoke, report)
+    figures = load_published(published)
+    comparison, singles = comparison_frame(scan.runs, figures)
+    return Leaderboard(scan.runs, leaderboard_frame(scan.runs), comparison, singles, figures,
+                       scan.skipped, scan.smoke_excluded, scan.unfinished)
+
+
+def _csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
+def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
+    """Write every output atomically; IoU figures of runs no longer listed are removed."""
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "leaderboard.csv", _csv(board.table))
+    comparison = board.comparison.copy()
+    for column in comparison.columns:
+        if comparison[column].dtype == float and column != "mcnemar_p":
+            comparison[column] = comparison[column].round(4)
+    atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
+    atomic_write_text(out_dir / "comparison.md", comparison_markdown(board))
+    figures = out_dir / "figures"
+    atomic_write_bytes(figures / "corloc_registers.png",
+                       figure_png(register_bar_figure(board.comparison)))
+    iou_dir = figures / "iou"
+    written = set()
+    for run in board.runs:
+        name = f"{run.run_id}.png"
+        atomic_write_bytes(iou_dir / name, figure_png(iou_figure(run)))
+        written.add(name)
+    for stale in iou_dir.glob("*.png") if iou_dir.is_dir() else ():
+        if stale.name not in written:
+            stale.unlink()
+
+
+def build_leaderboard(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False,
+                      published: str | Path | None = None) -> pd.DataFrame:
+    """Rebuild every leaderboard output from the run folders; returns the leaderboard table."""
+    board = collect(runs_dir, include_smoke, published)
+    write_outputs(board, out_dir)
+    return board.table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lostreg.leaderboard",
+        description="Collect finished runs into leaderboard.csv and compare each model with its "
+                    "register twin and test-time-register variant, per method "
+                    "(comparison.md/.csv, figures/).",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--runs", type=Path, default=Path("results/runs"),
+                        help="folder of run folders")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="where outputs go")
+    parser.add_argument("--include-smoke", action="store_true",
+                        help="keep random-weight smoke runs (flagged in the smoke column)")
+    parser.add_argument("--published", type=Path, default=None,
+                        help=f"published figures CSV (default: {DEFAULT_PUBLISHED})")
+    return parser
+
+
+def summary_line(board: Leaderboard, out: Path) -> str:
+    """What was built, and what was left out and how to get it."""
+    pairs = (board.comparison["source"] == "ours") & board.comparison["model_reg"].notna()
+    smoke = int(board.table["smoke"].astype(bool).sum()) if len(board.table) else 0
+    line = (f"{len(board.table)} runs ({smoke} smoke) -> {out / 'leaderboard.csv'}; "
+            f"{int(pairs.sum())} register pairs -> {out / 'comparison.md'}")
+    if board.smoke_excluded:
+        line += (f"; skipped {board.smoke_excluded} smoke run(s) (random weights): "
+                 "--include-smoke shows them")
+    if board.skipped:
+        line += f"; skipped {len(board.skipped)} unreadable run folder(s), reasons above"
+    if board.unfinished:
+        line += f"; {board.unfinished} unfinished run folder(s) (no metrics.json) not listed"
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        board = collect(args.runs, args.include_smoke, args.published)
+        write_outputs(board, args.out)
+    except (LostregError, OSError) as exc:
+        print(error_line(exc), file=sys.stderr)
+        return 2
+    line = summary_line(board, args.out)
+    if len(board.table) == 0 and (Path(args.runs) / "config.json").is_file():
+        line += (f"; {args.runs} is one run's folder: --runs takes the folder that holds the "
+                 f"run folders ({Path(args.runs).parent})")
+    print(line)
+    return 0

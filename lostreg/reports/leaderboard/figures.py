@@ -1,0 +1,148 @@
+"""Leaderboard figures: CorLoc without / with registers, and each run's IoU distribution.
+
+Labels are wrapped to the width their slot has, and the figure grows with the number of bars,
+so long model names and settings never run into each other; every figure drawn from smoke
+runs (random weights) says SMOKE in red. ``tests/figure_checks.py`` holds these promises.
+"""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lostreg.evaluation import stats
+from lostreg.reports.leaderboard.markdown import datasets_of
+from lostreg.reports.leaderboard.published import VARIANT_LABELS, VARIANTS
+from lostreg.reports.leaderboard.runs import RunData
+from lostreg.reports.leaderboard.tables import DATASET_LABELS
+
+IOU_BINS = np.linspace(0.0, 1.0, 21)
+SMOKE_MARK = "SMOKE (random weights): not a result"
+TICK_FONT = 7  # points
+# a character's width in ems, generous (wide letters, underscores) so wrapped labels fit
+CHAR_EMS = 0.7
+BAR_COLORS = {"none": "#c6dbef", "trained": "#2171b5", "test-time": "#f16913",
+              "trained+test-time": "#6a51a3"}
+
+
+def figure_png(figure: Any) -> bytes:
+    """PNG bytes of a matplotlib figure (Agg canvas, no pyplot state, no timestamp)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def mark_smoke(figure: Any) -> None:
+    """The red SMOKE line every figure drawn from random-weight runs carries."""
+    figure.suptitle(SMOKE_MARK, color="red", fontsize=10, fontweight="bold")
+
+
+def wrap(text: str, inches: float, fontsize: float = TICK_FONT) -> str:
+    """``text`` wrapped to lines that fit ``inches`` at ``fontsize`` (long names broken)."""
+    width = max(8, int(inches * 72 / (fontsize * CHAR_EMS)))
+    return "\n".join(textwrap.fill(part, width, break_long_words=True, break_on_hyphens=False)
+                     for part in text.split("\n"))
+
+
+def _bar_groups(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """One group per baseline run: its bar, then a bar per variant (registers, test-time)."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for row in rows.to_dict("records"):
+        key = (row["run_id"], row["protocol"])
+        group = groups.setdefault(key, {
+            "label": f"{row['model']}\n{row['method']}: {row['protocol']}",
+            "bars": [("none", row["corloc"], row["ci_low"], row["ci_high"])]})
+        group["bars"].append((row["registers"], row["corloc_reg"], row["ci_low_reg"],
+                              row["ci_high_reg"]))
+    return list(groups.values())
+
+
+def _slot_inches(group: dict[str, Any]) -> float:
+    return max(2.0, 0.55 * len(group["bars"]))
+
+
+def _draw_panel(axis: Any, groups: list[dict[str, Any]], title: str) -> None:
+    """Bars of one dataset (the figure has one legend for all)."""
+    for position, group in enumerate(groups):
+        width = 0.8 / len(group["bars"])
+        for index, (kind, value, low, high) in enumerate(group["bars"]):
+            x = position - 0.4 + width * (index + 0.5)
+            axis.bar(x, value, width, yerr=[[value - low], [high - value]], capsize=3,
+                     color=BAR_COLORS[kind], edgecolor="#08306b",
+                     hatch="//" if kind == "none" else "", label=VARIANT_LABELS[kind])
+    axis.set_xticks(np.arange(len(groups)),
+                    [wrap(group["label"], _slot_inches(group) - 0.2) for group in groups],
+                    fontsize=TICK_FONT)
+    axis.set_title(title)
+    axis.set_xlim(-0.6, len(groups) - 0.4)
+    axis.set_ylim(0, 100)
+
+
+def register_bar_figure(comparison: pd.DataFrame) -> Any:
+    """Grouped bars per dataset: each baseline beside its trained-register and test-time-
+    register variants (ours only), 95% bootstrap intervals."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    ours = comparison[comparison["source"] == "ours"]
+    smoke = bool(ours["smoke"].fillna(False).astype(bool).any())
+    pairs = ours[ours["model_reg"].notna()]
+    if pairs.empty:
+        figure = Figure(figsize=(6.0, 3.0), layout="constrained")
+        axis = figure.add_subplot()
+        axis.axis("off")
+        axis.text(0.5, 0.5, "no register pairs among the runs yet", ha="center", va="center")
+        if smoke:
+            mark_smoke(figure)
+        return figure
+    datasets = [name for name in datasets_of(pairs) if name in set(pairs["dataset"])]
+    panels = [_bar_groups(pairs[pairs["dataset"] == name]) for name in datasets]
+    widths = [sum(_slot_inches(group) for group in groups) for groups in panels]
+    lines = max(wrap(group["label"], _slot_inches(group) - 0.2).count("\n") + 1
+                for groups in panels for group in groups)
+    present = {bar[0] for groups in panels for group in groups for bar in group["bars"]}
+    kinds = [kind for kind in VARIANTS if kind in present]
+    # one row of legend entries (patch, gap, label at 8 pt): the figure is at least that wide
+    legend_inches = sum(0.6 + 0.065 * len(VARIANT_LABELS[kind]) for kind in kinds) + 0.4
+    figure = Figure(figsize=(max(sum(widths) + 1.2, legend_inches), 3.6 + 0.14 * lines),
+                    layout="constrained")
+    axes = figure.subplots(1, len(datasets), sharey=True, squeeze=False,
+                           gridspec_kw={"width_ratios": widths})[0]
+    for axis, name, groups in zip(axes, datasets, panels, strict=True):
+        _draw_panel(axis, groups, DATASET_LABELS.get(name, name))
+    axes[0].set_ylabel("CorLoc (%) with 95% bootstrap CI")
+    figure.legend(handles=[Patch(facecolor=BAR_COLORS[k], edgecolor="#08306b",
+                                 hatch="//" if k == "none" else "", label=VARIANT_LABELS[k])
+                           for k in kinds], loc="outside lower center", ncols=len(kinds),
+                  fontsize=8)
+    if smoke:
+        mark_smoke(figure)
+    return figure
+
+
+def iou_figure(run: RunData) -> Any:
+    """Histogram of each image's best IoU, with the 0.5 hit threshold."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.0, 3.8), layout="constrained")
+    axis = figure.add_subplot()
+    ious = run.predictions["best_iou"].to_numpy(dtype=float)
+    axis.hist(ious, bins=IOU_BINS, color="#2171b5", edgecolor="white")
+    axis.axvline(0.5, color="red", linestyle="--", label="hit threshold 0.5")
+    corloc = stats.corloc_percent(run.predictions["hit"].to_numpy(dtype=bool))
+    title = f"{wrap(run.run_id, 5.2, fontsize=8)}\nCorLoc {corloc:.1f} on {ious.size} images"
+    axis.set_title(title, fontsize=8)
+    axis.set_xlabel("best IoU with a ground-truth box")
+    axis.set_ylabel("images")
+    axis.set_xlim(0, 1)
+    axis.legend(fontsize=8)
+    if run.smoke:
+        mark_smoke(figure)
+    return figure

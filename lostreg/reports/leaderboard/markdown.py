@@ -1,0 +1,175 @@
+"""``comparison.md``: one "no registers -> registers" block per method, then the statistics.
+
+Every row is either ours or published, never a blend; each carries its protocol in words, so
+two rows measured differently are seen to be. Within a row, an ``a -> b`` cell joins two
+measurements under that row's protocol; where our two sides still differ (a note from
+``tables._protocol_note``), the protocol cell says so with a warning sign.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from lostreg.reports.leaderboard.published import VARIANT_LABELS, method_key
+from lostreg.reports.leaderboard.tables import (
+    DATASET_LABELS,
+    PAPER_DATASETS,
+    _present,
+    dataset_rank,
+    method_order,
+    settings_label,
+)
+
+if TYPE_CHECKING:
+    from lostreg.reports.leaderboard import Leaderboard
+
+WARNING = "⚠"
+
+
+def _cell(without: Any, with_: Any) -> str:
+    """``35.3 → 55.4 (+20.1)``; one side missing shows as ``—``, both missing as empty."""
+    if _present(without) and _present(with_):
+        return f"{without:.1f} → {with_:.1f} ({with_ - without:+.1f})"
+    if _present(without):
+        return f"{without:.1f} → —"
+    if _present(with_):
+        return f"— → {with_:.1f}"
+    return ""
+
+
+def _single(row: dict[str, Any]) -> str:
+    """A baseline alone: ours with its 95% interval, a published figure as printed."""
+    if not _present(row.get("corloc")):
+        return ""
+    if row["source"] == "ours":
+        return f"{row['corloc']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+    return f"{row['corloc']:.1f}"
+
+
+def _format_p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def datasets_of(frame: pd.DataFrame) -> list[str]:
+    return sorted(set(PAPER_DATASETS) | set(frame["dataset"].dropna()), key=dataset_rank)
+
+
+def method_title(name: str, published: pd.DataFrame) -> str:
+    """The registry's title of a method, else the name a paper printed, else the name."""
+    from lostreg.methods import METHODS
+
+    spec = METHODS.get(name)
+    if spec is not None and spec.title:
+        return spec.title
+    printed = [text for text in published["method"] if method_key(text) == name]
+    return printed[0] if printed else name
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    protocol = row["protocol"]
+    if _present(row.get("protocol_note")):
+        protocol += f"; {WARNING} {row['protocol_note']}"
+    source = "ours" if row["source"] == "ours" else f"published: {row['paper']}"
+    if row["source"] != "ours" and row.get("verified") == "unverified":
+        source += " (unverified)"
+    models = row["model"]
+    if _present(row.get("model_reg")):
+        models = f"{row['model']} → {row['model_reg']}"
+    registers = VARIANT_LABELS[row["registers"]] if _present(row.get("registers")) else "—"
+    return (row["backbone"], source, models, registers, protocol)
+
+
+def method_block(frame: pd.DataFrame, title: str, datasets: list[str]) -> list[str]:
+    """One method's table: a row per (source, backbone, arrow, protocol), a column per dataset."""
+    labels = [DATASET_LABELS.get(name, name) for name in datasets]
+    lines = [f"## {title}", "",
+             "| Backbone | Source | Models | Registers | Protocol | " + " | ".join(labels) + " |",
+             "|---|---|---|---|---|" + "---|" * len(datasets)]
+    rows: dict[tuple, dict[str, dict]] = {}
+    for row in frame.to_dict("records"):
+        rows.setdefault(_row_key(row), {})[row["dataset"]] = row
+    for key, cells in rows.items():
+        parts = []
+        for name in datasets:
+            row = cells.get(name)
+            if row is None:
+                parts.append("")
+            elif _present(row.get("registers")):
+                parts.append(_cell(row.get("corloc"), row.get("corloc_reg")))
+            else:
+                parts.append(_single(row))
+        lines.append("| " + " | ".join(key) + " | " + " | ".join(parts) + " |")
+    return lines
+
+
+def comparison_markdown(board: Leaderboard) -> str:
+    """One block per method (ours and published rows, protocols beside them), the paired
+    statistics of our arrows, then each published source with its protocol and checks."""
+    frame = board.comparison
+    datasets = datasets_of(frame)
+    lines = [
+        "# Do registers help object discovery? CorLoc without → with registers",
+        "",
+        "CorLoc (%), `without → with (difference in points)`. Each row is **ours** (this suite) "
+        "or **published** (as printed, with the paper's protocol): the two are never blended. "
+        "A cell joins two measurements made under its row's protocol; a baseline with trained "
+        "registers and with a test-time register is two rows from the same baseline. Our "
+        f"single runs show a 95% bootstrap interval. {WARNING} marks a row whose two sides "
+        "differ in a way its protocol cell states. In our protocol cells, the normalisation "
+        "is lostreg's `--normalize`, applied before the method; a method's own step (TokenCut "
+        "L2-normalises its features) is part of the method.",
+    ]
+    methods = sorted(frame["method"].dropna().unique(), key=method_order)
+    for name in methods:
+        lines += ["", *method_block(frame[frame["method"] == name],
+                                    method_title(name, board.published), datasets)]
+    if not methods:
+        lines += ["", "No runs and no published figures to compare."]
+    lines += ["", *statistics_section(frame), "", *sources_section(board.published)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def statistics_section(frame: pd.DataFrame) -> list[str]:
+    pairs = frame[(frame["source"] == "ours") & frame["model_reg"].notna()]
+    lines = ["## Paired statistics (ours)", ""]
+    if pairs.empty:
+        return lines + ["No register pairs among the runs yet (a pair needs a model and its "
+                        "`_reg` twin or `+ttr` variant on the same dataset with the same "
+                        "settings)."]
+    lines += [
+        "Same images for both runs (joined on `image_id`). Difference: with − without, 95% "
+        "paired percentile bootstrap over images (10000 resamples, seed 0). p: exact two-sided "
+        "McNemar test (binomial on the images where exactly one run hits).",
+        "",
+        "| Method | Models | Registers | Dataset | Settings | Images | Without | With | "
+        "Difference [95% CI] | Miss→hit | Hit→miss | McNemar p |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in pairs.to_dict("records"):
+        images = f"{row['n_paired']}"
+        if row["n_paired"] != row["n_images"] or row["n_paired"] != row["n_images_reg"]:
+            images += f" (of {row['n_images']} / {row['n_images_reg']})"
+        lines.append(
+            f"| {row['method']} | {row['model']} → {row['model_reg']} | "
+            f"{VARIANT_LABELS[row['registers']]} | "
+            f"{DATASET_LABELS.get(row['dataset'], row['dataset'])} | {settings_label(row)} | "
+            f"{images} | {row['corloc']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}] | "
+            f"{row['corloc_reg']:.1f} [{row['ci_low_reg']:.1f}, {row['ci_high_reg']:.1f}] | "
+            f"{row['diff']:+.1f} [{row['diff_ci_low']:+.1f}, {row['diff_ci_high']:+.1f}] | "
+            f"{row['miss_to_hit']} | {row['hit_to_miss']} | {_format_p(row['mcnemar_p'])} |")
+    return lines
+
+
+def sources_section(published: pd.DataFrame) -> list[str]:
+    """Each published source once per backbone: citation, protocol, how far it was checked."""
+    lines = ["## Published sources", ""]
+    if published.empty:
+        return lines + ["No published figures file was found; there are no published rows."]
+    columns = ["paper", "backbone", "source", "protocol", "verified", "note"]
+    for record in published[columns].drop_duplicates().to_dict("records"):
+        note = f" {record['note']}" if record["note"] else ""
+        lines.append(f"- **{record['paper']}**, {record['backbone']}: {record['source']}. "
+                     f"Protocol: {record['protocol']}. Checked: {record['verified']}.{note}")
+    return lines

@@ -1,0 +1,302 @@
+"""Reading finished run folders: every value type-checked, hits recomputed, damage skipped.
+
+A finished run folder holds ``config.json``, ``predictions.jsonl`` and ``metrics.json``. The
+leaderboard trusts none of them: each value it uses is type-checked (``lostreg.reports.leaderboard
+.fields``), each image's IoU and hit are recomputed from its box and ground truth with
+``lostreg.evaluation.corloc`` (a line whose stored ``hit`` disagrees is damage, not data), and the three
+files must agree. A folder that fails is *skipped* with one line saying why; the rest of the
+leaderboard is still built (``scan_runs``).
+
+Folders written before the method registry and the protocol axes lack the newer keys; they are
+read with the defaults of the run-folder schema: ``method`` lost (parameters ``k_patches`` and
+``gram_bias`` from the config), ``layer`` -1, ``normalize`` none, ``pos_interp`` original,
+``test_time_registers`` 0.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lostreg.errors import LostregError
+from lostreg.evaluation import stats
+from lostreg.io import read_json_object
+from lostreg.reports.leaderboard.fields import Fields, shown
+from lostreg.reports.leaderboard.predictions import read_predictions
+
+# settings read from config.json that metrics.json may repeat: the two must agree
+CROSS_CHECKED = ("run_id", "model", "dataset", "feature", "method", "method_params", "layer",
+                 "normalize", "pos_interp")
+LEGACY_METHOD = "lost"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The typed settings of one run (config.json, with the schema's defaults)."""
+
+    run_id: str
+    identity: dict
+    model: str
+    timm_name: str
+    family: str
+    num_registers: int
+    test_time_registers: int
+    dataset: str
+    split: str
+    no_hard: bool
+    limit: int | None
+    method: str
+    method_params: dict
+    feature: str
+    layer: int
+    normalize: str
+    pos_interp: str
+    pos_resolved: str | None  # the interpolation mode it resolved to (e.g. dinov2_reg)
+    precision: str
+    weights_source: str | None
+    weights_sha256: str | None
+    num_params: int | None
+    patch_size: int | None
+    lostreg_version: str | None
+    git_commit: str | None
+    device: str | None
+
+
+def _method_params(config: Fields, method: str) -> dict:
+    """``method_params``; a LOST run written before the registry keeps them on the config."""
+    if "method_params" in config.data or method != LEGACY_METHOD:
+        params = dict(config.scalars("method_params", {}))
+    else:
+        params = {"k_patches": config.integer("k_patches", minimum=1),
+                  "gram_bias": config.number("gram_bias")}
+    if method == LEGACY_METHOD:
+        checked = Fields(params, f"{config.where} (method_params)")
+        params["k_patches"] = checked.integer("k_patches", minimum=1)
+        params["gram_bias"] = checked.number("gram_bias")
+    return dict(sorted(params.items()))
+
+
+def _weights(config: Fields) -> tuple[str | None, str | None]:
+    weights = config.data.get("weights")
+    if isinstance(weights, str):
+        return weights, None
+    described = Fields(config.mapping("weights"), f"{config.where} (weights)")
+    return (described.text("source", None, optional=True),
+            described.text("sha256", None, optional=True))
+
+
+def parse_config(data: dict, where: str) -> RunInfo:
+    """Every setting the leaderboard uses, type-checked, with the schema's defaults."""
+    config = Fields(data, where)
+    identity = config.mapping("identity")
+    method = config.text("method", LEGACY_METHOD)
+    source, sha256 = _weights(config)
+    return RunInfo(
+        run_id=config.text("run_id", None, optional=True) or "",
+        identity=identity,
+        model=config.text("model"), timm_name=config.text("timm_name"),
+        family=config.text("family"),
+        num_registers=config.integer("num_registers", minimum=0),
+        test_time_registers=config.integer("test_time_registers", 0, minimum=0),
+        dataset=config.text("dataset"), split=config.text("split"),
+        no_hard=config.flag("no_hard"),
+        limit=Fields(identity, f"{where} (identity)").integer("limit", None, minimum=1,
+                                                               optional=True),
+        method=method, method_params=_method_params(config, method),
+        feature=config.text("feature"), layer=config.integer("layer", -1),
+        normalize=config.text("normalize", "none"),
+        pos_interp=config.text("pos_interp", "original"),
+        pos_resolved=config.text("pos_embed_interpolation", None, optional=True),
+        precision=config.text("precision"),
+        weights_source=source, weights_sha256=sha256,
+        num_params=config.integer("num_params", None, minimum=0, optional=True),
+        patch_size=config.integer("patch_size", None, minimum=1, optional=True),
+        lostreg_version=config.text("lostreg_version", None, optional=True),
+        git_commit=config.text("git_commit", None, optional=True),
+        device=config.text("device_name", None, optional=True)
+        or config.text("device", None, optional=True),
+    )
+
+
+@dataclass
+class RunData:
+    """One finished run as the leaderboard sees it (predictions with recomputed hits)."""
+
+    run_dir: Path
+    config: dict
+    metrics: dict
+    predictions: pd.DataFrame
+    smoke: bool
+    finished: datetime
+    info: RunInfo = field(repr=False, default=None)  # type: ignore[assignment]
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.info is None:  # built by hand (notebooks): parse what was given
+            self.info = parse_config(self.config, str(self.run_dir / "config.json"))
+
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id or self.run_dir.name
+
+    @property
+    def identity_key(self) -> str:
+        """Runs with equal identities (and equal method/protocol) are one entry."""
+        info = self.info
+        resolved = {"method": info.method, "method_params": info.method_params,
+                    "feature": info.feature, "layer": info.layer, "normalize": info.normalize,
+                    "pos_interp": info.pos_interp, "ttr": info.test_time_registers}
+        return json.dumps({"identity": info.identity, "resolved": resolved}, sort_keys=True)
+
+    @property
+    def limit(self) -> int | None:
+        return self.info.limit
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """CorLoc and its bootstrap interval, computed once (leaderboard and pairs share it)."""
+        hits = self.predictions["hit"].to_numpy(dtype=bool)
+        low, high = stats.bootstrap_corloc_ci(hits)
+        return {"n": int(hits.size), "n_hits": int(hits.sum()),
+                "corloc": stats.corloc_percent(hits), "low": low, "high": high}
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that must be equal for two runs to be compared in one cell: dataset and
+        images, method and its parameters, and the protocol (feature, layer, normalisation,
+        position-embedding interpolation, precision)."""
+        info = self.info
+        return {"dataset": info.dataset, "split": info.split, "no_hard": info.no_hard,
+                "limit": info.limit, "method": info.method,
+                "method_params": json.dumps(info.method_params, sort_keys=True),
+                "feature": info.feature, "layer": info.layer, "normalize": info.normalize,
+                "k": info.method_params.get("k_patches"),
+                "gram_bias": info.method_params.get("gram_bias"),
+                "pos_interp": info.pos_interp, "precision": info.precision,
+                "smoke": self.smoke}
+
+
+def is_smoke(config: dict, metrics: dict) -> bool:
+    """Random weights in any of the places a run records them: a smoke run, not a result."""
+    weights = config.get("weights") or {}
+    source = weights.get("source") if isinstance(weights, dict) else weights
+    identity = config.get("identity")
+    return bool(config.get("smoke_run") is True or metrics.get("smoke_run") is True
+                or metrics.get("weights") == "random" or source == "random"
+                or (isinstance(identity, dict) and identity.get("weights") == "random"))
+
+
+def _parse_time(value: str, path: Path) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise LostregError(f"{path}: 'finished' is not an ISO timestamp: {shown(value)}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _seconds(metrics: Fields) -> float | None:
+    """``seconds`` is a number or ``{"total": number, ...}``; absent is fine."""
+    value = metrics.data.get("seconds")
+    if isinstance(value, dict):
+        return Fields(value, f"{metrics.where} (seconds)").number("total", None, optional=True)
+    return metrics.number("seconds", None, optional=True)
+
+
+def _cross_check(config: dict, metrics: dict, path: Path) -> None:
+    """metrics.json repeats some settings; a disagreement means files from two runs."""
+    for key in CROSS_CHECKED:
+        if key in metrics and key in config and metrics[key] != config[key]:
+            raise LostregError(f"{path}: '{key}' is {shown(metrics[key])} but config.json says "
+                               f"{shown(config[key])} (files from two different runs?)")
+    for key in ("smoke_run",):
+        for name, data in (("config.json", config), ("metrics.json", metrics)):
+            if key in data and not isinstance(data[key], bool):
+                raise LostregError(f"{path.parent / name}: '{key}' must be true or false, not "
+                                   f"{shown(data[key])}")
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read one finished run folder, check every value and that its three files agree."""
+    run_dir = Path(run_dir)
+    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
+    missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
+    metrics_data = read_json_object(metrics_path, missing)
+    config = read_json_object(config_path, missing)
+    info = parse_config(config, str(config_path))
+    metrics = Fields(metrics_data, str(metrics_path))
+    n_images, n_hits = metrics.integer("n_images", minimum=0), metrics.integer("n_hits", minimum=0)
+    finished = _parse_time(metrics.text("finished"), metrics_path)
+    seconds = _seconds(metrics)
+    _cross_check(config, metrics_data, metrics_path)
+    predictions_path = run_dir / "predictions.jsonl"
+    predictions = read_predictions(predictions_path)
+    hits = int(predictions["hit"].sum())
+    if len(predictions) != n_images or hits != n_hits:
+        raise LostregError(
+            f"{predictions_path}: {hits}/{len(predictions)} hits/images but metrics.json says "
+            f"{n_hits}/{n_images}; rerun the run to rewrite it")
+    return RunData(run_dir, config, metrics_data, predictions, is_smoke(config, metrics_data),
+                   finished, info, seconds)
+
+
+@dataclass
+class ScanResult:
+    """What ``scan_runs`` found: the runs, and what it left out and why."""
+
+    runs: list[RunData]
+    skipped: list[str] = field(default_factory=list)  # one line per unreadable folder
+    smoke_excluded: int = 0  # smoke runs left out (no --include-smoke)
+    unfinished: int = 0  # folders without metrics.json
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
+def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
+              report: Callable[[str], None] | None = _stderr) -> ScanResult:
+    """Finished runs under ``runs_dir`` (folders with metrics.json), one per identity.
+
+    A folder that cannot be read is skipped with one line (``report``, stderr by default)
+    naming it and the reason; the others are still read. Two folders with the same identity
+    are the same experiment: the newest by ``finished`` is kept (ties broken by run id, so the
+    choice never depends on disk order).
+    """
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise LostregError(f"{runs_dir}: runs folder not found (run python -m lostreg.run first)")
+    folders = sorted(path for path in runs_dir.iterdir() if path.is_dir())
+    result = ScanResult(runs=[])
+    runs: list[RunData] = []
+    for folder in folders:
+        if not (folder / "metrics.json").exists():
+            result.unfinished += 1
+            continue
+        try:
+            runs.append(load_run(folder))
+        except LostregError as exc:
+            result.skipped.append(f"skipped {folder}: {exc}")
+            if report is not None:
+                report(result.skipped[-1])
+    if not include_smoke:
+        result.smoke_excluded = sum(run.smoke for run in runs)
+        runs = [run for run in runs if not run.smoke]
+    result.runs = _newest_per_identity(runs)
+    return result
+
+
+def _newest_per_identity(runs: Sequence[RunData]) -> list[RunData]:
+    newest: dict[str, RunData] = {}
+    for run in runs:
+        kept = newest.get(run.identity_key)
+        if kept is None or (run.finished, run.run_id) > (kept.finished, kept.run_id):
+            newest[run.identity_key] = run
+    return sorted(newest.values(), key=lambda run: run.run_id)

@@ -1,0 +1,453 @@
+"""Run bookkeeping: a run's identity and folder, resuming it, and the files it leaves.
+
+``results/runs/<run-id>/`` holds ``config.json`` (every setting plus provenance),
+``predictions.jsonl`` (one line per image, appended durably batch by batch) and, once the run
+is complete, ``metrics.json``. The run id is a readable name plus a hash of every setting that
+changes a result (``run_identity``), so a rerun of the same command finds its folder and
+computes only the images not yet written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+import lostreg
+from lostreg import timeline
+from lostreg.backbones import Backbone
+from lostreg.datasets import DATASETS, DataChecks
+from lostreg.datasets.base import DatasetIndex, ImageRecord
+from lostreg.errors import LostregError
+from lostreg.evaluation.corloc import corloc
+from lostreg.features.extract import FeatureRequest, resolve_layer
+from lostreg.features.pipeline import BackboneInfo
+from lostreg.io import JsonlAppender, atomic_write_json
+from lostreg.methods import MethodSpec
+from lostreg.runs import distributed
+from lostreg.runs.config import SMOKE_NOTE, RunConfig, feature_request, method_of, method_params
+from lostreg.runs.distributed import DistContext
+from lostreg.runs.predictions import corloc_of, load_predictions
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    corloc: float
+    n_images: int
+    n_hits: int
+    smoke: bool
+    summary: str
+    status: str = ""
+
+
+# --- identity ------------------------------------------------------------------------------
+
+
+def dataset_is_complete(index: DatasetIndex) -> bool:
+    """True unless a registry dataset (VOC07: 5011, VOC12: 11540, COCO20k: 19817 images) has
+    another image count; ``--no-hard`` indexes are smaller by design and not checked."""
+    spec = DATASETS.get(index.name)
+    expected = spec.expected_images if spec is not None else None
+    return expected is None or index.no_hard or len(index) == expected
+
+
+def check_dataset_complete(index: DatasetIndex, allow_partial: bool) -> None:
+    """Every image counts in CorLoc, so a run on an incomplete dataset is refused unless asked
+    for; such a run gets its own run id (``dataset_images`` in its identity)."""
+    if allow_partial or dataset_is_complete(index):
+        return
+    expected = DATASETS[index.name].expected_images
+    raise LostregError(
+        f"{index.root}: {index.name} {index.split} lists {len(index)} images, expected {expected} "
+        "(incomplete download or modified split file?); fix the data, or pass "
+        "--allow-partial-dataset for a run that is not comparable with published figures"
+    )
+
+
+def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: DatasetIndex,
+                 request: FeatureRequest, params: dict[str, Any]) -> dict:
+    """The settings that decide the results; their hash names the run directory.
+
+    Settings added after the first release enter only when they differ from their default
+    (``layer``, ``normalize``, a method other than LOST), so older runs keep their ids.
+    """
+    identity = {
+        "lostreg_version": lostreg.__version__,
+        "model": backbone.spec.name,
+        "timm_name": backbone.spec.timm_name,
+        "pos_embed": backbone.spec.pos_embed,
+        "weights": backbone.weights.identity(),
+        "dataset": index.name,
+        "split": index.split,
+        "no_hard": index.no_hard,
+        "limit": config.limit,
+        "feature": request.kind,
+        "precision": config.precision,
+        **method_of(config).identity(params),
+        **backbone.spec.identity_extras(),  # --pos-interp timm, +ttr with its neuron list
+    }
+    if request.layer != -1:
+        identity["layer"] = request.layer
+    if config.normalize != "none":
+        identity["normalize"] = config.normalize
+    if not dataset_is_complete(index):
+        identity["dataset_images"] = len(index)
+    return identity
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _safe_model(identity: dict) -> str:
+    return identity["model"].replace(":", "_").replace("/", "_")
+
+
+def legacy_run_id(identity: dict, smoke: bool) -> str:
+    """The run id of releases before readable names (``<dataset>-<model>-<feature>-<hash>``);
+    folders named so are still found and reused."""
+    prefix = "smoke-" if smoke else ""
+    return f"{prefix}{identity['dataset']}-{_safe_model(identity)}-{identity['feature']}-{_digest(identity)}"
+
+
+FEATURE_WORDS = {"q": "queries", "k": "keys", "v": "values", "attn": "clsattn"}
+
+
+def settings_label(identity: dict) -> str:
+    """The readable middle of a run id: method, feature (and layer), then every setting that
+    differs from its default, e.g. ``lost-keys``, ``lost-values-k50-bias-0.1``,
+    ``tokencut-keys@L-2-l2-tau0.3``."""
+    method = identity.get("method", "lost")
+    feature = FEATURE_WORDS.get(identity["feature"], identity["feature"])
+    if "layer" in identity:
+        feature += f"@L{identity['layer']}"
+    parts = [method, feature]
+    if "pos_interp" in identity:
+        parts.append(f"pos{identity['pos_interp']}")
+    if "normalize" in identity:
+        parts.append(identity["normalize"])
+    if method == "lost":
+        params = {"k_patches": identity["k_patches"], "gram_bias": identity["gram_bias"]}
+    else:
+        params = identity.get("method_params", {})
+    spec = method_of(RunConfig(method=method))
+    short = {"k_patches": "k", "gram_bias": "bias"}
+    for param in spec.params:  # in the method's own order
+        name, value = param.name, params.get(param.name, param.default)
+        if value != param.default:
+            text = f"{value:g}" if isinstance(value, float) else str(value).lower()
+            parts.append(f"{short.get(name, name)}{text}")
+    return "-".join(parts)
+
+
+def make_run_id(identity: dict, smoke: bool) -> str:
+    """``[smoke-]<dataset>-<model>-<settings>-<hash>``: readable, and unique through the hash."""
+    prefix = "smoke-" if smoke else ""
+    name = f"{prefix}{identity['dataset']}-{_safe_model(identity)}-{settings_label(identity)}"
+    return f"{name}-{_digest(identity)}"
+
+
+def find_run_id(output: Path, identity: dict, smoke: bool) -> str:
+    """This identity's folder name under ``output``: the readable one, or the legacy one when
+    only that exists (so earlier runs stay resumable and keep their folder)."""
+    new, old = make_run_id(identity, smoke), legacy_run_id(identity, smoke)
+    if not (output / new).exists() and (output / old).is_dir():
+        return old
+    return new
+
+
+# --- what a run writes ---------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the lostreg checkout, with ``-dirty`` when it has local changes (asked
+    once per process: the code that runs is the code that was imported)."""
+    repo = Path(lostreg.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
+               device: torch.device) -> dict:
+    """What every artefact records to be traceable to its inputs: model, weights (sha256),
+    dataset, code version, library versions, device; plus the smoke flag and note."""
+    import timm
+
+    smoke = backbone.weights.is_random
+    return {
+        "model": backbone.spec.name,
+        "timm_name": backbone.spec.timm_name,
+        "family": backbone.spec.family,
+        "patch_size": backbone.spec.patch_size,
+        "num_registers": backbone.spec.num_registers,
+        "num_params": backbone.num_params,
+        "pos_embed_interpolation": backbone.spec.pos_embed_mode,
+        **backbone.spec.describe(),  # pos_interp, test_time_registers, ttr_neurons
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "weights": dataclasses.asdict(backbone.weights),
+        "smoke_run": smoke,
+        "dataset": index.name,
+        "split": index.split,
+        "data_root": os.path.abspath(index.root),
+        "no_hard": index.no_hard,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        "lostreg_version": lostreg.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "python_version": sys.version.split()[0],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **({"note": SMOKE_NOTE} if smoke else {}),
+    }
+
+
+@dataclass
+class RunFolder:
+    """One run of a pass: its settings, identity, folder and what it still needs."""
+
+    config: RunConfig
+    method: MethodSpec
+    params: dict[str, Any]
+    request: FeatureRequest
+    identity: dict
+    run_id: str
+    run_dir: Path
+    pending: set[int] = field(default_factory=set)  # dataset positions still missing (all ranks)
+    out: JsonlAppender | None = None
+    finished: bool = False  # complete before this command: its files are left as they are
+
+    @property
+    def feature(self) -> str:
+        return self.request.kind
+
+    def settings(self) -> dict[str, Any]:
+        """What config.json and metrics.json say about the run's method and features."""
+        lost = self.method.name == "lost"  # LOST's parameters are also top-level keys
+        return {"method": self.method.name, "method_params": self.params,
+                "feature": self.request.kind, "layer": self.request.layer,
+                "normalize": self.config.normalize,
+                "k_patches": self.config.k_patches if lost else None,
+                "gram_bias": float(self.config.gram_bias) if lost else None,
+                "precision": self.config.precision}
+
+    def append(self, lines: list[dict], ctx: DistContext) -> None:
+        """Append ``lines`` (this rank's part file under torchrun); ``sync`` makes them
+        durable. Written lines survive a killed process at once, so resume stays exact."""
+        if self.out is None:
+            self.out = JsonlAppender(distributed.predictions_target(self.run_dir, ctx))
+        self.out.write_many(lines, sync=False)
+
+    def sync(self) -> None:
+        if self.out is not None:
+            self.out.sync()
+
+    def close(self) -> None:
+        if self.out is not None:
+            self.out.close()
+
+
+def describe_run(config: RunConfig, info: BackboneInfo, index: DatasetIndex,
+                 extra_identity: dict | None = None) -> RunFolder:
+    """The run ``config`` makes of this backbone and dataset (no file touched)."""
+    spec = method_of(config)
+    params = method_params(config)
+    request = feature_request(config, info.spec.default_feature)
+    resolve_layer(request.layer, info.depth)  # a layer the model lacks: one line, before work
+    identity = {**run_identity(config, info, index, request, params), **(extra_identity or {})}
+    smoke = info.weights.is_random
+    run_id = find_run_id(Path(config.output), identity, smoke)
+    return RunFolder(config, spec, params, request, identity, run_id, Path(config.output) / run_id)
+
+
+def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: DatasetIndex,
+                 device: torch.device, numerics: dict, extra: dict | None = None) -> dict:
+    payload = {
+        "run_id": run.run_id,
+        "identity": run.identity,
+        # paths absolute: analyze, verify and the notebook read them from any directory
+        "settings": {k: (os.path.abspath(v) if isinstance(v, Path) else v)
+                     for k, v in dataclasses.asdict(run.config).items()},
+        **provenance(backbone, index, device),
+        **run.settings(),
+        "numerics": numerics,
+        **(extra or {}),
+    }
+    atomic_write_json(run.run_dir / "config.json", payload)
+    return payload
+
+
+def is_finished(run: RunFolder) -> bool:
+    """Whether a run was complete before this command: every prediction in its merged file,
+    no per-rank part left, its config.json and metrics.json written. Rerunning such a run
+    changes nothing on disk, so metrics.json keeps the timings of the work it did."""
+    return (not run.pending and (run.run_dir / "metrics.json").is_file()
+            and (run.run_dir / "config.json").is_file()
+            and not distributed.part_files(run.run_dir))
+
+
+def check_unique(runs: Sequence[RunFolder]) -> None:
+    seen: set[str] = set()
+    for run in runs:
+        if run.run_id in seen:
+            raise LostregError(f"two runs of one command have the same settings ({run.run_id}); "
+                               "list each value of a comma list once")
+        seen.add(run.run_id)
+
+
+def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: Path,
+              patch_size: int, write: bool, config_writer: Callable[[RunFolder], Any]) -> None:
+    """Create the folders, read back and validate what each run already holds (bad lines are
+    quarantined and their images recomputed, see ``lostreg.runs.predictions``), write config.json
+    of unfinished runs (``write``: this process is rank 0, the only one that repairs)."""
+    for run in runs:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        loaded = load_predictions(run.run_dir, records, root=root, repair=write,
+                                  box_slack=patch_size - 1)
+        run.pending = {p for p, r in enumerate(records) if r.image_id not in loaded.lines}
+        run.finished = is_finished(run) and not loaded.problems
+        if write and not run.finished:
+            config_writer(run)
+
+
+def remove_unused(run_dirs: Sequence[Path]) -> None:
+    """Delete run folders this command created that still hold nothing but ``config.json``."""
+    for run_dir in run_dirs:
+        if {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+            (run_dir / "config.json").unlink(missing_ok=True)
+            run_dir.rmdir()
+
+
+# --- finishing -----------------------------------------------------------------------------
+
+
+class RunScore(NamedTuple):
+    """A run's CorLoc and, when this command finished it, the data checks to warn about."""
+
+    corloc: float
+    n_hits: int
+    n_images: int
+    warnings: list[str]
+
+
+def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, patch_size: int,
+             run_id: str, smoke: bool, summary_fields: dict, seconds: dict) -> RunScore:
+    """Merge the validated predictions (the file and any per-rank parts) in dataset order, so
+    a resumed or distributed run's file equals an uninterrupted one's, and write metrics.json
+    atomically: its figures always come from the validated lines, hits recomputed, and it
+    counts what the data needed (boxes clipped, zero-area boxes, images whose annotated size
+    was not their size: ``data_checks``)."""
+    ordered = distributed.merge_predictions(run_dir, index_records, root, patch_size - 1)
+    score, n_hits, n_images = corloc(line["hit"] for line in ordered)
+    checks = DataChecks.of_run(index_records, ordered)
+    timeline.mark("first run finished")
+    metrics = {
+        "run_id": run_id,
+        "corloc": round(score, 4),
+        "n_images": n_images,
+        "n_hits": n_hits,
+        "smoke_run": smoke,
+        "weights": "random" if smoke else "pretrained",
+        "seconds": seconds,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # when this process reached each step, in seconds since it started (lostreg.timeline)
+        "startup": timeline.marks(),
+        "data_checks": checks.to_json(),
+        **summary_fields,
+    }
+    if smoke:
+        metrics["note"] = SMOKE_NOTE
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    return RunScore(score, n_hits, n_images, checks.warnings(summary_fields["dataset"]))
+
+
+def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetIndex,
+               info: BackboneInfo, total: float, everyone: list[dict], ctx: DistContext,
+               n_runs: int) -> RunScore:
+    """CorLoc of a run at the end of its pass: read back when it was finished before,
+    otherwise merged and written with its timings."""
+    if run.finished:
+        return RunScore(*corloc_of(load_predictions(
+            run.run_dir, records, root=index.root, repair=False,
+            box_slack=info.patch_size - 1).lines, records), [])
+    computed = len(run.pending)
+    seconds = {
+        "total": round(total, 3),
+        "model_and_lost": round(max(s["forward"] + s["method"] for s in everyone), 3),
+        # where the time went (the slowest rank's): waiting for decoded batches, copying
+        # them to the device, the backbone (or cache reads), the methods, the line writer
+        # (a background thread, so it overlaps the rest)
+        **{key: round(max(s[stat] for s in everyone), 3) for key, stat in (
+            ("load_wait", "load"), ("transfer", "transfer"), ("features", "forward"),
+            ("method", "method"), ("write", "write"))},
+        "images_computed": computed,
+        "images_per_second": round(computed / total, 3) if total > 0 else None,
+        "backbone_images": sum(s["backbone_images"] for s in everyone),
+        "cached_images": sum(s["cached_images"] for s in everyone),
+        "world_size": ctx.world_size,
+        "runs_in_pass": n_runs,
+    }
+    summary_fields = {"model": info.spec.name, "timm_name": info.spec.timm_name,
+                      "dataset": index.name, "split": index.split, **run.settings(),
+                      "no_hard": index.no_hard, "resumed_with": len(records) - computed}
+    return finalize(run.run_dir, records, index.root, info.patch_size, run.run_id,
+                    info.weights.is_random, summary_fields, seconds)
+
+
+def run_status(run: RunFolder, n_images: int) -> str:
+    """``new``, ``resumed (n of N were done)`` or ``already finished``: what this command did."""
+    if run.finished:
+        return "already finished"
+    done = n_images - len(run.pending)
+    return "new" if done == 0 else f"resumed ({done} of {n_images} were done)"
+
+
+def summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, model: str,
+                 run: RunFolder, smoke: bool, status: str) -> str:
+    """The one line a run prints: CorLoc, what it was measured on, every setting that changes
+    the result, what this command did and where the run folder is."""
+    summary = (f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} "
+               f"{model} {run.request.label} {run.method.name}")
+    defaults = run.method.defaults()
+    short = {"k_patches": "k"}
+    for name, value in run.params.items():
+        if value != defaults[name]:
+            summary += f" {short.get(name, name)}={value:g}" if isinstance(value, float) \
+                else f" {short.get(name, name)}={value}"
+    if run.config.normalize != "none":
+        summary += f" normalize={run.config.normalize}"
+    if run.config.pos_interp != "original":
+        summary += f" pos_interp={run.config.pos_interp}"
+    if index.no_hard:
+        summary += " no_hard"
+    if run.config.precision != "fp32":
+        summary += f" {run.config.precision}"
+    if run.config.limit:
+        summary += f" limit={run.config.limit}"
+    if "feature_cache" in run.identity:  # rounded cached features: not the exact result
+        summary += f" cache={run.identity['feature_cache']}"
+    summary += f" | {status}: {run.run_dir}"
+    if smoke:
+        summary += f"  [{SMOKE_NOTE}]"
+    return summary
