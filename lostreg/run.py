@@ -1,51 +1,33 @@
 """``python -m lostreg.run``: object-discovery CorLoc of backbones on datasets, resumable, at scale.
 
-This module is the command line and the grid: which runs a command asks for, and in which
-order they are done. The work itself reads bottom to top through
+This module is the command line: flags -> ``RunConfig`` and the grid's axes -> ``lostreg.runs
+.grid.run_grid``. Follow one image through the stages, bottom to top:
 
-* ``lostreg.features.pipeline``: image files -> padded batches on the device -> feature maps (or the
-  feature cache);
-* ``lostreg.methods``: feature maps -> one box per image (LOST, TokenCut, DINO-seg, ...);
-* ``lostreg.runs.sweep``: one pass of a backbone over a dataset serving every run that shares it;
-* ``lostreg.runs.folder``: each run's identity, folder, resume and files;
-* ``lostreg.evaluation.corloc``: CorLoc.
+* ``lostreg.datasets``: the image's record (path, size, ground truth);
+* ``lostreg.features``: image file -> padded batch on the device -> feature map (or the cache);
+* ``lostreg.methods``: feature maps -> one box (and its patch mask) per image;
+* ``lostreg.evaluation``: the box against the ground truth (CorLoc);
+* ``lostreg.runs``: the pass serving every run that shares it, each run's folder and files.
 
-At scale (see the README section "Scale"):
-
-* one command runs a grid (``--model a,b --dataset voc07,voc12 --features k,v --method
-  lost,tokencut``) or a suite (``--suite paper``): each model is built once, each dataset
-  indexed once;
-* runs that differ only in what they do with the backbone's output (method and parameters,
-  feature kind, layer, normalisation) share one pass over the images (the backbone runs once
-  per image), one run folder each;
-* ``--cache-features`` stores the backbone's features per image, so a later pass over cached
-  images never builds the model (the run id only needs the weights' hash);
-* under ``torchrun`` each rank computes every N-th missing image and writes its own part;
-  rank 0 merges them into the same ``predictions.jsonl`` one process writes.
+At scale (see the README section "Scale"): one command runs a grid (``--model a,b --dataset
+voc07,voc12 --features k,v --method lost,tokencut``) or a suite (``--suite paper``); runs that
+differ only in what they do with the backbone's output share one pass over the images;
+``--cache-features`` keeps features per image; under ``torchrun`` each rank computes every N-th
+missing image and rank 0 merges the parts.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import itertools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lostreg import timeline
-from lostreg.backbones import (
-    POS_INTERP_CHOICES,
-    Backbone,
-    BackboneSpec,
-    get_backbone_spec,
-    list_backbones,
-    with_pos_interp,
-)
+from lostreg.backbones import POS_INTERP_CHOICES, list_backbones
 from lostreg.cli import HelpFormatter, ListsParser, add_compute_options, add_ttr_neurons_option
-from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
-from lostreg.datasets.base import DatasetIndex
+from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
 from lostreg.features.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
 from lostreg.features.extract import FEATURE_KINDS
@@ -61,272 +43,27 @@ from lostreg.features.pipeline import (  # noqa: F401 - re-exported: tests and b
     use_device,
     warm_start,
 )
-from lostreg.methods import DEFAULT_METHOD, METHODS, Param, get_method
+from lostreg.methods import DEFAULT_METHOD, METHODS, Param
 from lostreg.runs import distributed
 from lostreg.runs.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
     NORMALIZATIONS,
     PRECISIONS,
     SMOKE_NOTE,
     RunConfig,
-    check_config,
-    pass_key,
 )
-from lostreg.runs.folder import RunResult, check_dataset_complete
-from lostreg.runs.sweep import run_pass
-
-SUITES = ("paper", "methods")
-
-
-# --- from settings to runs -----------------------------------------------------------------
-
-
-def run_benchmark(config: RunConfig, backbone: Backbone | None = None,
-                  index: DatasetIndex | None = None) -> RunResult:
-    """Run (or resume) one benchmark run and return its CorLoc; see the module docstring."""
-    return run_sweep([config], backbone=backbone, index=index)[0]
-
-
-def run_sweep(configs: Sequence[RunConfig], backbone: Backbone | None = None,
-              index: DatasetIndex | None = None) -> list[RunResult]:
-    """Run (or resume) several runs that differ only in what they do with the backbone's
-    output (``lostreg.runs.config.SWEPT``: method and parameters, features, layer, normalisation)
-    in one pass over the images. One folder per run."""
-    if not configs:
-        return []
-    base = configs[0]
-    for config in configs:
-        check_config(config)
-        if pass_key(config) != pass_key(base):
-            raise ValueError("run_sweep: configs may differ only in method, method parameters, "
-                             "features, layer and normalisation; use run_grid for the rest")
-    return run_grid(base, pairs=[(base.model, base.dataset)], sweep=configs,
-                    backbone=backbone, index=index)
-
-
-def _method_axes(spec_name: str, base: RunConfig, values: dict[str, list[Any]]
-                 ) -> list[tuple[str, list[Any]]]:
-    """Each parameter of a method with the values to sweep (given, or the base's)."""
-    axes = []
-    for param in get_method(spec_name).params:
-        if param.name in values:
-            axes.append((param.name, values[param.name]))
-        elif param.on_config:
-            axes.append((param.name, [getattr(base, param.name)]))
-        else:
-            axes.append((param.name, [base.method_params.get(param.name, param.default)]))
-    return axes
-
-
-def _features_for(method: str, features: Sequence[str | None], several: bool) -> list[str | None]:
-    """The feature kinds a method runs on: a method that reads fixed kinds (DINO-seg: attn)
-    keeps those of ``features`` it can read, or its own default, when it shares the command
-    with other methods; alone, it is checked (a wrong kind is one clear line)."""
-    kinds = get_method(method).feature_kinds
-    if kinds is None or not several:
-        return list(features)
-    return [f for f in features if f in kinds] or [None]
-
-
-def expand_sweep(base: RunConfig, *, methods: Sequence[str] | None = None,
-                 features: Sequence[str | None] | None = None,
-                 layers: Sequence[int] | None = None,
-                 normalizations: Sequence[str] | None = None,
-                 values: dict[str, list[Any]] | None = None) -> list[RunConfig]:
-    """Every run of a pass: methods x feature kinds x layers x normalisations x each method's
-    own parameter values (``values`` by parameter name; LOST's ``k_patches``/``gram_bias``
-    too). None keeps ``base``'s value. Duplicates are dropped, order kept."""
-    methods = list(methods or [base.method])
-    values = dict(values or {})
-    owners = {p.name: name for name, spec in METHODS.items() for p in spec.params}
-    for name in values:
-        if owners.get(name) not in methods:
-            raise LostregError(f"{_flag(name)} is a setting of {owners.get(name, '?')}; add it "
-                               "to --method to use it")
-    sweep: list[RunConfig] = []
-    for method in methods:
-        axes = _method_axes(method, base, values)
-        for feature, layer, normalize, combo in itertools.product(
-                _features_for(method, features or [base.features], len(methods) > 1),
-                layers or [base.layer], normalizations or [base.normalize],
-                itertools.product(*(v for _, v in axes))):
-            chosen = dict(zip((name for name, _ in axes), combo, strict=True))
-            on_config = {p.name: chosen.pop(p.name) for p in get_method(method).params
-                         if p.on_config}
-            config = dataclasses.replace(base, method=method, features=feature, layer=layer,
-                                         normalize=normalize, method_params=chosen, **on_config)
-            if config not in sweep:
-                sweep.append(config)
-    return sweep
-
-
-def _flag(name: str) -> str:
-    for spec in METHODS.values():
-        for param in spec.params:
-            if param.name == name:
-                return param.cli_flag
-    return "--" + name.replace("_", "-")
+from lostreg.runs.folder import RunResult
+from lostreg.runs.grid import (  # noqa: F401 - the Python API of runs, re-exported
+    expand_sweep,
+    run_benchmark,
+    run_grid,
+    run_sweep,
+)
+from lostreg.runs.suites import SUITES, get_suite
 
 
 def paper_suite() -> list[tuple[str, str]]:
-    """``lostreg.reports.leaderboard.PAPER_SUITE`` (the runs behind the comparison table)."""
-    from lostreg.reports.leaderboard import PAPER_SUITE
-
-    return [(str(m), str(d)) for m, d in PAPER_SUITE]
-
-
-METHODS_SUITE_MODELS = ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4")
-METHODS_SUITE_DATASETS = ("voc07", "voc12", "coco20k")
-
-
-def methods_suite() -> tuple[list[tuple[str, str]], list[str], dict[str, list[Any]]]:
-    """``--suite methods``: DINO ViT-S/16 and DINOv2 ViT-L/14 with and without registers x
-    LOST, TokenCut and DINO-seg x VOC07, VOC12, COCO 20k. DINO-seg runs both variants (the
-    reference's quirks and the corrected one): what the quirks cost is a finding of its own.
-    Returns the (model, dataset) pairs, the methods and the method values it sets."""
-    pairs = [(m, d) for m in METHODS_SUITE_MODELS for d in METHODS_SUITE_DATASETS]
-    methods = [name for name in ("lost", "tokencut", "dinoseg") if name in METHODS]
-    return pairs, methods, {"dinoseg_variant": ["reference", "corrected"]}
-
-
-def _group_by_model(pairs: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    by_model: dict[str, list[str]] = {}
-    for model, dataset in pairs:
-        if dataset not in by_model.setdefault(model, []):
-            by_model[model].append(dataset)
-    return by_model
-
-
-def _check_datasets_present(base: RunConfig, datasets: Sequence[str]) -> None:
-    """Every dataset name is known and, with ``--no-download``, every dataset is there before
-    any run starts."""
-    for dataset in dict.fromkeys(datasets):
-        spec = get_dataset(dataset)  # an unknown name fails here, before any work
-        if not base.download and not spec.is_present(Path(base.data_root)):
-            load_dataset(dataset, base.data_root, download=False)  # says what is missing
-
-
-def run_grid(base: RunConfig, models: Sequence[str] | None = None,
-             datasets: Sequence[str] | None = None, *,
-             features: Sequence[str | None] | None = None,
-             k_patches: Sequence[int] | None = None,
-             gram_biases: Sequence[float] | None = None,
-             methods: Sequence[str] | None = None,
-             method_values: dict[str, list[Any]] | None = None,
-             layers: Sequence[int] | None = None,
-             normalizations: Sequence[str] | None = None,
-             pos_interps: Sequence[str] | None = None,
-             pairs: Sequence[tuple[str, str]] | None = None,
-             sweep: Sequence[RunConfig] | None = None,
-             backbone: Backbone | None = None, index: DatasetIndex | None = None,
-             on_result: Callable[[RunResult], None] | None = None) -> list[RunResult]:
-    """Every (model, dataset) pair (``pairs``, or ``models`` x ``datasets``), with each
-    position-embedding resampling of ``pos_interps`` (it changes the model: one pass each),
-    times every run of ``expand_sweep`` (methods, features, layers, normalisations, method
-    parameters with ``k_patches``/``gram_biases`` for LOST; None keeps ``base``'s value), or
-    ``sweep`` as given.
-
-    Models run one after the other; each is described (weights hashed) once, built at most
-    once and only if some image is not in the feature cache; each dataset is indexed once.
-    ``on_result`` sees each run as soon as it is finished.
-    """
-    if pairs is None:
-        pairs = [(m, d) for m in (models or [base.model]) for d in (datasets or [base.dataset])]
-    by_model = _group_by_model(pairs)
-    specs = _backbone_specs(base, by_model, pos_interps or [base.pos_interp], backbone)
-    if index is None:
-        _check_datasets_present(base, [d for ds in by_model.values() for d in ds])
-    if sweep is None:
-        values = dict(method_values or {})
-        if k_patches is not None:
-            values["k_patches"] = list(k_patches)
-        if gram_biases is not None:
-            values["gram_bias"] = [float(b) for b in gram_biases]
-        sweep = expand_sweep(base, methods=methods, features=features, layers=layers,
-                             normalizations=normalizations, values=values)
-    for config in sweep:
-        check_config(config)
-    return _run_models(base, by_model, specs, list(sweep), backbone, index, on_result)
-
-
-def _backbone_specs(base: RunConfig, by_model: dict[str, list[str]], pos_interps: Sequence[str],
-                    backbone: Backbone | None) -> dict[tuple[str, str], BackboneSpec]:
-    """Each model's spec with its modifiers (``+ttr``, ``--pos-interp``), resolved before any
-    work so that a typo fails at once, not after hours."""
-    specs = {}
-    for model in by_model:
-        spec = backbone.spec if backbone is not None else get_backbone_spec(
-            model, ttr_neurons=base.ttr_neurons)
-        for pos_interp in pos_interps:
-            specs[(model, pos_interp)] = with_pos_interp(spec, pos_interp)
-    return specs
-
-
-def _run_models(base: RunConfig, by_model: dict[str, list[str]],
-                specs: dict[tuple[str, str], BackboneSpec], sweep: list[RunConfig],
-                backbone: Backbone | None, index: DatasetIndex | None,
-                on_result: Callable[[RunResult], None] | None) -> list[RunResult]:
-    """The models of a grid one after the other, each over its datasets (one pass each)."""
-    ctx = distributed.setup(resolve_device(base.device).type)
-    device = distributed.local_device(resolve_device(base.device), ctx)
-    use_device(device)
-    warm_start(device)
-    timeline.mark("device chosen")
-    if base.num_workers is None:  # config.json records the number used
-        workers = decode_workers(device)
-        sweep = [dataclasses.replace(config, num_workers=workers) for config in sweep]
-    numerics = set_numerics(base.precision)
-    indexes: dict[str, DatasetIndex] = {}
-    if index is not None:
-        indexes = {dataset: index for datasets in by_model.values() for dataset in datasets}
-
-    def indexed(dataset: str) -> DatasetIndex:
-        if dataset not in indexes:
-            indexes[dataset] = ctx.main_first(lambda: load_dataset(
-                dataset, base.data_root, no_hard=base.no_hard, download=base.download))
-        check_dataset_complete(indexes[dataset], base.allow_partial_dataset)
-        timeline.mark("dataset indexed")
-        return indexes[dataset]
-
-    results: list[RunResult] = []
-    for (model, pos_interp), spec in specs.items():
-        lazy: LazyBackbone | None = None
-        for dataset in by_model[model]:
-            current = indexed(dataset)
-            if lazy is None:
-                lazy = _describe(spec, base.weights, device, backbone, ctx)
-            configs = _limit_within(current, ctx.is_main, [dataclasses.replace(
-                c, model=model, dataset=dataset, pos_interp=pos_interp) for c in sweep])
-            for result in run_pass(configs, lazy, current, device, numerics, ctx):
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
-        if lazy is not None:
-            lazy.release()
-    return results
-
-
-def _describe(spec: BackboneSpec, weights: str, device, backbone: Backbone | None,
-              ctx) -> LazyBackbone:
-    """The model's identity (weights hashed), built only when some image needs it."""
-    info = backbone if backbone is not None else ctx.main_first(
-        lambda: describe_backbone(spec, weights))
-    timeline.mark("backbone described")
-    if info.weights.is_random and ctx.is_main:
-        print(f"warning: {SMOKE_NOTE}", file=sys.stderr)
-    return LazyBackbone(info, weights, device, backbone)
-
-
-def _limit_within(index: DatasetIndex, say: bool, configs: list[RunConfig]) -> list[RunConfig]:
-    """A ``--limit`` of at least the dataset's size is the whole dataset: said once, and the
-    full run (its folder, its id) is the one made or reused."""
-    limit = configs[0].limit if configs else None
-    if limit is None or limit < len(index):
-        return configs
-    if say:
-        print(f"note: --limit {limit} covers all {len(index)} images of {index.name}: running "
-              "(or reusing) the full run", file=sys.stderr)
-    return [dataclasses.replace(config, limit=None) for config in configs]
-
+    """The (model, dataset) pairs of ``--suite paper`` (``lostreg.runs.suites.PAPER_SUITE``)."""
+    return [(str(m), str(d)) for m, d in get_suite("paper").pairs]
 
 # --- CLI -----------------------------------------------------------------------------------
 
@@ -351,12 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None,
                         help="dataset(s), comma separated (default voc07); one of "
                              f"{', '.join(DATASETS)}")
-    parser.add_argument("--suite", choices=SUITES, default=None,
-                        help="run a named suite instead of --model/--dataset (paper: the runs of "
-                             "the comparison table; methods: DINO ViT-S/16 and DINOv2 ViT-L/14 "
-                             "with and without registers x every method, DINO-seg in both variants, x "
-                             "VOC07/VOC12/COCO20k), "
-                             "then rebuild the leaderboard")
+    parser.add_argument("--suite", choices=tuple(SUITES), default=None,
+                        help="run a named suite instead of --model/--dataset, then rebuild the "
+                             "leaderboard: " + "; ".join(f"{name}: {suite.description}"
+                                                         for name, suite in SUITES.items()))
     parser.add_argument("--data-root", type=Path, default=None,
                         help="dataset root (default: $LOSTREG_DATA or datasets/)")
     parser.add_argument("--weights", default="hub",
@@ -529,13 +264,13 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
         if models or datasets:
             raise LostregError(f"--suite {args.suite} chooses the models and datasets; "
                                "drop --model/--dataset")
-        if args.suite == "paper":
-            grid["pairs"] = paper_suite()
-        else:
+        suite = get_suite(args.suite)
+        grid["pairs"] = [(str(m), str(d)) for m, d in suite.pairs]
+        if suite.methods is not None:
             if grid["methods"]:
-                raise LostregError("--suite methods chooses the methods; drop --method")
-            grid["pairs"], grid["methods"], values = methods_suite()
-            grid["method_values"] = {**values, **grid["method_values"]}  # flags win
+                raise LostregError(f"--suite {suite.name} chooses the methods; drop --method")
+            grid["methods"] = [m for m in suite.methods if m in METHODS]
+            grid["method_values"] = {**suite.method_values, **grid["method_values"]}  # flags win
     else:
         grid["models"], grid["datasets"] = models, datasets
     return grid

@@ -328,7 +328,8 @@ def _fmt(value: float | None) -> str:
 def verify(args: argparse.Namespace) -> tuple[dict, str]:
     """Fetch and check the official file, run (or resume) ours, compare; return report, text."""
     from lostreg.datasets import default_data_root
-    from lostreg.run import RunConfig, run_benchmark
+    from lostreg.runs.config import RunConfig
+    from lostreg.runs.grid import run_benchmark
 
     benchmark = BENCHMARKS[args.benchmark]
     output = Path(args.output) if args.output else Path("results/verify") / benchmark.name

@@ -12,6 +12,7 @@ import torch
 
 from lostreg import run
 from lostreg.errors import LostregError
+from lostreg.runs import grid
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -60,7 +61,7 @@ def test_run_makes_its_gpu_current_before_any_cuda_work(monkeypatch, tmp_path, t
     def stop(precision: str) -> dict:  # the run's first step after choosing its device
         raise Stop
 
-    monkeypatch.setattr(run, "set_numerics", stop)
+    monkeypatch.setattr(grid, "set_numerics", stop)
     with pytest.raises(Stop):
         run.run_benchmark(run.RunConfig(model="dinov2_vits14", dataset="demo", device="cuda:1",
                                         data_root=tmp_path, output=tmp_path / "runs"))

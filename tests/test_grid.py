@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lostreg.features.pipeline as pipeline_module
-import lostreg.run as run_module
+import lostreg.runs.grid as grid_module
 from lostreg.backbones import BACKBONES, BackboneSpec
 from lostreg.run import RunConfig, main, paper_suite, run_benchmark
 
@@ -31,7 +31,7 @@ def counted(monkeypatch):
     for spec in SPECS:
         BACKBONES[spec.name] = spec
     calls: dict[str, list[str]] = {"models": [], "datasets": []}
-    real_create, real_load = pipeline_module.create_backbone, run_module.load_dataset
+    real_create, real_load = pipeline_module.create_backbone, grid_module.load_dataset
 
     def create(spec, *args, **kwargs):
         calls["models"].append(spec.name)
@@ -43,7 +43,7 @@ def counted(monkeypatch):
         return dataclasses.replace(index, name=name) if name != "demo" else index
 
     monkeypatch.setattr(pipeline_module, "create_backbone", create)
-    monkeypatch.setattr(run_module, "load_dataset", load)
+    monkeypatch.setattr(grid_module, "load_dataset", load)
     yield calls
     for spec in SPECS:
         BACKBONES.pop(spec.name, None)
@@ -84,10 +84,12 @@ def test_grid_builds_each_model_and_indexes_each_dataset_once(tmp_path, counted,
 def test_suite_runs_the_list_and_rebuilds_the_leaderboard(tmp_path, counted, monkeypatch,
                                                          capsys) -> None:
     from lostreg.reports import leaderboard
+    from lostreg.runs import suites
 
     built: list[dict] = []
-    monkeypatch.setattr(leaderboard, "PAPER_SUITE", [(MODELS[0], "demo"), (MODELS[1], "demo"),
-                                                     (MODELS[0], "voc12")])
+    monkeypatch.setitem(suites.SUITES, "paper", dataclasses.replace(
+        suites.SUITES["paper"], pairs=((MODELS[0], "demo"), (MODELS[1], "demo"),
+                                       (MODELS[0], "voc12"))))
     monkeypatch.setattr(leaderboard, "build_leaderboard", lambda **kw: built.append(kw))
     assert main(cli(tmp_path, "--suite", "paper")) == 0
     assert counted["models"] == MODELS and sorted(counted["datasets"]) == ["demo", "voc12"]
@@ -125,8 +127,10 @@ def test_bad_lists_fail_before_any_work(tmp_path, counted, capsys, extra, needle
 
 def test_methods_suite_runs_every_method_and_both_dinoseg_variants(tmp_path, counted,
                                                                    monkeypatch) -> None:
-    monkeypatch.setattr(run_module, "METHODS_SUITE_MODELS", (MODELS[0],))
-    monkeypatch.setattr(run_module, "METHODS_SUITE_DATASETS", ("demo",))
+    from lostreg.runs import suites
+
+    monkeypatch.setitem(suites.SUITES, "methods", dataclasses.replace(
+        suites.SUITES["methods"], pairs=((MODELS[0], "demo"),)))
     from lostreg.reports import leaderboard
     monkeypatch.setattr(leaderboard, "build_leaderboard", lambda **kw: None)
     assert main(cli(tmp_path, "--suite", "methods", "--dinoseg-head", "0")) == 0  # 2 heads

@@ -23,6 +23,7 @@ from lostreg.backbones import Backbone
 from lostreg.datasets.base import load_rgb
 from lostreg.errors import LostregError
 from lostreg.features.extract import preprocess
+from lostreg.features.pipeline import resolve_device, set_numerics
 from lostreg.io import atomic_write_json
 from lostreg.reports.analysis import plots
 from lostreg.reports.analysis.report import (
@@ -46,7 +47,7 @@ from lostreg.reports.analysis.runs import (
     run_labels,
     run_records,
 )
-from lostreg.run import PRECISIONS, resolve_device, set_numerics
+from lostreg.runs.config import PRECISIONS
 
 
 def select_common_images(infos: list[RunInfo], image_ids: list[str] | None,

@@ -56,7 +56,6 @@ from lostreg.reports.leaderboard.tables import (
     DATASET_LABELS,
     FAMILY_LABELS,
     LEADERBOARD_COLUMNS,
-    PAPER_DATASETS,
     SETTING_COLUMNS,
     base_model_name,
     base_timm_name,
@@ -69,10 +68,8 @@ from lostreg.reports.leaderboard.tables import (
     single_row,
 )
 
-PAPER_MODELS = ("dino_vits16", "dinov2_vitl14", "dinov2_vitl14_reg4", "deit3_vitb16",
-                "openclip_vitb16")
 # (model short name, dataset) runs that fill the comparison table with public weights
-PAPER_SUITE: list[tuple[str, str]] = [(m, d) for m in PAPER_MODELS for d in PAPER_DATASETS]
+from lostreg.runs.suites import PAPER_DATASETS, PAPER_MODELS, PAPER_SUITE
 
 __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",

@@ -21,8 +21,8 @@ import pandas as pd
 from lostreg.evaluation import stats
 from lostreg.reports.leaderboard.published import VARIANTS, published_groups, variant_of
 from lostreg.reports.leaderboard.runs import RunData
+from lostreg.runs.suites import PAPER_DATASETS
 
-PAPER_DATASETS = ("voc07", "voc12", "coco20k")
 DATASET_LABELS = {"voc07": "VOC07", "voc12": "VOC12", "coco20k": "COCO20k"}
 FAMILY_LABELS = {"dino": "DINO", "dinov2": "DINOv2", "dinov3": "DINOv3", "deit3": "DeiT-III",
                  "openclip": "OpenCLIP"}

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "none, or auto: every other dataset with a protocol.csv under "
                              "--output made with the same options")
     parser.add_argument("--published", type=Path, default=None,
-                        help="published figures CSV (default lostreg/reports/leaderboard/published_corloc.csv)")
+                        help="published figures CSV (default: the one shipped in "
+                             "lostreg/reports/leaderboard/published_corloc.csv)")
     parser.add_argument("--runs", type=Path, default=Path("results/runs"),
                         help="where the grid's run folders go (the leaderboard reads them there)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,

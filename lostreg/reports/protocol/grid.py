@@ -2,7 +2,7 @@
 
 A grid point is one LOST setting: the feature kind (q, k, v), the block it comes from
 (``layer``), the normalisation, the Gram bias and the position-embedding interpolation. All
-points that share a model run in **one pass** over the images (``lostreg.run.run_grid`` with an
+points that share a model run in **one pass** over the images (``lostreg.runs.grid.run_grid`` with an
 explicit sweep): each batch goes through the backbone once, and every point's LOST runs on that
 batch's features. The features are not kept in a feature cache (4 layers x 3 kinds of ViT-L/14
 maps of VOC07 would be about 120 GB). Each point is an ordinary run folder, so the leaderboard
@@ -10,7 +10,7 @@ sees it and a rerun resumes it.
 
 The position-embedding interpolation (``RunConfig.pos_interp``: each family's ``original``
 resampling, or ``timm``'s) changes the model itself, so each of its values is a pass of its own
-(``ProtocolGrid.pos_interps``, run by ``lostreg.run.run_grid``'s ``pos_interps``).
+(``ProtocolGrid.pos_interps``, run by ``lostreg.runs.grid.run_grid``'s ``pos_interps``).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class ProtocolGrid:
 def pass_configs(base: RunConfig, grid: ProtocolGrid) -> list[RunConfig]:
     """The run configs of the grid for one interpolation (``base.pos_interp``): every
     feature, layer, normalisation and bias, built exactly as ``lostreg.run`` builds a sweep."""
-    from lostreg.run import expand_sweep
+    from lostreg.runs.grid import expand_sweep
 
     lost = dataclasses.replace(base, method="lost", method_params={}, k_patches=grid.k_patches)
     configs: list[RunConfig] = []
@@ -133,10 +133,10 @@ def run_passes(base: RunConfig, grid: ProtocolGrid,
                backbone: Backbone | None = None, index: DatasetIndex | None = None
                ) -> list[RunResult]:
     """Run (or resume) every point of ``grid`` for ``base.model`` on ``base.dataset``: one pass
-    per interpolation (``lostreg.run.run_grid``'s ``pos_interps``: it changes the model), each
+    per interpolation (``lostreg.runs.grid.run_grid``'s ``pos_interps``: it changes the model), each
     one forward per batch for all the pass's points. ``backbone`` and ``index`` (a built
     model, an indexed dataset: benchmarks pass them) serve one interpolation only."""
-    from lostreg.run import run_grid
+    from lostreg.runs.grid import run_grid
 
     if backbone is not None and len(grid.pos_interps) > 1:
         raise ValueError("a built backbone has one position-embedding interpolation")
