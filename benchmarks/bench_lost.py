@@ -56,8 +56,10 @@ from benchmarks.common import (  # noqa: E402
 )
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features.extract import padded_size  # noqa: E402
+from lostreg.methods import geometry  # noqa: E402
 from lostreg.methods import lost as lost_module  # noqa: E402
-from lostreg.methods.lost import LostOutput, lost, lost_reference, seed_boxes  # noqa: E402
+from lostreg.methods.geometry import seed_boxes
+from lostreg.methods.lost import LostOutput, lost, lost_reference  # noqa: E402
 
 Prediction = tuple[tuple[int, int, int, int], int]  # (box, seed)
 
@@ -351,12 +353,12 @@ def dilation_component(mask: torch.Tensor, seed_rc: torch.Tensor, check_every: i
 def host_scipy_component(mask: torch.Tensor, seed_rc: torch.Tensor) -> torch.Tensor:
     """``lost``'s CPU path on any device: the masks to the host, one ``scipy.ndimage.label``
     for the batch, the components back (what "label on the host" costs a GPU run)."""
-    component = lost_module._seed_component_scipy(mask.cpu(), seed_rc.cpu())
+    component = geometry._seed_component_scipy(mask.cpu(), seed_rc.cpu())
     return component.to(mask.device)
 
 
 COMPONENT_PATHS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "propagation": lambda m, s: lost_module.seed_component(m, s),
+    "propagation": lambda m, s: geometry.seed_component(m, s),
     "dilation": dilation_component,
     "host scipy": host_scipy_component,
 }
@@ -368,13 +370,13 @@ def propagation_rounds(mask: torch.Tensor) -> int:
     batch, rows, cols = mask.shape
     n = rows * cols
     labels = torch.full((batch, n + 1), n, dtype=torch.long, device=mask.device)
-    labels[:, :n] = lost_module._run_starts(mask).view(batch, n)
+    labels[:, :n] = geometry._run_starts(mask).view(batch, n)
     offsets = torch.arange(batch, device=mask.device).unsqueeze(1) * (n + 1)
     rounds = 0
     while True:
         before = labels
-        labels = lost_module._propagation_round(labels, mask, offsets,
-                                                lost_module._JUMPS_PER_ROUND)
+        labels = geometry._propagation_round(labels, mask, offsets,
+                                             geometry._JUMPS_PER_ROUND)
         rounds += 1
         if torch.equal(labels, before):
             return rounds
@@ -557,7 +559,7 @@ def profile_stages(batches: Sequence[FeatureBatch], k_patches: int, gram_bias: f
         for name, fn in COMPONENT_PATHS.items():
             t, component = timed(lambda f=fn, m=mask, s=seed_rc: f(m, s), device)
             totals[f"connected component ({name})"] += t
-        t, _ = timed(lambda c=component, s=seed_rc: lost_module._component_boxes(c, s), device)
+        t, _ = timed(lambda c=component, s=seed_rc: geometry._component_boxes(c, s), device)
         totals["component boxes"] += t
         steps.append(_dilation_steps(mask, seed_rc))
         rounds.append(propagation_rounds(mask))

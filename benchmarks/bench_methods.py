@@ -56,7 +56,7 @@ from lostreg.errors import LostregError  # noqa: E402
 from lostreg.methods import MethodOutput, get_method  # noqa: E402
 from lostreg.methods import dinoseg as dinoseg_module  # noqa: E402
 from lostreg.methods import tokencut as tokencut_module  # noqa: E402
-from lostreg.methods.lost import seed_components  # noqa: E402
+from lostreg.methods.geometry import seed_components  # noqa: E402
 
 METHODS = ("lost", "tokencut", "dinoseg")
 GOALS = {"tokencut": 20.0}  # batched vs reference, on a GPU (issue 10)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lostreg.methods import METHODS, MethodOutput, MethodSpec, Param, register_method
-from lostreg.methods.lost import grid_boxes_to_pixels
+from lostreg.methods.geometry import grid_boxes_to_pixels
 
 NAME = "fake_top"
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lostreg.io import read_jsonl
-from lostreg.methods.lost import lost, lost_reference, seed_component
+from lostreg.methods.geometry import seed_component
+from lostreg.methods.lost import lost, lost_reference
 from lostreg.run import main
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

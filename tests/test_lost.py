@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lostreg.methods.lost import lost, lost_reference, seed_component
+from lostreg.methods.geometry import seed_component
+from lostreg.methods.lost import lost, lost_reference
 
 P = 16
 
@@ -193,7 +194,9 @@ def test_chunking_and_component_paths_change_no_result(monkeypatch) -> None:
     default = lost(feats, (6, 9), P, sizes, k_patches=20)
     monkeypatch.setattr(lost_module, "_chunk_size", lambda batch, n, device: 1)
     one_at_a_time = lost(feats, (6, 9), P, sizes, k_patches=20)
-    monkeypatch.setattr(lost_module, "_seed_component_scipy", lost_module.seed_component)
+    from lostreg.methods import geometry
+
+    monkeypatch.setattr(geometry, "_seed_component_scipy", geometry.seed_component)
     propagation = lost(feats, (6, 9), P, sizes, k_patches=20)
     for other in (one_at_a_time, propagation):
         assert torch.equal(default.box, other.box) and torch.equal(default.seed, other.seed)

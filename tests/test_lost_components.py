@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lostreg.methods import lost as lost_module
-from lostreg.methods.lost import component_labels, seed_component, seed_components
+from lostreg.methods import geometry
+from lostreg.methods.geometry import component_labels, seed_component, seed_components
 
 FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
@@ -114,13 +114,13 @@ def test_the_adversarial_shapes_are_what_they_claim() -> None:
 
 def count_rounds(monkeypatch) -> list[int]:
     rounds: list[int] = []
-    real = lost_module._propagation_round
+    real = geometry._propagation_round
 
     def counted(*args):
         rounds.append(1)
         return real(*args)
 
-    monkeypatch.setattr(lost_module, "_propagation_round", counted)
+    monkeypatch.setattr(geometry, "_propagation_round", counted)
     return rounds
 
 
@@ -206,7 +206,7 @@ def test_scipy_and_tensor_paths_give_the_same_boxes(monkeypatch) -> None:
     seed = torch.randint(0, 11 * 14, (16,), generator=gen)
     sizes = torch.tensor([[170, 215]] * 16)
     scipy_boxes, scipy_patches = seed_components(mask, seed, 16, sizes)
-    monkeypatch.setattr(lost_module, "_seed_component_scipy", lost_module.seed_component)
+    monkeypatch.setattr(geometry, "_seed_component_scipy", geometry.seed_component)
     tensor_boxes, tensor_patches = seed_components(mask, seed, 16, sizes)
     assert torch.equal(scipy_boxes, tensor_boxes) and torch.equal(scipy_patches, tensor_patches)
 

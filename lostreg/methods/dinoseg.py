@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from lostreg.errors import LostregError
-from lostreg.methods import MethodOutput, MethodSpec, Param, register_method
-from lostreg.methods.lost import grid_boxes_to_pixels
+from lostreg.methods.geometry import grid_boxes_to_pixels
+from lostreg.methods.registry import MethodOutput, MethodSpec, Param, register_method
 
 VARIANTS = ("reference", "corrected")
 

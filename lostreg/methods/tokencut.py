@@ -73,8 +73,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lostreg.methods import MethodOutput, MethodSpec, Param, register_method
-from lostreg.methods.lost import grid_boxes_to_pixels, seed_components
+from lostreg.methods.geometry import grid_boxes_to_pixels, seed_components
+from lostreg.methods.registry import MethodOutput, MethodSpec, Param, register_method
 
 SOLVERS = ("subset", "dense", "squaring")
 

@@ -1,0 +1,171 @@
+"""The method registry: one entry maps a short name to a method and its parameters.
+
+A method turns a batch of per-patch features into one box per image. Every method speaks the
+same narrow, batch-first signature, so the run pipeline never needs to know which one runs::
+
+    spec.run(feats, grid, patch_size, sizes, params) -> MethodOutput
+
+* ``feats``: ``(B, N, D)`` float32 patch features (class and register tokens already dropped),
+  row-major on ``grid = (rows, cols)`` of the padded images;
+* ``sizes``: ``(B, 2)`` long tensor, the unpadded ``(H, W)`` of each image;
+* ``params``: every parameter of ``spec.params`` by name (defaults filled in).
+
+``spec.reference`` is the plain per-image path written step by step like the method's
+published code; tests hold the batched path to it. Adding a method is one module in this
+folder with one ``register_method`` call, imported in ``lostreg/methods/__init__.py``: the CLI
+flags, run ids, config.json and the leaderboard all come from the entry.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from lostreg.errors import LostregError
+
+
+class MethodOutput(NamedTuple):
+    """What every method returns for a batch of B images on a ``rows x cols`` patch grid.
+
+    ``box``: ``(B, 4)`` long, ``[x1, y1, x2, y2]`` in pixels, clipped to each image;
+    ``seed``: ``(B,)`` long, the seed patch (flat row-major index), ``-1`` for a method that has
+    no seed; ``mask``: ``(B, rows, cols)`` bool, the final patch mask the box was drawn around.
+    A per-image reference returns the same fields without the batch axis.
+    """
+
+    box: torch.Tensor
+    seed: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method, which becomes a CLI flag taking a comma list (a sweep).
+
+    ``switch``: the flag takes no value and sets the parameter to ``switch`` (e.g.
+    ``--no-binary-graph`` sets ``binary_graph`` to False). ``on_config``: the value lives on
+    ``RunConfig`` as a field of the same name (LOST's ``k_patches`` and ``gram_bias``, which
+    predate the registry) rather than in ``RunConfig.method_params``.
+    """
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    flag: str = ""
+    choices: tuple[Any, ...] | None = None
+    switch: Any = None
+    on_config: bool = False
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any, method: str) -> Any:
+        """``value`` converted and validated; one clear line otherwise."""
+        if isinstance(value, str) and not isinstance(self.default, str):
+            try:
+                value = self.parse(value)
+            except ValueError:
+                raise LostregError(f"{self.cli_flag} {value!r}: not a valid value for "
+                                   f"{method}") from None
+        if self.choices is not None and value not in self.choices:
+            raise LostregError(f"{self.cli_flag} {value!r}: expected one of "
+                               f"{', '.join(map(str, self.choices))}")
+        return value
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the benchmark knows about one discovery method.
+
+    ``feature_kinds``: the feature kinds it can read (``None``: any per-patch vector kind, q/k/v
+    and the like); ``default_feature``: the kind it reads unless told (``None``: the backbone's
+    default feature). ``check(params)`` validates a full parameter set (one line, or None).
+    ``legacy_identity``: the run id carries the parameters without a ``method`` key (LOST's
+    runs predate the registry and keep their ids). ``run_many(feats, grid, patch_size, sizes,
+    [params, ...])``, optional: several parameter sets on the same features at once, each
+    output equal to ``run``'s (LOST computes ``F F^T`` once for every bias and k of a sweep).
+    """
+
+    name: str
+    run: Callable[[torch.Tensor, tuple[int, int], int, torch.Tensor, dict[str, Any]],
+                  MethodOutput]
+    reference: Callable[[torch.Tensor, tuple[int, int], int, tuple[int, int], dict[str, Any]],
+                        MethodOutput]
+    params: tuple[Param, ...] = ()
+    feature_kinds: tuple[str, ...] | None = None
+    default_feature: str | None = None
+    legacy_identity: bool = False
+    title: str = ""
+    description: str = ""
+    check: Callable[[dict[str, Any]], str | None] | None = None
+    run_many: Callable[[torch.Tensor, tuple[int, int], int, torch.Tensor,
+                        Sequence[dict[str, Any]]], list[MethodOutput]] | None = None
+
+    def run_all(self, feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
+                sizes: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[MethodOutput]:
+        """``run`` for each parameter set (through ``run_many`` when the method has it)."""
+        if self.run_many is not None and len(params) > 1:
+            return self.run_many(feats, grid, patch_size, sizes, params)
+        return [self.run(feats, grid, patch_size, sizes, p) for p in params]
+
+    def defaults(self) -> dict[str, Any]:
+        return {p.name: p.default for p in self.params}
+
+    def resolve(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Every parameter, ``values`` over the defaults, validated; unknown names refused."""
+        names = {p.name for p in self.params}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise LostregError(f"--method {self.name} has no parameter {unknown[0]!r} "
+                               f"(its parameters: {', '.join(sorted(names)) or 'none'})")
+        params = {p.name: p.check(values.get(p.name, p.default), self.name) for p in self.params}
+        problem = self.check(params) if self.check is not None else None
+        if problem:
+            raise LostregError(problem)
+        return params
+
+    def identity(self, params: dict[str, Any]) -> dict[str, Any]:
+        """What the run id records of the method (see ``legacy_identity``)."""
+        if self.legacy_identity:
+            return dict(params)
+        return {"method": self.name, "method_params": dict(sorted(params.items()))}
+
+    def feature_for(self, requested: str | None, backbone_default: str) -> str:
+        """The feature kind a run of this method reads, or one clear line."""
+        if requested is None:
+            return self.default_feature or backbone_default
+        if self.feature_kinds is not None and requested not in self.feature_kinds:
+            raise LostregError(f"--method {self.name} reads {'/'.join(self.feature_kinds)}, not "
+                               f"--features {requested}")
+        return requested
+
+
+METHODS: dict[str, MethodSpec] = {}
+DEFAULT_METHOD = "lost"
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    flags = {p.cli_flag for other in METHODS.values() for p in other.params if other.name != spec.name}
+    clash = [p.cli_flag for p in spec.params if p.cli_flag in flags]
+    if clash:
+        raise ValueError(f"method {spec.name}: flag {clash[0]} is already another method's")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> MethodSpec:
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(METHODS)}"
+    raise LostregError(f"--method {name!r}: unknown method; {hint}")
