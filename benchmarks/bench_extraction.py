@@ -48,7 +48,11 @@ from lostreg.backbones import Backbone, create_backbone  # noqa: E402
 from lostreg.datasets.base import DatasetIndex, load_rgb  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features.extract import extract_features, preprocess  # noqa: E402
-from lostreg.features.pipeline import set_numerics, size_batches  # noqa: E402
+from lostreg.features.pipeline import (  # noqa: E402
+    AUTOCAST_DTYPES,  # noqa: E402
+    set_numerics,
+    size_batches,
+)
 from lostreg.io import read_jsonl  # noqa: E402
 from lostreg.methods.lost import lost  # noqa: E402
 from lostreg.run import RunConfig, run_benchmark  # noqa: E402
@@ -82,7 +86,7 @@ def forward_loop(batches: Sequence[ReadyBatch], backbone: Backbone, device: torc
     ``extract_features`` (the last block's k only). Returns one small tensor per batch so the
     work cannot be skipped (a copy, not a view: a view would keep every batch's whole output
     alive on the device); on a GPU the caller's timer synchronises."""
-    autocast = PRECISIONS[precision]
+    autocast = AUTOCAST_DTYPES[precision]
     outputs = []
     for batch in batches:
         images = batch.images.to(device, non_blocking=True)
@@ -117,7 +121,7 @@ def check_run(run_dir: Path, batches: Sequence[ReadyBatch], backbone: Backbone,
     for batch in batches:
         images = batch.images.to(device)
         feats = extract_features(backbone, images, backbone.spec.default_feature,
-                                 PRECISIONS[precision])
+                                 AUTOCAST_DTYPES[precision])
         grid = (images.shape[-2] // patch, images.shape[-1] // patch)
         boxes = lost(feats, grid, patch, batch.sizes, k_patches).box.cpu().tolist()
         for position, box in zip(batch.positions, boxes, strict=True):

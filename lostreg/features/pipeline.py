@@ -115,6 +115,11 @@ def set_numerics(precision: str) -> dict:
     }
 
 
+# the dtype the backbone runs in under autocast, per ``--precision`` (fp32: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
+                                                  "fp16": torch.float16}
+
+
 # --- images -> batches ---------------------------------------------------------------------
 
 

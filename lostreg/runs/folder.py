@@ -36,7 +36,8 @@ from lostreg.features.pipeline import BackboneInfo
 from lostreg.io import JsonlAppender, atomic_write_json
 from lostreg.methods import MethodSpec
 from lostreg.runs import distributed
-from lostreg.runs.config import SMOKE_NOTE, RunConfig, feature_request, method_of, method_params
+from lostreg.runs.checks import feature_request, method_of, method_params
+from lostreg.runs.config import SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.predictions import corloc_of, load_predictions
 

@@ -31,7 +31,8 @@ from lostreg.features.pipeline import (
 )
 from lostreg.methods import METHODS, get_method
 from lostreg.runs import distributed
-from lostreg.runs.config import SMOKE_NOTE, RunConfig, check_config, pass_key
+from lostreg.runs.checks import check_config, with_defaults
+from lostreg.runs.config import SMOKE_NOTE, RunConfig, pass_key
 from lostreg.runs.folder import RunResult, check_dataset_complete
 from lostreg.runs.sweep import run_pass
 
@@ -164,6 +165,7 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
     once and only if some image is not in the feature cache; each dataset is indexed once.
     ``on_result`` sees each run as soon as it is finished.
     """
+    base = with_defaults(base)
     if pairs is None:
         pairs = [(m, d) for m in (models or [base.model]) for d in (datasets or [base.dataset])]
     by_model = _group_by_model(pairs)
@@ -178,9 +180,10 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
             values["gram_bias"] = [float(b) for b in gram_biases]
         sweep = expand_sweep(base, methods=methods, features=features, layers=layers,
                              normalizations=normalizations, values=values)
+    sweep = [with_defaults(config) for config in sweep]
     for config in sweep:
         check_config(config)
-    return _run_models(base, by_model, specs, list(sweep), backbone, index, on_result)
+    return _run_models(base, by_model, specs, sweep, backbone, index, on_result)
 
 
 def _backbone_specs(base: RunConfig, by_model: dict[str, list[str]], pos_interps: Sequence[str],

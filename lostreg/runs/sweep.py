@@ -28,6 +28,7 @@ from lostreg.errors import LostregError
 from lostreg.features.cache import BackgroundWriter, FeatureCache, is_lossless, storage_dtype
 from lostreg.features.extract import FeatureRequest
 from lostreg.features.pipeline import (
+    AUTOCAST_DTYPES,
     FeatureBatch,
     FeatureSource,
     LazyBackbone,
@@ -37,7 +38,7 @@ from lostreg.features.pipeline import (
     out_of_memory_as_error,
 )
 from lostreg.runs import distributed
-from lostreg.runs.config import PRECISIONS, RunConfig
+from lostreg.runs.config import RunConfig
 from lostreg.runs.distributed import CollectiveError, DistContext
 from lostreg.runs.folder import (
     RunFolder,
@@ -157,7 +158,7 @@ class Pass:
             writer = stack.enter_context(BackgroundWriter()) if caches else None
             source = FeatureSource(
                 self.records, self.lazy, self.device, batch_size=self.base.batch_size,
-                num_workers=self.base.num_workers, autocast=PRECISIONS[self.base.precision],
+                num_workers=self.base.num_workers, autocast=AUTOCAST_DTYPES[self.base.precision],
                 caches=caches, storage=self.storage, lossless=self.lossless, writer=writer,
                 stats=self.stats, max_pixels=self.base.max_pixels)
             for step in source.cached(source.fully_cached(mine, self.needs), self.needs):

@@ -23,7 +23,7 @@ from lostreg.backbones import Backbone
 from lostreg.datasets.base import load_rgb
 from lostreg.errors import LostregError
 from lostreg.features.extract import preprocess
-from lostreg.features.pipeline import resolve_device, set_numerics
+from lostreg.features.pipeline import AUTOCAST_DTYPES, resolve_device, set_numerics
 from lostreg.io import atomic_write_json
 from lostreg.reports.analysis import plots
 from lostreg.reports.analysis.report import (
@@ -47,7 +47,6 @@ from lostreg.reports.analysis.runs import (
     run_labels,
     run_records,
 )
-from lostreg.runs.config import PRECISIONS
 
 
 def select_common_images(infos: list[RunInfo], image_ids: list[str] | None,
@@ -94,7 +93,7 @@ def recompute_image(image: Image.Image, infos: list[RunInfo], groups: dict[tuple
         p = backbone.patch_size
         grid = (images.shape[-2] // p, images.shape[-1] // p)
         feats = method_features(backbone, images, [infos[i].method.request for i in members],
-                                PRECISIONS[precision])
+                                AUTOCAST_DTYPES[precision])
         for i in members:
             results[i] = apply_method(infos[i].method, feats[infos[i].method.request], grid, p,
                                       size)

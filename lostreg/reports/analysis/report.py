@@ -35,7 +35,7 @@ from lostreg.features.extract import (
     preprocess,
     resolve_layer,
 )
-from lostreg.features.pipeline import resolve_device, set_numerics
+from lostreg.features.pipeline import AUTOCAST_DTYPES, resolve_device, set_numerics
 from lostreg.io import atomic_write_text
 from lostreg.methods.lost import lost
 from lostreg.reports.analysis import plots
@@ -391,7 +391,7 @@ def show_run(
     for number, prediction in enumerate(chosen):
         image_id = str(prediction["image_id"])
         image = load_rgb(by_id[image_id].path)
-        maps = compute_image_maps(backbone, image, method, torch_device, PRECISIONS[precision])
+        maps = compute_image_maps(backbone, image, method, torch_device, AUTOCAST_DTYPES[precision])
         agree = maps.result.agrees_with(prediction)
         if not agree:
             bar.write(f"warning: {image_id}: recomputed {method.name} differs from the run",
