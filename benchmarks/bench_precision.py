@@ -40,7 +40,7 @@ from benchmarks.common import (  # noqa: E402
 from lostreg.backbones import Backbone, create_backbone  # noqa: E402
 from lostreg.datasets.base import DatasetIndex  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
-from lostreg.evaluation.corloc import best_iou  # noqa: E402
+from lostreg.evaluation.iou import best_iou  # noqa: E402
 from lostreg.io import read_jsonl  # noqa: E402
 from lostreg.run import RunConfig, run_benchmark  # noqa: E402
 

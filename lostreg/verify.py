@@ -28,8 +28,10 @@ import numpy as np
 
 from lostreg.cli import HelpFormatter, add_compute_options
 from lostreg.errors import LostregError, error_line
-from lostreg.evaluation.corloc import best_iou, box_iou, corloc, is_hit
-from lostreg.io import atomic_write_json, atomic_write_text, read_jsonl, sha256_file
+from lostreg.evaluation.corloc import corloc, is_hit
+from lostreg.evaluation.iou import best_iou, box_iou
+from lostreg.io import atomic_write_json, atomic_write_text, sha256_file
+from lostreg.runs.store import read_lines
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ def verify(args: argparse.Namespace) -> tuple[dict, str]:
         allow_partial_dataset=args.allow_partial_dataset,
     )
     result = run_benchmark(config)  # resumes (or just re-reads) a run with the same identity
-    ours = list(read_jsonl(result.run_dir / "predictions.jsonl"))
+    ours = read_lines(result.run_dir)
     comparison = compare(ours, official, full_set=args.limit is None)
 
     official_setup = (args.model == benchmark.model and expected_sha == benchmark.sha256

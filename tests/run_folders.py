@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lostreg.evaluation.corloc import best_iou
+from lostreg.evaluation.iou import best_iou
 
 GT = [10.0, 10.0, 60.0, 50.0]  # a 50x40 box in a 100x80 image: area share 0.25
 HIT_BOX, MISS_BOX = [12, 11, 60, 50], [70, 60, 99, 79]

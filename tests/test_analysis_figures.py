@@ -20,7 +20,8 @@ from voc_trees import write_voc2007 as write_tree
 from lostreg import run as lostreg_run
 from lostreg.analyze import main
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
-from lostreg.evaluation.corloc import best_iou, is_hit
+from lostreg.evaluation.corloc import is_hit
+from lostreg.evaluation.iou import best_iou
 from lostreg.features.extract import FeatureRequest, extract, preprocess
 from lostreg.io import read_jsonl
 from lostreg.methods.lost import lost_reference_with_mask

@@ -210,15 +210,15 @@ BOXES = st.tuples(COORD, COORD, SIDE, SIDE).map(_box)
 @settings(max_examples=200, deadline=None)
 @given(images=st.lists(st.tuples(BOXES, st.lists(BOXES, max_size=4)), max_size=12))
 def test_batched_iou_equals_the_per_image_metric_to_the_bit(images) -> None:
-    """The leaderboard's batched recomputation against lostreg.evaluation.corloc.best_iou, image by
+    """The leaderboard's batched recomputation against lostreg.evaluation.iou.best_iou, image by
     image (integer and float corners, touching and zero-area boxes, images without GT)."""
-    from lostreg.evaluation.corloc import best_iou
+    from lostreg.evaluation.iou import best_iou, best_ious
 
     boxes = np.array([box for box, _ in images], dtype=np.float64).reshape(-1, 4)
     gts = np.array([gt for _, gt_list in images for gt in gt_list],
                    dtype=np.float64).reshape(-1, 4)
     counts = np.array([len(gt_list) for _, gt_list in images], dtype=np.int64)
-    batched = lb.batched_best_iou(boxes, gts, counts)
+    batched = best_ious(boxes, gts, counts)
     expected = [best_iou(box, gt_list) if gt_list else 0.0 for box, gt_list in images]
     assert batched.tolist() == expected
 

@@ -19,7 +19,7 @@ from lostreg.runs.predictions import (
     PREDICTIONS,
     QUARANTINE,
     LineProblem,
-    corloc_of,
+    evaluate_lines,
     load_predictions,
     merge_predictions,
     prediction_line,
@@ -157,7 +157,7 @@ def test_hit_and_best_iou_are_recomputed_never_read(tmp_path) -> None:
     loaded = load_predictions(tmp_path, RECORDS, repair=False)
     assert loaded.lines["img0"]["hit"] is False and loaded.lines["img0"]["best_iou"] == 0.0
     assert [p.kind for p in loaded.problems] == ["corrected"]
-    assert corloc_of(loaded.lines, RECORDS[:2]) == (50.0, 1, 2)
+    assert evaluate_lines(loaded.lines, RECORDS[:2]) == {"corloc": 50.0, "n_hits": 1, "n_images": 2}
     # without the dataset nothing can be recomputed: only the types are checked
     assert load_predictions(tmp_path, None, repair=False).lines["img0"]["hit"] is True
 
@@ -236,9 +236,9 @@ def test_merging_a_merged_run_rewrites_nothing(tmp_path) -> None:
 
 def test_corloc_counts_every_image_of_the_run() -> None:
     lines = {"img0": line(0), "img1": line(1, MISS_BOX)}
-    assert corloc_of(lines, RECORDS[:2]) == (50.0, 1, 2)
+    assert evaluate_lines(lines, RECORDS[:2]) == {"corloc": 50.0, "n_hits": 1, "n_images": 2}
     with pytest.raises(LostregError, match="2 images have no prediction"):
-        corloc_of(lines, RECORDS)
+        evaluate_lines(lines, RECORDS)
 
 
 # --- through lostreg.run ---------------------------------------------------------------------

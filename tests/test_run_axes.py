@@ -18,7 +18,8 @@ from lostreg.io import read_jsonl
 from lostreg.methods.lost import lost_reference
 from lostreg.run import expand_sweep, main
 from lostreg.runs.config import RunConfig
-from lostreg.runs.folder import describe_run, legacy_run_id, make_run_id
+from lostreg.runs.folder import describe_run, make_run_id
+from lostreg.runs.legacy import legacy_run_id
 
 SPEC = BackboneSpec("tiny_axes", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
                     pos_embed="dinov2_reg", model_kwargs=dict(depth=3, embed_dim=48, num_heads=3))

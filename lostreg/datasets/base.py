@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lostreg.errors import LostregError
+from lostreg.evaluation.targets import BoxesTarget
 
 Box = tuple[float, float, float, float]
 
@@ -62,6 +63,11 @@ class ImageRecord:
 
     def boxes_array(self) -> np.ndarray:
         return np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+
+    @property
+    def target(self) -> BoxesTarget:
+        """The image's ground truth as the evaluation layer scores it (its boxes)."""
+        return BoxesTarget(self.boxes)
 
     def source(self) -> str:
         """The annotation file to name in a message (the image when there is none)."""

@@ -31,6 +31,7 @@ from lostreg.errors import LostregError, error_line
 from lostreg.runs.predictions import (
     PART_PATTERN,  # noqa: F401 - re-exported
     PREDICTIONS,
+    LineFormat,
     LoadedPredictions,
     load_predictions,
     prediction_files,
@@ -286,16 +287,15 @@ RunImages = Sequence[ImageRecord] | Sequence[str] | None
 
 
 def _load(run_dir: Path, images: RunImages, root: Path | None,
-          box_slack: int = 0) -> LoadedPredictions:
+          fmt: LineFormat | None = None) -> LoadedPredictions:
     """The validated predictions (``lostreg.runs.predictions``) of a run. ``images``: the run's
     records (full checks, hit/best_iou recomputed) or, from callers that only have them, its
     image ids. Only rank 0 repairs (quarantines bad lines); every rank sees the same lines."""
     images = list(images) if images is not None else None
     if images and isinstance(images[0], str):
         return load_predictions(run_dir, None, image_ids=images, repair=current().is_main,
-                                box_slack=box_slack)
-    return load_predictions(run_dir, images, root=root, repair=current().is_main,
-                            box_slack=box_slack)
+                                fmt=fmt)
+    return load_predictions(run_dir, images, root=root, repair=current().is_main, fmt=fmt)
 
 
 def _all_lines(run_dir: Path, images: RunImages = None, root: Path | None = None
@@ -312,10 +312,10 @@ def done_ids(run_dir: Path, images: RunImages = None, root: Path | None = None) 
 
 
 def merge_predictions(run_dir: Path, images: Sequence[ImageRecord] | Sequence[str],
-                      root: Path | None = None, box_slack: int = 0) -> list[dict]:
+                      root: Path | None = None, fmt: LineFormat | None = None) -> list[dict]:
     """Write ``predictions.jsonl`` in ``images`` order (records, or image ids) from the
     validated file and all parts, then delete the parts; a kill at any point leaves files a
     rerun merges the same way."""
     images = list(images)
     ids = [i if isinstance(i, str) else i.image_id for i in images]
-    return write_merged(Path(run_dir), ids, _load(Path(run_dir), images, root, box_slack).lines)
+    return write_merged(Path(run_dir), ids, _load(Path(run_dir), images, root, fmt).lines)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +29,8 @@ from lostreg.backbones import Backbone
 from lostreg.datasets import DATASETS, DataChecks
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
-from lostreg.evaluation.corloc import corloc
+from lostreg.evaluation.registry import get_metric
+from lostreg.evaluation.targets import TARGET_KINDS
 from lostreg.features.extract import FeatureRequest, resolve_layer
 from lostreg.features.pipeline import BackboneInfo
 from lostreg.io import JsonlAppender, atomic_write_json
@@ -39,19 +39,36 @@ from lostreg.runs import distributed
 from lostreg.runs.checks import feature_request, method_of, method_params
 from lostreg.runs.config import SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
-from lostreg.runs.predictions import corloc_of, load_predictions
+from lostreg.runs.legacy import add_if_changed, digest, legacy_run_id, safe_model
+from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
 
 
 @dataclass
 class RunResult:
+    """What one run of a command gave: its folder, every metric's figures (``metrics``: as in
+    ``metrics.json``, e.g. ``corloc``, ``n_hits``, ``n_images``), its summary line and what
+    the command did (new, resumed, already finished)."""
+
     run_id: str
     run_dir: Path
-    corloc: float
-    n_images: int
-    n_hits: int
+    metrics: dict[str, Any]
     smoke: bool
     summary: str
     status: str = ""
+
+    @property
+    def corloc(self) -> float:
+        """CorLoc in percent, unrounded (``metrics.json`` holds it to 4 decimals)."""
+        images = self.metrics["n_images"]
+        return 100.0 * self.metrics["n_hits"] / images if images else math.nan
+
+    @property
+    def n_images(self) -> int:
+        return self.metrics["n_images"]
+
+    @property
+    def n_hits(self) -> int:
+        return self.metrics["n_hits"]
 
 
 # --- identity ------------------------------------------------------------------------------
@@ -100,28 +117,11 @@ def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: Da
         **method_of(config).identity(params),
         **backbone.spec.identity_extras(),  # --pos-interp timm, +ttr with its neuron list
     }
-    if request.layer != -1:
-        identity["layer"] = request.layer
-    if config.normalize != "none":
-        identity["normalize"] = config.normalize
+    add_if_changed(identity, "layer", request.layer)
+    add_if_changed(identity, "normalize", config.normalize)
     if not dataset_is_complete(index):
         identity["dataset_images"] = len(index)
     return identity
-
-
-def _digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def _safe_model(identity: dict) -> str:
-    return identity["model"].replace(":", "_").replace("/", "_")
-
-
-def legacy_run_id(identity: dict, smoke: bool) -> str:
-    """The run id of releases before readable names (``<dataset>-<model>-<feature>-<hash>``);
-    folders named so are still found and reused."""
-    prefix = "smoke-" if smoke else ""
-    return f"{prefix}{identity['dataset']}-{_safe_model(identity)}-{identity['feature']}-{_digest(identity)}"
 
 
 FEATURE_WORDS = {"q": "queries", "k": "keys", "v": "values", "attn": "clsattn"}
@@ -157,8 +157,8 @@ def settings_label(identity: dict) -> str:
 def make_run_id(identity: dict, smoke: bool) -> str:
     """``[smoke-]<dataset>-<model>-<settings>-<hash>``: readable, and unique through the hash."""
     prefix = "smoke-" if smoke else ""
-    name = f"{prefix}{identity['dataset']}-{_safe_model(identity)}-{settings_label(identity)}"
-    return f"{name}-{_digest(identity)}"
+    name = f"{prefix}{identity['dataset']}-{safe_model(identity)}-{settings_label(identity)}"
+    return f"{name}-{digest(identity)}"
 
 
 def find_run_id(output: Path, identity: dict, smoke: bool) -> str:
@@ -235,6 +235,7 @@ class RunFolder:
     identity: dict
     run_id: str
     run_dir: Path
+    fmt: LineFormat = BOX_LINES  # what its predictions lines hold (target, metrics)
     pending: set[int] = field(default_factory=set)  # dataset positions still missing (all ranks)
     out: JsonlAppender | None = None
     finished: bool = False  # complete before this command: its files are left as they are
@@ -279,7 +280,19 @@ def describe_run(config: RunConfig, info: BackboneInfo, index: DatasetIndex,
     identity = {**run_identity(config, info, index, request, params), **(extra_identity or {})}
     smoke = info.weights.is_random
     run_id = find_run_id(Path(config.output), identity, smoke)
-    return RunFolder(config, spec, params, request, identity, run_id, Path(config.output) / run_id)
+    return RunFolder(config, spec, params, request, identity, run_id, Path(config.output) / run_id,
+                     line_format(index, info.patch_size))
+
+
+def line_format(index: DatasetIndex, patch_size: int) -> LineFormat:
+    """What the lines of a run on ``index`` hold: the ground truth of its dataset's target kind
+    and the scores of the dataset's metrics (``lostreg.datasets`` registry; an index of no
+    registered dataset is scored as boxes by CorLoc). A box may reach a patch less one pixel
+    into the padding (DINO-seg's reference box is not clipped)."""
+    spec = DATASETS.get(index.name)
+    target = TARGET_KINDS[spec.target if spec is not None else "boxes"]
+    metrics = tuple(get_metric(name) for name in (spec.metrics if spec is not None else ("corloc",)))
+    return LineFormat(target, metrics, box_slack=patch_size - 1)
 
 
 def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: DatasetIndex,
@@ -292,6 +305,9 @@ def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: Datas
                      for k, v in dataclasses.asdict(run.config).items()},
         **provenance(backbone, index, device),
         **run.settings(),
+        # what its lines hold: the target kind and the metrics that score it
+        "target": run.fmt.target.kind,
+        "metrics": [metric.name for metric in run.fmt.metrics],
         "numerics": numerics,
         **(extra or {}),
     }
@@ -324,8 +340,7 @@ def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: P
     of unfinished runs (``write``: this process is rank 0, the only one that repairs)."""
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        loaded = load_predictions(run.run_dir, records, root=root, repair=write,
-                                  box_slack=patch_size - 1)
+        loaded = load_predictions(run.run_dir, records, root=root, repair=write, fmt=run.fmt)
         run.pending = {p for p, r in enumerate(records) if r.image_id not in loaded.lines}
         run.finished = is_finished(run) and not loaded.problems
         if write and not run.finished:
@@ -344,30 +359,29 @@ def remove_unused(run_dirs: Sequence[Path]) -> None:
 
 
 class RunScore(NamedTuple):
-    """A run's CorLoc and, when this command finished it, the data checks to warn about."""
+    """A run's figures (every metric's, as ``metrics.json`` holds them) and, when this command
+    finished it, the data checks to warn about."""
 
-    corloc: float
-    n_hits: int
-    n_images: int
+    results: dict[str, Any]
     warnings: list[str]
 
 
-def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, patch_size: int,
+def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, fmt: LineFormat,
              run_id: str, smoke: bool, summary_fields: dict, seconds: dict) -> RunScore:
     """Merge the validated predictions (the file and any per-rank parts) in dataset order, so
     a resumed or distributed run's file equals an uninterrupted one's, and write metrics.json
-    atomically: its figures always come from the validated lines, hits recomputed, and it
-    counts what the data needed (boxes clipped, zero-area boxes, images whose annotated size
+    atomically: its figures always come from the validated lines, every score recomputed, and
+    it counts what the data needed (boxes clipped, zero-area boxes, images whose annotated size
     was not their size: ``data_checks``)."""
-    ordered = distributed.merge_predictions(run_dir, index_records, root, patch_size - 1)
-    score, n_hits, n_images = corloc(line["hit"] for line in ordered)
+    ordered = distributed.merge_predictions(run_dir, index_records, root, fmt=fmt)
+    results: dict[str, Any] = {}
+    for metric in fmt.metrics:
+        results.update(metric.evaluate(ordered))
     checks = DataChecks.of_run(index_records, ordered)
     timeline.mark("first run finished")
     metrics = {
         "run_id": run_id,
-        "corloc": round(score, 4),
-        "n_images": n_images,
-        "n_hits": n_hits,
+        **results,
         "smoke_run": smoke,
         "weights": "random" if smoke else "pretrained",
         "seconds": seconds,
@@ -380,7 +394,7 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, pa
     if smoke:
         metrics["note"] = SMOKE_NOTE
     atomic_write_json(run_dir / "metrics.json", metrics)
-    return RunScore(score, n_hits, n_images, checks.warnings(summary_fields["dataset"]))
+    return RunScore(results, checks.warnings(summary_fields["dataset"]))
 
 
 def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetIndex,
@@ -389,9 +403,9 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     """CorLoc of a run at the end of its pass: read back when it was finished before,
     otherwise merged and written with its timings."""
     if run.finished:
-        return RunScore(*corloc_of(load_predictions(
-            run.run_dir, records, root=index.root, repair=False,
-            box_slack=info.patch_size - 1).lines, records), [])
+        loaded = load_predictions(run.run_dir, records, root=index.root, repair=False,
+                                  fmt=run.fmt)
+        return RunScore(evaluate_lines(loaded.lines, records, run.fmt), [])
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),
@@ -412,7 +426,7 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     summary_fields = {"model": info.spec.name, "timm_name": info.spec.timm_name,
                       "dataset": index.name, "split": index.split, **run.settings(),
                       "no_hard": index.no_hard, "resumed_with": len(records) - computed}
-    return finalize(run.run_dir, records, index.root, info.patch_size, run.run_id,
+    return finalize(run.run_dir, records, index.root, run.fmt, run.run_id,
                     info.weights.is_random, summary_fields, seconds)
 
 
@@ -424,11 +438,13 @@ def run_status(run: RunFolder, n_images: int) -> str:
     return "new" if done == 0 else f"resumed ({done} of {n_images} were done)"
 
 
-def summary_line(score: float, n_hits: int, n_images: int, index: DatasetIndex, model: str,
-                 run: RunFolder, smoke: bool, status: str) -> str:
-    """The one line a run prints: CorLoc, what it was measured on, every setting that changes
-    the result, what this command did and where the run folder is."""
-    summary = (f"CorLoc {score:.2f} ({n_hits}/{n_images}) {index.name} {index.split} "
+def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: RunFolder,
+                 smoke: bool, status: str) -> str:
+    """The one line a run prints: its figures (each metric's words, e.g. ``CorLoc 61.90
+    (3102/5011)``), what it was measured on, every setting that changes the result, what this
+    command did and where the run folder is."""
+    figures = " ".join(metric.describe(results) for metric in run.fmt.metrics)
+    summary = (f"{figures} {index.name} {index.split} "
                f"{model} {run.request.label} {run.method.name}")
     defaults = run.method.defaults()
     short = {"k_patches": "k"}

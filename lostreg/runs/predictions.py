@@ -1,16 +1,18 @@
-"""A run's predictions read back: every line validated, ``hit`` and ``best_iou`` recomputed.
+"""``predictions.jsonl``: each image's line written, and read back validated and rescored.
 
 ``predictions.jsonl`` (and the per-rank parts ``predictions.rank{r}.jsonl`` a torchrun run
 leaves until it merges) is the run's only result; ``metrics.json`` is derived from it. So what
 is read back is trusted no further than it can be checked:
 
-* every line must parse and follow ``SCHEMA`` (keys and types) with a box inside its image;
+* every line must parse and follow its run's ``LineFormat`` (keys and types: the image, the
+  prediction, the ground truth, each metric's scores) with a box inside its image;
   a line that does not is *bad*: it is moved to ``quarantine.jsonl`` beside the file (appended
   durably, with the reason) and only that image is recomputed;
 * every line must be an image of this run, with the run's file name and ground truth; one that
   is not is a line from another run, an error naming ``file:line`` (nothing is changed);
-* ``hit`` and ``best_iou`` are recomputed from ``box`` and the dataset's GT, never taken from
-  the file (a line whose values disagree is corrected, and reported);
+* every metric's scores (CorLoc's ``hit`` and ``best_iou``) are recomputed from the prediction
+  and the dataset's GT, never taken from the file (a line whose values disagree is corrected,
+  and reported);
 * an identical duplicate (the same line twice, e.g. in the merged file and a part left by a
   kill during the merge) is dropped; two different lines for one image are an error naming
   both.
@@ -25,8 +27,8 @@ bad line both mean "not done".
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +38,10 @@ from typing import Any, NamedTuple
 
 from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError
-from lostreg.evaluation.corloc import best_iou, corloc, is_hit
+from lostreg.evaluation.corloc import CORLOC
+from lostreg.evaluation.registry import MetricSpec
+from lostreg.evaluation.targets import BoxesTarget, LineField
+from lostreg.fields import is_int
 from lostreg.io import JsonlAppender, atomic_write_text, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
@@ -47,46 +52,25 @@ QUARANTINE = "quarantine.jsonl"
 # --- the line format -----------------------------------------------------------------------
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
-
-
 def _ints(n: int, minimum: int | None = None) -> Callable[[Any], bool]:
     def check(value: Any) -> bool:
-        return (isinstance(value, list) and len(value) == n and all(map(_is_int, value))
+        return (isinstance(value, list) and len(value) == n and all(map(is_int, value))
                 and (minimum is None or all(v >= minimum for v in value)))
     return check
 
 
-def _gt_boxes(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(b, list) and len(b) == 4 and all(map(_is_number, b)) for b in value)
-
-
-class Field(NamedTuple):
-    check: Callable[[Any], bool]
-    expected: str
-    required: bool = True
-
-
-# one entry per key of a predictions line; a key not listed here makes a line bad
-SCHEMA: dict[str, Field] = {
-    "image_id": Field(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "file": Field(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    "width": Field(lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "height": Field(lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "box": Field(_ints(4), "4 integers [x1, y1, x2, y2]"),
-    "seed": Field(lambda v: v is None or _ints(2, minimum=0)(v),
-                  "null or [row, col], two integers >= 0"),
-    "gt_boxes": Field(_gt_boxes, "a list of [x1, y1, x2, y2] number lists"),
-    "best_iou": Field(_is_number, "a number"),
-    "hit": Field(lambda v: isinstance(v, bool), "true or false"),
-    "weights": Field(lambda v: v == "random", '"random" (smoke runs only)', required=False),
+# the keys every line has, whatever its target and metrics: the image and the prediction
+BASE_SCHEMA: dict[str, LineField] = {
+    "image_id": LineField(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "file": LineField(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "width": LineField(lambda v: is_int(v) and v > 0, "a positive integer"),
+    "height": LineField(lambda v: is_int(v) and v > 0, "a positive integer"),
+    "box": LineField(_ints(4), "4 integers [x1, y1, x2, y2]"),
+    "seed": LineField(lambda v: v is None or _ints(2, minimum=0)(v),
+                      "null or [row, col], two integers >= 0"),
 }
+SMOKE_FIELD = {"weights": LineField(lambda v: v == "random", '"random" (smoke runs only)',
+                                    required=False)}
 
 
 def record_file(record: ImageRecord, root: Path) -> str:
@@ -98,48 +82,103 @@ def record_file(record: ImageRecord, root: Path) -> str:
     return record.extra.get("file", file)
 
 
+@dataclass(frozen=True)
+class LineFormat:
+    """What every line of one run holds: the image and the prediction (``BASE_SCHEMA``), the
+    image's ground truth as its target kind writes it, then each metric's per-image scores.
+    The writer (``line``), the validator (``problem``) and the rescoring (``rescore``) live
+    side by side so they cannot drift apart.
+
+    ``box_slack``: how far a box may reach into the zero padding right and below (a patch less
+    one pixel, for methods whose published box is not clipped to the image: DINO-seg's
+    reference variant).
+    """
+
+    target: type = BoxesTarget
+    metrics: tuple[MetricSpec, ...] = (CORLOC,)
+    box_slack: int = 0
+
+    @property
+    def schema(self) -> dict[str, LineField]:
+        """One entry per key of a line; a key not listed here makes a line bad."""
+        fields = {**BASE_SCHEMA, **self.target.LINE_SCHEMA}
+        for metric in self.metrics:
+            fields.update(metric.fields)
+        return {**fields, **SMOKE_FIELD}
+
+    def scores(self, line: Mapping[str, Any], target: Any) -> dict[str, Any]:
+        """Every metric's per-image scores of ``line``'s prediction against ``target``."""
+        scores: dict[str, Any] = {}
+        for metric in self.metrics:
+            scores.update(metric.score(line, target))
+        return scores
+
+    def line(self, record: ImageRecord, box: Sequence[int], seed_rc: Sequence[int] | None,
+             root: Path, smoke: bool) -> dict:
+        """The predictions line of one image (``record`` holds the size the image really
+        has)."""
+        target = record.target
+        line = {
+            "image_id": record.image_id,
+            "file": record_file(record, root),
+            "width": record.width,
+            "height": record.height,
+            "box": [int(v) for v in box],
+            "seed": None if seed_rc is None else [int(v) for v in seed_rc],
+            **target.line_fields(),
+        }
+        line.update(self.scores(line, target))
+        if smoke:
+            line["weights"] = "random"
+        return line
+
+    def problem(self, line: Any) -> str | None:
+        """Why ``line`` (parsed JSON) is not a line of this format, or None: keys, types, and
+        a box inside its image (``0 <= x1 <= x2 <= width``, the same for y)."""
+        if not isinstance(line, dict):
+            return f"expected a JSON object, got {type(line).__name__}"
+        schema = self.schema
+        missing = [k for k, f in schema.items() if f.required and k not in line]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        unknown = sorted(k for k in line if k not in schema)
+        if unknown:
+            return f"unknown key {', '.join(unknown)}"
+        for key, value in line.items():
+            if not schema[key].check(value):
+                return f"{key}: expected {schema[key].expected}, got {json.dumps(value)[:60]}"
+        x1, y1, x2, y2 = line["box"]
+        slack = self.box_slack
+        if not (0 <= x1 <= x2 <= line["width"] + slack
+                and 0 <= y1 <= y2 <= line["height"] + slack):
+            return f"box {line['box']} is not inside its {line['width']}x{line['height']} image"
+        return None
+
+    def rescore(self, line: dict, target: Any) -> tuple[dict, str | None]:
+        """The line with every metric's scores recomputed against ``target``, and what was
+        corrected (or None): a stored score is never trusted."""
+        scores = self.scores(line, target)
+        changed = [key for key, value in scores.items() if line.get(key) != value]
+        if not changed:
+            return line, None
+        old = "/".join(str(line.get(key)) for key in scores)
+        new = "/".join(str(value) for value in scores.values())
+        return {**line, **scores}, f"{'/'.join(scores)} {old} recomputed as {new}"
+
+
+# the lines of every box-target run (VOC, COCO, the demo): CorLoc's
+BOX_LINES = LineFormat()
+
+
 def prediction_line(record: ImageRecord, box: Sequence[int], seed_rc: Sequence[int] | None,
-                    root: Path, smoke: bool) -> dict:
-    """The predictions line of one image (``record`` holds the size the image really has).
-    The writer and the validator live side by side so they cannot drift apart."""
-    iou = best_iou(box, record.boxes_array())
-    line = {
-        "image_id": record.image_id,
-        "file": record_file(record, root),
-        "width": record.width,
-        "height": record.height,
-        "box": [int(v) for v in box],
-        "seed": None if seed_rc is None else [int(v) for v in seed_rc],
-        "gt_boxes": [list(b) for b in record.boxes],
-        "best_iou": round(iou, 6),
-        "hit": is_hit(iou),
-    }
-    if smoke:
-        line["weights"] = "random"
-    return line
+                    root: Path, smoke: bool, fmt: LineFormat = BOX_LINES) -> dict:
+    """``fmt.line``: the predictions line of one image."""
+    return fmt.line(record, box, seed_rc, root, smoke)
 
 
-def schema_problem(line: Any, box_slack: int = 0) -> str | None:
-    """Why ``line`` (parsed JSON) is not a predictions line, or None: keys, types, and a box
-    inside its image (``0 <= x1 <= x2 <= width``, the same for y). ``box_slack``: how far a
-    box may reach into the zero padding right and below (a patch less one pixel, for methods
-    whose published box is not clipped to the image: DINO-seg's reference variant)."""
-    if not isinstance(line, dict):
-        return f"expected a JSON object, got {type(line).__name__}"
-    missing = [k for k, f in SCHEMA.items() if f.required and k not in line]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    unknown = sorted(k for k in line if k not in SCHEMA)
-    if unknown:
-        return f"unknown key {', '.join(unknown)}"
-    for key, value in line.items():
-        if not SCHEMA[key].check(value):
-            return f"{key}: expected {SCHEMA[key].expected}, got {json.dumps(value)[:60]}"
-    x1, y1, x2, y2 = line["box"]
-    if not (0 <= x1 <= x2 <= line["width"] + box_slack
-            and 0 <= y1 <= y2 <= line["height"] + box_slack):
-        return f"box {line['box']} is not inside its {line['width']}x{line['height']} image"
-    return None
+def schema_problem(line: Any, box_slack: int = 0, fmt: LineFormat = BOX_LINES) -> str | None:
+    """``fmt.problem`` (with ``box_slack``): why ``line`` is not a predictions line, or None."""
+    return dataclasses.replace(fmt, box_slack=box_slack).problem(line)
 
 
 # --- what a run expects --------------------------------------------------------------------
@@ -151,25 +190,25 @@ class ForeignLine(LostregError):
 
 @dataclass(frozen=True)
 class Expected:
-    """What the lines of one run must match: its image ids, and (with records) each image's
-    file and GT, from which ``hit`` and ``best_iou`` are recomputed."""
+    """What the lines of one run must match: its format, its image ids, and (with records)
+    each image's file and ground truth, from which every metric's scores are recomputed."""
 
     ids: frozenset[str] | None
     records: Mapping[str, ImageRecord] | None
     root: Path | None
-    box_slack: int = 0
+    fmt: LineFormat = BOX_LINES
 
     @classmethod
     def of(cls, records: Sequence[ImageRecord] | None, root: Path | None = None,
-           image_ids: Collection[str] | None = None, box_slack: int = 0) -> Expected:
+           image_ids: Collection[str] | None = None, fmt: LineFormat = BOX_LINES) -> Expected:
         if records is not None:
             by_id = {r.image_id: r for r in records}
-            return cls(frozenset(by_id), by_id, None if root is None else Path(root), box_slack)
-        return cls(None if image_ids is None else frozenset(image_ids), None, None, box_slack)
+            return cls(frozenset(by_id), by_id, None if root is None else Path(root), fmt)
+        return cls(None if image_ids is None else frozenset(image_ids), None, None, fmt)
 
     def check(self, line: dict) -> tuple[dict, str | None]:
-        """The line with ``hit``/``best_iou`` recomputed, and what was corrected (or None).
-        Raises ``ForeignLine`` for a line of another run."""
+        """The line with its scores recomputed, and what was corrected (or None). Raises
+        ``ForeignLine`` for a line of another run."""
         image_id = line["image_id"]
         if self.ids is not None and image_id not in self.ids:
             raise ForeignLine(f"image {image_id!r} is not an image of this run")
@@ -179,16 +218,11 @@ class Expected:
         if self.root is not None and line["file"] != record_file(record, self.root):
             raise ForeignLine(f"image {image_id!r} has file {line['file']!r}, this run's is "
                               f"{record_file(record, self.root)!r}")
-        gt = [[float(v) for v in b] for b in record.boxes]
-        if [[float(v) for v in b] for b in line["gt_boxes"]] != gt:
-            raise ForeignLine(f"image {image_id!r} has other gt_boxes than the dataset's "
-                              "(written with other annotations)")
-        iou = best_iou(line["box"], record.boxes_array())
-        fixed = {**line, "best_iou": round(iou, 6), "hit": is_hit(iou)}
-        if fixed["hit"] != line["hit"] or fixed["best_iou"] != line["best_iou"]:
-            return fixed, (f"hit/best_iou {line['hit']}/{line['best_iou']} recomputed as "
-                           f"{fixed['hit']}/{fixed['best_iou']}")
-        return fixed, None
+        target = record.target
+        if not target.same_as_line(line):
+            raise ForeignLine(f"image {image_id!r} has other {'/'.join(target.LINE_SCHEMA)} "
+                              "than the dataset's (written with other annotations)")
+        return self.fmt.rescore(line, target)
 
 
 # --- reading a run folder ------------------------------------------------------------------
@@ -270,7 +304,7 @@ class _Reading:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             self.problem(path, number, "bad", f"not JSON ({exc})", raw)
             return
-        reason = schema_problem(line, self.expected.box_slack)
+        reason = self.expected.fmt.problem(line)
         if reason is not None:
             self.problem(path, number, "bad", reason, raw,
                          line.get("image_id") if isinstance(line, dict) else None)
@@ -304,13 +338,15 @@ class _Reading:
 
 def load_predictions(run_dir: str | Path, records: Sequence[ImageRecord] | None, *,
                      root: str | Path | None = None, image_ids: Collection[str] | None = None,
-                     repair: bool = True, box_slack: int = 0) -> LoadedPredictions:
+                     repair: bool = True, box_slack: int = 0,
+                     fmt: LineFormat | None = None) -> LoadedPredictions:
     """Every valid prediction of a run folder (merged file plus parts), by image id.
 
     ``records`` are the run's images (its ``--limit`` applied): lines must be of these images,
-    with their GT (and with ``root``, the dataset root, their file); ``hit``/``best_iou`` are
+    with their GT (and with ``root``, the dataset root, their file); every metric's scores are
     recomputed from the GT. Without records (tools that have no dataset) only ``image_ids``,
-    if given, is checked and ``hit``/``best_iou`` are only type-checked.
+    if given, is checked and the scores are only type-checked. ``fmt``: the run's line format
+    (default: boxes scored by CorLoc, with ``box_slack``).
 
     Raises ``LostregError`` naming ``file:line`` for a line of another run or two different
     lines of one image, before changing anything. With ``repair``, bad lines are moved to
@@ -319,8 +355,9 @@ def load_predictions(run_dir: str | Path, records: Sequence[ImageRecord] | None,
     nothing is written.
     """
     run_dir = Path(run_dir)
+    fmt = fmt if fmt is not None else dataclasses.replace(BOX_LINES, box_slack=box_slack)
     reading = _Reading(Expected.of(records, None if root is None else Path(root), image_ids,
-                                   box_slack))
+                                   fmt))
     for path in prediction_files(run_dir):
         for number, raw in enumerate(_complete_lines(path), start=1):
             reading.add(path, number, raw)
@@ -373,13 +410,14 @@ def _quarantined(path: Path) -> list[dict]:
 
 
 def merge_predictions(run_dir: str | Path, records: Sequence[ImageRecord], *,
-                      root: str | Path | None = None, box_slack: int = 0) -> list[dict]:
+                      root: str | Path | None = None, box_slack: int = 0,
+                      fmt: LineFormat | None = None) -> list[dict]:
     """Write ``predictions.jsonl`` in ``records`` order from the validated file and parts,
     then delete the parts; a kill at any point leaves files a rerun merges the same way.
     The file is not rewritten when it already holds exactly these lines and no part is left,
     so finalising a finished run changes nothing on disk."""
     run_dir = Path(run_dir)
-    loaded = load_predictions(run_dir, records, root=root, box_slack=box_slack)
+    loaded = load_predictions(run_dir, records, root=root, box_slack=box_slack, fmt=fmt)
     return write_merged(run_dir, [r.image_id for r in records], loaded.lines)
 
 
@@ -404,11 +442,15 @@ def write_merged(run_dir: Path, image_ids: Sequence[str], lines: Mapping[str, di
     return ordered
 
 
-def corloc_of(lines: Mapping[str, dict], records: Sequence[ImageRecord]
-              ) -> tuple[float, int, int]:
-    """``(CorLoc %, hits, images)`` of validated lines (``load_predictions`` with records):
-    every image of the run counts, so one without a line is an error, not left out."""
+def evaluate_lines(lines: Mapping[str, dict], records: Sequence[ImageRecord],
+                   fmt: LineFormat = BOX_LINES) -> dict[str, Any]:
+    """Every metric's figures over validated lines (``load_predictions`` with records), in
+    dataset order: every image of the run counts, so one without a line is an error, not left
+    out."""
     missing = [r.image_id for r in records if r.image_id not in lines]
     if missing:
         raise LostregError(f"{len(missing)} images have no prediction (first: {missing[0]})")
-    return corloc(lines[r.image_id]["hit"] for r in records)
+    results: dict[str, Any] = {}
+    for metric in fmt.metrics:
+        results.update(metric.evaluate(lines[r.image_id] for r in records))
+    return results

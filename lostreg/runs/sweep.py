@@ -53,7 +53,6 @@ from lostreg.runs.folder import (
     write_config,
 )
 from lostreg.runs.lock import hold_runs
-from lostreg.runs.predictions import prediction_line
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -223,18 +222,18 @@ class Pass:
                boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
         """Format and append one method output's lines (on the line writer's thread)."""
         tick = time.perf_counter()
-        lines = [self._line(p, size, box, divmod(seed, cols) if seed >= 0 else None)
+        lines = [self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None)
                  for p, size, box, seed in zip(positions, sizes, boxes.tolist(), seeds.tolist(),
                                                strict=True)]
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
-    def _line(self, position: int, size: tuple[int, int], box: list[int],
+    def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int],
               seed_rc: tuple[int, int] | None) -> dict:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
             record = dataclasses.replace(record, height=size[0], width=size[1])
-        return prediction_line(record, box, seed_rc, self.index.root, self.smoke)
+        return run.fmt.line(record, box, seed_rc, self.index.root, self.smoke)
 
     # --- the end --------------------------------------------------------------------------
 
@@ -256,14 +255,14 @@ class Pass:
         if self.ctx.is_main:  # the same data, so the same warnings: once per pass
             for line in dict.fromkeys(w for outcome in outcomes for w in outcome.warnings):
                 print(line, file=sys.stderr, flush=True)
-        return [self._result(run, *outcome[:3])
+        return [self._result(run, outcome.results)
                 for run, outcome in zip(self.runs, outcomes, strict=True)]
 
-    def _result(self, run: RunFolder, score: float, n_hits: int, n_images: int) -> RunResult:
+    def _result(self, run: RunFolder, results: dict[str, Any]) -> RunResult:
         status = run_status(run, len(self.records))
-        return RunResult(run.run_id, run.run_dir, score, n_images, n_hits, self.smoke,
-                         summary_line(score, n_hits, n_images, self.index, self.info.spec.name,
-                                      run, self.smoke, status), status)
+        return RunResult(run.run_id, run.run_dir, results, self.smoke,
+                         summary_line(results, self.index, self.info.spec.name, run, self.smoke,
+                                      status), status)
 
     def _bad_images(self, messages: list[str]) -> str:
         where = (self.runs[0].run_dir if len(self.runs) == 1

@@ -10,7 +10,6 @@ written before the method registry lack ``method``, ``method_params``, ``layer``
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,8 +23,9 @@ from lostreg.datasets import load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.features.extract import FeatureRequest, padded_size
-from lostreg.io import read_json_object, read_jsonl
-from lostreg.methods import DEFAULT_METHOD, MethodSpec, get_method, list_methods
+from lostreg.methods import MethodSpec, get_method, list_methods
+from lostreg.runs.legacy import config_value
+from lostreg.runs.store import is_finished, read_config, read_lines
 
 CONFIG_KEYS = ("model", "patch_size", "dataset", "weights", "feature")
 PREDICTION_KEYS = ("image_id", "width", "height", "box", "seed", "hit")
@@ -61,7 +61,7 @@ class RunMethod:
 
 def method_of(config: dict, config_path: Path) -> RunMethod:
     """The run's :class:`RunMethod`, validated against the method registry."""
-    name = config.get("method", DEFAULT_METHOD)
+    name = config_value(config, "method")
     if not isinstance(name, str) or name not in list_methods():
         raise LostregError(f"{config_path}: method {name!r} is not known to this lostreg "
                            f"(known: {', '.join(list_methods())})")
@@ -79,7 +79,7 @@ def method_of(config: dict, config_path: Path) -> RunMethod:
         params = spec.resolve(values)
     except LostregError as exc:
         raise LostregError(f"{config_path}: {exc}") from None
-    layer, normalize = config.get("layer", -1), config.get("normalize", "none")
+    layer, normalize = config_value(config, "layer"), config_value(config, "normalize")
     if not isinstance(layer, int) or isinstance(layer, bool):
         raise LostregError(f"{config_path}: layer must be an integer, got {layer!r}")
     if normalize not in NORMALIZATIONS:
@@ -146,29 +146,22 @@ def prediction_seed(prediction: dict) -> tuple[int, int] | None:
 
 
 def load_run(run_dir: str | Path) -> RunInfo:
-    """Read and validate a run folder; raises ``LostregError`` naming the bad file."""
+    """Read and validate a run folder (through ``lostreg.runs.store``); raises
+    ``LostregError`` naming the bad file."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LostregError(f"{run_dir}: run folder not found")
-    config_path = run_dir / "config.json"
-    config = read_json_object(config_path, f"not found; is {run_dir} a lostreg.run folder?")
+    config = read_config(run_dir)
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
-        raise LostregError(f"{config_path}: missing {', '.join(missing)}")
+        raise LostregError(f"{run_dir / 'config.json'}: missing {', '.join(missing)}")
+    predictions = read_lines(run_dir)
     predictions_path = run_dir / "predictions.jsonl"
-    if not predictions_path.is_file():
-        raise LostregError(f"{predictions_path}: not found; the run has no predictions yet")
-    try:
-        predictions = list(read_jsonl(predictions_path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LostregError(f"{predictions_path}: not valid JSON lines ({exc})") from None
     if not predictions:
         raise LostregError(f"{predictions_path}: no predictions")
     for number, line in enumerate(predictions, start=1):
-        if not isinstance(line, dict):
-            raise LostregError(f"{predictions_path}: line {number} is not a JSON object")
         _check_prediction(predictions_path, number, line)
-    if not (run_dir / "metrics.json").is_file():
+    if not is_finished(run_dir):
         print(f"warning: {run_dir} is unfinished (no metrics.json); using its "
               f"{len(predictions)} predictions", file=sys.stderr)
     info = RunInfo(run_dir, config, predictions)

@@ -36,20 +36,11 @@ from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_bytes, atomic_write_text
 from lostreg.reports.leaderboard.figures import figure_png, iou_figure, register_bar_figure
 from lostreg.reports.leaderboard.markdown import comparison_markdown
-from lostreg.reports.leaderboard.predictions import batched_best_iou, read_predictions
 from lostreg.reports.leaderboard.published import (
     DEFAULT_PUBLISHED,
     PUBLISHED_COLUMNS,
     load_published,
     method_key,
-)
-from lostreg.reports.leaderboard.runs import (
-    RunData,
-    RunInfo,
-    ScanResult,
-    is_smoke,
-    load_run,
-    scan_runs,
 )
 from lostreg.reports.leaderboard.tables import (
     COMPARISON_COLUMNS,
@@ -67,6 +58,15 @@ from lostreg.reports.leaderboard.tables import (
     settings_label,
     single_row,
 )
+from lostreg.runs.store import (  # the run-folder reader, re-exported for notebooks
+    RunData,
+    RunInfo,
+    ScanResult,
+    is_smoke,
+    load_run,
+    read_predictions,
+    scan_runs,
+)
 
 # (model short name, dataset) runs that fill the comparison table with public weights
 from lostreg.runs.suites import PAPER_DATASETS, PAPER_MODELS, PAPER_SUITE
@@ -75,7 +75,7 @@ __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
     "LEADERBOARD_COLUMNS", "PAPER_DATASETS", "PAPER_MODELS", "PAPER_SUITE", "PUBLISHED_COLUMNS",
     "SETTING_COLUMNS", "Leaderboard", "RunData", "RunInfo", "ScanResult", "base_model_name",
-    "base_timm_name", "batched_best_iou", "build_leaderboard", "build_parser", "collect", "comparison_frame",
+    "base_timm_name", "build_leaderboard", "build_parser", "collect", "comparison_frame",
     "comparison_markdown", "figure_png", "find_pairs", "iou_figure", "is_smoke",
     "leaderboard_frame", "leaderboard_row", "load_published", "load_run", "main", "method_key",
     "pair_row", "read_predictions", "register_bar_figure", "scan_runs", "settings_label",

@@ -17,8 +17,8 @@ import pandas as pd
 from lostreg.evaluation import stats
 from lostreg.reports.leaderboard.markdown import datasets_of
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, VARIANTS
-from lostreg.reports.leaderboard.runs import RunData
 from lostreg.reports.leaderboard.tables import DATASET_LABELS
+from lostreg.runs.store import RunData
 
 IOU_BINS = np.linspace(0.0, 1.0, 21)
 SMOKE_MARK = "SMOKE (random weights): not a result"

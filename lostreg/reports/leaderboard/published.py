@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lostreg.errors import LostregError
-from lostreg.reports.leaderboard.fields import read_text_csv, shown
+from lostreg.fields import read_text_csv, shown
 
 # shipped inside the package (package data), so an installed wheel shows the published figures
 DEFAULT_PUBLISHED = Path(__file__).resolve().with_name("published_corloc.csv")

@@ -20,7 +20,7 @@ import pandas as pd
 
 from lostreg.evaluation import stats
 from lostreg.reports.leaderboard.published import VARIANTS, published_groups, variant_of
-from lostreg.reports.leaderboard.runs import RunData
+from lostreg.runs.store import RunData
 from lostreg.runs.suites import PAPER_DATASETS
 
 DATASET_LABELS = {"voc07": "VOC07", "voc12": "VOC12", "coco20k": "COCO20k"}

@@ -19,10 +19,9 @@ import pandas as pd
 
 from lostreg.datasets import DATASETS
 from lostreg.errors import LostregError
+from lostreg.fields import Fields
 from lostreg.io import read_json_object
-from lostreg.reports.leaderboard.fields import Fields
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, load_published, method_key, variant_of
-from lostreg.reports.leaderboard.runs import RunInfo
 from lostreg.reports.leaderboard.tables import base_model_name
 from lostreg.reports.protocol import figures
 from lostreg.reports.protocol.grid import DEFAULT_POS_INTERP, GridPoint, ProtocolGrid
@@ -43,6 +42,7 @@ from lostreg.reports.protocol.table import (
     protocol_frame,
     read_protocol_csv,
 )
+from lostreg.runs.store import RunInfo
 
 PUBLISHED_WITHIN_SHOWN = 10  # grid points listed per published figure (closest first)
 

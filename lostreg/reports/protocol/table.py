@@ -18,10 +18,10 @@ import pandas as pd
 
 from lostreg.errors import LostregError
 from lostreg.evaluation import stats
-from lostreg.reports.leaderboard.fields import read_text_csv
-from lostreg.reports.leaderboard.runs import RunData, load_run
+from lostreg.fields import read_text_csv
 from lostreg.reports.protocol.grid import GridPoint, ProtocolGrid, clean_bias
 from lostreg.runs.config import NORMALIZATIONS
+from lostreg.runs.store import RunData, load_run
 
 POINT_COLUMNS = ["pos_interp", "normalize", "feature", "layer", "gram_bias"]
 PROTOCOL_COLUMNS = ["model", "registers", "test_time_registers", "dataset", "split",

@@ -1,4 +1,5 @@
-"""Typed reads of JSON read back from disk: a wrong type is one line naming file and key.
+"""Typed reads of JSON (and CSV text) read back from disk: a wrong type is one line naming file
+and key.
 
 Run folders are written by ``lostreg.run`` but read back long after, possibly edited by hand
 or damaged. ``bool("false")`` is True and ``int("abc")`` raises a bare ``ValueError``, so no

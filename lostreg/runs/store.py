@@ -1,16 +1,12 @@
-"""Reading finished run folders: every value type-checked, hits recomputed, damage skipped.
+"""Reading run folders: the one reader every report uses (leaderboard, protocol, analysis).
 
-A finished run folder holds ``config.json``, ``predictions.jsonl`` and ``metrics.json``. The
-leaderboard trusts none of them: each value it uses is type-checked (``lostreg.reports.leaderboard
-.fields``), each image's IoU and hit are recomputed from its box and ground truth with
-``lostreg.evaluation.corloc`` (a line whose stored ``hit`` disagrees is damage, not data), and the three
-files must agree. A folder that fails is *skipped* with one line saying why; the rest of the
-leaderboard is still built (``scan_runs``).
-
-Folders written before the method registry and the protocol axes lack the newer keys; they are
-read with the defaults of the run-folder schema: ``method`` lost (parameters ``k_patches`` and
-``gram_bias`` from the config), ``layer`` -1, ``normalize`` none, ``pos_interp`` original,
-``test_time_registers`` 0.
+A finished run folder holds ``config.json``, ``predictions.jsonl`` and ``metrics.json``. Nothing
+in them is trusted: each value used is type-checked (``lostreg.fields``), each image's score is
+recomputed from its prediction and the ground truth its line holds (``lostreg.evaluation``: a
+line whose stored ``hit`` disagrees is damage, not data), and the three files must agree. A
+folder that fails is *skipped* with one line saying why; the rest are still read
+(``scan_runs``). Folders of earlier releases are read with what those runs used
+(``lostreg.runs.legacy``).
 """
 
 from __future__ import annotations
@@ -23,18 +19,22 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from lostreg.errors import LostregError
 from lostreg.evaluation import stats
-from lostreg.io import read_json_object
-from lostreg.reports.leaderboard.fields import Fields, shown
-from lostreg.reports.leaderboard.predictions import read_predictions
+from lostreg.evaluation.corloc import HIT_IOU
+from lostreg.evaluation.iou import best_ious
+from lostreg.fields import Fields, shown
+from lostreg.io import read_json_object, read_jsonl
+from lostreg.runs.legacy import CONFIG_DEFAULTS, LEGACY_METHOD
+
+CONFIG, PREDICTIONS, METRICS = "config.json", "predictions.jsonl", "metrics.json"
 
 # settings read from config.json that metrics.json may repeat: the two must agree
 CROSS_CHECKED = ("run_id", "model", "dataset", "feature", "method", "method_params", "layer",
                  "normalize", "pos_interp")
-LEGACY_METHOD = "lost"
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,40 @@ class RunInfo:
     device: str | None
 
 
+# --- one folder's files, as the tools that explain a run read them ------------------------
+
+
+def read_config(run_dir: Path) -> dict:
+    """A run folder's ``config.json`` (a JSON object), or one line saying what is wrong."""
+    return read_json_object(Path(run_dir) / CONFIG,
+                            f"not found; is {run_dir} a lostreg.run folder?")
+
+
+def read_lines(run_dir: Path) -> list[dict]:
+    """The lines of a run's ``predictions.jsonl`` in file order, each a JSON object, or one line
+    naming the file and line. Their scores are not recomputed here: the analyses and verify
+    read boxes and seeds (``load_run`` and the writer's reader recompute scores)."""
+    path = Path(run_dir) / PREDICTIONS
+    if not path.is_file():
+        raise LostregError(f"{path}: not found; the run has no predictions yet")
+    try:
+        lines = list(read_jsonl(path))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise LostregError(f"{path}: not valid JSON lines ({exc})") from None
+    for number, line in enumerate(lines, start=1):
+        if not isinstance(line, dict):
+            raise LostregError(f"{path}: line {number} is not a JSON object")
+    return lines
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether a folder holds a finished run (``metrics.json`` is written last)."""
+    return (Path(run_dir) / METRICS).is_file()
+
+
+# --- config.json -----------------------------------------------------------------------------
+
+
 def _method_params(config: Fields, method: str) -> dict:
     """``method_params``; a LOST run written before the registry keeps them on the config."""
     if "method_params" in config.data or method != LEGACY_METHOD:
@@ -96,7 +130,7 @@ def parse_config(data: dict, where: str) -> RunInfo:
     """Every setting the leaderboard uses, type-checked, with the schema's defaults."""
     config = Fields(data, where)
     identity = config.mapping("identity")
-    method = config.text("method", LEGACY_METHOD)
+    method = config.text("method", CONFIG_DEFAULTS["method"])
     source, sha256 = _weights(config)
     return RunInfo(
         run_id=config.text("run_id", None, optional=True) or "",
@@ -104,15 +138,16 @@ def parse_config(data: dict, where: str) -> RunInfo:
         model=config.text("model"), timm_name=config.text("timm_name"),
         family=config.text("family"),
         num_registers=config.integer("num_registers", minimum=0),
-        test_time_registers=config.integer("test_time_registers", 0, minimum=0),
+        test_time_registers=config.integer("test_time_registers",
+                                           CONFIG_DEFAULTS["test_time_registers"], minimum=0),
         dataset=config.text("dataset"), split=config.text("split"),
         no_hard=config.flag("no_hard"),
         limit=Fields(identity, f"{where} (identity)").integer("limit", None, minimum=1,
                                                                optional=True),
         method=method, method_params=_method_params(config, method),
-        feature=config.text("feature"), layer=config.integer("layer", -1),
-        normalize=config.text("normalize", "none"),
-        pos_interp=config.text("pos_interp", "original"),
+        feature=config.text("feature"), layer=config.integer("layer", CONFIG_DEFAULTS["layer"]),
+        normalize=config.text("normalize", CONFIG_DEFAULTS["normalize"]),
+        pos_interp=config.text("pos_interp", CONFIG_DEFAULTS["pos_interp"]),
         pos_resolved=config.text("pos_embed_interpolation", None, optional=True),
         precision=config.text("precision"),
         weights_source=source, weights_sha256=sha256,
@@ -300,3 +335,83 @@ def _newest_per_identity(runs: Sequence[RunData]) -> list[RunData]:
         if kept is None or (run.finished, run.run_id) > (kept.finished, kept.run_id):
             newest[run.identity_key] = run
     return sorted(newest.values(), key=lambda run: run.run_id)
+
+
+# --- predictions.jsonl --------------------------------------------------------------------
+
+
+PREDICTION_COLUMNS = ["image_id", "file", "width", "height", "n_objects", "area_share",
+                      "best_iou", "hit", "box", "gt_boxes"]
+
+
+def _checked_line(record: Any, where: str) -> dict[str, Any]:
+    """One predictions line with every field the leaderboard uses type-checked."""
+    if not isinstance(record, dict):
+        raise LostregError(f"{where}: not a JSON object")
+    line = Fields(record, where)
+    checked = {"image_id": line.text("image_id"), "file": line.text("file", None, optional=True),
+               "width": line.integer("width", minimum=1),
+               "height": line.integer("height", minimum=1),
+               "box": line.box("box"), "gt_boxes": line.boxes("gt_boxes")}
+    line.number("best_iou")
+    checked["stored_hit"] = line.flag("hit")
+    return checked
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise LostregError(f"{path}: missing (a finished run needs predictions.jsonl)")
+    try:
+        raw_lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise LostregError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    rows, seen = [], set()
+    for number, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LostregError(f"{where}: not valid JSON ({exc})") from None
+        row = _checked_line(record, where)
+        if row["image_id"] in seen:
+            raise LostregError(f"{where}: image_id {row['image_id']!r} appears more than once")
+        seen.add(row["image_id"])
+        rows.append(row)
+    return rows
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """Per-image predictions of one run (IoU and hit recomputed), plus ``n_objects`` and
+    ``area_share`` (the largest GT box's share of the image) per image.
+
+    Every line must be complete and valid (a finished run's file is; a torn last line means
+    the run did not finish), and no ``image_id`` may repeat.
+    """
+    path = Path(path)
+    rows = _read_lines(path)
+    counts = np.array([len(row["gt_boxes"]) for row in rows], dtype=np.int64)
+    boxes = np.array([row["box"] for row in rows], dtype=np.float64).reshape(-1, 4)
+    gts = np.array([gt for row in rows for gt in row["gt_boxes"]],
+                   dtype=np.float64).reshape(-1, 4)
+    ious = best_ious(boxes, gts, counts)
+    hits = ious >= HIT_IOU
+    stored = np.array([row["stored_hit"] for row in rows], dtype=bool)
+    wrong = np.flatnonzero(hits != stored)
+    if wrong.size:
+        index = int(wrong[0])
+        raise LostregError(f"{path}:{index + 1}: 'hit' is {str(bool(stored[index])).lower()} but "
+                           f"the box's best IoU with the ground truth is {ious[index]:.4f} "
+                           "(edited or damaged line)")
+    largest = np.zeros(len(rows), dtype=np.float64)
+    np.maximum.at(largest, np.repeat(np.arange(len(rows)), counts),
+                  (gts[:, 2] - gts[:, 0]) * (gts[:, 3] - gts[:, 1]))
+    sizes = np.array([row["width"] * row["height"] for row in rows], dtype=np.float64)
+    frame = pd.DataFrame(rows, columns=[c for c in PREDICTION_COLUMNS
+                                        if c not in ("n_objects", "area_share", "best_iou", "hit")])
+    frame["n_objects"] = counts
+    frame["area_share"] = np.where(counts > 0, largest / np.maximum(sizes, 1.0), np.nan)
+    frame["best_iou"] = ious
+    frame["hit"] = hits
+    return frame[PREDICTION_COLUMNS]
