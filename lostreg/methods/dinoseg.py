@@ -174,7 +174,7 @@ def dinoseg(attn: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: t
     boxes = grid_boxes_to_pixels(mask_grid_boxes(mask), patch_size,
                                  _box_limits(variant, grid, patch_size, sizes))
     seed = torch.full((batch,), -1, dtype=torch.long, device=attn.device)
-    return MethodOutput(boxes, seed, mask)
+    return MethodOutput(boxes, seed, mask, {"kept": kept.view(batch, rows, cols)})
 
 
 # --- the per-image reference -------------------------------------------------------------------

@@ -74,6 +74,7 @@ class LostOutput(NamedTuple):
     box: list[int] | torch.Tensor
     seed: int | torch.Tensor
     degrees: torch.Tensor
+    expansion: torch.Tensor | None = None  # the seed expansion's patches (B, rows, cols)
 
 
 def _image_sizes(image_size: ImageSize | Sequence[ImageSize] | torch.Tensor, batch: int,
@@ -295,7 +296,8 @@ def lost_many(
     masks = torch.cat([(summed > 0).view(batch, rows, cols) for _, _, summed in expansions])
     seeds = torch.cat([seed for _, seed, _ in expansions])
     boxes, components = seed_components(masks, seeds, patch_size, sizes.repeat(len(settings), 1))
-    return [(LostOutput(boxes[i * batch:(i + 1) * batch], seed, degrees),
+    return [(LostOutput(boxes[i * batch:(i + 1) * batch], seed, degrees,
+                        masks[i * batch:(i + 1) * batch]),
              components[i * batch:(i + 1) * batch])
             for i, (degrees, seed, _) in enumerate(expansions)]
 
@@ -367,7 +369,14 @@ def _run(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: tor
          params: dict) -> MethodOutput:
     out, mask = lost_with_mask(feats, grid, patch_size, sizes, params["k_patches"],
                                params["gram_bias"])
-    return MethodOutput(out.box, out.seed, mask)
+    return MethodOutput(out.box, out.seed, mask, _maps(out, grid))
+
+
+def _maps(out: LostOutput, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """LOST's per-patch maps: each patch's degree (its count of positively correlated
+    patches; the seed has the lowest) and the seed expansion (the patches whose summed
+    correlation with the seed's k most similar low-degree patches is positive)."""
+    return {"degree": out.degrees.view(-1, *grid), "expansion": out.expansion}
 
 
 def _run_many(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: torch.Tensor,
@@ -375,7 +384,7 @@ def _run_many(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes
     """Several parameter sets on the same features: one Gram matrix for all of them."""
     outputs = lost_many(feats, grid, patch_size, sizes,
                         [(p["gram_bias"], p["k_patches"]) for p in params])
-    return [MethodOutput(out.box, out.seed, mask) for out, mask in outputs]
+    return [MethodOutput(out.box, out.seed, mask, _maps(out, grid)) for out, mask in outputs]
 
 
 def _reference(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, size: ImageSize,

@@ -33,13 +33,18 @@ class MethodOutput(NamedTuple):
 
     ``box``: ``(B, 4)`` long, ``[x1, y1, x2, y2]`` in pixels, clipped to each image;
     ``seed``: ``(B,)`` long, the seed patch (flat row-major index), ``-1`` for a method that has
-    no seed; ``mask``: ``(B, rows, cols)`` bool, the final patch mask the box was drawn around.
-    A per-image reference returns the same fields without the batch axis.
+    no seed; ``mask``: ``(B, rows, cols)`` bool, the final patch mask the box was drawn around;
+    ``maps``: what else the method knows per patch, by name, each ``(B, rows, cols)`` (LOST:
+    ``degree`` and the seed ``expansion``; TokenCut: ``eigenvector`` and ``bipartition``;
+    DINO-seg: ``kept``, its thresholded attention). Metrics and reports pick what they need;
+    nothing is copied off the device unless something reads it.
+    A per-image reference returns ``box``, ``seed`` and ``mask`` without the batch axis.
     """
 
     box: torch.Tensor
     seed: torch.Tensor
     mask: torch.Tensor
+    maps: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

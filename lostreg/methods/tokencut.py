@@ -344,7 +344,9 @@ def tokencut(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes:
     seed, partition = bipartition(vectors)
     boxes, component = seed_components(partition.view(batch, rows, cols), seed, patch_size,
                                        sizes)
-    return MethodOutput(boxes, seed, component)
+    maps = {"eigenvector": vectors.view(batch, rows, cols),
+            "bipartition": partition.view(batch, rows, cols)}
+    return MethodOutput(boxes, seed, component, maps)
 
 
 # --- registry entry ------------------------------------------------------------------------
