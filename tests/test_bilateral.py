@@ -57,7 +57,7 @@ def test_benchmark_script_runs(capsys) -> None:
 def test_table_and_hash_grids_agree(scenes) -> None:
     for image, _ in scenes:
         xs, ys, colour = B.cell_channels(image, B.TOKENCUT_PARAMS)
-        table = B.grid_by_table(xs, ys, colour, 8 * colour[0].size)
+        table = B.grid_by_table(xs, ys, colour, 8 * colour.shape[1])
         vertex, neighbours = B.grid_by_hash(xs, ys, colour)
         assert table is not None
         assert np.array_equal(table[0], vertex) and np.array_equal(table[1], neighbours)

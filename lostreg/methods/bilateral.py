@@ -146,20 +146,23 @@ def check_inputs(image: np.ndarray, target: np.ndarray) -> None:
 
 
 def cell_channels(image: np.ndarray, params: BilateralParams
-                  ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Cell coordinates, with the reference's own expressions so that truncation at cell
-    borders is identical: ``x`` per column, ``y`` per row, and the flat (H*W,) luma, u, v
-    cells. All int64 (the reference's ``.astype(int)`` on Linux: truncation toward 0)."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell coordinates, with the reference's own operations so that truncation at cell
+    borders is identical: ``x`` per column, ``y`` per row (int64) and the ``(3, H*W)`` luma,
+    u, v cells (int32, one contiguous row per channel: the reference's ``.astype(int)``
+    truncates toward 0 the same way; values are below 2**31 for any sigma >= 1e-6).
+    ``(YUV + offset) / sigma`` is done in place, element by element, as the reference's two
+    expressions do it."""
     height, width = image.shape[:2]
-    yuv = np.tensordot(image, RGB_TO_YUV, ([2], [1])) + YUV_OFFSET
+    yuv = np.tensordot(image, RGB_TO_YUV, ([2], [1])).reshape(-1, 3)
+    yuv += YUV_OFFSET.reshape(1, 3)
+    yuv /= np.array([params.sigma_luma, params.sigma_chroma, params.sigma_chroma])
     xs = (np.arange(width) / params.sigma_spatial).astype(np.int64)
     ys = (np.arange(height) / params.sigma_spatial).astype(np.int64)
-    sigmas = (params.sigma_luma, params.sigma_chroma, params.sigma_chroma)
-    colour = [(yuv[..., c] / sigmas[c]).astype(np.int64).reshape(-1) for c in range(3)]
-    return xs, ys, colour
+    return xs, ys, yuv.T.astype(np.int32, order="C")
 
 
-def grid_by_hash(xs: np.ndarray, ys: np.ndarray, colour: list[np.ndarray]
+def grid_by_hash(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The reference's construction, vectorised: 255-radix hashes of all pixels, sorted unique
     hashes (``np.unique``) and the ten neighbour look-ups ``hash ± 255^d`` in one
@@ -167,7 +170,7 @@ def grid_by_hash(xs: np.ndarray, ys: np.ndarray, colour: list[np.ndarray]
     steps = HASH_BASE ** np.arange(DIM, dtype=np.int64)
     hashes = (ys[:, None] * steps[1] + xs[None, :]).reshape(-1)
     for c in range(3):
-        hashes = hashes + colour[c] * steps[2 + c]
+        hashes = hashes + colour[c].astype(np.int64) * steps[2 + c]
     unique, vertex = np.unique(hashes, return_inverse=True)
     nvertices = len(unique)
     offsets = (np.array([-1, 1])[None, :] * steps[:, None]).reshape(-1)  # -e0, +e0, -e1, ...
@@ -177,16 +180,18 @@ def grid_by_hash(xs: np.ndarray, ys: np.ndarray, colour: list[np.ndarray]
     return vertex.reshape(-1), neighbours
 
 
-def compact(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def compact(keys: np.ndarray, size: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rank of each key among the distinct keys, by a presence table of ``size`` entries
-    (no sort): ``(ids, occupied keys in increasing order, presence table)``."""
+    (no sort): ``(ids, occupied keys in increasing order, presence table, rank table)``."""
     present = np.zeros(size, dtype=bool)
     present[keys] = True
-    rank = np.cumsum(present, dtype=np.int64) - 1
-    return rank[keys], np.flatnonzero(present), present
+    rank = np.cumsum(present, dtype=np.int32)
+    rank -= 1
+    return rank[keys], np.flatnonzero(present), present, rank
 
 
-def grid_by_table(xs: np.ndarray, ys: np.ndarray, colour: list[np.ndarray],
+def grid_by_table(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray,
                   max_table: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The same grid without sorting. Sorting by the 255-radix hash is sorting by
     (v, u, luma, y, x); so is ranking the colour cells (v, u, luma) in a presence table, then
@@ -194,48 +199,55 @@ def grid_by_table(xs: np.ndarray, ys: np.ndarray, colour: list[np.ndarray],
     coordinate in [0, 253] the hash has no aliases (a ``-1`` or ``+1`` step never lands on
     another cell's hash), so the neighbours are plain ``±1`` steps found in the tables.
     ``None`` when that does not hold or a table would exceed ``max_table`` entries."""
-    lows = [int(c.min()) for c in colour]
-    highs = [int(c.max()) for c in colour]
+    lows, highs = [int(c.min()) for c in colour], [int(c.max()) for c in colour]
     if min(lows) < 0 or max(highs + [int(xs[-1]), int(ys[-1])]) > HASH_BASE - 2:
         return None
     c_ext = [hi - lo + 1 for lo, hi in zip(lows, highs, strict=True)]
     c_stride = [1, c_ext[0], c_ext[0] * c_ext[1]]
     if c_ext[0] * c_ext[1] * c_ext[2] > max_table:
         return None
-    small = [c.astype(np.int32) for c in colour]  # the tables are < 2**31 entries
-    c_key = (small[2] - lows[2]) * c_stride[2] + (small[1] - lows[1]) * c_stride[1] \
-        + (small[0] - lows[0])
-    c_id, c_occupied, c_present = compact(c_key, c_ext[0] * c_ext[1] * c_ext[2])
-    c_rank = np.cumsum(c_present, dtype=np.int64) - 1
+    c_key = colour[2] - lows[2]
+    c_key *= c_ext[1]
+    c_key += colour[1] - lows[1]
+    c_key *= c_ext[0]
+    c_key += colour[0] - lows[0]
+    c_id, c_occupied, c_present, c_rank = compact(c_key, c_ext[0] * c_ext[1] * c_ext[2])
     nx, ny = int(xs[-1]) + 1, int(ys[-1]) + 1
     if len(c_occupied) * nx * ny > max_table:
         return None
-    key = c_id.astype(np.int32) * (nx * ny) + (ys[:, None] * nx + xs[None, :]).astype(
-        np.int32).reshape(-1)
-    vertex, occupied, present = compact(key, len(c_occupied) * nx * ny)
-    rank = np.cumsum(present, dtype=np.int64) - 1
+    key = c_id
+    key *= nx * ny
+    key += np.add.outer(ys.astype(np.int32) * nx, xs.astype(np.int32)).reshape(-1)
+    vertex, occupied, present, rank = compact(key, len(c_occupied) * nx * ny)
+    return vertex, table_neighbours(occupied, present, rank, (nx, ny),
+                                    (c_occupied, c_present, c_rank, c_ext, c_stride))
+
+
+def table_neighbours(occupied: np.ndarray, present: np.ndarray, rank: np.ndarray,
+                     spatial: tuple[int, int], colour_table: tuple) -> np.ndarray:
+    """``(V, 10)`` neighbour ids (``V`` where absent) of the table grid, all ten directions at
+    once: ``±1`` in x and y inside the spatial cells, ``±1`` in luma, u, v through the colour
+    table (a colour cell that does not occur has no vertex)."""
+    nx, ny = spatial
+    c_occupied, c_present, c_rank, c_ext, c_stride = colour_table
     nvertices = len(occupied)
-    neighbours = np.full((nvertices, 2 * DIM), nvertices, dtype=np.int64)
     cell, xy = np.divmod(occupied, nx * ny)
-    digits = [xy % nx, xy // nx]
-    for d, (step, extent) in enumerate(((1, nx), (nx, ny))):
-        for side, sign in enumerate((-1, 1)):
-            inside = np.flatnonzero(digits[d] > 0 if sign < 0 else digits[d] < extent - 1)
-            target = occupied[inside] + sign * step
-            found = present[target]
-            neighbours[inside[found], 2 * d + side] = rank[target[found]]
     colour_of = c_occupied[cell]
-    for c in range(3):
-        digit = (colour_of // c_stride[c]) % c_ext[c]
-        for side, sign in enumerate((-1, 1)):
-            inside = np.flatnonzero(digit > 0 if sign < 0 else digit < c_ext[c] - 1)
-            other = colour_of[inside] + sign * c_stride[c]
-            has = c_present[other]
-            inside, other = inside[has], other[has]
-            target = c_rank[other] * (nx * ny) + xy[inside]
-            found = present[target]
-            neighbours[inside[found], 2 * (2 + c) + side] = rank[target[found]]
-    return vertex, neighbours
+    digits = np.stack([xy % nx, xy // nx] + [(colour_of // c_stride[c]) % c_ext[c]
+                                             for c in range(3)])
+    extents = np.array([nx, ny, *c_ext])[:, None]
+    signs = np.array([-1, 1])[:, None, None]
+    valid = np.where(signs < 0, digits[None] > 0, digits[None] < extents[None] - 1)  # (2, 5, V)
+    spatial_target = occupied[None, None] + signs * np.array([1, nx])[None, :, None]
+    other = colour_of[None, None] + signs * np.array(c_stride)[None, :, None]
+    other = np.where(valid[:, 2:], other, 0)
+    valid[:, 2:] &= c_present[other]
+    colour_target = c_rank[other].astype(np.int64) * (nx * ny) + xy[None, None]
+    target = np.concatenate((spatial_target, colour_target), axis=1)
+    target = np.where(valid, target, 0)
+    valid &= present[target]
+    found = np.where(valid, rank[target], nvertices)  # (side, dim, V)
+    return found.transpose(2, 1, 0).reshape(nvertices, 2 * DIM)
 
 
 def build_grid(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS,
@@ -244,7 +256,7 @@ def build_grid(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS,
     is at most ``table_factor`` times the pixel count, else by hash (both give the
     reference's vertex order and neighbours; tests check they agree)."""
     xs, ys, colour = cell_channels(image, params)
-    built = grid_by_table(xs, ys, colour, table_factor * colour[0].size)
+    built = grid_by_table(xs, ys, colour, table_factor * colour.shape[1])
     vertex, neighbours = built if built is not None else grid_by_hash(xs, ys, colour)
     nv = neighbours.shape[0]
     cols = np.empty((nv, 2 * DIM + 1), dtype=np.int64)
