@@ -28,6 +28,8 @@ the iterates are otherwise the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -255,20 +257,20 @@ class ReferenceGrid:
                                          shape=(self.nvertices, self.nvertices))
             self.blurs.append(blur)
 
-    def splat(self, x):
+    def splat(self, x: np.ndarray) -> np.ndarray:
         return self.S.dot(x)
 
-    def slice(self, y):
+    def slice(self, y: np.ndarray) -> np.ndarray:
         return self.S.T.dot(y)
 
-    def blur(self, x):
+    def blur(self, x: Any) -> Any:
         out = 2 * self.dim * x
         for blur in self.blurs:
             out = out + blur.dot(x)
         return out
 
 
-def legacy_cg(a, b: np.ndarray, x0: np.ndarray, m, maxiter: int, tol: float
+def legacy_cg(a: csr_matrix, b: np.ndarray, x0: np.ndarray, m: Any, maxiter: int, tol: float
               ) -> tuple[np.ndarray, int]:
     """``cg(A, b, x0=x0, M=M, maxiter=maxiter, tol=tol)`` as SciPy 1.5-1.7 ran it (``atol``
     not given, so "legacy"): return ``x0`` when ``|b - A x0| <= tol`` (absolute), else stop

@@ -15,10 +15,14 @@ Source: ``YangtaoWANG95/TokenCut`` @ ``ce70ed6176b1876212f0a3d1144d28507c81427d`
   size, so a patch row maps to ``h / rows`` pixel rows, not to exactly ``p``.
 * torch's ``'nearest'`` takes source index ``min(floor(dst * scale), in - 1)`` with
   ``scale = float(in) / out`` and the product both in **float32** (ATen ``UpSample.h``:
-  ``nearest_neighbor_compute_source_index``; the CUDA kernel TokenCut ran is the same formula).
-  It is not PIL's NEAREST nor OpenCV's INTER_NEAREST, which sample pixel centres / use double
-  precision: ``nearest_source_indices`` reproduces torch's, and the tests compare it with
-  ``torch.nn.functional.interpolate`` pixel for pixel and show where the others differ.
+  ``nearest_neighbor_compute_source_index(const float scale, ...)`` with ``floorf(dst_index *
+  scale)``, as in the torch 1.7 sources TokenCut's README names; the CUDA kernel it ran uses
+  the same formula). Today's CPU kernel still gives exactly that for float32 tensors (tested
+  against ``torch.nn.functional.interpolate``); for float64 tensors it now rounds differently
+  on about 2% of (in, out) size pairs (247 of 11,427 tried), so the tests compare with a
+  float32 tensor. It is
+  neither PIL's NEAREST (pixel centres) nor the exact ``floor(dst * in / out)``: at 2 -> 282
+  the float32 product puts output 141 on source 0, the exact one on source 1.
 * GT masks are read with PIL (``Image.open(gt).convert('L')``), see
   ``lostreg.evaluation.saliency.read_gray_mask``; OpenCV is not used by this protocol.
 
