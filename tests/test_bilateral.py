@@ -48,10 +48,13 @@ def test_benchmark_check_passes(scenes) -> None:
     assert checked["identical_masks"] and checked["max_soft_abs_diff"] < SOFT_TOL
 
 
-def test_benchmark_script_runs(capsys) -> None:
-    assert bench_bilateral.main(["--images", "1", "--height", "24", "--width", "32",
-                                 "--rounds", "1"]) == 0
-    assert "RATIO reference / ours" in capsys.readouterr().out
+def test_benchmark_core_runs() -> None:
+    """The script's measuring core on one tiny image (its ``main`` adds only the printing and
+    ``machine_facts``, whose timm import alone takes seconds); never a timing assertion."""
+    args = bench_bilateral.build_parser().parse_args([])
+    assert (args.images, args.height, args.width, args.blas_threads) == (20, 300, 400, "1")
+    result = bench_bilateral.measure(make_inputs(1, 24, 32, seed=0), rounds=1)
+    assert set(result["seconds_per_image"]) == {"reference", "ours"} and result["ratio"] > 0
 
 
 def test_table_and_hash_grids_agree(scenes) -> None:
