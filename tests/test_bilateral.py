@@ -19,11 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from saliency_references import reference_bilateral  # noqa: E402
+
 from benchmarks import bench_bilateral  # noqa: E402
 from benchmarks.bench_bilateral import compare, make_inputs  # noqa: E402
 from lostreg.errors import LostregError  # noqa: E402
 from lostreg.methods import bilateral as B  # noqa: E402
-from tests.saliency_references import reference_bilateral  # noqa: E402
 
 SOFT_TOL = 1e-9
 

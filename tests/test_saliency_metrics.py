@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import saliency_references as R
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -17,7 +18,6 @@ from PIL import Image
 from lostreg.errors import LostregError
 from lostreg.evaluation import saliency as S
 from lostreg.evaluation import saliency_protocol as P
-from tests import saliency_references as R
 
 GRAY_4X4 = np.array([[0, 0, 0, 0],
                      [0, 255, 255, 0],
