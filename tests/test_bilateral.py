@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from saliency_references import reference_bilateral  # noqa: E402
+from saliency_references import ReferenceGrid, reference_bilateral  # noqa: E402
 
 from benchmarks import bench_bilateral  # noqa: E402
 from benchmarks.bench_bilateral import compare, make_inputs  # noqa: E402
@@ -70,6 +70,18 @@ def test_table_and_hash_grids_agree(scenes) -> None:
     grid_hash = B.build_grid(image, table_factor=0)
     assert np.array_equal(grid_table.vertex, grid_hash.vertex)
     assert (grid_table.blur != grid_hash.blur).nnz == 0
+
+
+def test_grid_is_the_reference_grid(scenes) -> None:
+    """Same vertices in the same order (each pixel's row of the reference's splat matrix) and
+    the same blur matrix, centre included."""
+    image = scenes[1][0]
+    reference = ReferenceGrid(image, 16, 16, 8)
+    grid = B.build_grid(image)
+    assert grid.nvertices == reference.nvertices
+    assert np.array_equal(reference.S.tocsc().indices, grid.vertex)
+    blur = 2 * reference.dim * np.eye(reference.nvertices) + sum(b.toarray() for b in reference.blurs)
+    assert np.array_equal(blur, grid.blur.toarray())
 
 
 def test_hash_aliases_are_reproduced() -> None:
