@@ -44,8 +44,9 @@ What the reference does, and what ``bilateral_refine`` reproduces:
   component at all (``argsort`` of one entry, ``[-2]`` raises) the whole image (all True).
   That is "the largest object" only while the background is the largest region: an object
   bigger than the background makes ``[-2]`` the background (label 0, the complement of all
-  objects) or the second object. ``component_rule="largest"`` is the corrected reading
-  (largest foreground component; empty stays empty); ``"reference"`` is the default.
+  objects) or the second object, and a result filling the whole image gives an empty mask.
+  ``component_rule="largest"`` is the corrected reading (largest foreground component; empty
+  stays empty); ``"reference"`` is the default.
 
 TokenCut's saliency figures "+ BS" score the **soft** output (``mask_bfs.append(
 output_solver)`` in ``get_saliency.py``); the binary mask is only drawn (and negated for the
