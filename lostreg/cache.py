@@ -54,7 +54,7 @@ from typing import Any, NamedTuple
 import torch
 
 from lostreg.errors import LostregError, os_error_message
-from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json
+from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json, loads_bounded, read_bounded
 
 # 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
 # new format gets a new folder; a shard of another format is refused by its magic.
@@ -73,6 +73,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _MAX_HEADER = 64 << 20
+_MAX_KEY_BYTES = 1 << 20  # key.json is about 1 KB
+_MAX_INDEX_LINE = 64 << 10  # an index line is about 150 bytes
 
 
 def storage_dtype(cache_dtype: str, precision: str) -> str:
@@ -208,9 +210,11 @@ class FeatureCache:
             return
         self._loaded = True
         key_file = self.dir / "key.json"
-        try:
-            stale = key_file.is_file() and json.loads(key_file.read_text()) != self.key
-        except (OSError, ValueError):
+        try:  # a deep or huge key.json is as stale as a damaged one (and never a traceback)
+            stale = key_file.is_file() and loads_bounded(
+                read_bounded(key_file, _MAX_KEY_BYTES, "cache key file"), str(key_file),
+                max_bytes=None) != self.key
+        except LostregError:  # unreadable, too large or not JSON
             stale = True
         if stale:
             warn(f"feature cache {key_file}: unreadable or does not match its folder; rewriting "
@@ -231,9 +235,10 @@ class FeatureCache:
             return 0
         bad = 0
         for raw in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                image_id, entry = _index_entry(json.loads(raw))
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+            try:  # a deep or overlong line is a bad line: a cache never fails a run
+                image_id, entry = _index_entry(loads_bounded(raw, str(path),
+                                                             max_bytes=_MAX_INDEX_LINE))
+            except ValueError:  # JsonInputError (bad, deep, long) and bad fields
                 bad += 1
                 continue
             self._index[image_id] = entry
@@ -426,8 +431,8 @@ def _verified_header(path: Path, buffer: bytearray) -> tuple[dict, int]:
     digest = hashlib.sha256(view[:_DIGEST_AT])
     digest.update(view[_HEADER_AT:])
     offset = _HEADER_AT + header_len
-    try:
-        header = json.loads(bytes(view[_HEADER_AT:offset]))
+    try:  # header_len is at most _MAX_HEADER; a deep header is refused, not a RecursionError
+        header = loads_bounded(bytes(view[_HEADER_AT:offset]), str(path), max_bytes=None)
     except ValueError:
         header = None
     if digest.digest() != bytes(view[_DIGEST_AT:_HEADER_AT]):

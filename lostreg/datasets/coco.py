@@ -31,7 +31,6 @@ edited or damaged index is never used.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path, PureWindowsPath
@@ -42,7 +41,7 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord, checked_box, is_zer
 from lostreg.datasets.derived import DerivedStore, memo_matches, sha256_hex
 from lostreg.datasets.voc import is_plain_file_name, read_name_list
 from lostreg.errors import LostregError
-from lostreg.io import sha256_file
+from lostreg.io import JsonInputError, loads_bounded, sha256_file
 
 COCO20K_LIST_SHA256 = "74637e9b4f93f2ebef9b1f664aff53edd1f41ef08dad97bd22ce8e455052b335"
 COCO20K_IMAGES = 19817
@@ -52,6 +51,8 @@ IMAGES_REL = "images/train2014"
 CACHE_NAME = "coco20k_index.json"
 _INDEX_KIND = "lostreg-coco20k-index-2"
 _IMAGE_FOLDER = "train2014"
+# instances_train2014.json is 330 MB; a file ten times that is not a COCO annotation file.
+MAX_ANNOTATION_BYTES = 4 << 30
 
 
 def coco_folder(root: str | Path) -> Path:
@@ -155,20 +156,22 @@ def _stored_records(store: DerivedStore, folder: Path, list_digest: str,
 
 def read_coco_annotations(ann_path: Path) -> tuple[dict[str, Any], str]:
     """The annotation file as JSON, checked to have ``images`` and ``annotations`` lists, and
-    the sha256 of the exact bytes parsed."""
+    the sha256 of the exact bytes parsed. Parsed with ``loads_bounded`` (no deeper than
+    ``lostreg.io.MAX_JSON_DEPTH``, no larger than ``MAX_ANNOTATION_BYTES``)."""
     try:
+        size = os.stat(ann_path).st_size
+        if size > MAX_ANNOTATION_BYTES:
+            raise LostregError(f"{ann_path}: cannot read COCO annotations ({size:,} bytes, more "
+                               f"than the {MAX_ANNOTATION_BYTES:,} an annotation file may have)")
         data = ann_path.read_bytes()
     except OSError as exc:
         raise LostregError(f"{ann_path}: cannot read COCO annotations ({exc})") from None
     digest = sha256_hex(data)
     try:
-        text = data.decode("utf-8")
-        del data
-        document = json.loads(text)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise LostregError(
-            f"{ann_path}: cannot read COCO annotations ({exc.__class__.__name__}: {exc})"
-        ) from None
+        document = loads_bounded(data, str(ann_path), max_bytes=MAX_ANNOTATION_BYTES)
+    except JsonInputError as exc:
+        raise LostregError(f"{ann_path}: cannot read COCO annotations ({exc.reason})") from None
+    del data
     if not isinstance(document, dict):
         raise LostregError(f"{ann_path}: not COCO annotations (a JSON object was expected, "
                            f"found {type(document).__name__})")
