@@ -116,11 +116,7 @@ def download_file(
     """
     dest = Path(dest).expanduser()
     if dest.is_file():
-        if sha256 is not None or md5 is not None:
-            hashes = _Hashes()
-            _hash_file(dest, hashes)
-            _check_sums(dest, hashes, sha256, md5, "the file was already there; delete or "
-                        "replace it")
+        _check_existing(dest, sha256, md5)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -182,6 +178,16 @@ def download_file(
         )
     _finish(part, dest, hashes, sha256, md5)
     return dest
+
+
+def _check_existing(dest: Path, sha256: str | None, md5: str | None) -> None:
+    """A file already at ``dest`` (put there by the user, or left by an older lostreg) is
+    checked like a download; on a mismatch it is kept, since it is not ours to delete."""
+    if sha256 is None and md5 is None:
+        return
+    hashes = _Hashes()
+    _hash_file(dest, hashes)
+    _check_sums(dest, hashes, sha256, md5, "the file was already there; delete or replace it")
 
 
 def _hash_file(path: Path, hashes: _Hashes) -> None:
