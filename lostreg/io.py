@@ -112,6 +112,9 @@ class JsonInputError(LostregError, ValueError):
         super().__init__(f"{where}: not readable JSON ({reason})")
         self.where, self.reason = where, reason
 
+    def __reduce__(self) -> tuple:  # survives pickling (a worker process, torch.distributed)
+        return self.__class__, (self.where, self.reason)
+
 
 _STRUCTURE = b'[]{}"'
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in _STRUCTURE)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,7 @@ def test_deep_json_is_one_line_naming_where_it_came_from() -> None:
         assert error_line(info.value) == ("error: somewhere.json: not readable JSON (nested "
                                           f"more than {MAX_JSON_DEPTH} levels deep)")
         assert isinstance(info.value, ValueError) and isinstance(info.value, LostregError)
+        assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
     assert loads_bounded(nested(MAX_JSON_DEPTH), "x") is not None  # the limit itself is fine
     with pytest.raises(JsonInputError, match="nested more than 3 levels"):
         loads_bounded(nested(4), "x", max_depth=3)
