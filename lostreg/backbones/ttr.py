@@ -34,10 +34,14 @@ import torch
 from torch import nn
 
 from lostreg.errors import LostregError
+from lostreg.io import JsonInputError, loads_bounded, read_bounded, unique_keys
 
 NEURON_FILE_KIND = "lostreg-register-neurons"
 WRITE_MODES = ("signed_max", "per_neuron_max")
 SUFFIX_ATTRIBUTE = "lostreg_num_suffix_tokens"
+# A 45-neuron list is 2 KB; even every neuron of a ViT-g (40 x 6144) is well under this.
+MAX_NEURON_FILE_BYTES = 16 << 20
+_MAX_LAYER_DIGITS = 6  # int() of a longer digit string is slow or refused; no ViT is that deep
 
 # Shipped neuron lists, by timm model (architecture and pretrained tag). Adding one is one entry
 # plus its file under lostreg/backbones/neurons/.
@@ -83,6 +87,16 @@ def _bad(source: str, what: str) -> LostregError:
                         "`python -m lostreg.analyze register-neurons --model M --output FILE`")
 
 
+def _layer_number(key: object, source: str) -> int:
+    """A layer key as an int: ASCII digits only (``str.isdigit`` also accepts ``"²"``, which
+    ``int`` refuses), short enough for ``int`` to be instant. ``"01"`` is layer 1, so a list
+    giving ``"1"`` and ``"01"`` gives a layer twice, which the caller refuses."""
+    if not (isinstance(key, str) and key.isascii() and key.isdigit()
+            and len(key) <= _MAX_LAYER_DIGITS):
+        raise _bad(source, f"layer {key!r} is not a non-negative integer")
+    return int(key)
+
+
 def parse_neuron_list(data: object, source: str) -> TestTimeRegisters:
     """Validate a neuron-list JSON object: nothing read from disk is trusted unchecked."""
     if not isinstance(data, dict) or data.get("kind") != NEURON_FILE_KIND:
@@ -94,15 +108,18 @@ def parse_neuron_list(data: object, source: str) -> TestTimeRegisters:
     if write not in WRITE_MODES:
         raise _bad(source, f'"write" must be one of {", ".join(WRITE_MODES)}, got {write!r}')
     neurons: dict[int, list[int]] = {}
+    keys: dict[int, str] = {}
     for key, values in raw.items():
-        if not (isinstance(key, str) and key.isdigit()):
-            raise _bad(source, f"layer {key!r} is not a non-negative integer")
+        layer = _layer_number(key, source)
+        if layer in keys:
+            raise _bad(source, f"layer {layer} is given twice (as {keys[layer]!r} and {key!r})")
+        keys[layer] = key
         if (not isinstance(values, list) or not values
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
             raise _bad(source, f"layer {key}: neurons must be a non-empty list of non-negative integers")
         if len(set(values)) != len(values):
             raise _bad(source, f"layer {key}: a neuron is listed twice")
-        neurons[int(key)] = list(values)
+        neurons[layer] = list(values)
     found_on = data.get("timm_name")
     return TestTimeRegisters(
         tuple((layer, tuple(neurons[layer])) for layer in sorted(neurons)), source,
@@ -116,9 +133,10 @@ def load_neuron_file(path: str | Path) -> TestTimeRegisters:
     if not path.is_file():
         raise LostregError(f"{path}: --ttr-neurons file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(str(path), f"not readable JSON: {exc}") from None
+        data = loads_bounded(read_bounded(path, MAX_NEURON_FILE_BYTES, "neuron file"),
+                             str(path), max_bytes=None, object_pairs_hook=unique_keys)
+    except JsonInputError as exc:
+        raise _bad(str(path), f"not readable JSON: {exc.reason}") from None
     return parse_neuron_list(data, str(path.resolve()))
 
 
@@ -128,7 +146,7 @@ def shipped_neurons(timm_name: str) -> TestTimeRegisters | None:
     if file is None:
         return None
     text = resources.files("lostreg.backbones").joinpath("neurons", file).read_text("utf-8")
-    return parse_neuron_list(json.loads(text), f"shipped:{file}")
+    return parse_neuron_list(loads_bounded(text, f"shipped:{file}"), f"shipped:{file}")
 
 
 def check_against_model(ttr: TestTimeRegisters, model: nn.Module, family) -> None:

@@ -127,23 +127,67 @@ def _check_dropped_qkv_bias(state: dict[str, torch.Tensor], model: nn.Module, pa
                     "variant (e.g. --model timm:vit_small_patch16_dinov3_qkvb)")
 
 
+# Non-floating tensors a release file may carry as bookkeeping, never as weights (a BatchNorm
+# counter in a DINO head, DINOv3's q/k/v bias mask, which timm's filter drops).
+_NON_FLOAT_ALLOWED = ("num_batches_tracked", "bias_mask")
+
+
+def _check_dtypes(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights are floating point. An integer, bool or complex tensor would be cast silently
+    by ``load_state_dict`` (an int32 copy of a float weight loses its fractions, a bool one is
+    0/1) and give a real-looking run, so refuse it, naming the tensor."""
+    for key, value in state.items():
+        if not (value.is_floating_point() or key.endswith(_NON_FLOAT_ALLOWED)):
+            raise LostregError(f"{path}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}"
+                               "; weights must be floating point (float32, float16, bfloat16), "
+                               "and a cast would change them")
+
+
+def model_name(model: nn.Module) -> str:
+    """The model as a message names it: timm architecture (and tag), depth and width, which is
+    what tells ViT-S weights from ViT-Ti ones."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or model.__class__.__name__
+    if cfg.get("tag"):
+        name += f".{cfg['tag']}"
+    blocks, width = getattr(model, "blocks", None), getattr(model, "embed_dim", None)
+    return f"{name} ({len(blocks)} blocks, width {width})" if blocks is not None else name
+
+
+def _check_shapes(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """One line naming the first tensor (in the model's order) whose shape differs, with both
+    shapes and the model, instead of ``load_state_dict``'s list of ``size mismatch`` lines."""
+    for key, expected in model.state_dict().items():
+        found = state.get(key)
+        if found is not None and found.shape != expected.shape:
+            raise LostregError(
+                f"{path}: checkpoint does not fit the model: {key} has shape "
+                f"{list(found.shape)} in the checkpoint but {list(expected.shape)} in "
+                f"{model_name(model)}; is it the right --model?")
+
+
 def load_checkpoint(model: nn.Module, path: Path, family=None) -> dict[str, torch.Tensor]:
     """Load a timm state dict or an official release file (DINO, DINOv2, DINOv3) into
-    ``model``; returns the raw state as read (for release-specific buffers)."""
+    ``model``; returns the raw state as read (for release-specific buffers).
+
+    Every tensor is checked before anything is loaded: dtypes on the file as read (a release
+    filter's arithmetic would hide an integer tensor), shapes after the family's filter."""
     from lostreg.backbones.families import family_of
 
     family = family or family_of(model)
-    state = _read_state_dict(path)
-    if "storage_tokens" in state:
-        _check_dropped_qkv_bias(state, model, path)
-    raw = state
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "dino_head."))
-             or k in model.state_dict()}
+    raw = _read_state_dict(path)
+    model_keys = model.state_dict().keys()
+    state = {k: v for k, v in raw.items() if not k.startswith(("head.", "dino_head."))
+             or k in model_keys}
+    _check_dtypes(state, path)
+    if "storage_tokens" in raw:
+        _check_dropped_qkv_bias(raw, model, path)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # timm's filter prints what it drops
             state = family.checkpoint_filter()(state, model)
     except Exception as exc:  # noqa: BLE001
         raise LostregError(f"{path}: cannot convert checkpoint for this model ({exc})") from None
+    _check_shapes(state, model, path)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing or result.unexpected_keys:

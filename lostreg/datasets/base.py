@@ -215,18 +215,81 @@ def is_zero_area(box: Box) -> bool:
     return box[2] == box[0] or box[3] == box[1]
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+#: ``--max-pixels``' default (``lostreg.pipeline.DEFAULT_MAX_PIXELS`` is the same number; a test
+#: checks it), for the readers below when they are called without the setting.
+DEFAULT_MAX_PIXELS = 4_000_000
+#: No image file needs more bytes per pixel than an uncompressed 4-channel float32 TIFF (16);
+#: compressed formats need far fewer.
+MAX_BYTES_PER_PIXEL = 16
+#: Room for what a file carries besides its pixels: EXIF, ICC profile, XMP, thumbnails.
+IMAGE_METADATA_BYTES = 64 << 20
+#: 16-bit samples, read by keeping their high byte (what PIL does for 16-bit colour PNGs).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def max_image_file_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """The largest file an image of at most ``max_pixels`` pixels can be: anything larger is
+    not such an image, and is refused before it is read (hashed, decoded). 4,000,000 pixels
+    (the default) allow 128 MiB."""
+    return max_pixels * MAX_BYTES_PER_PIXEL + IMAGE_METADATA_BYTES
+
+
+def image_file_too_large(path: Path, max_pixels: int) -> str | None:
+    """Why the file at ``path`` cannot be an image of at most ``max_pixels`` pixels (its byte
+    size alone, from one ``stat``), or None."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None  # the reader reports a file it cannot open
+    limit = max_image_file_bytes(max_pixels)
+    if size <= limit:
+        return None
+    return (f"the file is {size:,} bytes, more than any image of --max-pixels {max_pixels} "
+            f"pixels can be ({limit:,} bytes: {MAX_BYTES_PER_PIXEL} per pixel plus "
+            f"{IMAGE_METADATA_BYTES >> 20} MiB of metadata)")
+
+
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open an image as 8-bit RGB (grayscale, CMYK, palette and alpha images are converted).
 
-    Raises ``LostregError`` naming the file when it is missing or cannot be decoded.
+    Raises ``LostregError`` naming the file when it is missing or cannot be decoded, when it
+    is a decompression bomb (PIL's limit), or, with ``max_pixels``, when the file is larger
+    than such an image can be or its header declares more pixels (both before decoding).
+    16-bit samples (modes ``I;16*``, e.g. a 16-bit grayscale PNG) keep their high byte, as PIL
+    does for 16-bit colour; 32-bit integer (``I``) and float (``F``) images have no defined
+    8-bit range and are refused (PIL's ``convert`` would clip them, most to white).
     """
     path = Path(path)
     if not path.is_file():
         raise LostregError(f"{path}: image file not found")
+    problem = image_file_too_large(path, max_pixels) if max_pixels is not None else None
+    if problem:
+        raise LostregError(f"{path}: {problem}")
     try:
         with Image.open(path) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise LostregError(
+                    f"{path}: {image.width}x{image.height} = {image.width * image.height:,} "
+                    f"pixels is above --max-pixels {max_pixels} (images are not resized)")
             image.load()
-            # PIL's plain convert, as LOST does: alpha is dropped, not composited.
-            return image.convert("RGB") if image.mode != "RGB" else image.copy()
+            return _to_rgb(image, path)
+    except Image.DecompressionBombError as exc:
+        raise LostregError(f"{path}: refused as a decompression bomb ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise LostregError(f"{path}: cannot decode image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """A loaded image as 8-bit RGB. PIL's plain convert, as LOST does (alpha is dropped, not
+    composited), except for the wide modes where that convert clips instead of scaling."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PPM"):
+        # PIL reads 16-bit PGM as "I" scaled to 0..65535 (any maxval above 255)
+        samples = np.asarray(image).astype(np.int64)
+        return Image.fromarray(np.clip(samples >> 8, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise LostregError(f"{path}: {kind} samples (PIL mode {image.mode}) have no defined "
+                           "8-bit range; convert the image to 8 or 16 bits per sample")
+    return image.convert("RGB")

@@ -15,10 +15,14 @@ Conventions, matching LOST's ``select_coco_20k`` and ``extract_gt_COCO``:
 * an image left with no box after removing crowds is kept (CorLoc counts it, it can never be
   a hit), except with ``no_hard``, where LOST skips images without a GT box.
 
-The annotation file is validated where it is parsed: a file without an ``images`` or
-``annotations`` list, or an annotation of a listed image with a wrong type (``iscrowd`` not 0
-or 1, ``bbox`` not four finite numbers, a negative width or height, ``category_id`` not an
-integer) is an error naming the file and the annotation. Boxes then follow the checks of
+The annotation file is read with lostreg's bounded JSON reader (``lostreg.io.loads_bounded``:
+a file nested too deep or too large is one line, never a traceback) and indexed with
+pycocotools' ``COCO`` (``imgToAnns``: each image's annotations in file order, as LOST reads
+them). It is validated where it is parsed: a file without an ``images`` or ``annotations``
+list, an image or annotation without the integer ids pycocotools indexes by, or an annotation
+of a listed image with a wrong type (``iscrowd`` not 0 or 1, ``bbox`` not four finite
+numbers, a negative width or height, ``category_id`` not an integer) is an error naming the
+file and the annotation. Boxes then follow the checks of
 ``lostreg.datasets.base.checked_box`` (zero-area boxes kept and counted, boxes more than a
 pixel outside the image clipped and counted).
 
@@ -31,9 +35,11 @@ edited or damaged index is never used.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import math
 import os
+import reprlib
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -42,7 +48,7 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord, checked_box, is_zer
 from lostreg.datasets.derived import DerivedStore, memo_matches, sha256_hex
 from lostreg.datasets.voc import is_plain_file_name, read_name_list
 from lostreg.errors import LostregError
-from lostreg.io import sha256_file
+from lostreg.io import JsonInputError, loads_bounded, sha256_file
 
 COCO20K_LIST_SHA256 = "74637e9b4f93f2ebef9b1f664aff53edd1f41ef08dad97bd22ce8e455052b335"
 COCO20K_IMAGES = 19817
@@ -52,6 +58,8 @@ IMAGES_REL = "images/train2014"
 CACHE_NAME = "coco20k_index.json"
 _INDEX_KIND = "lostreg-coco20k-index-2"
 _IMAGE_FOLDER = "train2014"
+# instances_train2014.json is 330 MB; a file ten times that is not a COCO annotation file.
+MAX_ANNOTATION_BYTES = 4 << 30
 
 
 def coco_folder(root: str | Path) -> Path:
@@ -155,20 +163,22 @@ def _stored_records(store: DerivedStore, folder: Path, list_digest: str,
 
 def read_coco_annotations(ann_path: Path) -> tuple[dict[str, Any], str]:
     """The annotation file as JSON, checked to have ``images`` and ``annotations`` lists, and
-    the sha256 of the exact bytes parsed."""
+    the sha256 of the exact bytes parsed. Parsed with ``loads_bounded`` (no deeper than
+    ``lostreg.io.MAX_JSON_DEPTH``, no larger than ``MAX_ANNOTATION_BYTES``)."""
     try:
+        size = os.stat(ann_path).st_size
+        if size > MAX_ANNOTATION_BYTES:
+            raise LostregError(f"{ann_path}: cannot read COCO annotations ({size:,} bytes, more "
+                               f"than the {MAX_ANNOTATION_BYTES:,} an annotation file may have)")
         data = ann_path.read_bytes()
     except OSError as exc:
         raise LostregError(f"{ann_path}: cannot read COCO annotations ({exc})") from None
     digest = sha256_hex(data)
     try:
-        text = data.decode("utf-8")
-        del data
-        document = json.loads(text)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise LostregError(
-            f"{ann_path}: cannot read COCO annotations ({exc.__class__.__name__}: {exc})"
-        ) from None
+        document = loads_bounded(data, str(ann_path), max_bytes=MAX_ANNOTATION_BYTES)
+    except JsonInputError as exc:
+        raise LostregError(f"{ann_path}: cannot read COCO annotations ({exc.reason})") from None
+    del data
     if not isinstance(document, dict):
         raise LostregError(f"{ann_path}: not COCO annotations (a JSON object was expected, "
                            f"found {type(document).__name__})")
@@ -178,6 +188,19 @@ def read_coco_annotations(ann_path: Path) -> tuple[dict[str, Any], str]:
             raise LostregError(f"{ann_path}: not COCO annotations: {key!r} must be a list "
                                f"({found})")
     return document, digest
+
+
+def coco_index(document: dict[str, Any]) -> Any:
+    """pycocotools' ``COCO`` index of an already parsed and checked document (never its own
+    unbounded ``json.load`` of the file), built without its "creating index..." prints. The
+    document must have passed ``_check_index_fields``: pycocotools assumes every field."""
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = document
+        coco.createIndex()
+    return coco
 
 
 def build_coco20k_entries(list_path: Path, ann_path: Path) -> list[dict[str, Any]]:
@@ -190,29 +213,40 @@ def select_coco20k(names: list[str], document: dict[str, Any], ann_path: Path,
                    list_path: Path) -> list[dict[str, Any]]:
     """Select the listed images and their non-crowd boxes, validating what is used.
 
-    Linear in the annotation size: images and annotations are indexed once (annotations of an
-    image in file order, as pycocotools' ``imgToAnns`` keeps them), then every listed file
-    is a dict lookup (LOST's list comprehension per image is quadratic).
+    Linear in the annotation size: pycocotools' index holds every image's annotations in file
+    order (``imgToAnns``), then every listed file is a dict lookup (LOST's list comprehension
+    per image is quadratic).
     """
     by_name = _images_by_name(document["images"], ann_path)
-    wanted: dict[int, list[dict[str, Any]]] = {}
+    images = []
     for file_name in names:
         image = by_name.get(file_name)
         if image is None:
             raise LostregError(
                 f"{list_path}: {file_name!r} is not an image of {ann_path} (wrong annotation file?)"
             )
-        wanted[image["id"]] = []
-    for number, ann in enumerate(document["annotations"]):
+        images.append(image)
+    categories = _category_names(document.get("categories", []), ann_path)
+    _check_index_fields(document["annotations"], ann_path)
+    coco = coco_index(document)
+    return [_entry(image, coco.imgToAnns.get(image["id"], []), categories, ann_path)
+            for image in images]
+
+
+def _check_index_fields(annotations: list[Any], ann_path: Path) -> None:
+    """Every annotation has what pycocotools' ``createIndex`` indexes it by: an integer
+    ``image_id`` and ``id``, and a ``category_id`` (its type is checked where it is used)."""
+    for number, ann in enumerate(annotations):
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if type(image_id) is not int:
             raise LostregError(f"{ann_path}: annotations[{number}] has no integer image_id "
                                f"({_short(ann)})")
-        if image_id in wanted:
-            wanted[image_id].append(ann)
-    categories = _category_names(document.get("categories", []), ann_path)
-    return [_entry(by_name[name], wanted[by_name[name]["id"]], categories, ann_path)
-            for name in names]
+        if type(ann.get("id")) is not int:
+            raise LostregError(f"{ann_path}: annotations[{number}] has no integer id "
+                               f"({_short(ann)})")
+        if "category_id" not in ann or isinstance(ann["category_id"], (list, dict)):
+            raise LostregError(f"{ann_path}: annotations[{number}] (id {ann['id']}) has no "
+                               f"category_id ({_short(ann)})")
 
 
 def _images_by_name(images: list[Any], ann_path: Path) -> dict[str, dict[str, Any]]:
@@ -236,6 +270,7 @@ def _images_by_name(images: list[Any], ann_path: Path) -> dict[str, dict[str, An
 
 
 def _category_names(categories: Any, ann_path: Path) -> dict[int, str]:
+    """Category id -> name, checked (pycocotools indexes categories by an integer ``id``)."""
     if not isinstance(categories, list):
         raise LostregError(f"{ann_path}: 'categories' must be a list")
     names: dict[int, str] = {}
@@ -352,9 +387,14 @@ def _record(folder: Path, entry: dict[str, Any], ann_path: Path) -> ImageRecord:
                        height=height, boxes=boxes, extra=extra)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 8, 6, 60, 60
+
+
 def _short(value: Any, limit: int = 80) -> str:
-    """``repr`` cut to ``limit`` characters: error lines quote values, never whole objects."""
-    text = repr(value)
+    """``repr`` cut to ``limit`` characters: error lines quote values, never whole objects
+    (``reprlib`` stops at a few levels and items, so a huge or deep value costs nothing)."""
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -363,6 +403,7 @@ __all__ = [
     "COCO20K_LIST_SHA256",
     "build_coco20k_entries",
     "coco20k_is_present",
+    "coco_index",
     "coco_folder",
     "load_coco20k",
     "read_coco20k_list",

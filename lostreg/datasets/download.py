@@ -5,7 +5,8 @@ Downloads go to ``<dest>.part`` and resume with an HTTP Range request after an i
 so a file at ``dest`` is always complete. Archives are unpacked into a temporary folder next
 to the target and moved into place, and members that would land outside it are refused.
 
-What to fetch is listed in ``datasets/manifests/downloads.json`` at the repository root.
+What to fetch is listed in ``lostreg/datasets/manifests/downloads.json``, package data, so an
+installed lostreg (``pip install .``, a wheel) can download a dataset without a checkout.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
-import json
 import os
 import shutil
 import sys
@@ -22,16 +22,22 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from lostreg.datasets.voc import is_plain_file_name, voc_is_present, voc_year_folder
 from lostreg.errors import LostregError
+from lostreg.io import JsonInputError, loads_bounded
 
-MANIFEST_PATH = Path(__file__).resolve().parents[2] / "datasets" / "manifests" / "downloads.json"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+MANIFEST_PATH: Path | Traversable = resources.files("lostreg.datasets") / "manifests" / "downloads.json"
+_MAX_MANIFEST_BYTES = 1 << 20  # the manifest is 2 KB
 DOWNLOADS_FOLDER = "downloads"
 _CHUNK = 1 << 20
 _USER_AGENT = "lostreg-datasets/0.1 (+urllib)"
@@ -43,24 +49,27 @@ class NetworkError(LostregError):
     right hint."""
 
 
-def load_manifest(path: Path | None = None) -> dict[str, Any]:
+def load_manifest(path: Path | Traversable | None = None) -> dict[str, Any]:
     """Read the download manifest (dataset name -> list of files with url and checksums)."""
     path = MANIFEST_PATH if path is None else path
     try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise LostregError(
-            f"{path}: download manifest not found (run from a checkout of the lostreg repository)"
-        ) from None
-    except (OSError, ValueError) as exc:
+            f"{path}: download manifest not found (lostreg is installed without its package "
+            "data; reinstall it)") from None
+    except OSError as exc:
         raise LostregError(f"{path}: cannot read the download manifest ({exc})") from None
+    try:
+        manifest = loads_bounded(data, str(path), max_bytes=_MAX_MANIFEST_BYTES)
+    except JsonInputError as exc:
+        raise LostregError(f"{path}: cannot read the download manifest ({exc.reason})") from None
     if not isinstance(manifest, dict):
         raise LostregError(f"{path}: the download manifest must be a JSON object")
     return manifest
 
 
-def manifest_files(name: str, path: Path | None = None) -> list[dict[str, Any]]:
+def manifest_files(name: str, path: Path | Traversable | None = None) -> list[dict[str, Any]]:
     """The manifest entries of one dataset, checked for the fields the helpers need."""
     path = MANIFEST_PATH if path is None else path
     manifest = load_manifest(path)
@@ -98,13 +107,16 @@ def download_file(
 ) -> Path:
     """Fetch ``url`` to ``dest``, resuming ``dest.part``; verify sha256/md5; rename atomically.
 
-    An existing ``dest`` is returned as is: it only ever appears after a verified rename. On a
-    checksum mismatch the partial file is deleted (resuming corrupt data would never succeed)
-    and a ``LostregError`` names the file, the expected and the actual hash. On a network
-    error the partial file is kept so the next call resumes.
+    An existing ``dest`` is checked like a download (a user may have put it there, or another
+    file may have taken its name): on a mismatch a ``LostregError`` names both sums and the
+    file is kept (it is not ours to delete). On a checksum mismatch of a download the partial
+    file is deleted (resuming corrupt data would never succeed) and a ``LostregError`` names
+    the file, the expected and the actual hash. On a network error the partial file is kept
+    so the next call resumes.
     """
     dest = Path(dest).expanduser()
     if dest.is_file():
+        _check_existing(dest, sha256, md5)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -168,16 +180,26 @@ def download_file(
     return dest
 
 
+def _check_existing(dest: Path, sha256: str | None, md5: str | None) -> None:
+    """A file already at ``dest`` (put there by the user, or left by an older lostreg) is
+    checked like a download; on a mismatch it is kept, since it is not ours to delete."""
+    if sha256 is None and md5 is None:
+        return
+    hashes = _Hashes()
+    _hash_file(dest, hashes)
+    _check_sums(dest, hashes, sha256, md5, "the file was already there; delete or replace it")
+
+
 def _hash_file(path: Path, hashes: _Hashes) -> None:
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(_CHUNK), b""):
             hashes.update(chunk)
 
 
-def _finish(
-    part: Path, dest: Path, hashes: _Hashes, sha256: str | None, md5: str | None
-) -> None:
-    """Check the checksums of the complete ``part``, then move it to ``dest``."""
+def _check_sums(dest: Path, hashes: _Hashes, sha256: str | None, md5: str | None,
+                what_now: str, on_mismatch: Callable[[], None] = lambda: None) -> None:
+    """Compare the known checksums; on a mismatch call ``on_mismatch`` and raise one line
+    naming ``dest``, both sums and ``what_now``."""
     for algorithm, expected, digest in (
         ("sha256", sha256, hashes.sha256), ("md5", md5, hashes.md5)
     ):
@@ -185,11 +207,17 @@ def _finish(
             continue
         actual = digest.hexdigest()
         if actual != expected.lower():
-            part.unlink(missing_ok=True)
+            on_mismatch()
             raise LostregError(
-                f"{dest}: {algorithm} mismatch (expected {expected}, got {actual}); "
-                "the partial download was deleted"
-            )
+                f"{dest}: {algorithm} mismatch (expected {expected}, got {actual}); {what_now}")
+
+
+def _finish(
+    part: Path, dest: Path, hashes: _Hashes, sha256: str | None, md5: str | None
+) -> None:
+    """Check the checksums of the complete ``part``, then move it to ``dest``."""
+    _check_sums(dest, hashes, sha256, md5, "the partial download was deleted",
+                lambda: part.unlink(missing_ok=True))
     os.replace(part, dest)
 
 
@@ -254,11 +282,15 @@ def _is_tar_name(name: str) -> bool:
     return name.endswith((".tar", ".tar.gz", ".tgz"))
 
 
-def _install(archive: Path, inner: str, target: Path) -> None:
-    """Extract ``archive`` next to ``target`` and move its ``inner`` path to ``target``.
+def _install(archive: Path, inner: str, target: Path,
+             layout: Callable[[Path], str | None]) -> None:
+    """Extract ``archive`` next to ``target`` and move its ``inner`` path to ``target``, once
+    ``layout`` (what is wrong with the extracted ``inner``, or None) found nothing wrong.
 
     Unpacking into a temporary sibling and renaming means ``target`` appears complete or not
-    at all, so an interrupted extraction is redone rather than mistaken for data.
+    at all, so an interrupted extraction is redone rather than mistaken for data; checking
+    the layout first means an archive of the wrong shape (a file where the dataset's folder
+    should be) is reported, with the archive kept, instead of being installed as "ready".
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent))
@@ -267,9 +299,31 @@ def _install(archive: Path, inner: str, target: Path) -> None:
         source = tmp / inner
         if not source.exists():
             raise LostregError(f"{archive}: does not contain {inner!r}")
+        problem = layout(source)
+        if problem:
+            raise LostregError(f"{archive}: {inner} {problem}, so this is not the dataset's "
+                               "archive; it is kept, nothing was installed")
         os.replace(source, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _voc_layout(folder: Path) -> str | None:
+    """What keeps an extracted ``VOCdevkit/VOC<year>`` from being a VOC folder (the test
+    ``voc_is_present`` makes), or None."""
+    if not folder.is_dir():
+        return "is a file, not a folder"
+    if not (folder / "ImageSets" / "Main" / "trainval.txt").is_file():
+        return "has no ImageSets/Main/trainval.txt file"
+    return None
+
+
+def _a_folder(path: Path) -> str | None:
+    return None if path.is_dir() else "is a file, not a folder"
+
+
+def _a_file(path: Path) -> str | None:
+    return None if path.is_file() else "is not a file"
 
 
 def _fetch(item: dict[str, Any], folder: Path, progress: bool) -> Path:
@@ -331,7 +385,7 @@ def prepare_voc(
     item = _item(manifest_files(f"voc{str(year)[-2:]}"), "archive")
     with removed_if_failed(root / DOWNLOADS_FOLDER) as created:
         archive = _fetch(item, root / DOWNLOADS_FOLDER, progress)
-        _install(archive, f"VOCdevkit/VOC{year}", target)
+        _install(archive, f"VOCdevkit/VOC{year}", target, _voc_layout)
         if not keep_archive:
             archive.unlink(missing_ok=True)
     note_created_root(root, created, f"VOC{year}")
@@ -349,19 +403,19 @@ def prepare_coco20k(root: str | Path, progress: bool = True, keep_archive: bool 
 
     list_item = _item(files, "list")
     steps = (
-        ("annotations", "annotations/instances_train2014.json", folder / ANNOTATION_REL),
-        ("images", "train2014", folder / IMAGES_REL),
+        ("annotations", "annotations/instances_train2014.json", folder / ANNOTATION_REL, _a_file),
+        ("images", "train2014", folder / IMAGES_REL, _a_folder),
     )
-    with removed_if_failed(downloads, *(target.parent for _, _, target in steps)) as created:
+    with removed_if_failed(downloads, *(step[2].parent for step in steps)) as created:
         download_file(
             list_item["url"], folder / LIST_NAME, sha256=list_item.get("sha256"),
             progress=progress, md5=list_item.get("md5"),
         )
-        for role, inner, target in steps:
+        for role, inner, target, layout in steps:
             if target.exists():
                 continue
             archive = _fetch(_item(files, role), downloads, progress)
-            _install(archive, inner, target)
+            _install(archive, inner, target, layout)
             if not keep_archive:
                 archive.unlink(missing_ok=True)
     note_created_root(root, created, "COCO 20k")

@@ -384,7 +384,7 @@ def _image_size(annotation: ET.Element, xml_path: Path,
     try:
         with Image.open(image_path) as image:  # reads the header only
             return image.size[0], image.size[1], True
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise LostregError(
             f"{xml_path}: no usable <size> and {image_path} cannot be read ({exc})"
         ) from None

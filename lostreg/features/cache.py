@@ -53,8 +53,9 @@ from typing import Any, NamedTuple
 
 import torch
 
+from lostreg.datasets.base import DEFAULT_MAX_PIXELS, max_image_file_bytes
 from lostreg.errors import LostregError, os_error_message
-from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json
+from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json, loads_bounded, read_bounded
 
 # 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
 # new format gets a new folder; a shard of another format is refused by its magic.
@@ -73,6 +74,8 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _MAX_HEADER = 64 << 20
+_MAX_KEY_BYTES = 1 << 20  # key.json is about 1 KB
+_MAX_INDEX_LINE = 64 << 10  # an index line is about 150 bytes
 
 
 def storage_dtype(cache_dtype: str, precision: str) -> str:
@@ -144,16 +147,22 @@ class Shard:
     fingerprints: list[str | None]
 
 
-def image_fingerprint(path: str | os.PathLike) -> str | None:
+def image_fingerprint(path: str | os.PathLike, max_pixels: int | None = None) -> str | None:
     """``sha256:<hex>`` of the image file's bytes: what the cache keys an image by.
 
     sha256 rather than blake2b: with the SHA extensions most x86 and ARM CPUs have, OpenSSL's
     sha256 is the faster of the two (``benchmarks/bench_fingerprint.py`` measures its cost
-    against decoding the image). None when the file cannot be read: such an image never
-    matches a cache entry, and its decoding reports the problem.
+    against decoding the image). None when the file cannot be read, or when it is larger than
+    any image of ``max_pixels`` pixels can be (``max_image_file_bytes``; the default
+    ``--max-pixels`` when None), judged by its size before a byte is hashed: hashing an 8 GiB
+    file took 34 s, six times the whole run without the cache. Such an image never matches a
+    cache entry, and its decoding reports the problem.
     """
+    limit = max_image_file_bytes(DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
     try:
         with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size > limit:
+                return None
             return FINGERPRINT_PREFIX + hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         return None
@@ -208,9 +217,11 @@ class FeatureCache:
             return
         self._loaded = True
         key_file = self.dir / "key.json"
-        try:
-            stale = key_file.is_file() and json.loads(key_file.read_text()) != self.key
-        except (OSError, ValueError):
+        try:  # a deep or huge key.json is as stale as a damaged one (and never a traceback)
+            stale = key_file.is_file() and loads_bounded(
+                read_bounded(key_file, _MAX_KEY_BYTES, "cache key file"), str(key_file),
+                max_bytes=None) != self.key
+        except LostregError:  # unreadable, too large or not JSON
             stale = True
         if stale:
             warn(f"feature cache {key_file}: unreadable or does not match its folder; rewriting "
@@ -231,9 +242,10 @@ class FeatureCache:
             return 0
         bad = 0
         for raw in data[: data.rfind(b"\n") + 1].splitlines():
-            try:
-                image_id, entry = _index_entry(json.loads(raw))
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+            try:  # a deep or overlong line is a bad line: a cache never fails a run
+                image_id, entry = _index_entry(loads_bounded(raw, str(path),
+                                                             max_bytes=_MAX_INDEX_LINE))
+            except ValueError:  # JsonInputError (bad, deep, long) and bad fields
                 bad += 1
                 continue
             self._index[image_id] = entry
@@ -426,8 +438,8 @@ def _verified_header(path: Path, buffer: bytearray) -> tuple[dict, int]:
     digest = hashlib.sha256(view[:_DIGEST_AT])
     digest.update(view[_HEADER_AT:])
     offset = _HEADER_AT + header_len
-    try:
-        header = json.loads(bytes(view[_HEADER_AT:offset]))
+    try:  # header_len is at most _MAX_HEADER; a deep header is refused, not a RecursionError
+        header = loads_bounded(bytes(view[_HEADER_AT:offset]), str(path), max_bytes=None)
     except ValueError:
         header = None
     if digest.digest() != bytes(view[_DIGEST_AT:_HEADER_AT]):
