@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lostreg.cache as cache_module
+import lostreg.features.cache as cache_module
 from lostreg.backbones import BACKBONES, BackboneSpec
-from lostreg.cache import image_fingerprint
 from lostreg.datasets import load_dataset
 from lostreg.datasets.base import (
     DEFAULT_MAX_PIXELS,
@@ -31,6 +30,7 @@ from lostreg.datasets.base import (
 )
 from lostreg.datasets.voc import load_voc
 from lostreg.errors import LostregError
+from lostreg.features.cache import image_fingerprint
 from lostreg.run import main
 
 
@@ -221,7 +221,8 @@ def test_a_cached_run_does_not_hash_an_8_gib_file(tmp_path: Path, monkeypatch, c
     assert main(cli(tmp_path, "--cache-features", str(tmp_path / "cache"))) == 2
     assert str(target) not in hashed and len(hashed) == LIMIT - 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {target}: cannot decode image")
+    # the pipeline decodes with the run's --max-pixels: refused by its size, before decoding
+    assert len(errors) == 1 and errors[0].startswith(f"error: {target}: the file is "), errors
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == LIMIT - 1
     assert json.loads((run_dir / "config.json").read_text())["run_id"] == run_dir.name

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_datasets import _ann, _image, make_coco
 
-import lostreg.cache as cache_module
+import lostreg.features.cache as cache_module
 from lostreg.backbones import BACKBONES, BackboneSpec, load_neuron_file
-from lostreg.cache import CacheProblem, FeatureCache
 from lostreg.datasets import load_dataset
 from lostreg.datasets.coco import load_coco20k
 from lostreg.errors import LostregError, error_line
+from lostreg.features.cache import CacheProblem, FeatureCache
 from lostreg.io import (
     MAX_JSON_DEPTH,
     JsonInputError,

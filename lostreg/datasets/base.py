@@ -215,8 +215,9 @@ def is_zero_area(box: Box) -> bool:
     return box[2] == box[0] or box[3] == box[1]
 
 
-#: ``--max-pixels``' default (``lostreg.pipeline.DEFAULT_MAX_PIXELS`` is the same number; a test
-#: checks it), for the readers below when they are called without the setting.
+#: ``--max-pixels``' default: no benchmark protocol runs an unresized forward of a 12-megapixel
+#: photo (VOC and COCO images are at most 0.4 MP), so larger images are refused before any
+#: forward (``RunConfig.max_pixels`` is the same number; tests/test_config.py checks it).
 DEFAULT_MAX_PIXELS = 4_000_000
 #: No image file needs more bytes per pixel than an uncompressed 4-channel float32 TIFF (16);
 #: compressed formats need far fewer.

@@ -34,7 +34,7 @@ from lostreg.backbones import (
     normalisation,
     resolve_weights,
 )
-from lostreg.datasets.base import DatasetIndex, ImageRecord, load_rgb
+from lostreg.datasets.base import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, load_rgb
 from lostreg.errors import LostregError
 from lostreg.features.cache import (
     BackgroundWriter,
@@ -123,11 +123,6 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bf
 # --- images -> batches ---------------------------------------------------------------------
 
 
-# No benchmark protocol runs an unresized forward of a 12-megapixel photo (VOC and COCO
-# images are at most 0.4 MP): above this, an image is refused before any forward.
-DEFAULT_MAX_PIXELS = 4_000_000
-
-
 def too_large(height: int, width: int, max_pixels: int) -> str | None:
     if height * width <= max_pixels:
         return None
@@ -176,7 +171,7 @@ class PaddedImages(Dataset):
     def __getitem__(self, position: int) -> dict:
         record = self.records[position]
         try:
-            image = load_rgb(record.path)
+            image = load_rgb(record.path, self.max_pixels)
             problem = too_large(image.height, image.width, self.max_pixels)
             if problem:  # its annotation said it was smaller
                 raise LostregError(f"{record.path}: {problem}")
@@ -396,7 +391,8 @@ class FeatureSource:
     def _fingerprint(self, position: int) -> str | None:
         """The content hash the cache keys an image by (computed once per pass)."""
         if position not in self._fingerprints:
-            self._fingerprints[position] = image_fingerprint(self.records[position].path)
+            self._fingerprints[position] = image_fingerprint(self.records[position].path,
+                                                             self.max_pixels)
         return self._fingerprints[position]
 
     def _lookup(self, position: int, request: FeatureRequest):
@@ -409,7 +405,8 @@ class FeatureSource:
             return []
         missing = [p for p in positions if p not in self._fingerprints]
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashing
-            hashes = pool.map(lambda p: image_fingerprint(self.records[p].path), missing)
+            hashes = pool.map(lambda p: image_fingerprint(self.records[p].path, self.max_pixels),
+                              missing)
             self._fingerprints.update(zip(missing, hashes, strict=True))  # releases the GIL
         return [p for p in positions
                 if all(r in self.caches and self._lookup(p, r) for r in needs(p))]

@@ -74,7 +74,6 @@ class LostOutput(NamedTuple):
     box: list[int] | torch.Tensor
     seed: int | torch.Tensor
     degrees: torch.Tensor
-    expansion: torch.Tensor | None = None  # the seed expansion's patches (B, rows, cols)
 
 
 def _image_sizes(image_size: ImageSize | Sequence[ImageSize] | torch.Tensor, batch: int,
@@ -285,6 +284,18 @@ def lost_many(
     settings at once: one ``F F^T`` per chunk of images serves every setting (see
     ``_seed_expansion_many``), and one labelling call covers every setting's masks. Each
     result equals the single-setting call's."""
+    return [(out, component) for out, component, _ in
+            _lost_many_expanded(feats, grid, patch_size, image_size, settings)]
+
+
+def _lost_many_expanded(
+    feats: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    image_size: ImageSize | Sequence[ImageSize] | torch.Tensor,
+    settings: Sequence[tuple[float, int]],
+) -> list[tuple[LostOutput, torch.Tensor, torch.Tensor]]:
+    """``lost_many`` plus each setting's seed expansion ``(B, rows, cols)`` bool."""
     if feats.dtype not in (torch.float32, torch.float64):
         feats = feats.float()
     batch, num_patches, _ = feats.shape
@@ -296,9 +307,8 @@ def lost_many(
     masks = torch.cat([(summed > 0).view(batch, rows, cols) for _, _, summed in expansions])
     seeds = torch.cat([seed for _, seed, _ in expansions])
     boxes, components = seed_components(masks, seeds, patch_size, sizes.repeat(len(settings), 1))
-    return [(LostOutput(boxes[i * batch:(i + 1) * batch], seed, degrees,
-                        masks[i * batch:(i + 1) * batch]),
-             components[i * batch:(i + 1) * batch])
+    return [(LostOutput(boxes[i * batch:(i + 1) * batch], seed, degrees),
+             components[i * batch:(i + 1) * batch], masks[i * batch:(i + 1) * batch])
             for i, (degrees, seed, _) in enumerate(expansions)]
 
 
@@ -367,24 +377,26 @@ def lost_reference_with_mask(
 
 def _run(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: torch.Tensor,
          params: dict) -> MethodOutput:
-    out, mask = lost_with_mask(feats, grid, patch_size, sizes, params["k_patches"],
-                               params["gram_bias"])
-    return MethodOutput(out.box, out.seed, mask, _maps(out, grid))
+    return _run_many(feats, grid, patch_size, sizes, [params])[0]
 
 
-def _maps(out: LostOutput, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+def _maps(out: LostOutput, expansion: torch.Tensor, grid: tuple[int, int]
+          ) -> dict[str, torch.Tensor]:
     """LOST's per-patch maps: each patch's degree (its count of positively correlated
     patches; the seed has the lowest) and the seed expansion (the patches whose summed
     correlation with the seed's k most similar low-degree patches is positive)."""
-    return {"degree": out.degrees.view(-1, *grid), "expansion": out.expansion}
+    return {"degree": out.degrees.view(-1, *grid), "expansion": expansion}
 
 
 def _run_many(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, sizes: torch.Tensor,
               params: Sequence[dict]) -> list[MethodOutput]:
     """Several parameter sets on the same features: one Gram matrix for all of them."""
-    outputs = lost_many(feats, grid, patch_size, sizes,
-                        [(p["gram_bias"], p["k_patches"]) for p in params])
-    return [MethodOutput(out.box, out.seed, mask, _maps(out, grid)) for out, mask in outputs]
+    if feats.dtype not in (torch.float32, torch.float64):
+        feats = feats.float()
+    outputs = _lost_many_expanded(feats, grid, patch_size, sizes,
+                                  [(p["gram_bias"], p["k_patches"]) for p in params])
+    return [MethodOutput(out.box, out.seed, mask, _maps(out, expansion, grid))
+            for out, mask, expansion in outputs]
 
 
 def _reference(feats: torch.Tensor, grid: tuple[int, int], patch_size: int, size: ImageSize,
