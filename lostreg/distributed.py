@@ -218,6 +218,7 @@ def exit_waits_for(thread: threading.Thread) -> None:
     process: exit status 134 and "terminate called without an active exception" after an
     error that had been reported correctly. Outside a command (a script calling ``run_grid``)
     the same wait runs at exit, before the interpreter ends daemon threads."""
+    _BACKGROUND[:] = [done for done in _BACKGROUND if done.is_alive()]  # many runs, one process
     if not _BACKGROUND:
         atexit.unregister(wait_for_background)  # registered once, however many threads
         atexit.register(wait_for_background)
