@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lostreg import distributed, pipeline, run, timeline
+from lostreg import background as background_threads
+from lostreg import run, timeline
 from lostreg.datasets import load_dataset
 from lostreg.errors import LostregError
+from lostreg.features import pipeline
+from lostreg.runs import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 def background() -> Iterator[list[threading.Thread]]:
     """The exit path's thread list, restored afterwards (a test's threads must not make a later
     test's ``leave`` skip the teardown)."""
-    saved = list(distributed._BACKGROUND)
-    distributed._BACKGROUND.clear()
-    yield distributed._BACKGROUND
-    distributed._BACKGROUND[:] = saved
+    saved = list(background_threads._BACKGROUND)
+    background_threads._BACKGROUND.clear()
+    yield background_threads._BACKGROUND
+    background_threads._BACKGROUND[:] = saved
 
 
 def test_a_folder_as_weights_exits_2_every_time(tmp_path) -> None:
@@ -81,7 +84,7 @@ def test_command_status_returns_only_after_the_background_thread(background) -> 
     thread registered by the warm start has finished when ``command_status`` returns."""
     thread = threading.Thread(target=time.sleep, args=(0.5,), daemon=True)
     thread.start()
-    distributed.exit_waits_for(thread)
+    background_threads.exit_waits_for(thread)
 
     def body() -> None:
         raise LostregError("bad input")
@@ -94,7 +97,7 @@ def test_a_crash_in_the_command_still_waits(background) -> None:
     """A bug (not a LostregError) propagates with its traceback, but only after the wait."""
     thread = threading.Thread(target=time.sleep, args=(0.3,), daemon=True)
     thread.start()
-    distributed.exit_waits_for(thread)
+    background_threads.exit_waits_for(thread)
 
     def body() -> None:
         raise ZeroDivisionError("a bug")
@@ -110,17 +113,17 @@ def test_the_wait_is_bounded_and_then_the_teardown_is_skipped(background, monkey
     release = threading.Event()
     thread = threading.Thread(target=release.wait, daemon=True)
     thread.start()
-    distributed.exit_waits_for(thread)
+    background_threads.exit_waits_for(thread)
     exits: list[int] = []
     monkeypatch.setattr(distributed.os, "_exit", exits.append)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     started = time.monotonic()
-    assert distributed.wait_for_background(timeout=0.2) is False
+    assert background_threads.wait_for_background(timeout=0.2) is False
     assert time.monotonic() - started < 2.0
     distributed.leave(2)
     assert exits == [2]
     release.set()
-    assert distributed.wait_for_background(timeout=5) is True
+    assert background_threads.wait_for_background(timeout=5) is True
     assert distributed.leave(3) == 3 and exits == [2]
 
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lostreg
-from lostreg import distributed, timeline
+from lostreg import background, timeline
 from lostreg.backbones import (
     Backbone,
     BackboneSpec,
@@ -83,13 +83,13 @@ def warm_start(device: torch.device) -> threading.Thread:
     CUDA with cuBLAS on ``device``. The main thread meanwhile indexes the dataset and hashes
     the weights; whichever needs these first simply waits for them (imports and CUDA's lazy
     initialisation are locked). Every command's exit path waits for the thread
-    (``distributed.exit_waits_for``): an error found meanwhile (a bad ``--weights``) must not
+    (``background.exit_waits_for``): an error found meanwhile (a bad ``--weights``) must not
     end the interpreter while the thread is still in torch's C++ code, which aborts."""
     def start() -> None:
         try:
             import timm  # noqa: F401
 
-            if device.type == "cuda" and not distributed.exiting():
+            if device.type == "cuda" and not background.exiting():
                 with torch.cuda.device(device):
                     ones = torch.ones(8, 8, device=device)
                     (ones @ ones).sum().item()
@@ -99,7 +99,7 @@ def warm_start(device: torch.device) -> threading.Thread:
 
     thread = threading.Thread(target=start, name="lostreg-warm-start", daemon=True)
     thread.start()
-    distributed.exit_waits_for(thread)
+    background.exit_waits_for(thread)
     return thread
 
 
