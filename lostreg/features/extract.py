@@ -274,11 +274,17 @@ class FeatureKind:
     """One kind of per-patch feature a method can read, computed from one block's attention
     inputs. ``compute(layer: LayerQKV)`` returns ``(B, N, D)`` for the N patch tokens (class,
     register and test-time register tokens dropped). Adding a kind is one
-    ``register_feature_kind`` call."""
+    ``register_feature_kind`` call.
+
+    ``embedding``: each patch's row is an embedding vector (q, k, v, with or without RoPE), what
+    a method that compares patches with each other (LOST, TokenCut) can read; False for a kind
+    that is something else per patch (``attn``: one attention weight per head), which only a
+    method that names it in ``MethodSpec.feature_kinds`` reads."""
 
     name: str
     compute: Callable[[LayerQKV], torch.Tensor]
     description: str = ""
+    embedding: bool = True
 
 
 FEATURE_KINDS: dict[str, FeatureKind] = {}
@@ -302,7 +308,7 @@ register_feature_kind(FeatureKind(
     "k as the attention uses it: after the k norm and the rotary position embedding"))
 register_feature_kind(FeatureKind(
     "attn", _attention_feature,
-    "the class token's attention to each patch, per head (DINO-seg's input)"))
+    "the class token's attention to each patch, per head (DINO-seg's input)", embedding=False))
 
 
 class FeatureRequest(NamedTuple):

@@ -42,10 +42,31 @@ def method_params(config: RunConfig) -> dict[str, Any]:
     return spec.resolve(values)
 
 
+def accepted_features(spec: MethodSpec) -> tuple[str, ...]:
+    """The feature kinds a method reads: those its entry names (``feature_kinds``: DINO-seg,
+    ``attn``), else every embedding kind (q, k, v and their RoPE forms) and never ``attn``,
+    which is an attention weight per head, not a vector to compare patches by."""
+    if spec.feature_kinds is not None:
+        return tuple(spec.feature_kinds)
+    return tuple(name for name, kind in FEATURE_KINDS.items() if kind.embedding)
+
+
+def check_feature(spec: MethodSpec, kind: str) -> None:
+    """One line when ``spec`` cannot read feature ``kind`` (LOST on ``attn`` would score
+    attention weights as if they were keys: CorLoc near 0, and no word of why)."""
+    accepted = accepted_features(spec)
+    if kind not in accepted:
+        raise LostregError(f"--method {spec.name} reads {'/'.join(accepted)}, not --features "
+                           f"{kind}; drop --features (each method then reads its own default) "
+                           "or pick one of those")
+
+
 def feature_request(config: RunConfig, backbone_default: str) -> FeatureRequest:
     """The feature map ``config``'s method reads (its kind resolved against the backbone)."""
-    return FeatureRequest(method_of(config).feature_for(config.features, backbone_default),
-                          config.layer)
+    spec = method_of(config)
+    kind = spec.feature_for(config.features, backbone_default)
+    check_feature(spec, kind)
+    return FeatureRequest(kind, config.layer)
 
 
 def check_config(config: RunConfig) -> None:
@@ -70,5 +91,5 @@ def check_config(config: RunConfig) -> None:
         raise LostregError(f"--normalize {config.normalize!r}: expected none or l2")
     method_params(config)  # validates --method and its parameters
     if config.features is not None:
-        method_of(config).feature_for(config.features, "k")
+        check_feature(method_of(config), config.features)
     storage_dtype(config.cache_dtype, config.precision)  # validates --cache-dtype

@@ -31,7 +31,7 @@ from lostreg.features.pipeline import (
 )
 from lostreg.methods import METHODS, get_method
 from lostreg.runs import distributed
-from lostreg.runs.checks import check_config, with_defaults
+from lostreg.runs.checks import accepted_features, check_config, check_feature, with_defaults
 from lostreg.runs.config import SMOKE_NOTE, RunConfig, pass_key
 from lostreg.runs.folder import RunResult, check_dataset_complete
 from lostreg.runs.sweep import run_pass
@@ -74,14 +74,41 @@ def _method_axes(spec_name: str, base: RunConfig, values: dict[str, list[Any]]
     return axes
 
 
-def _features_for(method: str, features: Sequence[str | None], several: bool) -> list[str | None]:
-    """The feature kinds a method runs on: a method that reads fixed kinds (DINO-seg: attn)
-    keeps those of ``features`` it can read, or its own default, when it shares the command
-    with other methods; alone, it is checked (a wrong kind is one clear line)."""
-    kinds = get_method(method).feature_kinds
-    if kinds is None or not several:
+def _features_for(method: str, features: Sequence[str | None], methods: Sequence[str]
+                  ) -> list[str | None]:
+    """The feature kinds ``method`` runs on, by one rule for one method or several: each
+    method runs on the kinds of ``features`` it reads (``checks.accepted_features``); not
+    given (``None``), each reads its own default. A method that reads none of the kinds given
+    is one line naming it (never a silent switch to its default: ``--method lost,dinoseg
+    --features k`` used to run DINO-seg on attn)."""
+    kinds = [f for f in features if f is not None]
+    if not kinds:
         return list(features)
-    return [f for f in features if f in kinds] or [None]
+    spec = get_method(method)
+    accepted = accepted_features(spec)
+    chosen = [f for f in kinds if f in accepted]
+    if not chosen and len(methods) == 1:
+        check_feature(spec, kinds[0])  # raises: the one-method line
+    if not chosen:
+        raise LostregError(
+            f"--method {method} reads {'/'.join(accepted)}, none of --features "
+            f"{','.join(kinds)} (with several methods each runs on the listed kinds it reads): "
+            f"add {accepted[0]} to --features or drop {method} from --method")
+    return chosen
+
+
+def _check_every_kind_read(methods: Sequence[str], features: Sequence[str | None]) -> None:
+    """A kind that no method of the command reads is one line, not quietly dropped."""
+    for kind in features:
+        if kind is None:
+            continue
+        if len(methods) == 1:
+            check_feature(get_method(methods[0]), kind)
+        elif not any(kind in accepted_features(get_method(m)) for m in methods):
+            readers = ", ".join(f"{m} reads {'/'.join(accepted_features(get_method(m)))}"
+                                for m in methods)
+            raise LostregError(f"--features {kind}: no method of --method {','.join(methods)} "
+                               f"reads it ({readers})")
 
 
 def expand_sweep(base: RunConfig, *, methods: Sequence[str] | None = None,
@@ -99,11 +126,13 @@ def expand_sweep(base: RunConfig, *, methods: Sequence[str] | None = None,
         if owners.get(name) not in methods:
             raise LostregError(f"{_flag(name)} is a setting of {owners.get(name, '?')}; add it "
                                "to --method to use it")
+    features = list(features or [base.features])
+    _check_every_kind_read(methods, features)
     sweep: list[RunConfig] = []
     for method in methods:
         axes = _method_axes(method, base, values)
         for feature, layer, normalize, combo in itertools.product(
-                _features_for(method, features or [base.features], len(methods) > 1),
+                _features_for(method, features, methods),
                 layers or [base.layer], normalizations or [base.normalize],
                 itertools.product(*(v for _, v in axes))):
             chosen = dict(zip((name for name, _ in axes), combo, strict=True))
