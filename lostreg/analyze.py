@@ -22,12 +22,14 @@ from pathlib import Path
 from lostreg.backbones import list_backbones
 from lostreg.cli import (
     HelpFormatter,
+    ListOption,
+    ListsParser,
     add_compute_options,
     add_model_data_options,
     add_ttr_neurons_option,
 )
 from lostreg.datasets import DATASETS, default_data_root
-from lostreg.errors import LostregError, error_line
+from lostreg.errors import LostregError, close_progress_bars, error_line
 
 
 def _add_norms(sub: argparse._SubParsersAction) -> None:
@@ -44,12 +46,16 @@ def _add_norms(sub: argparse._SubParsersAction) -> None:
     add_model_data_options(parser, list_backbones(), list(DATASETS))
     add_ttr_neurons_option(parser)
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--layers", type=int, nargs="+", default=None,
-                        help="block indices whose outputs to measure (negative counts from the "
-                             "end; default: the last block); top-level stats use the deepest")
-    parser.add_argument("--threshold", type=float, nargs="+", default=None,
-                        help="manual outlier threshold on the norm (one for all layers, or one "
-                             "per --layers entry) instead of the automatic split")
+    parser.add_argument("--layers", "--layer", dest="layers", action=ListOption, convert=int,
+                        default=None, metavar="LIST",
+                        help="block indices whose outputs to measure, comma separated (-1,-2; "
+                             "negative counts from the end; default: the last block); top-level "
+                             "stats use the deepest")
+    parser.add_argument("--threshold", action=ListOption, convert=float, default=None,
+                        metavar="LIST",
+                        help="manual outlier threshold on the norm (one for all layers, or a "
+                             "comma list with one per --layers entry) instead of the automatic "
+                             "split")
     parser.add_argument("--output", type=Path, default=None,
                         help="output folder (default: results/analysis/<model>-<dataset>/, "
                              "prefixed smoke- for random weights)")
@@ -109,8 +115,9 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--run", type=Path, nargs="+", action="extend", required=True,
                         help="run folder of lostreg.run; several (--run A B C or --run A "
                              "--run B) compare their boxes and masks on the same images")
-    parser.add_argument("--images", nargs="+", default=None, metavar="ID",
-                        help="image ids to show (default: the first --max-images)")
+    parser.add_argument("--images", action=ListOption, default=None, metavar="ID",
+                        help="image ids to show, comma separated (default: the first "
+                             "--max-images)")
     parser.add_argument("--max-images", type=int, default=None,
                         help="how many images (default: 12, or all --images given)")
     parser.add_argument("--misses", action="store_true",
@@ -169,8 +176,8 @@ def _add_register_neurons(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lostreg-analyze",
+    parser = ListsParser(
+        prog="python -m lostreg.analyze",
         description="Artifact diagnostics: token norms, outliers, and where LOST fails.",
     )
     sub = parser.add_subparsers(dest="command", required=True,
@@ -263,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted", file=sys.stderr)
         return 130
 

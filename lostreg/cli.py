@@ -87,6 +87,65 @@ def workers_count(text: str) -> int | None:
     return value
 
 
+RUNS_DIR = Path("results/runs")
+
+
+def add_runs_option(parser: argparse.ArgumentParser, help: str, *aliases: str,
+                    dest: str = "runs") -> None:
+    """``--runs DIR``: the folder that holds the run folders, spelled the same in every command
+    (run, protocol, leaderboard, verify); ``aliases`` are a command's older spellings
+    (``run --output``, ``verify --runs-dir``), kept working."""
+    older = f" ({', '.join(aliases)}: older spelling{'s' if len(aliases) > 1 else ''})" \
+        if aliases else ""
+    parser.add_argument("--runs", *aliases, dest=dest, type=Path, default=RUNS_DIR,
+                        metavar="DIR", help=help + older)
+
+
+def comma_items(values: Sequence[str], flag: str) -> list[str]:
+    """``["-1,-2", "-3"]`` -> ``["-1", "-2", "-3"]``: a list option's values, comma lists or
+    separate words alike; an empty item (``-1,,-2``) is refused."""
+    items = []
+    for value in values:
+        for part in str(value).split(","):
+            if not part.strip():
+                raise argparse.ArgumentTypeError(f"{flag} {value!r}: empty item in the comma list")
+            items.append(part.strip())
+    return items
+
+
+class ListOption(argparse.Action):
+    """A list option that takes a comma list (``--layers -1,-2``), the spelling of every
+    lostreg command, and still the space-separated words it took before (``--layers -1 -2``).
+    ``convert`` turns each item into its value; a bad item is argparse's one usage error."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str,
+                 convert: Any = str, **kwargs: Any) -> None:
+        kwargs.setdefault("nargs", "+")
+        super().__init__(option_strings, dest, **kwargs)
+        self.convert = convert
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        flag = option_string or self.dest
+        try:
+            items = comma_items(values if isinstance(values, list) else [values], flag)
+            converted = [self.convert(item) for item in items]
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+        except ValueError:
+            bad = next(item for item in items if not _converts(self.convert, item))
+            parser.error(f"{flag}: {bad!r} is not a valid value")
+        setattr(namespace, self.dest, converted)
+
+
+def _converts(convert: Any, item: str) -> bool:
+    try:
+        convert(item)
+    except ValueError:
+        return False
+    return True
+
+
 def add_model_data_options(parser: argparse.ArgumentParser, known_models: Sequence[str],
                            datasets: Sequence[str], model_help: str | None = None) -> None:
     """``--model --dataset --data-root --weights`` of the commands that take one backbone on

@@ -20,3 +20,20 @@ def error_line(exc: LostregError | OSError) -> str:
     """The one line every command prints for a user-facing error (exit status 2)."""
     text = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
     return "error: " + text.replace("\r", " ").replace("\n", " ")
+
+
+def close_progress_bars() -> None:
+    """Close every open progress bar, so that the line printed next starts on a line of its
+    own: a bar that an interrupt (Ctrl-C) or an error left open ends mid-line (tqdm redraws
+    with a carriage return and no newline), and the message would be glued to it. tqdm is
+    not imported for this: no bar can be open if nothing imported it."""
+    import sys
+
+    module = sys.modules.get("tqdm.std")
+    if module is None:
+        return
+    for bar in list(getattr(module.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar on a closed stream: nothing left to end
+            pass

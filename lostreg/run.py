@@ -26,7 +26,13 @@ from typing import Any
 
 from lostreg import timeline
 from lostreg.backbones import POS_INTERP_CHOICES, list_backbones
-from lostreg.cli import HelpFormatter, ListsParser, add_compute_options, add_ttr_neurons_option
+from lostreg.cli import (
+    HelpFormatter,
+    ListsParser,
+    add_compute_options,
+    add_runs_option,
+    add_ttr_neurons_option,
+)
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
 from lostreg.features.cache import CACHE_DTYPES, DEFAULT_CACHE_DIR
@@ -70,7 +76,7 @@ def paper_suite() -> list[tuple[str, str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ListsParser(
-        prog="lostreg-run",
+        prog="python -m lostreg.run",
         description=(
             "Score object discovery (CorLoc) on a ViT's attention features. Features are q, k "
             "or v of a block's attention (the LAST block unless --layer; fused qkv, heads "
@@ -108,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="fp32 is exact (TF32 off); bf16/fp16 autocast the backbone")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
-    parser.add_argument("--output", type=Path, default=Path("results/runs"),
-                        help="where run folders go")
+    add_runs_option(parser, "where run folders go", "--output", dest="output")
     parser.add_argument("--cache-features", type=Path, nargs="?", const=DEFAULT_CACHE_DIR,
                         default=None, metavar="DIR",
                         help=f"keep per-image features in DIR (default {DEFAULT_CACHE_DIR} when "
@@ -144,7 +149,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
                         help=f"feature kind(s), comma separated: {', '.join(FEATURE_KINDS)} "
                              "(default: the method's, else the backbone's; q/k/v apply to "
                              "methods that read vectors, DINO-seg reads attn)")
-    parser.add_argument("--layer", default=None,
+    parser.add_argument("--layer", "--layers", dest="layer", default=None,
                         help="block(s) whose attention gives the features, comma separated, "
                              "negative from the end (default -1: the last); several layers "
                              "share one forward pass")
@@ -276,14 +281,25 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
     return grid
 
 
+def _spelling(argv: Sequence[str], *names: str) -> str:
+    """Which of a flag's spellings the command line used (``--runs`` or its older ``--output``),
+    so that a message names the flag the user typed; the first when none was typed."""
+    for word in argv:
+        for name in names:
+            if word == name or word.startswith(name + "="):
+                return name
+    return names[0]
+
+
 def _which_flag(exc: BaseException, args: argparse.Namespace) -> str:
-    """`` (--output DIR)`` when a filesystem error comes from a folder a flag names that could
+    """`` (--runs DIR)`` when a filesystem error comes from a folder a flag names that could
     not be made (a file in its place, no permission), so the line says which flag to change;
     an error inside an existing folder names its file, which says enough."""
     if not isinstance(exc, OSError) or exc.filename is None:
         return ""
     path = Path(str(exc.filename)).absolute()
-    for flag, folder in (("--output", args.output), ("--cache-features", args.cache_features),
+    for flag, folder in ((args.runs_spelling, args.output),
+                         ("--cache-features", args.cache_features),
                          ("--data-root", args.data_root)):
         if folder is None or Path(folder).is_dir():
             continue
@@ -296,6 +312,7 @@ def _which_flag(exc: BaseException, args: argparse.Namespace) -> str:
 def _main(argv: Sequence[str] | None = None) -> int:
     timeline.mark("imports done")
     args = build_parser().parse_args(argv)
+    args.runs_spelling = _spelling(sys.argv[1:] if argv is None else argv, "--runs", "--output")
 
     def report(result: RunResult) -> None:
         if distributed.current().is_main:

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from lostreg.cli import HelpFormatter, add_compute_options
-from lostreg.errors import LostregError, error_line
+from lostreg.cli import HelpFormatter, add_compute_options, add_runs_option
+from lostreg.errors import LostregError, close_progress_bars, error_line
 from lostreg.evaluation.corloc import corloc, is_hit
 from lostreg.evaluation.iou import best_iou, box_iou
 from lostreg.io import atomic_write_json, atomic_write_text, sha256_file
@@ -431,7 +431,7 @@ def summary_text(report: dict, output: Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lostreg-verify",
+        prog="python -m lostreg.verify",
         description=(
             "Compare our LOST with the official LOST predictions, image by image: share of "
             "identical boxes, mean IoU, the differing images (differences.csv) and both CorLocs. "
@@ -455,8 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=None,
                         help="where report.json and differences.csv go "
                              "(default: results/verify/<benchmark>/)")
-    parser.add_argument("--runs-dir", type=Path, default=Path("results/runs"),
-                        help="run folders (a finished run with the same identity is reused)")
+    add_runs_option(parser, "where run folders go (a finished run with the same identity is "
+                            "reused)", "--runs-dir", dest="runs_dir")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
@@ -477,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print("interrupted: the run's predictions are kept; rerun to resume", file=sys.stderr)
         return 130
     print(text)

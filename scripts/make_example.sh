@@ -1,20 +1,48 @@
 #!/usr/bin/env bash
-# Rebuild results/example/: what a leaderboard looks like, from SMOKE runs (random weights) on
-# the generated demo dataset. Nothing in it is a result: every row, cell and figure says SMOKE.
-# It shows a newcomer the shape of success (tables, arrows, figures) and is checked by
-# tests/test_example_results.py to carry the leaderboard's current columns.
-# Offline, CPU, about 1.5 minutes. Usage: bash scripts/make_example.sh
+# Build an example leaderboard from SMOKE runs (random weights) on the generated demo dataset.
+# Nothing in it is a result: every row, cell and figure says SMOKE. It shows a newcomer the
+# shape of success (tables, arrows, figures); tests/test_example_results.py checks that the
+# tracked copy in results/example/ carries the leaderboard's current columns.
+#
+# Usage: bash scripts/make_example.sh [--out DIR]
+#   without --out: writes into a new temporary folder and prints where; nothing tracked changes.
+#   --out results/example: refreshes the tracked example (it replaces that folder; `git diff`
+#   then shows what changed). Any other DIR must be empty, missing, or an earlier output of
+#   this script (it holds leaderboard.csv): it is replaced as a whole.
+# Offline, CPU, about 1.5 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
+out=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --out) [ $# -ge 2 ] || { echo "error: --out needs a folder" >&2; exit 2; }
+               out=$2; shift 2 ;;
+        --out=*) out=${1#--out=}; shift ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown argument $1 (usage: bash scripts/make_example.sh [--out DIR])" >&2
+           exit 2 ;;
+    esac
+done
+if [ -z "$out" ]; then
+    out=$(mktemp -d "${TMPDIR:-/tmp}/lostreg-example.XXXXXX")
+    echo "writing the example into $out (pass --out results/example to refresh the tracked copy)"
+elif [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ] && [ ! -f "$out/leaderboard.csv" ]; then
+    echo "error: $out is not empty and holds no leaderboard.csv: not an earlier example;" \
+         "give an empty or new folder" >&2
+    exit 2
+else
+    echo "replacing $out with a new example (smoke runs, random weights)"
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-common=(--dataset demo --data-root "$work/data" --weights random --output "$work/runs"
+common=(--dataset demo --data-root "$work/data" --weights random --runs "$work/runs"
         --no-progress --device cpu)
 # ViT-S/14 with and without trained registers, every method.
 "$python" -m lostreg.run "${common[@]}" --model dinov2_vits14,dinov2_vits14_reg4 \
     --method lost,tokencut,dinoseg
 # ViT-L/14: the baseline, trained registers and the test-time register (shipped neuron list).
 "$python" -m lostreg.run "${common[@]}" --model dinov2_vitl14,dinov2_vitl14_reg4,dinov2_vitl14+ttr
-rm -rf results/example
-"$python" -m lostreg.leaderboard --runs "$work/runs" --out results/example --include-smoke
+rm -rf "$out"
+"$python" -m lostreg.leaderboard --runs "$work/runs" --output "$out" --include-smoke
+echo "example written to $out"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lostreg.datasets import DATASETS, default_data_root, get_dataset, load_dataset
-from lostreg.errors import LostregError, error_line
+from lostreg.errors import LostregError, close_progress_bars, error_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _info(args.name, root, args.no_hard, args.download)
     except (LostregError, OSError) as exc:
+        close_progress_bars()
         print(error_line(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()  # the message on its own line, not after a download's bar
         print("error: interrupted", file=sys.stderr)
         return 2
     return 0

@@ -221,9 +221,6 @@ def generate_demo(root: str | Path, seed: int = DEMO_SEED) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LostregError(f"{root}: cannot create the data root ({exc})") from None
-    if new_root:  # a mistyped --data-root must not silently become a new folder
-        print(f"warning: created the data root {Path(os.path.abspath(root))} for the demo dataset",
-              file=sys.stderr)
     if target.exists():
         if not (target / _MARKER).is_file():
             raise LostregError(
@@ -241,6 +238,11 @@ def generate_demo(root: str | Path, seed: int = DEMO_SEED) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    # one line naming what was written where; a new root is a warning: a mistyped --data-root
+    # must not silently become a new folder
+    where = Path(os.path.abspath(target))
+    print(f"warning: created the data root {where.parent} for the demo dataset" if new_root
+          else f"note: generated the demo dataset in {where}", file=sys.stderr)
     return target
 
 

@@ -80,6 +80,9 @@ def load_dataset(
     ``download_hint`` ends the message for missing data (how this command would download)."""
     spec = get_dataset(name)
     root = Path(data_root).expanduser()
+    if root.exists() and not root.is_dir():  # no download can fix that: no "offline?" hint
+        raise LostregError(f"{root}: is a file, not a folder; --data-root (or LOSTREG_DATA) "
+                           "names the folder that holds the datasets")
     if not spec.is_present(root):
         if not download or spec.download is None:
             if not root.exists():

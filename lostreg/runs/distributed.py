@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from lostreg.background import background_running, wait_for_background
 from lostreg.datasets.base import ImageRecord
-from lostreg.errors import LostregError, error_line
+from lostreg.errors import LostregError, close_progress_bars, error_line
 from lostreg.runs.predictions import (
     PART_PATTERN,  # noqa: F401 - re-exported
     PREDICTIONS,
@@ -214,10 +214,12 @@ def command_status(body: Callable[[], None],
     try:
         body()
     except (LostregError, OSError) as exc:
+        close_progress_bars()
         if current().is_main or not isinstance(exc, CollectiveError):
             print(error_line(exc) + hint(exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()  # the message on its own line, not after the bar
         print("interrupted: what was written is kept; rerun the same command to resume",
               file=sys.stderr)
         return 130

@@ -9,17 +9,22 @@ indexed once; every (model, dataset) is one pass (``lostreg.runs.sweep``) servin
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from lostreg import timeline
 from lostreg.backbones import Backbone, BackboneSpec, get_backbone_spec, with_pos_interp
+from lostreg.backbones.weights import WeightsInfo
 from lostreg.datasets import get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex
 from lostreg.errors import LostregError
+from lostreg.features.cache import is_lossless, storage_dtype
 from lostreg.features.pipeline import (
     LazyBackbone,
     decode_workers,
@@ -29,11 +34,26 @@ from lostreg.features.pipeline import (
     use_device,
     warm_start,
 )
+from lostreg.io import read_json_object
 from lostreg.methods import METHODS, get_method
 from lostreg.runs import distributed
-from lostreg.runs.checks import accepted_features, check_config, check_feature, with_defaults
+from lostreg.runs.checks import (
+    accepted_features,
+    check_config,
+    check_feature,
+    feature_request,
+    method_params,
+    with_defaults,
+)
 from lostreg.runs.config import SMOKE_NOTE, RunConfig, pass_key
-from lostreg.runs.folder import RunResult, check_dataset_complete
+from lostreg.runs.folder import (
+    RunResult,
+    check_dataset_complete,
+    find_run_id,
+    make_run_id,
+    run_identity,
+)
+from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder
 from lostreg.runs.sweep import run_pass
 
 
@@ -236,12 +256,17 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]],
     ctx = distributed.setup(resolve_device(base.device).type)
     device = distributed.local_device(resolve_device(base.device), ctx)
     use_device(device)
+    if not ctx.enabled and not base.wait:  # before any set-up, and before the warm start,
+        refuse_held_runs(base, sweep, specs, by_model, backbone)  # which an exit waits for
     warm_start(device)
     timeline.mark("device chosen")
     if base.num_workers is None:  # config.json records the number used
         workers = decode_workers(device)
         sweep = [dataclasses.replace(config, num_workers=workers) for config in sweep]
     numerics = set_numerics(base.precision)
+    if base.cache_features is not None and ctx.is_main:  # where features come from and go
+        print(f"note: feature cache in {os.path.abspath(base.cache_features)} (features of "
+              "images already there are read from it, the others stored)", file=sys.stderr)
     indexes: dict[str, DatasetIndex] = {}
     if index is not None:
         indexes = {dataset: index for datasets in by_model.values() for dataset in datasets}
@@ -293,3 +318,134 @@ def _limit_within(index: DatasetIndex, say: bool, configs: list[RunConfig]) -> l
         print(f"note: --limit {limit} covers all {len(index)} images of {index.name}: running "
               "(or reusing) the full run", file=sys.stderr)
     return [dataclasses.replace(config, limit=None) for config in configs]
+
+
+# --- a run folder another process writes, found before the set-up ----------------------------
+
+
+class _EarlyBackbone(NamedTuple):
+    """What ``run_identity`` reads of a backbone, known before it is described."""
+
+    spec: BackboneSpec
+    weights: WeightsInfo
+
+
+class _EarlyIndex(NamedTuple):
+    """What ``run_identity`` reads of a dataset index, before it is indexed: the name, the
+    split and whether hard objects are dropped; complete (a partial dataset's image count
+    enters the identity, so such a run is simply not found early)."""
+
+    name: str
+    split: str
+    no_hard: bool
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _flocked(path: Path) -> bool:
+    """Whether some process holds a ``flock`` on ``path``, read from Linux's ``/proc/locks``
+    without touching the lock (a probe that took it, even for a moment, could make the real
+    holder's own attempt fail). False where that file is missing (other systems, or a lock
+    held on another NFS client): the run's own lock still refuses the folder, later."""
+    try:
+        stat = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    return any(fields[1] == "FLOCK" and fields[5] == device
+               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)
+
+
+def _early_identity(config: RunConfig, spec: BackboneSpec, weights: WeightsInfo) -> dict:
+    """The identity ``describe_run`` will give ``config`` (``lostreg.runs.sweep.Pass`` adds the
+    rounded-cache mark the same way), from what is known before any set-up."""
+    dataset = get_dataset(config.dataset)
+    index = _EarlyIndex(dataset.name, dataset.split, config.no_hard,
+                        dataset.expected_images or 0)
+    identity = run_identity(config, _EarlyBackbone(spec, weights), index,  # type: ignore[arg-type]
+                            feature_request(config, spec.default_feature), method_params(config))
+    if config.cache_features:
+        storage = storage_dtype(config.cache_dtype, config.precision)
+        if not is_lossless(storage, config.precision):
+            identity["feature_cache"] = storage
+    return identity
+
+
+def _same_run(folder: Path, identity: dict, weights: str) -> bool:
+    """Whether the run in ``folder`` (its config.json) is ``identity`` but for the weights'
+    sha256, known only once the weights are resolved and hashed: then from the same source
+    (the hub file of the same timm name, or the same checkpoint path)."""
+    try:
+        config = read_json_object(folder / "config.json", "missing")
+    except LostregError:
+        return False  # a holder still starting: the run's own lock decides, later
+    theirs = config.get("identity")
+    used = config.get("weights") if isinstance(config.get("weights"), dict) else {}
+    if weights == "hub":
+        same_weights = used.get("source") == "hub"
+    else:
+        same_weights = used.get("source") == "file" and used.get("path") == str(
+            Path(os.path.expanduser(weights)).resolve())
+    return (same_weights and isinstance(theirs, dict)
+            and {k: v for k, v in theirs.items() if k != "weights"}
+            == {k: v for k, v in identity.items() if k != "weights"})
+
+
+def _held_folder(config: RunConfig, spec: BackboneSpec, weights: str) -> Path | None:
+    """The folder of ``config``'s run if another process holds its lock, as far as can be
+    told before any set-up (see ``refuse_held_runs``)."""
+    random = weights == "random"
+    known = WeightsInfo("random") if random else WeightsInfo(weights, sha256="unknown")
+    try:
+        identity = _early_identity(config, spec, known)
+    except LostregError:
+        return None  # a bad setting: the run's own checks say it, in their words
+    output = Path(config.output)
+    if random:
+        folders = [output / find_run_id(output, identity, smoke=True)]
+    else:
+        prefix = make_run_id(identity, smoke=False).rsplit("-", 1)[0] + "-"
+        folders = sorted(output.glob(glob.escape(prefix) + "?" * 10)) if output.is_dir() else []
+    for folder in folders:
+        if _flocked(folder / LOCK_NAME) and (random or _same_run(folder, identity, weights)):
+            return folder
+    return None
+
+
+def refuse_held_runs(base: RunConfig, sweep: Sequence[RunConfig],
+                     specs: dict[tuple[str, str], BackboneSpec], by_model: dict[str, list[str]],
+                     backbone: Backbone | None) -> None:
+    """Refuse at once, before the datasets are indexed, timm is imported and the weights are
+    hashed (seconds), a run folder of this command that another lostreg process is writing,
+    with the line its lock would give.
+
+    Only a look, which takes no lock: each folder's lock is still taken where it always was
+    (``Pass.run``), and a holder this misses (another NFS client, a process still starting, a
+    partial dataset, a ``--limit`` beyond the dataset) is refused there, as before. Random
+    weights give the run id exactly; for hub and file weights, whose sha256 is not known yet,
+    a folder matches on every other setting of its identity and the same weights source.
+    """
+    for (model, pos_interp), spec in specs.items():
+        spec = backbone.spec if backbone is not None else spec
+        for dataset in by_model[model]:
+            for config in sweep:
+                config = dataclasses.replace(config, model=model, dataset=dataset,
+                                             pos_interp=pos_interp)
+                folder = _held_folder(config, spec, base.weights)
+                if folder is not None:
+                    raise RunLocked(
+                        f"{folder}: another lostreg process is writing this run "
+                        f"({describe_holder(_holder_of(folder / LOCK_NAME))}); let it finish, "
+                        "or rerun with --wait to queue")
+
+
+def _holder_of(lock: Path) -> dict | None:
+    """What the holder wrote into its lock file (pid, host, start, command), if readable."""
+    try:
+        info = json.loads(lock.read_bytes()[:4096] or b"null")
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None

@@ -92,11 +92,28 @@ class NormsResult:
         return line + (f"  [{SMOKE_NOTE}]" if p["smoke_run"] else "")
 
 
-def default_output(model: str, dataset: str, smoke: bool = False) -> Path:
-    """``results/analysis/<model>-<dataset>``; random weights get a ``smoke-`` prefix so a
-    smoke analysis never overwrites a real one."""
+def default_output(model: str, dataset: str, smoke: bool = False, *, limit: int | None = None,
+                   no_hard: bool = False, layers: Sequence[int] | None = None,
+                   threshold: Sequence[float] | None = None,
+                   weights_file: str | None = None) -> Path:
+    """``results/analysis/[smoke-]<model>-<dataset>[-nohard][-firstN][-blocksA_B][-tT]
+    [-w<sha>]``: the folder names everything that defines the analysis, so a second study
+    (another ``--limit``, blocks, thresholds or weights file) never replaces the first; the
+    defaults (all images, the last block, the automatic threshold, hub or random weights) add
+    nothing, so the folder of a default study keeps its name. Random weights get ``smoke-``."""
     safe = model.replace(":", "_").replace("/", "_")
-    return Path("results/analysis") / f"{'smoke-' if smoke else ''}{safe}-{dataset}"
+    name = f"{'smoke-' if smoke else ''}{safe}-{dataset}"
+    if no_hard:
+        name += "-nohard"
+    if limit is not None:
+        name += f"-first{limit}"
+    if layers:
+        name += "-blocks" + "_".join(str(layer) for layer in layers)
+    if threshold:
+        name += "-t" + "_".join(f"{value:g}" for value in threshold)
+    if weights_file:
+        name += f"-w{weights_file[:8]}"
+    return Path("results/analysis") / name
 
 
 def collect_token_maps(
@@ -331,7 +348,10 @@ def analyze_norms(config: NormsConfig, backbone: Backbone | None = None,
     payload = build_payload(backbone, index, maps, layers, thresholds, config.limit, device,
                             skipped)
     output_dir = Path(config.output) if config.output is not None else default_output(
-        spec.name, index.name, backbone.weights.is_random)
+        spec.name, index.name, backbone.weights.is_random, limit=config.limit,
+        no_hard=config.no_hard, layers=layers if config.layers is not None else None,
+        threshold=config.threshold,
+        weights_file=backbone.weights.sha256 if backbone.weights.source == "file" else None)
     write_outputs(output_dir, payload, maps)
     return NormsResult(output_dir, payload, maps)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lostreg.cli import HelpFormatter
+from lostreg.cli import HelpFormatter, add_runs_option
 from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_bytes, atomic_write_text
 from lostreg.reports.leaderboard.figures import figure_png, iou_figure, register_bar_figure
@@ -157,9 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(comparison.md/.csv, figures/).",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--runs", type=Path, default=Path("results/runs"),
-                        help="folder of run folders")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="where outputs go")
+    add_runs_option(parser, "the folder that holds the run folders")
+    parser.add_argument("--output", "--out", dest="out", type=Path, default=Path("results"),
+                        metavar="DIR", help="where the outputs go (--out: older spelling)")
     parser.add_argument("--include-smoke", action="store_true",
                         help="keep random-weight smoke runs (flagged in the smoke column)")
     parser.add_argument("--published", type=Path, default=None,

@@ -12,6 +12,7 @@ from lostreg.cli import (
     ListsParser,
     add_compute_options,
     add_model_data_options,
+    add_runs_option,
     add_ttr_neurons_option,
 )
 from lostreg.datasets import DATASETS, default_data_root
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_data_options(parser, list_backbones(), list(DATASETS))
     parser.add_argument("--features", default=",".join(DEFAULT_FEATURES),
                         help="feature kinds of the grid, comma separated")
-    parser.add_argument("--layers", default=",".join(str(v) for v in DEFAULT_LAYERS),
+    parser.add_argument("--layers", "--layer", dest="layers",
+                        default=",".join(str(v) for v in DEFAULT_LAYERS),
                         help="blocks of the grid, comma separated (negative from the end, "
                              "e.g. -1,-2)")
     parser.add_argument("--normalize", default="none,l2", help="normalisations of the grid")
@@ -77,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--published", type=Path, default=None,
                         help="published figures CSV (default: the one shipped in "
                              "lostreg/reports/leaderboard/published_corloc.csv)")
-    parser.add_argument("--runs", type=Path, default=Path("results/runs"),
-                        help="where the grid's run folders go (the leaderboard reads them there)")
+    add_runs_option(parser, "where the grid's run folders go (the leaderboard reads them there)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="where the study folder <model>-<dataset>[-...][-smoke] goes")
     parser.add_argument("--no-hard", action="store_true",
