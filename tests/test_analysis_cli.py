@@ -61,7 +61,8 @@ def test_norms_cli_writes_consistent_json_maps_and_figures(data_root, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main(["norms", *model_args(data_root, "--limit", "4", "--layers", "0", "-1")]) == 0
     assert "threshold" in capsys.readouterr().out
-    out = tmp_path / "results" / "analysis" / f"smoke-{MODEL}-demo"  # random weights: smoke- prefix
+    # random weights: smoke- prefix; the folder names the study's --limit and blocks (#21 row 9)
+    out = tmp_path / "results" / "analysis" / f"smoke-{MODEL}-demo-first4-blocks0_2"
     payload = json.loads((out / "norms.json").read_text())
     assert payload["smoke_run"] is True and "SMOKE" in payload["note"]
     assert payload["weights"]["source"] == "random"

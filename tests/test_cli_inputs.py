@@ -83,7 +83,8 @@ def test_bad_weights_name_the_file_and_the_problem(tmp_path, capsys, make, needl
     args = run_args(tmp_path, "--limit", "1")
     args[args.index("random")] = str(weights)
     assert run.main(args) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.strip() and not line.startswith("note: generated the demo dataset")]
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert "\x1b" not in err[0] and "executed!" not in err[0]
     runs = tmp_path / "runs"  # no run folder left behind holding only a config.json

@@ -12,7 +12,7 @@ from PIL import Image
 from lostreg.reports.leaderboard.tables import COMPARISON_COLUMNS, LEADERBOARD_COLUMNS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "results" / "example"
-REBUILD = "rebuild it with: bash scripts/make_example.sh"
+REBUILD = "rebuild it with: bash scripts/make_example.sh --out results/example"
 
 
 def _rows(name: str) -> tuple[list[str], list[dict[str, str]]]:
