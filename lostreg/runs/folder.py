@@ -39,7 +39,7 @@ from lostreg.runs import distributed
 from lostreg.runs.checks import feature_request, method_of, method_params
 from lostreg.runs.config import SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
-from lostreg.runs.legacy import add_if_changed, digest, legacy_run_id, safe_model
+from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
 from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
 
 
@@ -127,10 +127,12 @@ def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: Da
 FEATURE_WORDS = {"q": "queries", "k": "keys", "v": "values", "attn": "clsattn"}
 
 
-def settings_label(identity: dict) -> str:
+def settings_label(identity: dict, mark_partial: bool = True) -> str:
     """The readable middle of a run id: method, feature (and layer), then every setting that
     differs from its default, e.g. ``lost-keys``, ``lost-values-k50-bias-0.1``,
-    ``tokencut-keys@L-2-l2-tau0.3``."""
+    ``tokencut-keys@L-2-l2-tau0.3``; a run on a partial dataset ends with ``partial<images>``
+    (``lost-keys-partial12``: never mistaken for a full run; ``mark_partial=False`` gives the
+    name such a run had before, see ``lostreg.runs.legacy.earlier_run_ids``)."""
     method = identity.get("method", "lost")
     feature = FEATURE_WORDS.get(identity["feature"], identity["feature"])
     if "layer" in identity:
@@ -151,22 +153,30 @@ def settings_label(identity: dict) -> str:
         if value != param.default:
             text = f"{value:g}" if isinstance(value, float) else str(value).lower()
             parts.append(f"{short.get(name, name)}{text}")
+    if mark_partial and "dataset_images" in identity:
+        parts.append(f"partial{identity['dataset_images']}")
     return "-".join(parts)
 
 
-def make_run_id(identity: dict, smoke: bool) -> str:
+def make_run_id(identity: dict, smoke: bool, mark_partial: bool = True) -> str:
     """``[smoke-]<dataset>-<model>-<settings>-<hash>``: readable, and unique through the hash."""
     prefix = "smoke-" if smoke else ""
-    name = f"{prefix}{identity['dataset']}-{safe_model(identity)}-{settings_label(identity)}"
+    label = settings_label(identity, mark_partial)
+    name = f"{prefix}{identity['dataset']}-{safe_model(identity)}-{label}"
     return f"{name}-{digest(identity)}"
 
 
 def find_run_id(output: Path, identity: dict, smoke: bool) -> str:
-    """This identity's folder name under ``output``: the readable one, or the legacy one when
-    only that exists (so earlier runs stay resumable and keep their folder)."""
-    new, old = make_run_id(identity, smoke), legacy_run_id(identity, smoke)
-    if not (output / new).exists() and (output / old).is_dir():
-        return old
+    """This identity's folder name under ``output``: the readable one, or a name an earlier
+    release gave it when only that exists (``lostreg.runs.legacy.earlier_run_ids``), so
+    earlier runs stay resumable and keep their folder."""
+    new = make_run_id(identity, smoke)
+    if (output / new).exists():
+        return new
+    unmarked = make_run_id(identity, smoke, mark_partial=False)
+    for old in earlier_run_ids(identity, smoke, unmarked):
+        if (output / old).is_dir():
+            return old
     return new
 
 
@@ -462,9 +472,24 @@ def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: 
         summary += f" {run.config.precision}"
     if run.config.limit:
         summary += f" limit={run.config.limit}"
+    partial = partial_note(run.identity, index.name)
+    if partial:
+        summary += f" partial={run.identity['dataset_images']}/{DATASETS[index.name].expected_images}"
     if "feature_cache" in run.identity:  # rounded cached features: not the exact result
         summary += f" cache={run.identity['feature_cache']}"
     summary += f" | {status}: {run.run_dir}"
     if smoke:
         summary += f"  [{SMOKE_NOTE}]"
+    if partial:
+        summary += f"  [{partial}]"
     return summary
+
+
+def partial_note(identity: dict, dataset: str) -> str:
+    """``partial dataset (12 of 5011 images): not comparable with published figures`` for a
+    run on a split that lists another number of images than the benchmark's, else ''."""
+    spec = DATASETS.get(dataset)
+    if "dataset_images" not in identity or spec is None:
+        return ""
+    return (f"partial dataset ({identity['dataset_images']} of {spec.expected_images} images): "
+            "not comparable with published figures")

@@ -3,7 +3,10 @@
 A run folder is kept for years, and each release added settings. Older folders stay valid:
 
 * **Names.** Before readable names a folder was ``<dataset>-<model>-<feature>-<hash>``; such
-  folders are found and reused under their old names (``legacy_run_id``).
+  folders are found and reused under their old names (``legacy_run_id``). Before a run on a
+  partial dataset (``--allow-partial-dataset``) was marked ``-partial<images>`` in its name,
+  it was named like a full run; such a folder too is found under its name
+  (``earlier_run_ids``). The hash never changed: the image count was always in the identity.
 * **Identity.** Settings added after the first release enter a run's identity (and so its
   hash) only when they differ from the value every older run had (``IDENTITY_DEFAULTS``), so
   an older run keeps its id; LOST's parameters sit in the identity without a ``method`` key
@@ -52,6 +55,14 @@ def digest(identity: dict) -> str:
 def safe_model(identity: dict) -> str:
     """The model name as a folder name holds it (``timm:a/b`` -> ``timm_a_b``)."""
     return identity["model"].replace(":", "_").replace("/", "_")
+
+
+def earlier_run_ids(identity: dict, smoke: bool, unmarked: str) -> list[str]:
+    """The names earlier releases gave the run of ``identity``, newest first: ``unmarked``
+    (the readable name without the partial-dataset mark) for a run on a partial dataset, then
+    the name before readable names."""
+    names = [unmarked] if "dataset_images" in identity else []
+    return names + [legacy_run_id(identity, smoke)]
 
 
 def legacy_run_id(identity: dict, smoke: bool) -> str:

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from lostreg.evaluation import stats
 from lostreg.reports.leaderboard.markdown import datasets_of
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, VARIANTS
-from lostreg.reports.leaderboard.tables import DATASET_LABELS
+from lostreg.reports.leaderboard.tables import DATASET_LABELS, run_settings, subset_words
 from lostreg.runs.store import RunData
 
 IOU_BINS = np.linspace(0.0, 1.0, 21)
@@ -137,10 +138,13 @@ def iou_figure(run: RunData) -> Any:
     axis.hist(ious, bins=IOU_BINS, color="#2171b5", edgecolor="white")
     axis.axvline(0.5, color="red", linestyle="--", label="hit threshold 0.5")
     corloc = stats.corloc_percent(run.predictions["hit"].to_numpy(dtype=bool))
-    title = f"{wrap(run.run_id, 5.2, fontsize=8)}\nCorLoc {corloc:.1f} on {ious.size} images"
-    axis.set_title(title, fontsize=8)
+    subset = subset_words(run_settings(run))
+    title = (f"{wrap(run.run_id, 5.2, fontsize=8)}\nCorLoc {corloc:.1f} on {ious.size} images"
+             + (f" ({subset}: not comparable with published figures)" if subset else ""))
+    axis.set_title(wrap(title, 5.6, fontsize=8), fontsize=8)
     axis.set_xlabel("best IoU with a ground-truth box")
     axis.set_ylabel("images")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole images only
     axis.set_xlim(0, 1)
     axis.legend(fontsize=8)
     if run.smoke:

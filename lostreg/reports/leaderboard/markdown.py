@@ -8,6 +8,7 @@ measurements under that row's protocol; where our two sides still differ (a note
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -18,6 +19,7 @@ from lostreg.reports.leaderboard.tables import (
     PAPER_DATASETS,
     _present,
     dataset_rank,
+    is_subset,
     method_order,
     settings_label,
 )
@@ -107,7 +109,7 @@ def method_block(frame: pd.DataFrame, title: str, datasets: list[str]) -> list[s
 def comparison_markdown(board: Leaderboard) -> str:
     """One block per method (ours and published rows, protocols beside them), the paired
     statistics of our arrows, then each published source with its protocol and checks."""
-    frame = board.comparison
+    frame, subsets = split_subsets(board.comparison)
     datasets = datasets_of(frame)
     lines = [
         "# Do registers help object discovery? CorLoc without → with registers",
@@ -125,10 +127,41 @@ def comparison_markdown(board: Leaderboard) -> str:
     for name in methods:
         lines += ["", *method_block(frame[frame["method"] == name],
                                     method_title(name, board.published), datasets)]
-    if not methods:
+    if not methods and subsets.empty:
         lines += ["", "No runs and no published figures to compare."]
-    lines += ["", *statistics_section(frame), "", *sources_section(board.published)]
+    if not subsets.empty:
+        lines += ["", *subset_section(subsets, board.published)]
+    lines += ["", *statistics_section(board.comparison), "",
+              *sources_section(board.published)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def split_subsets(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows on whole datasets and published rows, our rows on part of a dataset): a ``--limit``
+    or partial-dataset run is never placed in a column beside a published figure."""
+    subset = frame.apply(lambda row: is_subset(row.to_dict()), axis=1).astype(bool) \
+        if len(frame) else pd.Series([], dtype=bool)
+    return frame[~subset], frame[subset]
+
+
+def subset_section(rows: pd.DataFrame, published: pd.DataFrame) -> list[str]:
+    """Our runs on part of a dataset, in a table of their own with what part, apart from the
+    published figures (a 12-image VOC07 CorLoc beside the published 61.9 reads as a result)."""
+    lines = ["## Runs on part of a dataset (not comparable with published figures)", "",
+             "`--limit` runs (the first N images) and runs on a partial dataset "
+             "(`--allow-partial-dataset`: the split lists another number of images than the "
+             "benchmark's). Their CorLoc is over those images only.", "",
+             "| Method | Backbone | Models | Registers | Protocol | Dataset | CorLoc |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows.sort_values("method", key=lambda v: v.map(method_order),
+                                kind="stable").to_dict("records"):
+        backbone, _, models, registers, protocol = _row_key(row)
+        cell = (_cell(row.get("corloc"), row.get("corloc_reg")) if _present(row.get("registers"))
+                else _single(row))
+        dataset = DATASET_LABELS.get(row["dataset"], row["dataset"])
+        lines.append(f"| {method_title(row['method'], published)} | {backbone} | {models} | "
+                     f"{registers} | {protocol} | {dataset} | {cell} |")
+    return lines
 
 
 def statistics_section(frame: pd.DataFrame) -> list[str]:
@@ -163,13 +196,53 @@ def statistics_section(frame: pd.DataFrame) -> list[str]:
 
 
 def sources_section(published: pd.DataFrame) -> list[str]:
-    """Each published source once per backbone: citation, protocol, how far it was checked."""
+    """Each published source once: its citation, then each protocol with the backbones it
+    covers and how far it was checked, then each note once, saying which rows it concerns
+    when not all of them (a note on one backbone used to repeat the whole source)."""
     lines = ["## Published sources", ""]
     if published.empty:
         return lines + ["No published figures file was found; there are no published rows."]
-    columns = ["paper", "backbone", "source", "protocol", "verified", "note"]
-    for record in published[columns].drop_duplicates().to_dict("records"):
-        note = f" {record['note']}" if record["note"] else ""
-        lines.append(f"- **{record['paper']}**, {record['backbone']}: {record['source']}. "
-                     f"Protocol: {record['protocol']}. Checked: {record['verified']}.{note}")
+    for (paper, source), rows in published.groupby(["paper", "source"], sort=False):
+        lines.append(f"- **{paper}**: {source}.")
+        for (protocol, verified), part in rows.groupby(["protocol", "verified"], sort=False):
+            backbones = ", ".join(dict.fromkeys(part["backbone"]))
+            lines.append(f"  - {backbones}. Protocol: {protocol}. Checked: {verified}.")
+        for note, index in _notes(rows):
+            lines.append(f"  - Note{_which_rows(rows.loc[index], rows)}: {note}")
     return lines
+
+
+_SENTENCE_END = re.compile(r"(?<=\.)\s+(?=[A-Z])")
+
+
+def _notes(rows: pd.DataFrame) -> list[tuple[str, list[Any]]]:
+    """The notes of a source's rows, each sentence once with the rows that carry it (in
+    order; consecutive sentences of the same rows joined): rows whose notes share a sentence
+    and add one more list the shared sentence once."""
+    carried: dict[str, list[Any]] = {}
+    for index, note in rows["note"].items():
+        for sentence in _SENTENCE_END.split(str(note or "").strip()):
+            if sentence:
+                carried.setdefault(sentence, []).append(index)
+    notes: list[tuple[str, list[Any]]] = []
+    for sentence, index in carried.items():
+        if notes and notes[-1][1] == index:
+            notes[-1] = (f"{notes[-1][0]} {sentence}", index)
+        else:
+            notes.append((sentence, index))
+    return notes
+
+
+def _which_rows(part: pd.DataFrame, rows: pd.DataFrame) -> str:
+    """`` (OpenCLIP ViT-B/16)`` or `` (DINO ViT-S/16: VOC07)``: the rows of a source a note
+    concerns, when it does not concern them all; '' when it does."""
+    if len(part) == len(rows):
+        return ""
+    named = []
+    for backbone, mine in part.groupby("backbone", sort=False):
+        if len(mine) == int((rows["backbone"] == backbone).sum()):
+            named.append(backbone)
+        else:
+            datasets = ", ".join(DATASET_LABELS.get(d, d) for d in dict.fromkeys(mine["dataset"]))
+            named.append(f"{backbone}: {datasets}")
+    return " (" + "; ".join(named) + ")"

@@ -18,7 +18,9 @@ from typing import Any
 
 import pandas as pd
 
+from lostreg.datasets import DATASETS
 from lostreg.evaluation import stats
+from lostreg.fields import Fields
 from lostreg.reports.leaderboard.published import VARIANTS, published_groups, variant_of
 from lostreg.runs.store import RunData
 from lostreg.runs.suites import PAPER_DATASETS
@@ -31,16 +33,19 @@ NORMALIZE_LABELS = {"none": "no added normalisation", "l2": "L2-normalised"}
 
 LEADERBOARD_COLUMNS = [
     "run_id", "model", "timm_name", "family", "registers", "test_time_registers", "params",
-    "patch_size", "method", "method_params", "dataset", "split", "no_hard", "limit", "feature",
+    "patch_size", "method", "method_params", "dataset", "split", "no_hard", "limit",
+    "dataset_images", "feature",
     "layer", "normalize", "k", "gram_bias", "pos_interp", "precision", "n_images", "n_hits",
     "corloc", "ci_low", "ci_high", "weights_source", "weights_sha256", "lostreg_version",
     "git_commit", "date", "seconds", "device", "smoke",
 ]
-SETTING_COLUMNS = ["dataset", "split", "no_hard", "limit", "method", "method_params", "feature",
+SETTING_COLUMNS = ["dataset", "split", "no_hard", "limit", "dataset_images", "method",
+                   "method_params", "feature",
                    "layer", "normalize", "k", "gram_bias", "pos_interp", "precision", "smoke"]
 COMPARISON_COLUMNS = [
     "source", "paper", "method", "method_params", "family", "backbone", "model", "model_reg",
-    "registers", "dataset", "split", "no_hard", "limit", "feature", "layer", "normalize", "k",
+    "registers", "dataset", "split", "no_hard", "limit", "dataset_images", "feature", "layer",
+    "normalize", "k",
     "gram_bias", "pos_interp", "precision", "smoke", "protocol", "protocol_note", "verified",
     "n_images", "n_images_reg", "n_paired", "corloc", "ci_low", "ci_high", "corloc_reg",
     "ci_low_reg", "ci_high_reg", "diff", "diff_ci_low", "diff_ci_high", "miss_to_hit",
@@ -88,6 +93,39 @@ def method_params_label(method: str, params: str | dict | None) -> str:
     return ", ".join(f"{name}={_param_text(value)}" for name, value in values.items())
 
 
+def partial_images(run: RunData) -> int | None:
+    """The image count of a run on a partial dataset (``--allow-partial-dataset``: the split
+    lists another number of images than the benchmark's), which its identity records; None for
+    a run on the whole split."""
+    identity = Fields(run.info.identity, f"{run.run_dir / 'config.json'} (identity)")
+    return identity.integer("dataset_images", None, minimum=0, optional=True)
+
+
+def run_settings(run: RunData) -> dict[str, Any]:
+    """``RunData.settings`` and the partial dataset's image count: what must be equal for two
+    runs to be compared, and what their rows show (a 12-image VOC07 run is never a VOC07 run)."""
+    return {**run.settings(), "dataset_images": partial_images(run)}
+
+
+def subset_words(row: dict[str, Any]) -> str:
+    """``first 12`` for a ``--limit`` run, ``partial dataset: 12 of 5011 images`` for a run on
+    a partial dataset: a run on part of a dataset, never comparable with a published figure;
+    '' for a run on the whole split."""
+    parts = []
+    if _present(row.get("limit")):
+        parts.append(f"first {int(row['limit'])}")
+    if _present(row.get("dataset_images")):
+        spec = DATASETS.get(str(row.get("dataset")))
+        of = f" of {spec.expected_images}" if spec is not None and spec.expected_images else ""
+        parts.append(f"partial dataset: {int(row['dataset_images'])}{of} images")
+    return ", ".join(parts)
+
+
+def is_subset(row: dict[str, Any]) -> bool:
+    """Whether one of our rows is a run on part of a dataset (``subset_words``)."""
+    return row.get("source") != "published" and bool(subset_words(row))
+
+
 def settings_label(row: dict[str, Any]) -> str:
     """The protocol and settings of one of our rows, in words: the feature and the layer it
     comes from, normalisation, method parameters, interpolation, precision, and anything else
@@ -105,8 +143,7 @@ def settings_label(row: dict[str, Any]) -> str:
              method_params_label(method, params), f"pos {pos}", str(row["precision"])]
     if row.get("no_hard") is True or (_present(row.get("no_hard")) and bool(row["no_hard"])):
         parts.append("no_hard")
-    if _present(row.get("limit")):
-        parts.append(f"first {int(row['limit'])}")
+    parts.append(subset_words(row))
     if _present(row.get("smoke")) and bool(row["smoke"]):
         parts.append("SMOKE (random weights)")
     return ", ".join(part for part in parts if part)
@@ -120,7 +157,7 @@ def leaderboard_row(run: RunData) -> dict[str, Any]:
         "family": info.family, "registers": info.num_registers,
         "test_time_registers": info.test_time_registers, "params": info.num_params,
         "patch_size": info.patch_size,
-        **{key: value for key, value in run.settings().items() if key != "smoke"},
+        **{key: value for key, value in run_settings(run).items() if key != "smoke"},
         "n_images": summary["n"], "n_hits": summary["n_hits"],
         "corloc": round(summary["corloc"], 4), "ci_low": round(summary["low"], 4),
         "ci_high": round(summary["high"], 4), "weights_source": info.weights_source,
@@ -136,7 +173,7 @@ def leaderboard_frame(runs: Sequence[RunData]) -> pd.DataFrame:
                   key=lambda r: (dataset_rank(r["dataset"]), r["method"], -r["corloc"],
                                  r["run_id"]))
     frame = pd.DataFrame(rows, columns=LEADERBOARD_COLUMNS)
-    for column in ("limit", "params", "patch_size", "k"):
+    for column in ("limit", "dataset_images", "params", "patch_size", "k"):
         frame[column] = frame[column].astype("Int64")
     return frame.reset_index(drop=True)
 
@@ -156,7 +193,7 @@ def run_variant(run: RunData) -> str:
 
 
 def _pair_key(run: RunData) -> tuple:
-    settings = run.settings()
+    settings = run_settings(run)
     return (run.info.family, base_timm_name(run.info.timm_name),
             *(repr(settings[key]) for key in SETTING_COLUMNS))
 
@@ -194,7 +231,7 @@ def find_pairs(runs: Sequence[RunData]) -> tuple[list[tuple[RunData, RunData]], 
 
 def _our_row(run: RunData) -> dict[str, Any]:
     info, mine = run.info, run.summary
-    settings = run.settings()
+    settings = run_settings(run)
     return {"source": "ours", "paper": None, "family": info.family,
             "backbone": backbone_label(info.family, info.timm_name), "model": info.model,
             **settings, "protocol": settings_label(settings), "n_images": mine["n"],
@@ -296,8 +333,8 @@ def _sorted_comparison(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
     }
     frame = frame.assign(**order).sort_values(list(order), kind="stable")
     frame = frame.drop(columns=list(order)).reset_index(drop=True)
-    for column in ("limit", "layer", "k", "n_images", "n_images_reg", "n_paired", "miss_to_hit",
-                   "hit_to_miss"):
+    for column in ("limit", "dataset_images", "layer", "k", "n_images", "n_images_reg",
+                   "n_paired", "miss_to_hit", "hit_to_miss"):
         frame[column] = frame[column].astype("Int64")
     return frame
 
