@@ -17,6 +17,7 @@ from lostreg.cli import (
 )
 from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
+from lostreg.reports.leaderboard.tables import subset_words
 from lostreg.reports.protocol.files import write_study
 from lostreg.reports.protocol.grid import (
     DEFAULT_FEATURES,
@@ -185,7 +186,10 @@ def run_study(args: argparse.Namespace) -> str:
     line = (f"{grid.size()} settings ({counts}); best of grid {study.best.corloc:.2f} "
             f"({best.label()}) chosen on these images, {held.mean:.2f} ± {held.sd:.2f} chosen "
             f"on half and scored on the other half | {folder / 'protocol.md'}")
-    return line + ("  [SMOKE RUN: not a result]" if study.smoke else "")
+    partial = subset_words({"dataset": args.dataset,
+                            "dataset_images": study.info.identity.get("dataset_images")})
+    line += "  [SMOKE RUN: not a result]" if study.smoke else ""
+    return line + (f"  [{partial}: not comparable with published figures]" if partial else "")
 
 
 def _main(argv: Sequence[str] | None) -> int:

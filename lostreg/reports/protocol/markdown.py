@@ -7,6 +7,7 @@ from typing import Any
 import pandas as pd
 
 from lostreg.reports.leaderboard.published import VARIANT_LABELS
+from lostreg.reports.leaderboard.tables import subset_words
 from lostreg.reports.protocol.grid import GridPoint
 from lostreg.reports.protocol.study import PUBLISHED_WITHIN_SHOWN, Study, within_ci
 from lostreg.runs.config import SMOKE_NOTE
@@ -47,6 +48,11 @@ def _header(study: Study) -> list[str]:
     lines = [f"# LOST protocol grid: {info.model} on {info.dataset} ({info.split})", ""]
     if study.smoke:
         lines += [f"> **{SMOKE_NOTE}.** Every number below tests the pipeline only.", ""]
+    partial = subset_words({"dataset": info.dataset,
+                            "dataset_images": info.identity.get("dataset_images")})
+    if partial:  # never read as the benchmark's figure
+        lines += [f"> **{partial[:1].upper() + partial[1:]}: not comparable with published "
+                  "figures.** Those below are shown for orientation only.", ""]
     biases = "; ".join(f"{n}: bias {', '.join(f'{b:g}' for b in bs)}" for n, bs in grid.biases)
     limit = f" (the first {info.limit})" if info.limit else ""
     lines += [
