@@ -200,3 +200,50 @@ def test_the_notebook_stops_in_one_line_on_a_missing_relative_folder(tmp_path, m
     assert errors[0]["traceback"] == [
         f"error: {checkout / 'results' / 'runs'}: no such folder (the folder of run folders; "
         "$LOSTREG_RUNS='results/runs', read from the repository root)"]
+
+
+# --- row 10: the protocol's positions figure, the analysis panels' colour scales --------------
+
+
+def protocol_frame(smoke: bool = True):
+    """A two-point protocol table (``protocol.csv``'s columns), as the notebook reads one."""
+    import pandas as pd
+
+    rows = [{"model": "dinov2_vits14", "registers": 0, "test_time_registers": 0,
+             "dataset": "demo", "split": "trainval", "pos_interp": "original",
+             "normalize": "none", "feature": feature, "layer": -1, "gram_bias": 0.0,
+             "k_patches": 100, "n_images": 24, "n_hits": hits, "corloc": 100 * hits / 24,
+             "ci_low": 100 * hits / 24 - 10, "ci_high": 100 * hits / 24 + 10,
+             "run_id": f"run-{feature}", "smoke": smoke} for feature, hits in (("k", 10), ("q", 6))]
+    return pd.DataFrame(rows)
+
+
+def test_positions_promise_published_figures_only_when_there_are_some() -> None:
+    from lostreg.reports.protocol.study import draw_figures
+
+    alone = draw_figures(protocol_frame())["positions.png"]
+    texts = check(alone, "positions_alone")
+    assert said(texts, "no published figure for this backbone and dataset")
+    assert not said(texts, "and the published figures")
+    cited = [{"paper": "lost", "variant": "none", "corloc": 50.0}]
+    texts = check(draw_figures(protocol_frame(), cited)["positions.png"], "positions_cited")
+    assert said(texts, "every setting, and the published figures")
+
+
+def test_attention_panels_share_one_colour_scale() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lostreg.reports.analysis.report import _map_panels
+
+    maps = SimpleNamespace(degrees=np.ones((2, 3)), norms=np.full((2, 3), 2.0), result=None,
+                           prefix_names=["CLS", "reg0", "reg1"],
+                           attention=np.stack([np.full((2, 3), 0.9), np.full((2, 3), 0.01),
+                                               np.full((2, 3), 0.2)]))
+    attention = [panel for panel in _map_panels(maps, "LOST") if "attention" in panel[1]]
+    assert len(attention) == 3
+    scales = {id(panel[2]) for panel in attention}
+    assert len(scales) == 1  # the same Normalize: one colour scale
+    assert (attention[0][2].vmin, attention[0][2].vmax) == (0.0, 0.9)
+    assert all("one scale for all" in panel[1] for panel in attention)

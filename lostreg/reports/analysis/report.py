@@ -205,7 +205,7 @@ def draw_image_with_result(ax, image: Image.Image, prediction: dict, mask: np.nd
 
 def _map_panels(maps: ImageMaps, method_title: str) -> list[tuple]:
     """``(values, title, log colour scale, colour map)`` of the map panels after the image."""
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
     if maps.degrees is not None:
         panels = [(maps.degrees, "LOST degree (positive correlations)", None, "viridis")]
@@ -217,8 +217,15 @@ def _map_panels(maps: ImageMaps, method_title: str) -> list[tuple]:
     low = max(float(maps.norms.min()), 1e-6)
     panels.append((maps.norms, "token norm, last block (log)",
                    LogNorm(vmin=low, vmax=max(float(maps.norms.max()), low) * 1.0001), "magma"))
+    # one colour scale for every attention panel: CLS and each register are compared by eye,
+    # and a scale per panel made a register's faint attention look as strong as the CLS's
+    top = max((float(np.nanmax(a)) for a in maps.attention[:len(maps.prefix_names)]),
+              default=1.0)
+    shared = Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
+    several = len(maps.prefix_names) > 1
     for i, name in enumerate(maps.prefix_names):
-        panels.append((maps.attention[i], f"{name} attention to patches", None, "inferno"))
+        panels.append((maps.attention[i], f"{name} attention to patches"
+                       + (" (one scale for all)" if several else ""), shared, "inferno"))
     return panels
 
 
@@ -244,7 +251,7 @@ def render_panel(path: Path, image: Image.Image, prediction: dict, maps: ImageMa
         im = ax.imshow(values, extent=extent, cmap=cmap, norm=norm, interpolation="nearest",
                        **({"vmin": 0, "vmax": 1} if scale == "mask" else {}))
         if scale != "mask":
-            plots.add_colorbar(fig, im, ax, log=norm is not None)
+            plots.add_colorbar(fig, im, ax, log=type(norm).__name__ == "LogNorm")
         draw_seed(ax, prediction_seed(prediction), patch_size, size=9)
         draw_box(ax, prediction["box"], BOX_COLOUR, width=1.2, style="--")
         ax.set_title(label, fontsize=8)

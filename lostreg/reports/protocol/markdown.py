@@ -160,5 +160,6 @@ def protocol_markdown(study: Study) -> str:
              *_points_table(top), "",
              "Every setting: `protocol.csv`. Figures: `heatmap_<normalize>.png` (block x "
              "feature, best bias per cell), `bias_curves.png`, `positions.png` (every setting "
-             "ranked, published figures as lines).", ""]
+             + ("ranked, published figures as lines)." if study.published else
+                "ranked; no published figure for this backbone and dataset)."), ""]
     return "\n".join(lines)

@@ -281,8 +281,10 @@ def draw_figures(frame: pd.DataFrame, published: Sequence[dict[str, Any]] = (),
         drawn[f"bias_curves{suffix}.png"] = figures.bias_figure(part, where, smoke)
     marks = [figures.PublishedMark(f"{row['paper']} ({VARIANT_LABELS[row['variant']]})",
                                    float(row["corloc"])) for row in published]
+    what = ("every setting, and the published figures" if marks else
+            "every setting (no published figure for this backbone and dataset)")
     drawn["positions.png"] = figures.positions_figure(
-        frame, f"{title}: every setting, and the published figures", smoke, marks, reference,
+        frame, f"{title}: {what}", smoke, marks, reference,
         held_out.mean if held_out is not None else None)
     return drawn
 
