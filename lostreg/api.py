@@ -135,10 +135,13 @@ _KEYWORDS = ("dataset", "method", "methods", "features", "layer", "normalize", "
 
 def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any]]:
     """The base ``RunConfig`` and ``run_grid`` keywords ``evaluate`` runs for a named model
-    (or, for your own model, the name its runs will carry); the same as ``lostreg.run``'s for
-    the matching command line (tests hold the two together)."""
-    o = dict(_DEFAULTS, **options)
-    methods = _listed(o.pop("methods")) or _listed(o["method"])
+    (or, for your own model, the name its runs will carry), from ``evaluate``'s keywords
+    (method parameters among them); the same as ``lostreg.run``'s for the matching command
+    line (tests hold the two together)."""
+    o = dict(_DEFAULTS, **{k: v for k, v in options.items() if k in _DEFAULTS})
+    o["method_values"] = {**o["method_values"],
+                          **{k: v for k, v in options.items() if k not in _DEFAULTS}}
+    methods = _listed(o["methods"]) or _listed(o["method"])
     models = _listed(backbone) if backbone is not None else None
     datasets = _listed(o["dataset"])
     cache = o["cache_features"]
@@ -158,6 +161,8 @@ def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any
         ttr_neurons=Path(o["ttr_neurons"]) if o["ttr_neurons"] is not None else None,
         scratch=bool(o["scratch"]))
     values = _method_values(o["method_values"])
+    if o["methods"] is not None and o["method"] is not None:
+        raise LostregError("evaluate(): give method= or methods=, not both")
     for name in ("k_patches", "gram_bias"):
         if o[name] is not None:
             values[name] = _listed(o[name])  # type: ignore[assignment]

@@ -8,6 +8,9 @@ is held to the named backbone with the same weights: the predictions files are b
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ SPEC = BackboneSpec("tiny_plugin_reg4", f"{TIMM_ARCH}.lvd142m", "dinov2", 14, 4,
                     pos_embed="dinov2_reg", model_kwargs=KW)
 LIMIT = 6
 COMMON = dict(dataset="demo", limit=LIMIT, num_workers=0, no_progress=True)
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -328,3 +332,22 @@ def test_two_different_sources_or_weights_never_share_a_folder_or_a_cache_entry(
     hashes = {json.loads((tmp_path / "runs" / name / "config.json").read_text())["plugin"][
         "source_sha256"] for name in smoke}
     assert len(hashes) == 2
+
+
+def test_a_factory_importing_timm_lazily_does_not_race_the_warm_start(tmp_path) -> None:
+    """The run imports timm in a background thread; a factory that imports a timm submodule in
+    its body met a partially initialised torchvision (4 failures in 4 tries before the factory
+    was made to wait for the whole package). A fresh process, so timm is not yet imported."""
+    (tmp_path / "lazy.py").write_text(
+        "def build():\n"
+        "    from timm.models.vision_transformer import VisionTransformer\n"
+        "    return VisionTransformer(patch_size=16, embed_dim=48, depth=2, num_heads=6,\n"
+        "                             dynamic_img_size=True)\n")
+    for attempt in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "lostreg.run", *cli(tmp_path, f"py:{tmp_path}/lazy.py:build",
+                                                        "--weights", "random", "--limit", "2"),
+             "--output", str(tmp_path / f"runs{attempt}")],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]

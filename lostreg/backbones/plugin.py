@@ -397,6 +397,10 @@ def check_usual_layout(model: UsualLayoutModel, images: torch.Tensor, label: str
 def timm_family(model: nn.Module, label: str) -> Family | None:
     """The timm family that reads ``model`` (one line when it is a timm class lostreg cannot
     read, or one built without ``dynamic_img_size``), or None for any other module."""
+    if not any(cls.__module__.split(".")[0] == "timm" for cls in type(model).__mro__):
+        return None  # no timm class: timm need not even be imported
+    import timm  # noqa: F401 - the whole package first: a background thread may be importing it
+
     if not any(family.matches(model) for family in FAMILIES):
         return None
     family = family_of(model, label)

@@ -330,7 +330,14 @@ def import_target(name: str, target: str) -> tuple[ModuleType, str | None]:
 
 
 def _made(name: str, factory: Callable[[], Any], factory_name: str) -> UserModel:
-    """Call the factory (seeded), one line when it fails or returns something unusable."""
+    """Call the factory (seeded), one line when it fails or returns something unusable.
+
+    timm is imported first, whole: the run imports it in a background thread
+    (``pipeline.warm_start``), and a factory importing one of its submodules (or torchvision's)
+    at the same moment can meet a partially initialised module; a top-level import waits for
+    the other thread's instead."""
+    import timm  # noqa: F401
+
     torch.manual_seed(0)
     try:
         made = factory()
