@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 MANIFEST_PATH: Path | Traversable = resources.files("lostreg.datasets") / "manifests" / "downloads.json"
+# a manifest of one's own (a mirror: the same format, its own URLs and checksums)
+MANIFEST_ENV = "LOSTREG_DOWNLOAD_MANIFEST"
 _MAX_MANIFEST_BYTES = 1 << 20  # the manifest is 2 KB
 DOWNLOADS_FOLDER = "downloads"
 _CHUNK = 1 << 20
@@ -49,9 +51,16 @@ class NetworkError(LostregError):
     right hint."""
 
 
+def manifest_path() -> Path | Traversable:
+    """The manifest downloads read: ``$LOSTREG_DOWNLOAD_MANIFEST`` when set (a mirror, behind
+    a firewall, or a local server in the tests), else the one shipped in the package."""
+    override = os.environ.get(MANIFEST_ENV, "").strip()
+    return Path(override).expanduser() if override else MANIFEST_PATH
+
+
 def load_manifest(path: Path | Traversable | None = None) -> dict[str, Any]:
     """Read the download manifest (dataset name -> list of files with url and checksums)."""
-    path = MANIFEST_PATH if path is None else path
+    path = manifest_path() if path is None else path
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -71,7 +80,7 @@ def load_manifest(path: Path | Traversable | None = None) -> dict[str, Any]:
 
 def manifest_files(name: str, path: Path | Traversable | None = None) -> list[dict[str, Any]]:
     """The manifest entries of one dataset, checked for the fields the helpers need."""
-    path = MANIFEST_PATH if path is None else path
+    path = manifest_path() if path is None else path
     manifest = load_manifest(path)
     entry = manifest.get(name)
     files = entry.get("files") if isinstance(entry, dict) else None
@@ -337,7 +346,7 @@ def _item(files: list[dict[str, Any]], role: str) -> dict[str, Any]:
     for item in files:
         if item.get("role") == role:
             return item
-    raise LostregError(f"{MANIFEST_PATH}: no file with role {role!r}")
+    raise LostregError(f"{manifest_path()}: no file with role {role!r}")
 
 
 @contextlib.contextmanager

@@ -7,7 +7,13 @@ convention). Each method is one module: ``lost``, ``tokencut``, ``dinoseg``. Add
 module here with one ``register_method`` call plus its import below.
 """
 
-from lostreg.methods import dinoseg, lost, tokencut  # noqa: F401 - each registers itself
+# Each module registers itself; the order is the registry's, which --help, the suites and the
+# reports list: LOST (the default) first, as every release did.
+# isort: off
+from lostreg.methods import lost  # noqa: F401
+from lostreg.methods import tokencut  # noqa: F401
+from lostreg.methods import dinoseg  # noqa: F401
+# isort: on
 from lostreg.methods.registry import (
     DEFAULT_METHOD,
     METHODS,
