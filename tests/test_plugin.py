@@ -190,6 +190,31 @@ class TokensOnly(nn.Module):
         return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
 
 
+class DictTokens(TokensOnly):
+    """``forward_features`` as DINOv2's own code returns it: a dict of normed tokens."""
+
+    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = super().forward_features(images)
+        return {"x_norm_clstoken": tokens[:, 0], "x_norm_patchtokens": tokens[:, 1:]}
+
+
+def test_a_dinov2_style_dict_gives_its_patch_tokens(tmp_path) -> None:
+    kw = dict(patch_size=8, data_root=tmp_path / "data", **COMMON)
+    torch.manual_seed(0)
+    plain = lostreg.evaluate(TokensOnly(), output=tmp_path / "plain", **kw)
+    torch.manual_seed(0)
+    as_dict = lostreg.evaluate(DictTokens(), output=tmp_path / "dict", **kw)
+    assert predictions(plain.run_dirs[0]) == predictions(as_dict.run_dirs[0])
+
+
+def test_a_module_elsewhere_than_the_run_is_one_line_and_never_moved(tmp_path) -> None:
+    module = tiny_vit().to("meta")
+    with pytest.raises(LostregError, match="the module is on meta but the run is on cpu"):
+        lostreg.evaluate(module, device="cpu", data_root=tmp_path / "data",
+                         output=tmp_path / "own", **COMMON)
+    assert next(module.parameters()).device.type == "meta"
+
+
 def test_forward_features_gives_its_own_features_and_nothing_else(tmp_path) -> None:
     kw = dict(patch_size=8, data_root=tmp_path / "data", output=tmp_path / "own", **COMMON)
     result = lostreg.evaluate(TokensOnly(), **kw)
