@@ -151,7 +151,8 @@ def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any
         data_root=Path(o["data_root"]) if o["data_root"] is not None else None,
         weights=str(o["weights"]), features=(_listed(o["features"]) or [None])[0],
         no_hard=bool(o["no_hard"]), device=str(o["device"]), batch_size=int(o["batch_size"]),
-        limit=o["limit"], output=Path(o["output"]), precision=o["precision"],
+        limit=int(o["limit"]) if o["limit"] is not None else None, output=Path(o["output"]),
+        precision=o["precision"],
         download=not o["no_download"], num_workers=workers, progress=not o["no_progress"],
         cache_features=Path(DEFAULT_CACHE_DIR) if cache is True else (
             Path(cache) if cache not in (None, False) else None),

@@ -109,6 +109,7 @@ def test_every_cli_flag_is_a_keyword_with_the_same_default() -> None:
       "--cache-features", "--batch-size", "3"],
      dict(methods=["dinoseg"], dinoseg_variant="corrected", no_download=True, wait=True,
           cache_features=True, batch_size=3)),
+    (["--suite", "methods", "--tau", "0.25"], dict(suite="methods", tau=0.25)),
 ])
 def test_the_api_plans_the_runs_the_cli_plans(argv, keywords) -> None:
     args = build_parser().parse_args(argv)
