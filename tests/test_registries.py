@@ -132,3 +132,11 @@ def test_preprocess_is_unchanged_by_the_registry() -> None:
 
     tensor, size = preprocess(Image.new("RGB", (20, 10)), (0.5,) * 3, (0.5,) * 3, P)
     assert size == (10, 20) and tensor.shape == (3, 14, 28)
+
+
+def test_methods_keep_their_registration_order() -> None:
+    """The registry's order is what --help, the suites and the reports list (comparison.md's
+    sections): LOST, the default, first, then DINO-seg and TokenCut, as in every release."""
+    from lostreg.methods import METHODS
+
+    assert list(METHODS)[:3] == ["lost", "dinoseg", "tokencut"]

@@ -51,7 +51,7 @@ class Backbone:
     @property
     def depth(self) -> int:
         """Number of transformer blocks (valid ``--layer`` values: -depth..depth-1)."""
-        return len(self.model.blocks)
+        return len(self.family.blocks(self.model))
 
     @property
     def family(self) -> Family:
@@ -133,7 +133,7 @@ def create_backbone(
         install_test_time_registers(model, family, spec.ttr)
     mean, std = normalisation(spec)
     model.eval().requires_grad_(False).to(device)
-    return Backbone(spec, model, mean, std, info, int(model.num_prefix_tokens),  # type: ignore[arg-type]
+    return Backbone(spec, model, mean, std, info, family.num_prefix_tokens(model),  # type: ignore[arg-type]
                     spec.test_time_registers)
 
 

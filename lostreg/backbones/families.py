@@ -12,12 +12,15 @@ patch dropout). A family tells :mod:`lostreg.features.extract` three things:
 * ``neuron_module``: the module whose output is the MLP's hidden activation (test-time
   registers write there), and ``append_tokens`` (where a test-time register enters).
 
-Adding a family is one ``register_family`` call in this module.
+The family also owns the model's layout (``blocks``, ``num_prefix_tokens``,
+``has_class_token``, ``patch_embedding``, ``forward``): timm's by default, so a family of models
+without ``.blocks`` or a class token overrides those and nothing else in lostreg changes.
+Adding a family is one ``register_family`` call in this module (or in a module of one's own).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +72,31 @@ class Family:
     def unsupported(self, model: nn.Module) -> str | None:
         """Why this model cannot be read (one clause), or None."""
         return None
+
+    # The model's layout. timm's ViTs hold their blocks in ``model.blocks``, their class and
+    # register tokens in front of the patches (``num_prefix_tokens``) and embed patches in
+    # ``model.patch_embed``; a family of models laid out otherwise overrides these, and the
+    # rest of lostreg asks the family, never the model.
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, in order (``--layer`` indexes them)."""
+        return model.blocks
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens before the patches (class, registers, storage tokens): never features."""
+        return int(model.num_prefix_tokens)
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        """Whether token 0 is a class token (the ``attn`` feature kind needs one)."""
+        return getattr(model, "cls_token", None) is not None
+
+    def patch_embedding(self, model: nn.Module) -> nn.Module:
+        """The module whose output is the embedded patches (analyses hook it)."""
+        return model.patch_embed
+
+    def forward(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Run the model up to its last block; hooks capture what is read and stop it early."""
+        model.forward_features(images)
 
     def tap(self, block: nn.Module, capture: Capture,
             ready: Callable[[], None]) -> list[RemovableHandle]:
@@ -124,7 +152,7 @@ class ViTFamily(Family):
         return VisionTransformer
 
     def unsupported(self, model: nn.Module) -> str | None:
-        for index, block in enumerate(model.blocks):
+        for index, block in enumerate(self.blocks(model)):
             attn = getattr(block, "attn", None)
             if not isinstance(getattr(attn, "qkv", None), nn.Linear):
                 return f"block {index} has no fused attn.qkv projection ({type(block).__name__})"
@@ -171,7 +199,7 @@ class EvaFamily(Family):
         from timm.layers import AttentionRope
         from timm.models.eva import EvaAttention
 
-        for index, block in enumerate(model.blocks):
+        for index, block in enumerate(self.blocks(model)):
             attn = getattr(block, "attn", None)
             if not isinstance(attn, (EvaAttention, AttentionRope)):
                 return f"block {index} has attention {type(attn).__name__}"

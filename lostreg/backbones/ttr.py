@@ -151,16 +151,17 @@ def shipped_neurons(timm_name: str) -> TestTimeRegisters | None:
 
 def check_against_model(ttr: TestTimeRegisters, model: nn.Module, family) -> None:
     """Every listed layer and neuron must exist in ``model``: one line naming the list if not."""
-    depth = len(model.blocks)
+    blocks = family.blocks(model)
+    depth = len(blocks)
     for layer, indices in ttr.neurons:
         if layer >= depth:
             raise LostregError(f"{ttr.source}: layer {layer} but the model has {depth} blocks; "
                                "is the neuron list for this --model?")
-        hidden = model.blocks[layer].mlp.fc2.in_features
+        hidden = blocks[layer].mlp.fc2.in_features
         if max(indices) >= hidden:
             raise LostregError(f"{ttr.source}: layer {layer} lists neuron {max(indices)} but the "
                                f"MLP has {hidden} neurons; is the neuron list for this --model?")
-        family.neuron_module(model.blocks[layer])
+        family.neuron_module(blocks[layer])
 
 
 def move_to_register(activations: torch.Tensor, neurons: torch.Tensor, num_prefix: int,
@@ -187,7 +188,7 @@ def install_test_time_registers(model: nn.Module, family, ttr: TestTimeRegisters
     """Append the register token and hook every listed layer of ``model`` (in place)."""
     check_against_model(ttr, model, family)
     family.append_tokens(model, ttr.count)
-    num_prefix = int(model.num_prefix_tokens)
+    num_prefix = family.num_prefix_tokens(model)
     for layer, indices in ttr.neurons:
         index = torch.tensor(indices, dtype=torch.long)
 
@@ -195,7 +196,7 @@ def install_test_time_registers(model: nn.Module, family, ttr: TestTimeRegisters
             return move_to_register(output, index.to(output.device), num_prefix, ttr.count,
                                     ttr.write)
 
-        family.neuron_module(model.blocks[layer]).register_forward_hook(hook)
+        family.neuron_module(family.blocks(model)[layer]).register_forward_hook(hook)
     setattr(model, SUFFIX_ATTRIBUTE, ttr.count)
 
 

@@ -82,10 +82,11 @@ class Taps:
 def run_taps(model: torch.nn.Module, images: torch.Tensor, qkv: Iterable[int] = (),
              outputs: Iterable[int] = (), inputs: Iterable[int] = (), embedded: bool = False,
              family: Family | None = None) -> Taps:
-    """Run ``model.forward_features`` on ``images`` with hooks capturing what is asked for
-    (non-negative block indices), stopping the forward as soon as the last of it is captured.
-    """
+    """Run the model's forward (``family.forward``) on ``images`` with hooks capturing what is
+    asked for (non-negative block indices), stopping the forward as soon as the last of it is
+    captured."""
     family = family or family_of(model)
+    blocks = family.blocks(model)
     taps = Taps()
     pending = {("qkv", i) for i in qkv} | {("out", i) for i in outputs} | {("in", i) for i in inputs}
     if embedded:
@@ -107,7 +108,7 @@ def run_taps(model: torch.nn.Module, images: torch.Tensor, qkv: Iterable[int] = 
     handles = []
     for index in sorted({i for kind, i in pending if kind == "qkv"}):
         taps.qkv[index] = Capture()
-        handles += family.tap(model.blocks[index], taps.qkv[index], capture_ready(index))
+        handles += family.tap(blocks[index], taps.qkv[index], capture_ready(index))
     def keep(store: Callable[[torch.Tensor], None], item: tuple[str, int]) -> Callable:
         def hook(_module, args, output=None):  # forward hook or pre-hook: never replaces
             store(args[0] if output is None else output)
@@ -115,16 +116,16 @@ def run_taps(model: torch.nn.Module, images: torch.Tensor, qkv: Iterable[int] = 
         return hook
 
     for index in sorted({i for kind, i in pending if kind == "out"}):
-        handles.append(model.blocks[index].register_forward_hook(
+        handles.append(blocks[index].register_forward_hook(
             keep(lambda t, i=index: taps.outputs.__setitem__(i, t), ("out", index))))
     for index in sorted({i for kind, i in pending if kind == "in"}):
-        handles.append(model.blocks[index].register_forward_pre_hook(
+        handles.append(blocks[index].register_forward_pre_hook(
             keep(lambda t, i=index: taps.inputs.__setitem__(i, t), ("in", index))))
     if embedded:
-        handles.append(model.patch_embed.register_forward_hook(
+        handles.append(family.patch_embedding(model).register_forward_hook(
             keep(lambda t: setattr(taps, "embedded", t), ("embed", -1))))
     try:
-        model.forward_features(images)
+        family.forward(model, images)
     except StopForward:
         pass
     finally:
@@ -147,8 +148,9 @@ def resolve_layer(layer: int, depth: int) -> int:
 def tokens_before_block(model: torch.nn.Module, images: torch.Tensor, layer: int) -> torch.Tensor:
     """The input of block ``layer`` (all tokens, prefix and suffix included), from the model's
     own forward stopped there."""
-    index = resolve_layer(layer, len(model.blocks))
-    return run_taps(model, images, inputs=[index]).inputs[index]
+    family = family_of(model)
+    index = resolve_layer(layer, len(family.blocks(model)))
+    return run_taps(model, images, inputs=[index], family=family).inputs[index]
 
 
 def tokens_before_last_block(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -161,9 +163,10 @@ def layer_qkv(model: torch.nn.Module, images: torch.Tensor,
     """Fused ``qkv`` outputs ``(B, T, 3*D)`` of several blocks from one forward, keyed by the
     layer index as given (negative counts from the end). The forward stops at the deepest
     requested block's projection: nothing after it runs."""
-    depth = len(model.blocks)
+    family = family_of(model)
+    depth = len(family.blocks(model))
     resolved = {layer: resolve_layer(layer, depth) for layer in layers}
-    taps = run_taps(model, images, qkv=set(resolved.values()))
+    taps = run_taps(model, images, qkv=set(resolved.values()), family=family)
     return {layer: taps.qkv[index].qkv for layer, index in resolved.items()}  # type: ignore[misc]
 
 
@@ -329,9 +332,9 @@ def layer_view(backbone: Backbone, qkv: torch.Tensor, index: int,
                rope: torch.Tensor | None = None) -> LayerQKV:
     """``LayerQKV`` of block ``index`` (non-negative) from its projection output ``qkv`` and the
     RoPE table its attention received (None without RoPE)."""
-    model = backbone.model
-    return LayerQKV(qkv, model.blocks[index], rope, backbone.family, backbone.num_prefix_tokens,
-                    backbone.num_suffix_tokens, getattr(model, "cls_token", None) is not None)
+    model, family = backbone.model, backbone.family
+    return LayerQKV(qkv, family.blocks(model)[index], rope, family, backbone.num_prefix_tokens,
+                    backbone.num_suffix_tokens, family.has_class_token(model))
 
 
 def layer_views(backbone: Backbone, taps: Taps, layers: dict[int, int]) -> dict[int, LayerQKV]:
@@ -361,8 +364,7 @@ def extract(
     if isinstance(backbone, OwnFeaturesBackbone):
         return own_features(backbone, images, requests, autocast_dtype)
     model = backbone.model
-    depth = len(model.blocks)
-    layers = {r.layer: resolve_layer(r.layer, depth) for r in requests}
+    layers = {r.layer: resolve_layer(r.layer, backbone.depth) for r in requests}
     with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         taps = run_taps(model, images, qkv=set(layers.values()), family=backbone.family)

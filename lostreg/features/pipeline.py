@@ -34,6 +34,7 @@ from lostreg.backbones import (
     normalisation,
     resolve_weights,
 )
+from lostreg.backbones.families import family_of
 from lostreg.datasets.base import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, load_rgb
 from lostreg.errors import LostregError
 from lostreg.features.cache import (
@@ -296,8 +297,9 @@ def describe_backbone(spec: BackboneSpec, weights: str) -> BackboneInfo:
     except Exception:  # noqa: BLE001 - some models cannot be built on meta: build them for real
         model = build_model(spec)
     mean, std = normalisation(spec)
-    return BackboneInfo(spec, mean, std, info, int(model.num_prefix_tokens),  # type: ignore[arg-type]
-                        sum(p.numel() for p in model.parameters()), len(model.blocks))
+    family = family_of(model, spec.name)
+    return BackboneInfo(spec, mean, std, info, family.num_prefix_tokens(model),  # type: ignore[arg-type]
+                        sum(p.numel() for p in model.parameters()), len(family.blocks(model)))
 
 
 class LazyBackbone:

@@ -11,8 +11,8 @@ module here with one ``register_method`` call plus its import below.
 # reports list: LOST (the default) first, as every release did.
 # isort: off
 from lostreg.methods import lost  # noqa: F401
-from lostreg.methods import tokencut  # noqa: F401
 from lostreg.methods import dinoseg  # noqa: F401
+from lostreg.methods import tokencut  # noqa: F401
 # isort: on
 from lostreg.methods.registry import (
     DEFAULT_METHOD,

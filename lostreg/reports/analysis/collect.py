@@ -239,7 +239,7 @@ def build_payload(backbone: Backbone, index: DatasetIndex, maps: TokenMaps, laye
         "kind": "lostreg-norms",
         **provenance(backbone, index, device),
         "num_prefix_tokens": backbone.num_prefix_tokens,
-        "depth": len(backbone.model.blocks),
+        "depth": backbone.depth,
         "limit": limit,
         "n_images": len(maps),
         "skipped_images": skipped,
@@ -313,7 +313,7 @@ def analyze_norms(config: NormsConfig, backbone: Backbone | None = None,
                              download=config.download)
     if backbone is None:
         backbone = create_backbone(spec, config.weights, device)
-    depth = len(backbone.model.blocks)
+    depth = backbone.depth
     layers = resolve_layers(config.layers, depth)
     thresholds = thresholds_for(config.layers, layers, depth, config.threshold)
     if backbone.weights.is_random:

@@ -108,7 +108,8 @@ def score_batch(backbone: Backbone, images: torch.Tensor, outlier_layer: int, th
             per_layer[index] = torch.einsum("bt,bth->bh", weights, output.abs().to(torch.float64))
         return hook
 
-    handles = [family.neuron_module(model.blocks[i]).register_forward_hook(reduce(i))
+    blocks = family.blocks(model)
+    handles = [family.neuron_module(blocks[i]).register_forward_hook(reduce(i))
                for i in range(layers)]
     try:
         run_taps(model, images, outputs=[layers - 1], family=family)
@@ -200,7 +201,7 @@ def find_register_neurons(config: NeuronSearchConfig, backbone: Backbone | None 
         backbone = create_backbone(config.model, config.weights, device)
     if backbone.num_suffix_tokens:
         raise LostregError(f"--model {config.model}: find neurons on the model without +ttr")
-    depth = len(backbone.model.blocks)
+    depth = backbone.depth
     outlier_layer = resolve_layer(config.outlier_layer, depth)
     highest = depth - 1 if config.highest_layer is None else config.highest_layer
     if not 0 <= highest < depth:

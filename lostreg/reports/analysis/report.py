@@ -99,7 +99,7 @@ def method_features(backbone: Backbone, images: torch.Tensor, requests: list[Fea
     last-block kinds of a model without RoPE are derived from it exactly as ``extract`` does,
     with no second forward (a RoPE model's rotation is not in ``qkv``: it runs ``extract``)."""
     model = backbone.model
-    depth = len(model.blocks)
+    depth = backbone.depth
     out: dict[FeatureRequest, torch.Tensor] = {}
     missing = []
     reusable = last_qkv is not None and getattr(model, "rope", None) is None
@@ -383,7 +383,7 @@ def show_run(
     backbone = rebuild_backbone(info, torch_device, weights)
     _, by_id = run_records(info, data_root)
     used_threshold, threshold_note = _known_threshold(info, norms, threshold,
-                                                      len(backbone.model.blocks))
+                                                      backbone.depth)
     out_dir = Path(output) if output is not None else info.analysis_dir / "show"
     out_dir.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lostreg.backbones import Backbone
+from lostreg.backbones.families import family_of
 from lostreg.backbones.ttr import num_suffix_tokens
 from lostreg.errors import LostregError
 from lostreg.features.extract import FEATURE_KINDS, layer_views, resolve_layer, run_taps
@@ -101,8 +102,9 @@ def last_block_readout(model: torch.nn.Module, images: torch.Tensor
     """One forward giving the last block's fused ``qkv`` ``(B, T, 3D)`` (exactly
     ``lostreg.features.extract.last_qkv``, all tokens) and the block's output ``(B, T, D)`` (before
     the final norm, all tokens)."""
-    last = len(model.blocks) - 1
-    taps = run_taps(model, images, qkv=[last], outputs=[last])
+    family = family_of(model)
+    last = len(family.blocks(model)) - 1
+    taps = run_taps(model, images, qkv=[last], outputs=[last], family=family)
     return taps.qkv[last].qkv, taps.outputs[last]  # type: ignore[return-value]
 
 
@@ -149,7 +151,7 @@ def panel_readout(backbone: Backbone, images: torch.Tensor, feature: str = "k",
         raise LostregError(f"feature {feature!r} is not known to this lostreg (known: "
                            f"{', '.join(FEATURE_KINDS)})")
     model = backbone.model
-    depth = len(model.blocks)
+    depth = backbone.depth
     last, index = depth - 1, resolve_layer(layer, depth)
     taps = run_taps(model, images, qkv={index, last}, outputs=[last], family=backbone.family)
     views = layer_views(backbone, taps, {layer: index, -1: last})
