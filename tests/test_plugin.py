@@ -73,7 +73,7 @@ def test_a_timm_module_scores_as_the_named_backbone_with_its_weights(tmp_path) -
     for method in own:
         assert predictions(own[method]) == predictions(named[method]), method
     config = json.loads((own["lost"] / "config.json").read_text())
-    assert config["plugin"]["adapter"] == "timm" and config["model"] == f"module:{TIMM_ARCH}"
+    assert config["plugin"]["adapter"] == "family" and config["model"] == f"module:{TIMM_ARCH}"
     assert config["num_registers"] == 4 and config["weights"]["source"] == "module"
 
 
@@ -376,3 +376,74 @@ def test_a_factory_importing_timm_lazily_does_not_race_the_warm_start(tmp_path) 
             cwd=REPO, capture_output=True, text=True, timeout=600,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+class LayersViT(nn.Module):
+    """Patch tokens only, blocks in ``.layers``: a layout only a registered family can read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        self.embed = nn.Conv2d(3, 24, 8, stride=8)
+        self.layers = nn.ModuleList(Block(24, 2) for _ in range(2))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(images).flatten(2).transpose(1, 2)
+        for layer in self.layers:
+            tokens = layer(tokens)
+        return tokens
+
+
+@pytest.fixture
+def layers_family():
+    from lostreg.backbones.families import FAMILIES, ViTFamily, register_family
+
+    class LayersFamily(ViTFamily):
+        name = "layers_vit_test"
+
+        def model_class(self):
+            return LayersViT
+
+        def blocks(self, model):
+            return model.layers
+
+        def num_prefix_tokens(self, model):
+            return 0
+
+        def has_class_token(self, model):
+            return False
+
+        def patch_embedding(self, model):
+            return model.embed
+
+        def forward(self, model, images):
+            model(images)
+
+    family = register_family(LayersFamily())
+    yield family
+    FAMILIES.remove(family)
+
+
+def test_a_module_of_a_registered_family_is_read_by_that_family(tmp_path, layers_family) -> None:
+    torch.manual_seed(0)
+    module = LayersViT().eval()
+
+    def keys(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+        seen = {}
+        hook = module.layers[-1].attn.qkv.register_forward_hook(
+            lambda m, a, out: seen.setdefault("qkv", out))
+        try:
+            module(images)
+        finally:
+            hook.remove()
+        return seen["qkv"][:, :, 24:48]
+
+    kw = dict(patch_size=8, data_root=tmp_path / "data", **COMMON)
+    by_family = lostreg.evaluate(module, output=tmp_path / "family", **kw)
+    by_function = lostreg.evaluate(keys, weights_of=module, output=tmp_path / "function", **kw)
+    assert predictions(by_family.run_dirs[0]) == predictions(by_function.run_dirs[0])
+    config = json.loads((by_family.run_dirs[0] / "config.json").read_text())
+    assert config["plugin"]["adapter"] == "family" and config["feature"] == "k"
+    with pytest.raises(LostregError, match="no class token"):
+        lostreg.evaluate(module, method="dinoseg", output=tmp_path / "dinoseg", **kw)

@@ -15,13 +15,15 @@ checkpoint with exactly the pipeline the named backbones run through.
 
 **Adapters** make three kinds of object usable directly (``adapter_of`` picks, in this order):
 
-* ``timm``: a timm ``VisionTransformer``/``Eva`` module (created with ``dynamic_img_size=True``)
-  is read by its family's hooks (:mod:`lostreg.backbones.families`): q/k/v/attn of any block,
-  exactly as the named backbones;
-* ``qkv``: any module with the usual attention layout (``.blocks[i].attn.qkv``, a fused
+* ``family``: a module of a registered family (:mod:`lostreg.backbones.families`: timm's
+  ``VisionTransformer``/``Eva``, created with ``dynamic_img_size=True``, or a family you
+  registered) is read by that family's hooks: q/k/v/attn of any block, exactly as the named
+  backbones;
+* ``qkv``: any other module with the usual attention layout (``.blocks[i].attn.qkv``, a fused
   ``nn.Linear`` whose output is q, k, v, each heads x head_dim, and ``attn.num_heads``) is read
-  with the same hooks; the layout is verified on a probe batch (the block's attention output
-  must be ``softmax(q k^T scale) v`` of what lostreg reads), otherwise it is refused;
+  with the same hooks (``UsualLayoutFamily``); the layout is verified on a probe batch (the
+  block's attention output must be ``softmax(q k^T scale) v`` of what lostreg reads), otherwise
+  it is refused;
 * ``forward_features``: a module with ``forward_features(images) -> (B, T, D)`` tokens gives
   its patch tokens (the last ``N``; a DINOv2-style dict gives ``x_norm_patchtokens``);
 * ``callable``: a plain function of the protocol above.
@@ -57,7 +59,7 @@ from lostreg.io import sha256_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ADAPTERS = ("timm", "qkv", "forward_features", "callable")
+ADAPTERS = ("family", "qkv", "forward_features", "callable")
 OWN_KIND = "own"  # the feature kind of a model that returns its own features
 
 
@@ -264,13 +266,25 @@ def _forward_features_fn(module: nn.Module, prefix: int | None) -> Callable[[tor
 
 
 class UsualLayoutFamily(Family):
-    """Reads a module of the usual attention layout that is no timm class: the fused
-    ``attn.qkv`` projection of each block (q, k, v, each ``num_heads x head_dim``), with the
-    attention's ``q_norm``/``k_norm`` where it has them. Never registered in ``FAMILIES``:
-    only a plug-in model asks for it, and only after its layout is verified."""
+    """Reads a module of the usual attention layout that no registered family claims: the
+    fused ``attn.qkv`` projection of each block (q, k, v, each ``num_heads x head_dim``), with
+    the attention's ``q_norm``/``k_norm`` where it has them; the forward is the module's
+    ``forward_features`` (else its ``forward``), stopped by the hooks at the block read. One
+    instance per plug-in model (it holds the model's prefix-token count); never registered in
+    ``FAMILIES``: only a plug-in model asks for it, and only after its layout is verified."""
 
     name = "usual-layout"
     description = "a module with .blocks[i].attn.qkv (fused q/k/v) and attn.num_heads"
+
+    def __init__(self, num_prefix_tokens: int = 0) -> None:
+        self.prefix = num_prefix_tokens
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return self.prefix
+
+    def forward(self, model: nn.Module, images: torch.Tensor) -> None:
+        run = getattr(model, "forward_features", None)
+        run(images) if callable(run) else model(images)
 
     def tap(self, block: nn.Module, capture: Capture, ready: Callable[[], None]) -> list:
         def on_qkv(_module, _inputs, output):
@@ -292,9 +306,6 @@ class UsualLayoutFamily(Family):
         return super().num_registers(model)
 
 
-USUAL_LAYOUT = UsualLayoutFamily()
-
-
 def usual_layout_problem(model: nn.Module) -> str | None:
     """Why ``model`` is not of the usual attention layout (one clause), or None."""
     blocks = getattr(model, "blocks", None)
@@ -312,23 +323,6 @@ def usual_layout_problem(model: nn.Module) -> str | None:
     return None
 
 
-class UsualLayoutModel(nn.Module):
-    """The user's module as lostreg's hooks see it: its blocks, its class token (for
-    ``attn``) and a ``forward_features`` (the module's own, else its ``forward``). The hooks
-    stop the forward at the requested block, so nothing after it runs."""
-
-    def __init__(self, inner: nn.Module, num_prefix_tokens: int) -> None:
-        super().__init__()
-        self.inner = inner
-        self.blocks = inner.blocks
-        self.cls_token = getattr(inner, "cls_token", None)
-        self.num_prefix_tokens = num_prefix_tokens
-
-    def forward_features(self, images: torch.Tensor) -> Any:
-        run = getattr(self.inner, "forward_features", None)
-        return run(images) if callable(run) else self.inner(images)
-
-
 def probe_images(patch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A seeded random ``(1, 3, 2p, 3p)`` batch: distinct patches on a non-square grid, so a
     wrong layout or a transposed grid shows."""
@@ -337,7 +331,7 @@ def probe_images(patch_size: int, device: torch.device, dtype: torch.dtype) -> t
     return images.to(device=device, dtype=dtype)
 
 
-def _layout_output(model: UsualLayoutModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _layout_output(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The last block's qkv projection output and its attention's output on ``images``."""
     attn = model.blocks[-1].attn
     seen: dict[str, torch.Tensor] = {}
@@ -352,7 +346,7 @@ def _layout_output(model: UsualLayoutModel, images: torch.Tensor) -> tuple[torch
     handles = [attn.qkv.register_forward_hook(on_qkv), attn.register_forward_hook(on_attn)]
     try:
         with torch.inference_mode():
-            model.forward_features(images)
+            UsualLayoutFamily().forward(model, images)
     except StopForward:
         pass
     finally:
@@ -363,7 +357,7 @@ def _layout_output(model: UsualLayoutModel, images: torch.Tensor) -> tuple[torch
     return seen["qkv"], seen["out"]
 
 
-def check_usual_layout(model: UsualLayoutModel, images: torch.Tensor, label: str) -> int:
+def check_usual_layout(model: nn.Module, images: torch.Tensor, label: str) -> int:
     """Verify on ``images`` that the last block's attention is ``softmax(q k^T scale) v`` of
     the q/k/v lostreg reads (then its ``proj``); return the token count. One line otherwise:
     features read from a differently packed ``qkv`` would be silently wrong."""
@@ -372,7 +366,7 @@ def check_usual_layout(model: UsualLayoutModel, images: torch.Tensor, label: str
     batch, tokens, _ = qkv.shape
     with torch.inference_mode():
         q, k, v = qkv.float().reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = USUAL_LAYOUT.rotate(attn, q, k, None, v.dtype)
+        q, k = UsualLayoutFamily().rotate(attn, q, k, None, v.dtype)
         scale = getattr(attn, "scale", q.shape[-1] ** -0.5)
         mixed = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1) @ v
         mixed = mixed.transpose(1, 2).reshape(batch, tokens, -1)
@@ -394,17 +388,19 @@ def check_usual_layout(model: UsualLayoutModel, images: torch.Tensor, label: str
 # --- choosing and building an adapter -----------------------------------------------------------
 
 
-def timm_family(model: nn.Module, label: str) -> Family | None:
-    """The timm family that reads ``model`` (one line when it is a timm class lostreg cannot
-    read, or one built without ``dynamic_img_size``), or None for any other module."""
-    if not any(cls.__module__.split(".")[0] == "timm" for cls in type(model).__mro__):
-        return None  # no timm class: timm need not even be imported
+def has_timm_class(model: Any) -> bool:
+    return any(cls.__module__.split(".")[0] == "timm" for cls in type(model).__mro__)
+
+
+def registered_family(model: nn.Module, label: str) -> Family | None:
+    """The registered family that reads ``model`` (one line when it claims the model but cannot
+    read it, or for a timm model built without ``dynamic_img_size``), or None."""
     import timm  # noqa: F401 - the whole package first: a background thread may be importing it
 
     if not any(family.matches(model) for family in FAMILIES):
         return None
     family = family_of(model, label)
-    if not getattr(model, "dynamic_img_size", False):
+    if has_timm_class(model) and not getattr(model, "dynamic_img_size", False):
         raise LostregError(
             f"{label}: this timm model was created without dynamic_img_size=True, so it runs at "
             "its training size only; lostreg runs every image at its own size (LOST's protocol): "
@@ -415,8 +411,8 @@ def timm_family(model: nn.Module, label: str) -> Family | None:
 def adapter_of(model: Any, label: str) -> str:
     """Which adapter reads ``model`` (see the module docstring), or one line saying why none."""
     if isinstance(model, nn.Module):
-        if timm_family(model, label) is not None:
-            return "timm"
+        if registered_family(model, label) is not None:
+            return "family"
         problem = usual_layout_problem(model)
         if problem is None:
             return "qkv"
@@ -449,8 +445,8 @@ def check_name(name: str) -> str:
 
 __all__ = [
     "ADAPTERS", "IMAGENET_MEAN", "IMAGENET_STD", "OWN_KIND", "OwnFeaturesBackbone",
-    "PatchFeatureFn", "PatchFeatures", "Plugin", "USUAL_LAYOUT", "UserModel",
-    "UsualLayoutFamily", "UsualLayoutModel", "adapter_of", "check_name", "check_usual_layout",
+    "PatchFeatureFn", "PatchFeatures", "Plugin", "UserModel", "UsualLayoutFamily", "adapter_of",
+    "check_name", "check_usual_layout", "has_timm_class", "registered_family",
     "checked_features", "probe_images", "qualified_name", "safe_name", "source_sha256",
-    "state_sha256", "timm_architecture", "timm_family", "usual_layout_problem",
+    "state_sha256", "timm_architecture", "usual_layout_problem",
 ]

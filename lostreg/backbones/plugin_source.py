@@ -32,11 +32,10 @@ from lostreg.backbones.plugin import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     OWN_KIND,
-    USUAL_LAYOUT,
     OwnFeaturesBackbone,
     Plugin,
     UserModel,
-    UsualLayoutModel,
+    UsualLayoutFamily,
     _forward_features_fn,
     adapter_of,
     check_name,
@@ -44,10 +43,10 @@ from lostreg.backbones.plugin import (
     checked_features,
     probe_images,
     qualified_name,
+    registered_family,
     source_sha256,
     state_sha256,
     timm_architecture,
-    timm_family,
 )
 from lostreg.backbones.registry import BackboneSpec
 from lostreg.backbones.weights import (
@@ -145,7 +144,7 @@ def _place(modules: list[nn.Module], device: torch.device, owned: bool, label: s
 def _load_file(model: nn.Module, path: Path, adapter: str, label: str) -> None:
     """A checkpoint into the module: a timm module through its family's loader (official
     release formats too), any other strictly by name after the dtype and shape checks."""
-    if adapter == "timm":
+    if adapter == "family":
         load_checkpoint(model, path)
         return
     state = _read_state_dict(path)
@@ -212,13 +211,25 @@ def _prefix(given: int | None, model: Any, tokens: int, patches: int, label: str
     return prefix
 
 
-def _registers(user: UserModel, model: Any, prefix: int) -> int:
+def _registers(user: UserModel, model: Any, prefix: int, reader: Any) -> int:
+    """Register tokens, for the leaderboard: given, else what the model's family counts, else
+    the prefix tokens beyond its class token."""
     if user.num_registers is not None:
         return int(user.num_registers)
-    count = USUAL_LAYOUT.num_registers(model) if isinstance(model, nn.Module) else 0
-    if count == 0 and isinstance(model, nn.Module):
+    if not isinstance(model, nn.Module):
+        return 0
+    count = (reader or UsualLayoutFamily()).num_registers(model)
+    if count == 0:
         count = max(0, prefix - (1 if getattr(model, "cls_token", None) is not None else 0))
     return count
+
+
+def _class_sha256(cls: type | None) -> str | None:
+    """The sha256 of the file defining the module's class; None for none, or for a timm class
+    (named by its qualified name and architecture, as named backbones by their timm name)."""
+    if cls is None or cls.__module__.split(".")[0] == "timm":
+        return None
+    return source_sha256(cls)
 
 
 def _adapt(user: UserModel, adapter: str, patch: int, device: torch.device,
@@ -226,14 +237,13 @@ def _adapt(user: UserModel, adapter: str, patch: int, device: torch.device,
     """The model as lostreg runs it, its prefix-token count, and what the Backbone needs."""
     model = user.model
     images = probe_images(patch, device, torch.float32)
-    if adapter == "timm":
-        timm_family(model, label)  # type: ignore[arg-type]
-        return model, int(model.num_prefix_tokens), {}  # type: ignore[union-attr]
+    if adapter == "family":
+        family = registered_family(model, label)  # type: ignore[arg-type]
+        return model, family.num_prefix_tokens(model), {}  # type: ignore[union-attr,arg-type]
     if adapter == "qkv":
-        wrapped = UsualLayoutModel(model, 0)  # type: ignore[arg-type]
-        tokens = _probe(lambda: check_usual_layout(wrapped, images, label), label, patch)
-        wrapped.num_prefix_tokens = _prefix(user.num_prefix_tokens, model, tokens, 6, label)
-        return wrapped, wrapped.num_prefix_tokens, {"reader": USUAL_LAYOUT}
+        tokens = _probe(lambda: check_usual_layout(model, images, label), label, patch)  # type: ignore[arg-type]
+        prefix = _prefix(user.num_prefix_tokens, model, tokens, 6, label)
+        return model, prefix, {"reader": UsualLayoutFamily(prefix)}  # type: ignore[return-value]
     if adapter == "forward_features":
         with torch.inference_mode():
             raw = _probe(lambda: model.forward_features(images), label, patch)  # type: ignore[union-attr]
@@ -268,14 +278,14 @@ def build_plugin(user: UserModel, *, name: str, source: str, source_sha: str | N
     plugin = Plugin(
         source=source, source_sha256=source_sha,
         model_class=qualified_name(cls) if cls is not None else None,
-        class_sha256=None if cls is None or timm_architecture(user.model) is not None
-        or cls.__module__.startswith("timm.") else source_sha256(cls),
+        class_sha256=_class_sha256(cls),
         architecture=timm_architecture(user.model),
         adapter=adapter, state_sha256=state, patch_size=patch, num_prefix_tokens=prefix,
         mean=mean, std=std, build=loader)
     spec = BackboneSpec(
         name, f"plugin:{qualified_name(cls if cls is not None else user.model)}", "plugin",
-        patch, _registers(user, user.model, prefix),
+        patch, _registers(user, user.model, prefix, extra.get("reader") or (
+            registered_family(user.model, name) if adapter == "family" else None)),
         default_feature=OWN_KIND if own else "k",
         description=f"plug-in model ({adapter} adapter) from {source}", plugin=plugin)
     if own:
