@@ -6,10 +6,13 @@ import argparse
 import difflib
 import importlib
 import re
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import lostreg
 
 COMMANDS = {
     "run": ("lostreg.run", "score object discovery (LOST, TokenCut, DINO-seg) CorLoc for "
@@ -21,6 +24,31 @@ COMMANDS = {
     "protocol": ("lostreg.protocol", "LOST over a grid of protocols: published figures, best-of "
                  "and its held-out estimate"),
 }
+
+
+def checkout_commit() -> str | None:
+    """The git commit of the lostreg checkout this code was imported from, with ``-dirty``
+    when tracked files changed; None when it is not a checkout (an installed copy) or git is
+    missing. ``rundir.git_commit`` records the same in every run, but importing it means
+    importing torch: seconds, for a ``--version``."""
+    repo = Path(lostreg.__file__).resolve().parent.parent
+    if not (repo / ".git").exists():  # not a checkout: never report an enclosing repo's commit
+        return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "") if commit else None
+
+
+def version_text() -> str:
+    """``lostreg 0.1.0 (commit 1a2b...)``: what ``--version`` prints, so that a bug report
+    names the code that ran."""
+    commit = checkout_commit()
+    return f"lostreg {lostreg.__version__}" + (f" (commit {commit})" if commit else "")
 
 
 class ListsParser(argparse.ArgumentParser):
@@ -97,17 +125,33 @@ def add_compute_options(parser: argparse.ArgumentParser,
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def print_usage() -> None:
+    """The commands, one line each, and where to read on."""
+    lines = ["usage: lostreg <command> [options]   (lostreg --help, lostreg --version)",
+             "", "commands:"]
+    lines += [f"  {name:12s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Every method reads a block's attention features (LOST and TokenCut: keys, or q/v;",
+              "DINO-seg: the class token's attention) of the patch tokens only: the class token",
+              "and every register token are removed. `lostreg run --help`."]
+    print("\n".join(lines))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``lostreg <command> ...``: hand the rest of the line to the command's own ``main``.
+    Exit status 0 for ``--help``/``--version``; 2 for no command (a script that forgot it must
+    not look successful) or an unknown one: the usage, then one error line on stderr."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
-        print("usage: lostreg <command> [options]\n\ncommands:")
-        for name, (_, text) in COMMANDS.items():
-            print(f"  {name:12s} {text}")
-        print("\nEvery method reads a block's attention features (LOST and TokenCut: keys, or q/v;"
-              "\nDINO-seg: the class token's attention) of the patch tokens only: the class token"
-              "\nand every register token are removed. `lostreg run --help`.")
-        if not args or args[0] in ("-h", "--help"):
-            return 0
+    if args and args[0] in ("-h", "--help"):
+        print_usage()
+        return 0
+    if args and args[0] in ("-V", "--version"):
+        print(version_text())
+        return 0
+    if not args or args[0] not in COMMANDS:
+        print_usage()
+        if not args:
+            print("error: name a command", file=sys.stderr)
+            return 2
         close = difflib.get_close_matches(args[0], list(COMMANDS), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         print(f"error: unknown command {args[0]!r}{hint}", file=sys.stderr)

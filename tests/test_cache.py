@@ -143,13 +143,13 @@ def test_fp16_storage_of_fp32_features_gets_its_own_run_id(tmp_path, count_backb
     args = ("--cache-features", str(cache), "--cache-dtype", "fp16")
     # LOST sees the rounded features also in the pass that computes them (as later passes will)
     representable: list[bool] = []
-    real_lost = lost_module.lost_with_mask
+    real_lost = lost_module._lost_many_expanded  # what the run calls, for one or many settings
 
     def spying_lost(feats, *rest, **kwargs):
         representable.append(torch.equal(feats, feats.half().float()))
         return real_lost(feats, *rest, **kwargs)
 
-    monkeypatch.setattr(lost_module, "lost_with_mask", spying_lost)
+    monkeypatch.setattr(lost_module, "_lost_many_expanded", spying_lost)
     assert main(cli(tmp_path, "lossy", *args)) == 0
     assert representable and all(representable)
     (plain,) = runs_of(tmp_path / "plain").values()

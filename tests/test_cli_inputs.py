@@ -51,7 +51,7 @@ def test_unknown_lostreg_command_says_so(capsys) -> None:
     captured = capsys.readouterr()
     assert captured.err.strip() == "error: unknown command 'runn'; did you mean run?"
     assert "commands:" in captured.out
-    assert cli.main([]) == 0 and cli.main(["--help"]) == 0
+    assert cli.main([]) == 2 and cli.main(["--help"]) == 0  # no command: usage, exit 2
 
 
 @pytest.mark.parametrize("parser", [

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import lostreg
-from lostreg import timeline
+from lostreg import background, timeline
 from lostreg.backbones import (
     Backbone,
     BackboneSpec,
@@ -82,12 +82,14 @@ def warm_start(device: torch.device) -> threading.Thread:
     does not need yet: importing timm (seconds: it imports every model family) and starting
     CUDA with cuBLAS on ``device``. The main thread meanwhile indexes the dataset and hashes
     the weights; whichever needs these first simply waits for them (imports and CUDA's lazy
-    initialisation are locked)."""
+    initialisation are locked). Every command's exit path waits for the thread
+    (``background.exit_waits_for``): an error found meanwhile (a bad ``--weights``) must not
+    end the interpreter while the thread is still in torch's C++ code, which aborts."""
     def start() -> None:
         try:
             import timm  # noqa: F401
 
-            if device.type == "cuda":
+            if device.type == "cuda" and not background.exiting():
                 with torch.cuda.device(device):
                     ones = torch.ones(8, 8, device=device)
                     (ones @ ones).sum().item()
@@ -97,6 +99,7 @@ def warm_start(device: torch.device) -> threading.Thread:
 
     thread = threading.Thread(target=start, name="lostreg-warm-start", daemon=True)
     thread.start()
+    background.exit_waits_for(thread)
     return thread
 
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from lostreg.background import background_running, wait_for_background
 from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError, error_line
 from lostreg.runs.predictions import (
@@ -208,7 +209,8 @@ def command_status(body: Callable[[], None],
     """Run a command that may be one of torchrun's ranks; its exit status: 0, 2 for bad input
     (one line on stderr, ``error_line`` plus ``hint``; printed by the main rank, or by the rank
     whose own error it is, so N ranks do not print one failure N times) or 130 when
-    interrupted. The process group is shut down either way."""
+    interrupted. Either way the process group is shut down and the background threads are
+    waited for (``wait_for_background``), so no exit races them."""
     try:
         body()
     except (LostregError, OSError) as exc:
@@ -221,6 +223,7 @@ def command_status(body: Callable[[], None],
         return 130
     finally:
         shutdown()
+        wait_for_background()
     return 0
 
 
@@ -246,9 +249,11 @@ def leave(code: int) -> int:
     was destroying the last broadcast's work and needed the GIL, which a finalizing
     interpreter refuses by ending the thread (pytorch/pytorch#179291 describes the same
     mechanism). Every file is closed and durable by then, so nothing is lost by skipping the
-    teardown. A single process (no torchrun) returns ``code`` as usual.
+    teardown. A single process (no torchrun) returns ``code`` as usual, unless a background
+    thread outlived ``wait_for_background``'s bounded wait: teardown would kill that thread
+    the same way, so it is skipped too.
     """
-    if env_world_size() <= 1:
+    if env_world_size() <= 1 and not background_running():
         return code
     sys.stdout.flush()
     sys.stderr.flush()
