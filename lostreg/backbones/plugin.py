@@ -249,7 +249,7 @@ def checked_features(out: Any, images: torch.Tensor, patch_size: int, label: str
     return PatchFeatures(feats, out.attn, grid)
 
 
-def _forward_features_fn(module: nn.Module, prefix: int | None) -> Callable[[torch.Tensor], Any]:
+def forward_features_fn(module: nn.Module, prefix: int | None) -> Callable[[torch.Tensor], Any]:
     """``module.forward_features`` as the protocol: its patch tokens (the tokens after the
     ``prefix`` class and register tokens; a dict's ``x_norm_patchtokens``)."""
     def compute(images: torch.Tensor) -> Any:

@@ -36,11 +36,11 @@ from lostreg.backbones.plugin import (
     Plugin,
     UserModel,
     UsualLayoutFamily,
-    _forward_features_fn,
     adapter_of,
     check_name,
     check_usual_layout,
     checked_features,
+    forward_features_fn,
     probe_images,
     qualified_name,
     registered_family,
@@ -250,7 +250,7 @@ def _adapt(user: UserModel, adapter: str, patch: int, device: torch.device,
         prefix = 0
         if isinstance(raw, torch.Tensor) and raw.ndim == 3:
             prefix = _prefix(user.num_prefix_tokens, model, raw.shape[1], 6, label)
-        compute = _forward_features_fn(model, prefix)  # type: ignore[arg-type]
+        compute = forward_features_fn(model, prefix)  # type: ignore[arg-type]
     else:
         compute = lambda batch: model(batch, patch)  # noqa: E731 - the protocol's call
         prefix = 0
