@@ -10,10 +10,8 @@ computes only the images not yet written.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, legacy_run_id, safe_model
 from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
+from lostreg.version import checkout_commit
 
 
 @dataclass
@@ -181,21 +180,6 @@ def find_run_id(output: Path, identity: dict, smoke: bool) -> str:
 # --- what a run writes ---------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the lostreg checkout, with ``-dirty`` when it has local changes (asked
-    once per process: the code that runs is the code that was imported)."""
-    repo = Path(lostreg.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
 def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
                device: torch.device) -> dict:
     """What every artefact records to be traceable to its inputs: model, weights (sha256),
@@ -223,7 +207,7 @@ def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "lostreg_version": lostreg.__version__,
-        "git_commit": git_commit(),
+        "git_commit": checkout_commit(),
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "python_version": sys.version.split()[0],
