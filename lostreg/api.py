@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from lostreg.backbones.plugin import (
     timm_architecture,
 )
 from lostreg.backbones.plugin_source import build_plugin, source_sha256
-from lostreg.errors import LostregError
+from lostreg.errors import LostregError, did_you_mean
 from lostreg.features.cache import DEFAULT_CACHE_DIR
 from lostreg.features.pipeline import resolve_device
 from lostreg.io import read_json_object
@@ -121,16 +120,12 @@ def _method_values(values: dict[str, Any]) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {}
     for name, value in values.items():
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known) + list(_KEYWORDS), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise LostregError(f"evaluate(): unknown keyword {name!r}{hint}")
+            keywords = sorted(known) + sorted(set(_DEFAULTS) - {"method_values"})
+            raise LostregError(f"evaluate(): unknown keyword {name!r}; "
+                               + did_you_mean(name, keywords))
         if value is not None:
             out[name] = _listed(value) if not isinstance(value, bool) else [value]  # type: ignore[assignment]
     return out
-
-
-_KEYWORDS = ("dataset", "method", "methods", "features", "layer", "normalize", "pos_interp",
-             "weights", "limit", "device", "scratch", "patch_size", "mean", "std", "name")
 
 
 def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any]]:
