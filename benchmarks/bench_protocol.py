@@ -112,7 +112,7 @@ def instrumented(device: torch.device) -> Iterator[dict[str, float]]:
         patch(pipeline_module.PaddedImages, "__getitem__",
               timer("decode", pipeline_module.PaddedImages.__getitem__))
         patch(torch.nn.functional, "normalize", timer("normalize", torch.nn.functional.normalize))
-        patch(rundir_module, "git_commit", timer("git_commit", rundir_module.git_commit))
+        patch(rundir_module, "checkout_commit", timer("git_commit", rundir_module.checkout_commit))
         patch(study_module, "load_grid_runs", timer("study_read", study_module.load_grid_runs))
         patch(study_module, "protocol_frame", timer("study_cis", study_module.protocol_frame))
         patch(files_module, "study_figures", timer("study_draw", files_module.study_figures))

@@ -6,13 +6,13 @@ import argparse
 import difflib
 import importlib
 import re
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lostreg
+from lostreg.version import checkout_commit
 
 COMMANDS = {
     "run": ("lostreg.run", "score object discovery (LOST, TokenCut, DINO-seg) CorLoc for "
@@ -24,24 +24,6 @@ COMMANDS = {
     "protocol": ("lostreg.protocol", "LOST over a grid of protocols: published figures, best-of "
                  "and its held-out estimate"),
 }
-
-
-def checkout_commit() -> str | None:
-    """The git commit of the lostreg checkout this code was imported from, with ``-dirty``
-    when tracked files changed; None when it is not a checkout (an installed copy) or git is
-    missing. ``rundir.git_commit`` records the same in every run, but importing it means
-    importing torch: seconds, for a ``--version``."""
-    repo = Path(lostreg.__file__).resolve().parent.parent
-    if not (repo / ".git").exists():  # not a checkout: never report an enclosing repo's commit
-        return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "") if commit else None
 
 
 def version_text() -> str:

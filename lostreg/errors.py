@@ -1,5 +1,8 @@
 """One exception type for bad input: the CLI prints its message on one line and exits 2."""
 
+import difflib
+from collections.abc import Iterable
+
 
 class LostregError(Exception):
     """A user-facing error: the message names the file or setting and what is wrong with it."""
@@ -37,3 +40,11 @@ def close_progress_bars() -> None:
             bar.close()
         except Exception:  # noqa: BLE001 - a bar on a closed stream: nothing left to end
             pass
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 3) -> str:
+    """The end of an "unknown name" line: the close matches among ``known``, or all of them
+    (every registry says it the same way)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=n, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"

@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", default=None,
-                        help="backbone short name(s), comma separated, or timm:<name> "
+                        help="backbone short name(s), comma separated, timm:<name>, or your "
+                             "own model: py:package.module:factory or py:path/to/file.py:factory "
+                             "(factory() returns an nn.Module or a function (images, patch_size) "
+                             "-> (B, N, D) features; see README 'Your own model') "
                              f"(default dinov2_reg4); known: {', '.join(list_backbones())}")
     parser.add_argument("--dataset", default=None,
                         help="dataset(s), comma separated (default voc07); one of "

@@ -110,3 +110,19 @@ def test_a_family_without_blocks_or_class_token_gives_its_keys() -> None:
     assert torch.equal(keys, qkv[..., dim:2 * dim])
     with pytest.raises(Exception, match="class token"):
         extract(backbone, images, [FeatureRequest("attn", -1)])
+
+
+@pytest.mark.usefixtures("registries", "one_thread")
+def test_a_family_module_is_scored_end_to_end(tmp_path) -> None:
+    """The README's one-liner: the family's module scored through ``lostreg.evaluate``."""
+    import lostreg
+
+    namespace: dict = {}
+    exec(compile(example("family"), "README example family", "exec"), namespace)  # noqa: S102
+    torch.manual_seed(0)
+    result = lostreg.evaluate(namespace["LayersViT"](), dataset="demo", method="lost",
+                              patch_size=8, data_root=tmp_path / "data", limit=4,
+                              output=tmp_path / "runs", no_progress=True, num_workers=0)
+    (run_dir,) = result.run_dirs
+    lines = [json.loads(line) for line in (run_dir / "predictions.jsonl").open()]
+    assert len(lines) == 4 and result.metrics["n_images"].tolist() == [4]

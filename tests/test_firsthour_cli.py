@@ -57,6 +57,12 @@ def test_an_installed_copy_reports_no_commit(tmp_path, monkeypatch) -> None:
     package = tmp_path / "site-packages" / "lostreg"
     package.mkdir(parents=True)
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=False, capture_output=True)
+    from lostreg.version import checkout_commit
+
     monkeypatch.setattr(lostreg, "__file__", str(package / "__init__.py"))
-    assert cli.checkout_commit() is None
-    assert cli.version_text() == f"lostreg {lostreg.__version__}"
+    checkout_commit.cache_clear()  # asked once per process: ask again for this copy
+    try:
+        assert checkout_commit() is None
+        assert cli.version_text() == f"lostreg {lostreg.__version__}"
+    finally:
+        checkout_commit.cache_clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -53,6 +54,9 @@ def write_run(root: Path, name: str, hits: list[bool], *, model: str, timm_name:
 def execute(runs: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run every cell with the venv's python3 kernel; return all text and markdown output."""
     monkeypatch.setenv("LOSTREG_RUNS", str(runs))
+    # the kernel imports this checkout's lostreg, not whichever one the venv has installed
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(NOTEBOOK.parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(notebook, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})

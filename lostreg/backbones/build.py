@@ -28,7 +28,8 @@ class Backbone:
 
     Tokens are laid out ``[prefix (class, registers), patches (row-major), suffix]``: the
     ``num_suffix_tokens`` test-time registers come last and, like registers, are never
-    features."""
+    features. ``reader``: the family that reads a plug-in module of the usual attention layout
+    (``lostreg.backbones.plugin``), which no timm family claims; None finds the timm family."""
 
     spec: BackboneSpec
     model: torch.nn.Module
@@ -37,6 +38,7 @@ class Backbone:
     weights: WeightsInfo
     num_prefix_tokens: int
     num_suffix_tokens: int = 0
+    reader: Family | None = None
 
     @property
     def patch_size(self) -> int:
@@ -53,7 +55,7 @@ class Backbone:
 
     @property
     def family(self) -> Family:
-        return family_of(self.model, self.spec.name)
+        return self.reader if self.reader is not None else family_of(self.model, self.spec.name)
 
 
 def build_model(spec: BackboneSpec, meta: bool = False) -> torch.nn.Module:
@@ -106,12 +108,17 @@ def create_backbone(
     ``pos_interp`` (``original`` | ``timm``; None keeps the spec's) and ``ttr_neurons`` (a
     ``--ttr-neurons`` file for a ``+ttr`` name or spec) modify the spec before anything is
     built; ``backbone.spec`` is the spec actually run. ``random`` initialises with a fixed
-    seed: for smoke runs only, never a result.
+    seed: for smoke runs only, never a result. A plug-in model (``py:...``) is built by its
+    own factory (``lostreg.backbones.plugin_source``).
     """
+    if isinstance(name, BackboneSpec) and name.plugin is not None:
+        return _build_plugin(name, weights, device, pos_interp)
     if isinstance(name, BackboneSpec):
         spec = name if ttr_neurons is None else with_test_time_registers(name, ttr_neurons)
     else:
         spec = get_backbone_spec(name, ttr_neurons)
+    if spec.plugin is not None:
+        return _build_plugin(spec, weights, device, pos_interp)
     if pos_interp is not None:
         spec = with_pos_interp(spec, pos_interp)
     info, path = resolve_weights(spec, weights)
@@ -128,3 +135,14 @@ def create_backbone(
     model.eval().requires_grad_(False).to(device)
     return Backbone(spec, model, mean, std, info, family.num_prefix_tokens(model),  # type: ignore[arg-type]
                     spec.test_time_registers)
+
+
+def _build_plugin(spec: BackboneSpec, weights: str, device: str | torch.device,
+                  pos_interp: str | None) -> Backbone:
+    """A plug-in model, built by the loader its spec carries (``Plugin.build``)."""
+    if pos_interp is not None:
+        spec = with_pos_interp(spec, pos_interp)
+    if spec.plugin is None or spec.plugin.build is None:
+        raise LostregError(f"model {spec.name}: a plug-in model given as an object cannot be "
+                           "rebuilt by name; pass the object again (lostreg.evaluate)")
+    return spec.plugin.build(spec, weights, torch.device(device))

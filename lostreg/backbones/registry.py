@@ -7,7 +7,9 @@ position embeddings for a new image size (timm's own default differs for some fa
 Normalisation (mean/std) comes from timm's pretrained config, so CLIP models get CLIP's.
 
 A name takes modifiers after ``+``: ``dinov2_vitl14+ttr`` adds a test-time register
-(:mod:`lostreg.backbones.ttr`). ``timm:<name>`` passes any timm ViT of a supported family.
+(:mod:`lostreg.backbones.ttr`). ``timm:<name>`` passes any timm ViT of a supported family;
+``py:package.module:factory`` (or ``py:path/to/file.py:factory``) a plug-in model, the user's
+own module or function (:mod:`lostreg.backbones.plugin`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lostreg.backbones.pos_embed import POS_EMBED_MODES, effective_pos_embed_mode
 from lostreg.backbones.ttr import TestTimeRegisters, load_neuron_file, shipped_neurons
 from lostreg.errors import LostregError
+
+if TYPE_CHECKING:
+    from lostreg.backbones.plugin import Plugin
 
 ROPE_PERIODS = ("model", "bf16")
 MODIFIERS = ("ttr",)
@@ -51,6 +56,7 @@ class BackboneSpec:
     pos_interp: str = "original"
     ttr: TestTimeRegisters | None = None
     rope_periods: str = "model"
+    plugin: Plugin | None = None  # a plug-in model (the user's own): what identifies it
 
     @property
     def arch(self) -> str:
@@ -60,7 +66,9 @@ class BackboneSpec:
     @property
     def pos_embed_mode(self) -> str:
         """The resampling this backbone runs with (``pos_embed``, or ``timm`` under
-        ``pos_interp="timm"``)."""
+        ``pos_interp="timm"``); ``model`` for a plug-in model, which runs as its own code does."""
+        if self.plugin is not None:
+            return "model"
         return effective_pos_embed_mode(self.pos_embed, self.pos_interp)
 
     @property
@@ -68,14 +76,21 @@ class BackboneSpec:
         return self.ttr.count if self.ttr is not None else 0
 
     def describe(self) -> dict:
-        """What ``config.json`` records about the backbone's modifiers (always every key)."""
-        return {"pos_interp": self.pos_interp, "test_time_registers": self.test_time_registers,
-                "ttr_neurons": self.ttr.describe() if self.ttr is not None else None}
+        """What ``config.json`` records about the backbone's modifiers (always every key; a
+        plug-in model adds ``plugin``: its source, hashes and adapter)."""
+        described = {"pos_interp": self.pos_interp, "test_time_registers": self.test_time_registers,
+                     "ttr_neurons": self.ttr.describe() if self.ttr is not None else None}
+        if self.plugin is not None:
+            described["plugin"] = self.plugin.identity()
+        return described
 
     def identity_extras(self) -> dict:
         """Run-identity fields for non-default modifiers only, so default runs keep their ids:
-        ``pos_interp`` when ``timm``; the neuron list's sha256 and write mode with ``+ttr``."""
+        ``pos_interp`` when ``timm``; the neuron list's sha256 and write mode with ``+ttr``; a
+        plug-in model's source and state hashes (``Plugin.identity``)."""
         extras: dict[str, Any] = {}
+        if self.plugin is not None:
+            extras["plugin"] = self.plugin.identity()
         if self.pos_interp != "original":
             extras["pos_interp"] = self.pos_interp
         if self.ttr is not None:
@@ -158,6 +173,9 @@ def get_backbone_spec(name: str, ttr_neurons: str | Path | None = None) -> Backb
     (``+ttr``; ``ttr_neurons`` is the ``--ttr-neurons`` file)."""
     base, modifiers = split_modifiers(name)
     spec = _base_spec(base)
+    if spec.plugin is not None and (modifiers or ttr_neurons is not None):
+        raise LostregError(f"--model {name}: test-time registers (+ttr, --ttr-neurons) need a "
+                           "named or timm: model; a plug-in model runs as its own code does")
     if "ttr" in modifiers:
         return with_test_time_registers(spec, ttr_neurons)
     if ttr_neurons is not None:
@@ -167,6 +185,10 @@ def get_backbone_spec(name: str, ttr_neurons: str | Path | None = None) -> Backb
 
 
 def _base_spec(name: str) -> BackboneSpec:
+    if name.startswith("py:"):
+        from lostreg.backbones.plugin_source import plugin_spec
+
+        return plugin_spec(name)
     if name.startswith("timm:"):
         return _timm_passthrough_spec(name, name[len("timm:"):])
     key = ALIASES.get(name, name)
@@ -175,7 +197,8 @@ def _base_spec(name: str) -> BackboneSpec:
     choices = list(BACKBONES) + list(ALIASES)
     close = difflib.get_close_matches(name, choices, n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(choices))}"
-    raise LostregError(f"unknown model {name!r}; {hint} (or timm:<timm model name>)")
+    raise LostregError(f"unknown model {name!r}; {hint} (or timm:<timm model name>, or "
+                       "py:package.module:factory for your own model)")
 
 
 def with_test_time_registers(spec: BackboneSpec, ttr_neurons: str | Path | None = None

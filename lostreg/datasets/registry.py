@@ -12,14 +12,13 @@ generates) missing data when allowed, and otherwise fails with a message saying 
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lostreg.datasets.base import DatasetIndex
-from lostreg.errors import LostregError
+from lostreg.errors import LostregError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -61,9 +60,7 @@ def get_dataset(name: str) -> DatasetSpec:
     spec = DATASETS.get(name)
     if spec is not None:
         return spec
-    close = difflib.get_close_matches(str(name), list(DATASETS), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(DATASETS)}"
-    raise LostregError(f"unknown dataset {name!r}; {hint}")
+    raise LostregError(f"unknown dataset {name!r}; {did_you_mean(name, DATASETS)}")
 
 
 def default_data_root() -> Path:

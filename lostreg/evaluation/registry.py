@@ -24,12 +24,11 @@ Adding a metric is one module in this folder with one ``register_metric`` call, 
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from lostreg.errors import LostregError
+from lostreg.errors import LostregError, did_you_mean
 from lostreg.evaluation.targets import LineField
 
 PAIRED_TESTS = ("mcnemar", "bootstrap")
@@ -104,9 +103,7 @@ def register_metric(spec: MetricSpec) -> MetricSpec:
 def get_metric(name: str) -> MetricSpec:
     if name in METRICS:
         return METRICS[name]
-    close = difflib.get_close_matches(name, list(METRICS), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(METRICS)}"
-    raise LostregError(f"unknown metric {name!r}; {hint}")
+    raise LostregError(f"unknown metric {name!r}; {did_you_mean(name, METRICS)}")
 
 
 def metrics_for(target: str) -> list[MetricSpec]:

@@ -11,7 +11,8 @@ reshapes), with the class token, every register token and every test-time regist
 patch tokens kept in row-major order. ``q``/``k`` are **as projected**, for every family;
 ``q_rope``/``k_rope`` are what a RoPE model's attention multiplies (after its q/k norms and the
 rotation); ``attn`` is the class token's attention to the patches, per head, from the
-attention's real logits (DINO-seg's input). Each kind is one ``FEATURE_KINDS`` entry.
+attention's real logits (DINO-seg's input); ``own`` is what a plug-in model that returns its own
+features gives (:mod:`lostreg.backbones.plugin`). Each kind is one ``FEATURE_KINDS`` entry.
 
 Everything is read with forward hooks during the model's own forward
 (:mod:`lostreg.backbones.families`), which stops as soon as the deepest requested block's
@@ -31,6 +32,7 @@ from PIL import Image
 
 from lostreg.backbones import Backbone
 from lostreg.backbones.families import Capture, Family, StopForward, family_of
+from lostreg.backbones.plugin import OWN_KIND, OwnFeaturesBackbone
 from lostreg.backbones.ttr import num_suffix_tokens
 from lostreg.errors import LostregError
 
@@ -311,6 +313,15 @@ register_feature_kind(FeatureKind(
     "the class token's attention to each patch, per head (DINO-seg's input)", embedding=False))
 
 
+def _not_own(layer: LayerQKV) -> torch.Tensor:
+    raise LostregError(f"--features {OWN_KIND}: the features a plug-in model returns itself; "
+                       "this model's features are read from its attention (q, k, v, attn)")
+
+
+register_feature_kind(FeatureKind(
+    OWN_KIND, _not_own, "the patch features a plug-in model returns itself (its default)"))
+
+
 class FeatureRequest(NamedTuple):
     """One feature map a run reads: a kind (``FEATURE_KINDS``) of block ``layer``'s attention
     (-1: the last block, as LOST uses)."""
@@ -356,6 +367,8 @@ def extract(
         if request.kind not in FEATURE_KINDS:
             raise LostregError(f"--features {request.kind}: unknown feature kind (known: "
                                f"{', '.join(FEATURE_KINDS)})")
+    if isinstance(backbone, OwnFeaturesBackbone):
+        return own_features(backbone, images, requests, autocast_dtype)
     model = backbone.model
     layers = {r.layer: resolve_layer(r.layer, backbone.depth) for r in requests}
     with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
@@ -364,6 +377,20 @@ def extract(
         views = layer_views(backbone, taps, layers)
         return {r: FEATURE_KINDS[r.kind].compute(views[r.layer]).float().contiguous()
                 for r in requests}
+
+
+def own_features(backbone: OwnFeaturesBackbone, images: torch.Tensor,
+                 requests: Sequence[FeatureRequest], autocast_dtype: torch.dtype | None = None
+                 ) -> dict[FeatureRequest, torch.Tensor]:
+    """The maps of a plug-in model that returns its own features (``own``, and ``attn`` when
+    it returns the class token's attention), from one call; anything else is one line."""
+    for request in requests:
+        backbone.check_request(request.kind, request.layer)
+    with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        out = backbone.patch_features(images)
+    return {r: (out.feats if r.kind == OWN_KIND else out.attn).float().contiguous()  # type: ignore[union-attr]
+            for r in requests}
 
 
 def extract_feature_kinds(
@@ -390,7 +417,8 @@ def extract_features(
 __all__ = [
     "FEATURE_KINDS", "FeatureKind", "FeatureRequest", "LayerQKV", "Taps", "VECTOR_KINDS",
     "cls_attention", "extract", "extract_feature_kinds", "extract_features", "last_qkv",
-    "layer_qkv", "layer_view", "layer_views", "num_suffix_tokens", "padded_size", "preprocess",
+    "layer_qkv", "layer_view", "layer_views", "num_suffix_tokens", "own_features", "padded_size",
+    "preprocess",
     "register_feature_kind", "resolve_layer", "run_taps", "select_feature",
     "tokens_before_block", "tokens_before_last_block",
 ]

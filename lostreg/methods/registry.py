@@ -18,14 +18,13 @@ flags, run ids, config.json and the leaderboard all come from the entry.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from lostreg.errors import LostregError
+from lostreg.errors import LostregError, did_you_mean
 
 
 class MethodOutput(NamedTuple):
@@ -171,6 +170,4 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> MethodSpec:
     if name in METHODS:
         return METHODS[name]
-    close = difflib.get_close_matches(name, list(METHODS), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(METHODS)}"
-    raise LostregError(f"--method {name!r}: unknown method; {hint}")
+    raise LostregError(f"--method {name!r}: unknown method; {did_you_mean(name, METHODS)}")

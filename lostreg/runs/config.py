@@ -21,6 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZATIONS = ("none", "l2")
 DEFAULT_MAX_PIXELS = 4_000_000
 SMOKE_NOTE = "SMOKE RUN (weights: random): not a result, never enters the leaderboard"
+SCRATCH_NOTE = "SCRATCH RUN (a look during training): never enters the leaderboard"
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused (none is resized)
     pos_interp: str = "original"  # position-embedding resampling: the family's own, or timm's
     ttr_neurons: Path | None = None  # register-neuron list of a +ttr model (None: shipped)
+    scratch: bool = False  # a training-loop look (lostreg.evaluate): never on the leaderboard
 
 
 # settings that may differ between the runs of one pass (everything else is shared): one

@@ -10,10 +10,8 @@ computes only the images not yet written.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +35,11 @@ from lostreg.io import JsonlAppender, atomic_write_json
 from lostreg.methods import MethodSpec
 from lostreg.runs import distributed
 from lostreg.runs.checks import feature_request, method_of, method_params
-from lostreg.runs.config import SMOKE_NOTE, RunConfig
+from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
 from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
+from lostreg.version import checkout_commit
 
 
 @dataclass
@@ -158,9 +157,17 @@ def settings_label(identity: dict, mark_partial: bool = True) -> str:
     return "-".join(parts)
 
 
+def scratch_marks(config: RunConfig) -> dict[str, Any]:
+    """What a scratch run (``lostreg.evaluate(..., scratch=True)``: a look during training)
+    adds to its identity, config.json and metrics.json; nothing for any other run, so their
+    ids and files stay as they were. The leaderboard never reads a scratch run."""
+    return {"scratch": True} if config.scratch else {}
+
+
 def make_run_id(identity: dict, smoke: bool, mark_partial: bool = True) -> str:
-    """``[smoke-]<dataset>-<model>-<settings>-<hash>``: readable, and unique through the hash."""
-    prefix = "smoke-" if smoke else ""
+    """``[smoke-][scratch-]<dataset>-<model>-<settings>-<hash>``: readable, and unique through
+    the hash."""
+    prefix = ("smoke-" if smoke else "") + ("scratch-" if identity.get("scratch") else "")
     label = settings_label(identity, mark_partial)
     name = f"{prefix}{identity['dataset']}-{safe_model(identity)}-{label}"
     return f"{name}-{digest(identity)}"
@@ -181,21 +188,6 @@ def find_run_id(output: Path, identity: dict, smoke: bool) -> str:
 
 
 # --- what a run writes ---------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the lostreg checkout, with ``-dirty`` when it has local changes (asked
-    once per process: the code that runs is the code that was imported)."""
-    repo = Path(lostreg.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
 
 
 def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
@@ -225,7 +217,7 @@ def provenance(backbone: Backbone | BackboneInfo, index: DatasetIndex,
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
         "lostreg_version": lostreg.__version__,
-        "git_commit": git_commit(),
+        "git_commit": checkout_commit(),
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "python_version": sys.version.split()[0],
@@ -287,7 +279,8 @@ def describe_run(config: RunConfig, info: BackboneInfo, index: DatasetIndex,
     params = method_params(config)
     request = feature_request(config, info.spec.default_feature)
     resolve_layer(request.layer, info.depth)  # a layer the model lacks: one line, before work
-    identity = {**run_identity(config, info, index, request, params), **(extra_identity or {})}
+    identity = {**run_identity(config, info, index, request, params), **(extra_identity or {}),
+                **scratch_marks(config)}
     smoke = info.weights.is_random
     run_id = find_run_id(Path(config.output), identity, smoke)
     return RunFolder(config, spec, params, request, identity, run_id, Path(config.output) / run_id,
@@ -320,9 +313,14 @@ def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: Datas
         "metrics": [metric.name for metric in run.fmt.metrics],
         "numerics": numerics,
         **(extra or {}),
+        **_scratch_fields(run.config),
     }
     atomic_write_json(run.run_dir / "config.json", payload)
     return payload
+
+
+def _scratch_fields(config: RunConfig) -> dict[str, Any]:
+    return {"scratch_run": True, "scratch_note": SCRATCH_NOTE} if config.scratch else {}
 
 
 def is_finished(run: RunFolder) -> bool:
@@ -435,7 +433,8 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     }
     summary_fields = {"model": info.spec.name, "timm_name": info.spec.timm_name,
                       "dataset": index.name, "split": index.split, **run.settings(),
-                      "no_hard": index.no_hard, "resumed_with": len(records) - computed}
+                      "no_hard": index.no_hard, "resumed_with": len(records) - computed,
+                      **_scratch_fields(run.config)}
     return finalize(run.run_dir, records, index.root, run.fmt, run.run_id,
                     info.weights.is_random, summary_fields, seconds)
 
@@ -480,6 +479,8 @@ def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: 
     summary += f" | {status}: {run.run_dir}"
     if smoke:
         summary += f"  [{SMOKE_NOTE}]"
+    if run.config.scratch:
+        summary += f"  [{SCRATCH_NOTE}]"
     if partial:
         summary += f"  [{partial}]"
     return summary

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from lostreg import timeline
-from lostreg.backbones import Backbone, BackboneSpec, get_backbone_spec, with_pos_interp
+from lostreg.backbones import (
+    Backbone,
+    BackboneSpec,
+    create_backbone,
+    get_backbone_spec,
+    with_pos_interp,
+)
 from lostreg.backbones.weights import WeightsInfo
 from lostreg.datasets import get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex
@@ -299,7 +305,10 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]],
 
 def _describe(spec: BackboneSpec, weights: str, device, backbone: Backbone | None,
               ctx) -> LazyBackbone:
-    """The model's identity (weights hashed), built only when some image needs it."""
+    """The model's identity (weights hashed), built only when some image needs it; a plug-in
+    model (``py:``) is built to be described, since its weights' identity is its state."""
+    if backbone is None and spec.plugin is not None:
+        backbone = ctx.main_first(lambda: create_backbone(spec, weights, device))
     info = backbone if backbone is not None else ctx.main_first(
         lambda: describe_backbone(spec, weights))
     timeline.mark("backbone described")

@@ -227,6 +227,14 @@ def is_smoke(config: dict, metrics: dict) -> bool:
                 or (isinstance(identity, dict) and identity.get("weights") == "random"))
 
 
+def is_scratch(config: dict, metrics: dict) -> bool:
+    """A scratch run (``lostreg.evaluate(..., scratch=True)``, a look during training) in any
+    of the places it records it: never a leaderboard row, whatever its weights."""
+    identity = config.get("identity")
+    return bool(config.get("scratch_run") is True or metrics.get("scratch_run") is True
+                or (isinstance(identity, dict) and identity.get("scratch") is True))
+
+
 def _parse_time(value: str, path: Path) -> datetime:
     try:
         moment = datetime.fromisoformat(value)
@@ -288,6 +296,7 @@ class ScanResult:
     skipped: list[str] = field(default_factory=list)  # one line per unreadable folder
     smoke_excluded: int = 0  # smoke runs left out (no --include-smoke)
     unfinished: int = 0  # folders without metrics.json
+    scratch_excluded: int = 0  # scratch runs left out (always: they are looks during training)
 
 
 def _stderr(line: str) -> None:
@@ -303,7 +312,8 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
     A folder that cannot be read is skipped with one line (``report``, stderr by default)
     naming it and the reason; the others are still read. Two folders with the same identity
     are the same experiment: the newest by ``finished`` is kept (ties broken by run id, so the
-    choice never depends on disk order).
+    choice never depends on disk order). Scratch runs (looks during training) are never read:
+    their folders (``scratch-...``) are counted in ``scratch_excluded``.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -314,6 +324,9 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
     for folder in folders:
         if not (folder / "metrics.json").exists():
             result.unfinished += 1
+            continue
+        if _scratch_folder(folder):
+            result.scratch_excluded += 1
             continue
         try:
             runs.append(load_run(folder))
@@ -326,6 +339,17 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
         runs = [run for run in runs if not run.smoke]
     result.runs = _newest_per_identity(runs)
     return result
+
+
+def _scratch_folder(folder: Path) -> bool:
+    """Whether a finished folder holds a scratch run (by its config.json; a folder whose
+    config cannot be read is left to ``load_run``, which says why)."""
+    try:
+        config = read_json_object(folder / CONFIG, "missing")
+        metrics = read_json_object(folder / METRICS, "missing")
+    except LostregError:
+        return False
+    return is_scratch(config, metrics)
 
 
 def _newest_per_identity(runs: Sequence[RunData]) -> list[RunData]:
