@@ -23,6 +23,11 @@ from lostreg.runs.config import RunConfig
 from lostreg.runs.grid import expand_sweep
 
 
+# what LOST and TokenCut read: every embedding kind (q, k, v, their RoPE forms, a plug-in
+# model's own features), never attn
+EMBEDDINGS = "/".join(accepted_features(get_method("lost")))
+
+
 def pairs(methods: list[str], features: list[str] | None) -> list[tuple[str, str | None]]:
     return [(c.method, c.features)
             for c in expand_sweep(RunConfig(), methods=methods, features=features)]
@@ -44,15 +49,15 @@ def test_every_feature_kind_is_read_by_some_method() -> None:
 
 @pytest.mark.parametrize(("methods", "features", "needle"), [
     # one method: the pair that used to score LOST on attention weights silently (CorLoc 0)
-    (["lost"], ["attn"], "--method lost reads q/k/v/q_rope/k_rope, not --features attn"),
-    (["tokencut"], ["attn"], "--method tokencut reads q/k/v/q_rope/k_rope, not --features attn"),
+    (["lost"], ["attn"], f"--method lost reads {EMBEDDINGS}, not --features attn"),
+    (["tokencut"], ["attn"], f"--method tokencut reads {EMBEDDINGS}, not --features attn"),
     (["dinoseg"], ["k"], "--method dinoseg reads attn, not --features k"),
     # several methods: the one that reads none of the kinds is named (it used to run DINO-seg
     # on attn without a word)
     (["lost", "dinoseg"], ["k"], "--method dinoseg reads attn, none of --features k"),
     (["dinoseg", "lost"], ["k", "v"], "--method dinoseg reads attn, none of --features k,v"),
     # a kind that no method of the command reads is never dropped quietly
-    (["lost"], ["k", "attn"], "--method lost reads q/k/v/q_rope/k_rope, not --features attn"),
+    (["lost"], ["k", "attn"], f"--method lost reads {EMBEDDINGS}, not --features attn"),
     (["lost", "tokencut"], ["k", "attn"], "--features attn: no method of --method lost,tokencut"),
 ])
 def test_an_unfit_pair_is_one_line(methods, features, needle) -> None:
@@ -75,7 +80,7 @@ def test_without_features_each_method_reads_its_default() -> None:
 
 def test_a_single_config_is_checked_the_same_way() -> None:
     """``run_benchmark``/``run_sweep`` take configs as given: ``check_config`` holds the rule."""
-    with pytest.raises(LostregError, match="--method lost reads q/k/v/q_rope/k_rope, not --features attn"):
+    with pytest.raises(LostregError, match=f"--method lost reads {EMBEDDINGS}, not --features attn"):
         check_config(RunConfig(method="lost", features="attn"))
     check_config(RunConfig(method="dinoseg", features="attn"))
 
@@ -102,7 +107,7 @@ def test_a_method_without_feature_kinds_reads_every_embedding_kind(toy_registrat
 
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    (["--method", "lost", "--features", "attn"], "--method lost reads q/k/v/q_rope/k_rope"),
+    (["--method", "lost", "--features", "attn"], f"--method lost reads {EMBEDDINGS}, not"),
     (["--method", "lost,dinoseg", "--features", "k"], "--method dinoseg reads attn, none of"),
 ])
 def test_the_command_says_it_in_one_line_before_any_work(tmp_path: Path, capsys, model_builds,
