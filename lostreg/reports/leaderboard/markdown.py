@@ -207,7 +207,8 @@ def sources_section(published: pd.DataFrame) -> list[str]:
         for (protocol, verified), part in rows.groupby(["protocol", "verified"], sort=False):
             backbones = ", ".join(dict.fromkeys(part["backbone"]))
             lines.append(f"  - {backbones}. Protocol: {protocol}. Checked: {verified}.")
-        for note, index in _notes(rows):
+        notes = _notes(rows)  # those of every row first, then those of some rows
+        for note, index in sorted(notes, key=lambda item: len(item[1]) != len(rows)):
             lines.append(f"  - Note{_which_rows(rows.loc[index], rows)}: {note}")
     return lines
 
