@@ -22,7 +22,6 @@ from lostreg.runs.checks import accepted_features, check_config
 from lostreg.runs.config import RunConfig
 from lostreg.runs.grid import expand_sweep
 
-
 # what LOST and TokenCut read: every embedding kind (q, k, v, their RoPE forms, a plug-in
 # model's own features), never attn
 EMBEDDINGS = "/".join(accepted_features(get_method("lost")))
