@@ -353,19 +353,27 @@ class _EarlyIndex(NamedTuple):
         return self.size
 
 
-def _flocked(path: Path) -> bool:
-    """Whether some process holds a ``flock`` on ``path``, read from Linux's ``/proc/locks``
-    without touching the lock (a probe that took it, even for a moment, could make the real
-    holder's own attempt fail). False where that file is missing (other systems, or a lock
-    held on another NFS client): the run's own lock still refuses the folder, later."""
+def _flock_table() -> frozenset[str]:
+    """The files some process holds a ``flock`` on (``major:minor:inode``), read from Linux's
+    ``/proc/locks`` without touching any lock (a probe that took one, even for a moment, could
+    make the real holder's own attempt fail). Empty where that file is missing (other systems;
+    a lock held on another NFS client is not listed): the run's own lock still refuses the
+    folder, later."""
     try:
-        stat = path.stat()
         table = Path("/proc/locks").read_text()
     except OSError:
+        return frozenset()
+    return frozenset(fields[5] for fields in (line.split() for line in table.splitlines())
+                     if len(fields) > 5 and fields[1] == "FLOCK")
+
+
+def _flocked(path: Path, held: frozenset[str]) -> bool:
+    """Whether ``path`` is one of the ``held`` files (``_flock_table``)."""
+    try:
+        stat = path.stat()
+    except OSError:
         return False
-    device = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
-    return any(fields[1] == "FLOCK" and fields[5] == device
-               for fields in (line.split() for line in table.splitlines()) if len(fields) > 5)
+    return f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}" in held
 
 
 def _early_identity(config: RunConfig, spec: BackboneSpec, weights: WeightsInfo) -> dict:
@@ -403,7 +411,8 @@ def _same_run(folder: Path, identity: dict, weights: str) -> bool:
             == {k: v for k, v in identity.items() if k != "weights"})
 
 
-def _held_folder(config: RunConfig, spec: BackboneSpec, weights: str) -> Path | None:
+def _held_folder(config: RunConfig, spec: BackboneSpec, weights: str,
+                 held: frozenset[str]) -> Path | None:
     """The folder of ``config``'s run if another process holds its lock, as far as can be
     told before any set-up (see ``refuse_held_runs``)."""
     random = weights == "random"
@@ -419,7 +428,8 @@ def _held_folder(config: RunConfig, spec: BackboneSpec, weights: str) -> Path | 
         prefix = make_run_id(identity, smoke=False).rsplit("-", 1)[0] + "-"
         folders = sorted(output.glob(glob.escape(prefix) + "?" * 10)) if output.is_dir() else []
     for folder in folders:
-        if _flocked(folder / LOCK_NAME) and (random or _same_run(folder, identity, weights)):
+        if _flocked(folder / LOCK_NAME, held) and (random or _same_run(folder, identity,
+                                                                        weights)):
             return folder
     return None
 
@@ -437,13 +447,16 @@ def refuse_held_runs(base: RunConfig, sweep: Sequence[RunConfig],
     weights give the run id exactly; for hub and file weights, whose sha256 is not known yet,
     a folder matches on every other setting of its identity and the same weights source.
     """
+    held = _flock_table()
+    if not held:  # no lock held anywhere: nothing to look for (the usual case, one read)
+        return
     for (model, pos_interp), spec in specs.items():
         spec = backbone.spec if backbone is not None else spec
         for dataset in by_model[model]:
             for config in sweep:
                 config = dataclasses.replace(config, model=model, dataset=dataset,
                                              pos_interp=pos_interp)
-                folder = _held_folder(config, spec, base.weights)
+                folder = _held_folder(config, spec, base.weights, held)
                 if folder is not None:
                     raise RunLocked(
                         f"{folder}: another lostreg process is writing this run "
