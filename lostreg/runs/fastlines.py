@@ -93,9 +93,17 @@ def _boxes(values: list[Any]) -> np.ndarray | None:
     return boxes if ordered.all() else None
 
 
-def _sizes(values: list[Any]) -> bool:
-    """Whole numbers (not bool) >= 1."""
-    return all(type(v) is int for v in values) and all(v >= 1 for v in values)
+def _sizes(widths: list[Any], heights: list[Any]) -> bool:
+    """Whole numbers (not bool) >= 1 whose products (the image areas the line reader
+    computes) are floats."""
+    values = [*widths, *heights]
+    if not (all(type(v) is int for v in values) and all(v >= 1 for v in values)):
+        return False
+    try:
+        np.array([w * h for w, h in zip(widths, heights, strict=True)], dtype=np.float64)
+    except OverflowError:
+        return False
+    return True
 
 
 def box_columns(data: bytes) -> dict[str, Any] | None:
@@ -112,7 +120,7 @@ def box_columns(data: bytes) -> dict[str, Any] | None:
     if (not all(type(v) is str and v for v in ids) or len(set(ids)) != len(ids)
             or not all(v is None or v is missing or (type(v) is str and v)
                        for v in column["file"])
-            or not _sizes(column["width"]) or not _sizes(column["height"])
+            or not _sizes(column["width"], column["height"])
             or not all(type(v) is bool for v in column["hit"])
             or _numbers(column["best_iou"]) is None):
         return None

@@ -38,6 +38,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -205,13 +206,15 @@ class RunSummary(RunData):
                 return summary
         raise LostregError(f"{self.run_dir}: its predictions give no per-image {per_image!r}")
 
-    @property
+    @cached_property
     def summary(self) -> dict[str, Any]:  # type: ignore[override]
-        """CorLoc and its interval, as ``RunData.summary`` gives them from the predictions."""
+        """CorLoc and its interval, as ``RunData.summary`` gives them from the predictions
+        (``100.0 * n_hits / n``: ``stats.corloc_percent``'s arithmetic on the same ints)."""
         hits = self.hits
         low, high = self.metric("hit").interval
-        return {"n": int(hits.size), "n_hits": int(hits.sum()),
-                "corloc": stats.corloc_percent(hits), "low": low, "high": high}
+        n, n_hits = int(hits.size), int(hits.sum())
+        return {"n": n, "n_hits": n_hits, "corloc": 100.0 * n_hits / n if n else float("nan"),
+                "low": low, "high": high}
 
     @property
     def predictions(self) -> pd.DataFrame:  # type: ignore[override]
@@ -260,8 +263,8 @@ def _decode_totals(text: Any, n: int) -> np.ndarray | None:
     dtype = _totals_dtype(n)
     if len(raw) != dtype.itemsize * stats.DEFAULT_RESAMPLES:
         return None
-    totals = np.frombuffer(raw, dtype=dtype).astype(np.int64)
-    return totals if totals.max(initial=0) <= n else None
+    totals = np.frombuffer(raw, dtype=dtype)  # kept compact: 2 bytes a resample up to 65535
+    return totals if int(totals.max(initial=0)) <= n else None
 
 
 def _metric_from_payload(name: str, entry: Any, n: int) -> MetricSummary | None:
@@ -394,7 +397,7 @@ def add_totals(summaries: Iterable[RunSummary]) -> None:
             block = metrics[start:start + width]
             totals = resampled_totals(np.stack([m.values for m in block], axis=1), n)
             for column, metric in enumerate(block):
-                metric.totals = totals[:, column]
+                metric.totals = totals[:, column].astype(_totals_dtype(n))
 
 
 def resampled_totals(hits: np.ndarray, n: int) -> np.ndarray:
@@ -442,7 +445,7 @@ def paired_statistics(base: RunData, other: RunData) -> PairedStatistics:
         n = a.values.size
         low = high = float("nan")
         if n:
-            difference = (b.totals - a.totals).astype(np.float64) / n  # exact totals
+            difference = (b.totals.astype(np.float64) - a.totals) / n  # exact integers
             low, high = stats._percentile_interval(100.0 * difference, 0.95)
         hits_a, hits_b = a.values, b.values
     else:
