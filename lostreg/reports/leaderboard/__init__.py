@@ -34,6 +34,7 @@ import pandas as pd
 from lostreg.cli import HelpFormatter, add_runs_option
 from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_text
+from lostreg.reports.cells import neutralise_formulas
 from lostreg.reports.leaderboard.drawing import FigureWriter
 from lostreg.reports.leaderboard.figures import (
     IouPlot,
@@ -123,7 +124,8 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
 
 
 def _csv(frame: pd.DataFrame) -> str:
-    return frame.to_csv(index=False, lineterminator="\n")
+    """CSV text whose cells a spreadsheet shows as text (``cells.neutralise_formulas``)."""
+    return neutralise_formulas(frame).to_csv(index=False, lineterminator="\n")
 
 
 def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
