@@ -1,12 +1,14 @@
 """The leaderboard at scale: N generated VOC07-size runs (5011 images each), built cold, then
 rebuilt with nothing changed; wall time and peak RSS of each build (issue 20, "Load").
 
-Runs come in register pairs (``dinov2_vitl14`` and its ``_reg4`` twin under the same
-settings: layer, feature, Gram bias), so half the runs are baselines with a paired
-comparison, the worst case for the paired statistics. Each predictions line is in the
+Each build runs in a fresh child process doing what ``python -m lostreg.leaderboard`` does
+(``collect``, then ``write_outputs``), with each phase timed: the imports (torch comes with
+``lostreg.methods``, whose titles and order the tables use), reading the runs through their
+summaries, and writing the outputs. Runs come in register pairs (``dinov2_vitl14`` and its
+``_reg4`` twin under the same settings: layer, feature, Gram bias), so half the runs are
+baselines with a paired comparison, the worst case for the paired statistics. Each predictions line is in the
 format ``lostreg.run`` writes (keys sorted; ``hit`` agrees with the box's IoU against the
-ground truth, which every read recomputes). Each build is a fresh ``python -m
-lostreg.leaderboard`` child process: its wall time and its own peak RSS (``wait4``).
+ground truth, which every read recomputes).
 
 Goals: cold <= 30 s and rebuild <= 3 s at 500 runs; peak RSS <= 1 GiB at any number of runs.
 
@@ -126,23 +128,61 @@ def generate_runs(root: Path, n_runs: int, n_images: int = VOC07_IMAGES, seed: i
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
+# the child: only what ``python -m lostreg.leaderboard`` imports and does (``collect``, then
+# ``write_outputs``), each phase timed with the peak RSS after it; one JSON line on stdout
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+phases, start = [], time.perf_counter()
+def peak_mib():  # this process's own high-water RSS since its exec (VmHWM)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+def mark(name):
+    global start
+    now = time.perf_counter()
+    phases.append({"phase": name, "seconds": now - start, "peak_rss_mib": peak_mib(),
+                   "workers_peak_rss_mib":
+                       resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
+    start = now
+from lostreg.reports import leaderboard as lb
+mark("import pandas, matplotlib, lostreg.reports.leaderboard")
+import lostreg.methods  # the methods' titles and order, which the tables use (imports torch)
+mark("import lostreg.methods (torch)")
+board = lb.collect(sys.argv[1], report=None)
+mark("collect: summaries, tables, paired statistics")
+lb.write_outputs(board, sys.argv[2])
+mark("write: CSV, markdown, figures")
+print(json.dumps({"phases": phases, "line": lb.summary_line(board, Path(sys.argv[2]))}))
+"""
+
+
 def timed_build(runs: Path, out: Path) -> dict[str, Any]:
-    """One ``python -m lostreg.leaderboard`` child: wall seconds, its own peak RSS (``wait4``
-    reaps it, so no other process's memory is counted) and its summary line."""
-    command = [sys.executable, "-m", "lostreg.leaderboard", "--runs", str(runs),
-               "--output", str(out)]
+    """One child process doing the leaderboard command's work: its wall time (interpreter
+    start included), its phases and its own peak RSS (``VmHWM``: ``ru_maxrss`` of a child
+    carries its parent's at the fork, here the benchmark's torch), and the largest peak of the
+    worker processes that draw figures (``RUSAGE_CHILDREN``, which includes what each worker
+    shares with the child it was forked from)."""
+    command = [sys.executable, "-c", CHILD, str(runs), str(out)]
     logs = out.parent / "build.out", out.parent / "build.err"
     with open(logs[0], "wb") as stdout, open(logs[1], "wb") as stderr:
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr)
-        _, status, usage = os.wait4(child.pid, 0)
+        _, status, _ = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"leaderboard failed ({child.returncode}): "
                          f"{logs[1].read_text()[-2000:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "line": logs[0].read_text().strip().splitlines()[-1]}
+    report = json.loads(logs[0].read_text().strip().splitlines()[-1])
+    return {"seconds": seconds, "peak_rss_mib": max(p["peak_rss_mib"] for p in report["phases"]),
+            "workers_peak_rss_mib": report["phases"][-1]["workers_peak_rss_mib"], **report}
+
+
+def phase_rows(name: str, build: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(f"  {name}: {phase['phase']}",
+             f"{phase['seconds']:.2f} s, peak RSS {phase['peak_rss_mib']:.0f} MiB")
+            for phase in build["phases"]]
 
 
 def output_bytes(out: Path) -> dict[str, str]:
@@ -178,8 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             ("generating the runs (s)", f"{generated:.1f}"),
             ("cold build (s)", f"{cold['seconds']:.2f}"),
             ("cold build peak RSS (MiB)", f"{cold['peak_rss_mib']:.0f}"),
+            ("cold build, largest figure worker's peak RSS (MiB)",
+             f"{cold['workers_peak_rss_mib']:.0f}"),
+            *phase_rows("cold", cold),
             ("rebuild, nothing changed (s)", f"{rebuild['seconds']:.2f}"),
             ("rebuild peak RSS (MiB)", f"{rebuild['peak_rss_mib']:.0f}"),
+            *phase_rows("rebuild", rebuild),
             ("rebuild wrote the same bytes", same),
             ("RATIO cold / rebuild", f"{cold['seconds'] / rebuild['seconds']:.1f}"),
             (f"GOAL cold <= {GOAL_COLD_S:.0f} s at {GOAL_AT} runs", verdict["cold"]),
