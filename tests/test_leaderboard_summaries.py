@@ -330,3 +330,31 @@ def test_a_float_metric_with_nulls_is_summarised_without_special_code(
     back = summaries._metric_from_payload("toy", json.loads(json.dumps(entry)), 3)
     assert back is not None and np.array_equal(back.values, metric.values, equal_nan=True)
     assert summaries._metric_from_payload("toy", entry, 4) is None  # another image count
+
+
+def test_a_settled_unchanged_predictions_file_is_not_even_read(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A file whose stat (size, times, inode) is the one recorded when it was hashed, and
+    which had settled then, is not read again; any write changes its ctime, which no user can
+    set back, so an edit of the same size with its old mtime restored is read again."""
+    runs = tmp_path / "runs"
+    path = write_run(runs, "plain", [True, False, True, True]) / "predictions.jsonl"
+    assert summaries.file_stat(path)  # a fresh file has not settled: no stat recorded yet
+    _scan(runs)
+    assert json.loads(_stored(runs, "plain").read_text())["predictions_stat"] is None
+    monkeypatch.setattr(summaries, "RACY_NS", 0)  # as if the file were 2 s old
+    reads: list[Path] = []
+    real = summaries.read_bounded
+    monkeypatch.setattr(summaries, "read_bounded",
+                        lambda p, *a, **k: reads.append(Path(p)) or real(p, *a, **k))
+    _scan(runs)  # hashed once more, and now its stat is recorded
+    assert json.loads(_stored(runs, "plain").read_text())["predictions_stat"] == (
+        summaries.file_stat(path))
+    reads.clear()
+    assert _scan(runs).recomputed == [] and path not in reads
+    old = path.stat()
+    path.write_bytes(path.read_bytes().replace(b'"width": 100', b'"width": 101', 1))
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))  # same size, same mtime
+    assert path.stat().st_size == old.st_size and path.stat().st_mtime_ns == old.st_mtime_ns
+    assert _scan(runs).recomputed == ["plain"] and path in reads

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,10 +58,12 @@ from lostreg.runs.store import (
     RunData,
     RunHeader,
     ScanResult,
+    is_scratch,
     read_header,
     read_predictions,
     scan_runs,
 )
+from lostreg.workers import ordered_map
 
 STORE_FOLDER = ".summaries"
 SUMMARY_FORMAT = "lostreg-run-summary/1"
@@ -184,6 +187,7 @@ class RunSummary(RunData):
         self.key, self.image_digest = key, image_digest
         self.metric_summaries, self.histograms = metrics, histograms
         self._predictions: pd.DataFrame | None = None
+        self.predictions_stat: list[int] | None = None  # see ``file_stat``
 
     __eq__ = object.__eq__
     __hash__ = None  # type: ignore[assignment]
@@ -243,7 +247,8 @@ def _payload(summary: RunSummary) -> dict[str, Any]:
         metrics[name] = {"per_image": metric.per_image, "kind": metric.kind,
                          "values": encode_vector(metric.values, metric.kind),
                          "result": metric.result, "totals": totals}
-    return {"format": SUMMARY_FORMAT, "files": summary.key, "n_images": summary.n_images,
+    return {"format": SUMMARY_FORMAT, "files": summary.key,
+            "predictions_stat": summary.predictions_stat, "n_images": summary.n_images,
             "image_ids_sha256": summary.image_digest,
             "resamples": [stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED],
             "metrics": metrics, "histograms": summary.histograms}
@@ -320,7 +325,13 @@ def summary_from_payload(data: Any, header: RunHeader, key: dict[str, str]
     histograms = _histograms_from_payload(data.get("histograms"), n)
     if histograms is None or not _agrees(metrics, header):
         return None
-    return RunSummary(header, key, data["image_ids_sha256"], metrics, histograms)
+    summary = RunSummary(header, key, data["image_ids_sha256"], metrics, histograms)
+    stat = data.get("predictions_stat")
+    if stat is not None and not (isinstance(stat, list) and len(stat) == len(STAT_FIELDS)
+                                 and all(type(v) is int for v in stat)):
+        return None
+    summary.predictions_stat = stat
+    return summary
 
 
 def _agrees(metrics: Mapping[str, MetricSummary], header: RunHeader) -> bool:
@@ -530,6 +541,27 @@ class SummaryStore:
                 path.unlink(missing_ok=True)
 
 
+STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
+# a file changed less than this before it was read may change again within one tick of its
+# timestamps (Linux stamps files from a coarse clock) without its stat changing
+RACY_NS = 2_000_000_000
+
+
+def file_stat(path: Path) -> list[int]:
+    """What changes whenever a file's content can have changed: size, modification and
+    status-change times (``ctime``: set by the system on every write, and by any ``utime``;
+    no user can set it back), inode and device (a file replaced or copied elsewhere)."""
+    stat = os.stat(path)
+    return [int(getattr(stat, name)) for name in STAT_FIELDS]
+
+
+def settled(stat: list[int], before_ns: int) -> bool:
+    """Whether a file whose ``stat`` was taken before a read starting at ``before_ns`` had not
+    changed in the last ``RACY_NS`` before it: only then does an equal stat later prove the
+    same content (git's rule for racily clean index entries)."""
+    return max(stat[1], stat[2]) < before_ns - RACY_NS
+
+
 def run_file_key(run_dir: Path, predictions: bytes) -> dict[str, str]:
     """The sha256 of each of a run's files (``predictions``: the bytes read from it)."""
     key = {}
@@ -539,22 +571,128 @@ def run_file_key(run_dir: Path, predictions: bytes) -> dict[str, str]:
     return key
 
 
-def load_summary(run_dir: Path, store: SummaryStore) -> tuple[RunSummary, bool]:
-    """A finished run's summary: the stored one when it passes every check, else computed
-    from its files (second item True). Raises what ``load_run`` raises for a bad folder."""
-    header = read_header(run_dir)
+@dataclass
+class Pending:
+    """A run whose stored summary is missing or failed a check: summarised from its files."""
+
+    run_dir: Path
+    header: RunHeader
+    key: dict[str, str]
+
+
+def read_settled(path: Path) -> tuple[bytes, list[int] | None]:
+    """A predictions file's bytes, and its stat when it proves them later (it did not change
+    while read, nor in the ``RACY_NS`` before): else None."""
+    before = time.time_ns()
+    try:
+        stat = file_stat(path)
+    except OSError:
+        stat = None
+    data = read_bounded(path, MAX_JSON_BYTES, "predictions file")
+    try:
+        same = stat is not None and file_stat(path) == stat
+    except OSError:
+        same = False
+    return data, (stat if same and settled(stat, before) else None)
+
+
+def _recorded_key(run_dir: Path, stored: Any) -> dict[str, str] | None:
+    """The key of a run whose predictions file has the stat its stored summary recorded (the
+    same file, untouched since it was hashed: its recorded hash is its hash), else None."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("files"), dict):
+        return None
+    recorded = stored.get("predictions_stat")
+    try:
+        unchanged = recorded is not None and recorded == file_stat(run_dir / PREDICTIONS)
+    except OSError:
+        return None
+    if not unchanged:
+        return None
+    return {**run_file_key(run_dir, b""), PREDICTIONS: stored["files"].get(PREDICTIONS)}
+
+
+def prepare(run_dir: Path, store: SummaryStore, header: RunHeader | None = None
+            ) -> RunSummary | Pending:
+    """A finished run's stored summary when it passes every check, else what summarising it
+    needs (``header``: its ``read_header``, if read already). Raises what ``load_run`` raises
+    for a bad folder. The predictions file is not read when its stat is the one recorded."""
+    header = header or read_header(run_dir)
     path = run_dir / PREDICTIONS
     if not path.is_file():
         read_predictions(path)  # says what is missing, as load_run does
-    data = read_bounded(path, MAX_JSON_BYTES, "predictions file")
-    key = run_file_key(run_dir, data)
     stored = store.read(run_dir.name)
+    key, stat = _recorded_key(run_dir, stored), None
+    if key is None:
+        data, stat = read_settled(path)
+        key = run_file_key(run_dir, data)
     summary = summary_from_payload(stored, header, key) if stored is not None else None
-    if summary is not None:
-        store.reused += 1
-        return summary, False
+    if summary is None:
+        return Pending(run_dir, header, key)
+    store.reused += 1
+    if stat is not None and stat != summary.predictions_stat:
+        summary.predictions_stat = stat  # hashed now and settled: later builds need not
+        store.write(summary)
+    return summary
+
+
+def summarise_pending(job: Pending) -> RunSummary | LostregError:
+    """``summarise`` of one run (in a worker process when there are many); a bad file is
+    returned, not raised, to be reported where ``scan_runs`` reaches the folder."""
+    try:
+        data, stat = read_settled(job.run_dir / PREDICTIONS)
+        key = {**job.key, PREDICTIONS: hashlib.sha256(data).hexdigest()}  # as read now
+        summary = summarise(job.header, key, data)
+    except LostregError as exc:
+        return exc
+    summary.predictions_stat = stat
+    return summary
+
+
+def load_summary(run_dir: Path, store: SummaryStore) -> tuple[RunSummary, bool]:
+    """A finished run's summary: the stored one when it passes every check, else computed
+    from its files (second item True). Raises what ``load_run`` raises for a bad folder."""
+    ready = prepare(run_dir, store)
+    if isinstance(ready, RunSummary):
+        return ready, False
     store.recomputed.append(run_dir.name)
-    return summarise(header, key, data), True
+    summary = summarise_pending(ready)
+    if isinstance(summary, LostregError):
+        raise summary
+    return summary, True
+
+
+PARALLEL_FROM = 8  # runs to summarise before worker processes are worth starting
+
+
+def _ready_summaries(runs_dir: Path, store: SummaryStore
+                     ) -> dict[Path, RunSummary | LostregError]:
+    """Every finished folder's summary (or the error reading it gives), the ones to compute
+    computed together (``lostreg.workers``: in parallel when many), their totals at once."""
+    ready: dict[Path, RunSummary | LostregError] = {}
+    pending: list[Pending] = []
+    folders = sorted(path for path in runs_dir.iterdir() if path.is_dir()
+                     and not path.name.startswith(".") and (path / METRICS_FILE).exists())
+    for folder in folders:
+        try:
+            header = read_header(folder)
+            if is_scratch(header.config, header.metrics):
+                continue  # never read by scan_runs (a look during training)
+            item = prepare(folder, store, header)
+        except LostregError as exc:
+            ready[folder] = exc
+            continue
+        if isinstance(item, Pending):
+            pending.append(item)
+        else:
+            ready[folder] = item
+    computed = ordered_map(summarise_pending, pending, PARALLEL_FROM)
+    add_totals(summary for summary in computed if isinstance(summary, RunSummary))
+    for job, summary in zip(pending, computed, strict=True):
+        ready[job.run_dir] = summary
+        if isinstance(summary, RunSummary):
+            store.recomputed.append(job.run_dir.name)
+            store.write(summary)
+    return ready
 
 
 def _stderr(line: str) -> None:
@@ -567,21 +705,20 @@ def scan_summaries(runs_dir: str | Path, include_smoke: bool = False,
                    report: Callable[[str], None] | None = _stderr
                    ) -> tuple[ScanResult, SummaryStore]:
     """``store.scan_runs`` over summaries: the same runs, skips and counts, each run read from
-    its files only when they changed since it was last summarised; the new summaries' totals
-    are computed together, then stored."""
+    its files only when they changed since it was last summarised; the new summaries are
+    computed together (their bootstrap totals at once), then stored."""
     runs_dir = Path(runs_dir)
     store = SummaryStore(runs_dir, report)
-    fresh: list[RunSummary] = []
+    ready = _ready_summaries(runs_dir, store) if runs_dir.is_dir() else {}
 
     def load(folder: Path) -> RunSummary:
-        summary, computed = load_summary(folder, store)
-        if computed:
-            fresh.append(summary)
-        return summary
+        item = ready.get(folder)
+        if item is None:  # appeared since: read it now
+            item = load_summary(folder, store)[0]
+        if isinstance(item, LostregError):
+            raise item
+        return item
 
     result = scan_runs(runs_dir, include_smoke, report, load=load)
-    add_totals(fresh)
-    for summary in fresh:
-        store.write(summary)
     store.prune()
     return result, store

@@ -8,15 +8,14 @@ inputs (with matplotlib's version and the drawing modules' source) and of the PN
 figure is kept when both still match, the file being a regular file (not a link) with those
 bytes; otherwise it is drawn again, so a changed run, changed code, an edited or deleted PNG
 or a damaged record all lead to a fresh drawing. Many figures to draw are drawn in worker
-processes (one per core, at most ``MAX_WORKERS``); the bytes are the same either way.
+processes (``lostreg.workers``); the bytes are the same either way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_text, loads_bounded, read_bounded
 from lostreg.reports.leaderboard import figures
 from lostreg.reports.leaderboard.figures import IouPlot, figure_png, iou_plot_figure
+from lostreg.workers import ordered_map
 
 MANIFEST = ".drawn.json"
 MANIFEST_FORMAT = "lostreg-drawn-figures/1"
-MAX_WORKERS = 8
 PARALLEL_FROM = 8  # figures to draw before worker processes are worth starting
 
 
@@ -84,20 +83,6 @@ def _draw_iou(plot: IouPlot) -> bytes:
     return figure_png(iou_plot_figure(plot))
 
 
-def _draw_many(draw: Callable[[Any], bytes], items: Sequence[Any]) -> Iterable[bytes]:
-    """PNG bytes of each item, in order: in worker processes when there are many."""
-    workers = min(MAX_WORKERS, os.cpu_count() or 1, len(items))
-    if workers < 2 or len(items) < PARALLEL_FROM or not hasattr(os, "fork"):
-        return map(draw, items)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    chunk = max(1, len(items) // (4 * workers))
-    with pool:
-        return list(pool.map(draw, items, chunksize=chunk))
-
-
 class FigureWriter:
     """Writes the figures of one output folder, keeping those whose record still holds."""
 
@@ -136,8 +121,8 @@ class FigureWriter:
             key = source_key("iou", plot.__dict__)
             if not self._kept(name, key):
                 todo.append((name, key, plot))
-        for (name, key, _), png in zip(todo, _draw_many(_draw_iou, [t[2] for t in todo]),
-                                       strict=True):
+        pngs = ordered_map(_draw_iou, [plot for _, _, plot in todo], PARALLEL_FROM)
+        for (name, key, _), png in zip(todo, pngs, strict=True):
             self._write(name, key, png)
         listed = {f"{plot.run_id}.png" for plot in plots}
         folder = self.folder / subfolder
