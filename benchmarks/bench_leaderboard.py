@@ -157,17 +157,22 @@ print(json.dumps({"phases": phases, "line": lb.summary_line(board, Path(sys.argv
 """
 
 
-def timed_build(runs: Path, out: Path) -> dict[str, Any]:
+def timed_build(runs: Path, out: Path, source: Path | None = None) -> dict[str, Any]:
     """One child process doing the leaderboard command's work: its wall time (interpreter
     start included), its phases and its own peak RSS (``VmHWM``: ``ru_maxrss`` of a child
     carries its parent's at the fork, here the benchmark's torch), and the largest peak of the
     worker processes that draw figures (``RUSAGE_CHILDREN``, which includes what each worker
-    shares with the child it was forked from)."""
+    shares with the child it was forked from). ``source``: another lostreg checkout to time
+    instead of this one (the same child code, that checkout first on the path)."""
     command = [sys.executable, "-c", CHILD, str(runs), str(out)]
     logs = out.parent / "build.out", out.parent / "build.err"
     with open(logs[0], "wb") as stdout, open(logs[1], "wb") as stderr:
         start = time.perf_counter()
-        child = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+        env = dict(os.environ)
+        if source is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
+        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env,
+                                 cwd=source or Path.cwd())
         _, status, _ = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -196,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100, help="generated runs (default 100)")
     parser.add_argument("--images", type=int, default=VOC07_IMAGES,
                         help=f"images per run (default {VOC07_IMAGES}, VOC07 trainval)")
+    parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
+                        help="also build cold with another lostreg source tree (e.g. `mkdir "
+                             "/tmp/lb0 && git archive 0b4749c | tar -x -C /tmp/lb0`: the "
+                             "leaderboard before per-run summaries) on the same runs, and print "
+                             "the ratio")
     add_output_options(parser)
     args = parser.parse_args(argv)
     with scratch_folder(args.workdir, "leaderboard") as work:
@@ -208,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         first = output_bytes(out)
         rebuild = timed_build(runs, out)
         same = output_bytes(out) == first
+        baseline = None
+        if args.compare is not None:
+            baseline = timed_build(runs, work / "out-baseline", args.compare.resolve())
+            same_as_baseline = all(
+                (work / "out-baseline" / name).read_bytes() == (out / name).read_bytes()
+                for name in ("leaderboard.csv", "comparison.csv", "comparison.md"))
     at_goal_size = args.runs >= GOAL_AT and args.images >= VOC07_IMAGES
     met = {"cold": cold["seconds"] <= GOAL_COLD_S, "rebuild": rebuild["seconds"] <= GOAL_REBUILD_S,
            "rss": max(cold["peak_rss_mib"], rebuild["peak_rss_mib"]) <= GOAL_RSS_MIB}
@@ -229,12 +245,21 @@ def main(argv: list[str] | None = None) -> int:
             (f"GOAL cold <= {GOAL_COLD_S:.0f} s at {GOAL_AT} runs", verdict["cold"]),
             (f"GOAL rebuild <= {GOAL_REBUILD_S:.0f} s at {GOAL_AT} runs", verdict["rebuild"]),
             (f"GOAL peak RSS <= {GOAL_RSS_MIB:.0f} MiB", verdict["rss"]),
+            *([] if baseline is None else [
+                (f"baseline {args.compare}: cold build (s)", f"{baseline['seconds']:.2f}"),
+                ("baseline peak RSS (MiB)", f"{baseline['peak_rss_mib']:.0f}"),
+                *phase_rows("baseline", baseline),
+                ("baseline wrote the same CSV and markdown bytes", same_as_baseline),
+                ("RATIO baseline / cold build", f"{baseline['seconds'] / cold['seconds']:.2f}"),
+                ("RATIO baseline / rebuild", f"{baseline['seconds'] / rebuild['seconds']:.1f}"),
+            ]),
             ("summary line", rebuild["line"]),
             ("machine.cpu", f"{cpu_model()}, {os.cpu_count()} cores, load "
                             f"{os.getloadavg()[0]:.2f}")]
     print(result_block("bench_leaderboard: cold build and rebuild", rows))
     save_json(args.json, {"runs": args.runs, "images": args.images, "cold": cold,
-                          "rebuild": rebuild, "same_bytes": same, "met": met})
+                          "rebuild": rebuild, "baseline": baseline, "same_bytes": same,
+                          "met": met})
     return 0
 
 
