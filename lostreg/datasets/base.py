@@ -119,8 +119,7 @@ class DataChecks:
     compared at decode time, so the run calls ``check_decoded_size`` once per decoded image.
     """
 
-    counts: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(CHECK_NAMES + MASK_CHECK_NAMES, 0))
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECK_NAMES, 0))
     first: dict[str, str] = field(default_factory=dict)
     masks: bool = False  # a saliency run: the mask checks are reported too
 
@@ -156,10 +155,10 @@ class DataChecks:
 
     def add(self, name: str, where: str, count: int = 1) -> None:
         """Count ``count`` cases of check ``name``; ``where`` names the first one seen."""
-        if name not in self.counts:
+        if name not in CHECK_NAMES + MASK_CHECK_NAMES:
             raise ValueError(f"unknown data check {name!r}; known: "
                              f"{', '.join(CHECK_NAMES + MASK_CHECK_NAMES)}")
-        self.counts[name] += count
+        self.counts[name] = self.counts.get(name, 0) + count
         self.first.setdefault(name, where)
 
     def check_decoded_size(self, record: ImageRecord, height: int, width: int) -> bool:
@@ -175,7 +174,7 @@ class DataChecks:
     def warnings(self, dataset: str) -> list[str]:
         """One ``warning: ...`` line per non-zero check, naming the first case."""
         return [f"warning: {dataset}: {self.counts[name]} {_CHECK_TEXT[name]}; first: "
-                f"{self.first[name]}" for name in self._names() if self.counts[name]]
+                f"{self.first[name]}" for name in self._names() if self.counts.get(name)]
 
     def _names(self) -> tuple[str, ...]:
         return CHECK_NAMES + MASK_CHECK_NAMES if self.masks else CHECK_NAMES
@@ -183,7 +182,8 @@ class DataChecks:
     def to_json(self) -> dict:
         """``{"boxes_clipped": n, "zero_area_boxes": n, "image_size_mismatch": n,
         "first": {check: where}}`` for ``metrics.json``."""
-        return {**{name: self.counts[name] for name in self._names()}, "first": dict(self.first)}
+        return {**{name: self.counts.get(name, 0) for name in self._names()},
+                "first": dict(self.first)}
 
 
 def checked_box(box: Sequence[float], width: int, height: int, where: str,
