@@ -275,3 +275,15 @@ def test_resized_features_have_their_own_cache_and_a_cached_rerun_is_exact(
     assert json.loads(key.read_text())["image_protocol"] == "resize"
     (first,), (second,) = (tmp_path / "cached").iterdir(), (tmp_path / "again").iterdir()
     assert (first / "predictions.jsonl").read_bytes() == (second / "predictions.jsonl").read_bytes()
+
+
+def test_bench_saliency_runs_on_a_tiny_tree(tmp_path, capsys) -> None:
+    from benchmarks import bench_saliency
+
+    assert bench_saliency.main(["--model", SPEC.name, "--images", "3", "--sides", "40,60",
+                                "--size-scale", "1", "--num-workers", "0",
+                                "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n_images"] == 3 and set(result["runs"]) == {
+        "lost/none", "tokencut/none", "tokencut/bilateral", "dinoseg/none"}
+    assert "ratio run / bare forward" in capsys.readouterr().out
