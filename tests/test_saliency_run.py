@@ -287,3 +287,18 @@ def test_bench_saliency_runs_on_a_tiny_tree(tmp_path, capsys) -> None:
     assert result["n_images"] == 3 and set(result["runs"]) == {
         "lost/none", "tokencut/none", "tokencut/bilateral", "dinoseg/none"}
     assert "ratio run / bare forward" in capsys.readouterr().out
+
+
+def test_mask_threads_write_the_same_lines(tmp_path, monkeypatch) -> None:
+    """On a GPU the per-image mask work is spread over threads; the lines are the same."""
+    import lostreg.runs.sweep as sweep
+
+    generate_mask_tree(tmp_path / "data", "ecssd", 4)
+    extra = ("--method", "lost,tokencut", "--refine", "none,bilateral", "--batch-size", "4")
+    assert main(cli(tmp_path, "one", *extra)) == 0
+    monkeypatch.setattr(sweep, "mask_threads", lambda device_type: 3)
+    assert main(cli(tmp_path, "three", *extra)) == 0
+    for run_dir in (tmp_path / "one").iterdir():
+        other = tmp_path / "three" / run_dir.name
+        assert (run_dir / "predictions.jsonl").read_bytes() == \
+            (other / "predictions.jsonl").read_bytes()

@@ -19,10 +19,16 @@ DINO-seg's thresholded attention). Per image, on the line writer's thread:
    per-image counts every definition needs (``saliency.image_counts``);
 4. the binary prediction (the soft output's ``> 0.5``) is stored as compressed RLE, and the
    line's ``box`` is the box around it (``[0, 0, 0, 0]`` when empty).
+
+This per-image work runs on the CPU. With the model on a GPU the cores are otherwise idle, so
+a batch's images are spread over ``mask_threads`` threads (the solver's sparse products,
+decoding and most array operations release the GIL); with the model on the CPU one thread
+does it, since the forward already keeps every core busy.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -34,6 +40,11 @@ from lostreg.evaluation.rle import encode, mask_box
 from lostreg.evaluation.saliency import image_counts
 from lostreg.evaluation.saliency_protocol import upsample_patch_mask
 from lostreg.methods.bilateral import bilateral_refine, refined_prediction
+
+
+def mask_threads(device_type: str) -> int:
+    """Threads for the per-image mask work: 1 when the model runs on the CPU, else up to 8."""
+    return 1 if device_type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def refined(record: ImageRecord, upsampled: np.ndarray, refine: str,

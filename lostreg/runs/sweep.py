@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ from lostreg.runs.folder import (
     write_config,
 )
 from lostreg.runs.lock import hold_runs
-from lostreg.runs.mask_lines import mask_prediction
+from lostreg.runs.mask_lines import mask_prediction, mask_threads
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -86,6 +87,7 @@ class Pass:
                                       "method": 0.0, "write": 0.0,
                                       "backbone_images": 0, "cached_images": 0}
         self.lines: LineWriter
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class Pass:
         with contextlib.ExitStack() as stack:
             for run in self.runs:
                 stack.callback(run.close)
+            stack.callback(self._close_pool)
             self.lines = stack.enter_context(LineWriter(  # drained before the runs close
                 on_idle=lambda: [run.sync() for run in self.runs]))
             caches = self._caches(mine, stack)
@@ -247,14 +250,16 @@ class Pass:
         """A saliency run's lines (``lostreg.runs.mask_lines``: upsampled, refined, counted
         against the GT), on the line writer's thread."""
         tick = time.perf_counter()
-        lines = []
-        for p, size, mask, seed in zip(positions, sizes, masks.numpy(), seeds.tolist(),
-                                       strict=True):
+        def one(item: tuple) -> dict:
+            p, size, mask, seed = item
             box, fields = mask_prediction(self.records[p], mask, size, run.config.refine,
                                           self.base.max_pixels)
-            line = self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None,
+            return self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None,
                               fields)
-            lines.append(line)
+
+        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), strict=True))
+        pool = self._mask_pool()
+        lines = list(pool.map(one, items)) if pool is not None else [one(i) for i in items]
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
@@ -268,12 +273,25 @@ class Pass:
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
+    def _mask_pool(self) -> ThreadPoolExecutor | None:
+        """Threads for a saliency run's per-image work (``mask_lines.mask_threads``), started
+        on first use and shut down with the pass; None for one thread."""
+        if self._pool is None and mask_threads(self.device.type) > 1:
+            self._pool = ThreadPoolExecutor(mask_threads(self.device.type),
+                                            thread_name_prefix="lostreg-masks")
+        return self._pool
+
     def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int],
               seed_rc: tuple[int, int] | None, prediction: dict | None = None) -> dict:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
             record = dataclasses.replace(record, height=size[0], width=size[1])
         return run.fmt.line(record, box, seed_rc, self.index.root, self.smoke, prediction)
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # --- the end --------------------------------------------------------------------------
 
