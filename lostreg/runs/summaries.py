@@ -335,11 +335,12 @@ def summary_from_payload(data: Any, header: RunHeader, key: dict[str, str]
 
 
 def _agrees(metrics: Mapping[str, MetricSummary], header: RunHeader) -> bool:
-    """The hit vector must give ``metrics.json``'s counts (the check ``load_run`` makes)."""
-    hits = [metric for metric in metrics.values() if metric.per_image == "hit"]
-    if not hits:
+    """At least one metric, every vector of ``metrics.json``'s image count, and a hit vector
+    of its hit count (the check ``load_run`` makes)."""
+    if not metrics or any(m.values.size != header.n_images for m in metrics.values()):
         return False
-    return (hits[0].values.size, int(hits[0].values.sum())) == (header.n_images, header.n_hits)
+    hits = [metric for metric in metrics.values() if metric.per_image == "hit"]
+    return all(int(metric.values.sum()) == header.n_hits for metric in hits)
 
 
 # --- summarising a run from its files ----------------------------------------------------------
@@ -367,10 +368,10 @@ def summarise(header: RunHeader, key: dict[str, str], data: bytes) -> RunSummary
     metrics = {spec.name: summarise_metric(spec, columns) for spec in METRICS.values()
                if spec.target == target and metric_columns(spec, columns)}
     image_ids = columns["image_id"]
+    if not metrics:
+        raise LostregError(f"{path}: no registered metric's per-image values to summarise")
     hits = next((m.values for m in metrics.values() if m.per_image == "hit"), None)
-    if hits is None:
-        raise LostregError(f"{path}: no per-image hits to summarise")
-    header.check_counts(len(image_ids), int(hits.sum()))
+    header.check_counts(len(image_ids), header.n_hits if hits is None else int(hits.sum()))
     histograms = {}
     if "best_iou" in columns:
         counts = np.histogram(np.asarray(columns["best_iou"], dtype=np.float64), IOU_BINS)[0]
