@@ -31,6 +31,7 @@ written (read-only runs folder) costs speed, never a result.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -181,9 +182,11 @@ class RunSummary(RunData):
 
     def __init__(self, header: RunHeader, key: dict[str, str], image_digest: str,
                  metrics: dict[str, MetricSummary], histograms: dict[str, list[int]]) -> None:
-        self.run_dir, self.config, self.metrics = header.run_dir, header.config, header.metrics
-        self.smoke, self.finished, self.info = header.smoke, header.finished, header.info
-        self.seconds, self.header = header.seconds, header
+        self.run_dir, self.smoke, self.finished = header.run_dir, header.smoke, header.finished
+        self.info, self.seconds = header.info, header.seconds
+        # the parsed settings stay (``info``); the files' dicts are read again if asked for,
+        # so thousands of runs do not hold thousands of config and metrics dicts
+        self.header = dataclasses.replace(header, config={}, metrics={})
         self.key, self.image_digest = key, image_digest
         self.metric_summaries, self.histograms = metrics, histograms
         self._predictions: pd.DataFrame | None = None
@@ -194,6 +197,16 @@ class RunSummary(RunData):
 
     def __repr__(self) -> str:
         return f"RunSummary({str(self.run_dir)!r})"
+
+    @cached_property
+    def config(self) -> dict:  # type: ignore[override]
+        """The run's ``config.json`` (read again on first use)."""
+        return read_header(self.run_dir).config
+
+    @cached_property
+    def metrics(self) -> dict:  # type: ignore[override]
+        """The run's ``metrics.json`` (read again on first use)."""
+        return read_header(self.run_dir).metrics
 
     @property
     def n_images(self) -> int:
@@ -412,18 +425,24 @@ def add_totals(summaries: Iterable[RunSummary]) -> None:
                 metric.totals = totals[:, column].astype(_totals_dtype(n))
 
 
+_ROWS_PER_PRODUCT = 128  # resamples turned into per-image counts at once (bounds memory)
+
+
 def resampled_totals(hits: np.ndarray, n: int) -> np.ndarray:
-    """``(n_resamples, columns)`` hit totals of each bootstrap resample of ``n`` images."""
+    """``(n_resamples, columns)`` hit totals of each bootstrap resample of ``n`` images: the
+    resamples' per-image counts (a few rows at a time) times the hit vectors."""
     columns = hits.shape[1]
     if not n:
         return np.zeros((stats.DEFAULT_RESAMPLES, columns), dtype=np.int64)
     values = hits.astype(np.float64)
     parts = []
     for idx in stats.resample_indices(n, stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED):
-        m = idx.shape[0]
-        flat = (idx + n * np.arange(m)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
-        parts.append((counts @ values).astype(np.int64))  # exact: sums of 0/1 terms
+        for start in range(0, idx.shape[0], _ROWS_PER_PRODUCT):
+            rows = idx[start:start + _ROWS_PER_PRODUCT]
+            m = rows.shape[0]
+            flat = (rows + n * np.arange(m)[:, None]).ravel()
+            counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
+            parts.append((counts @ values).astype(np.int64))  # exact: sums of 0/1 terms
     return np.concatenate(parts)
 
 
