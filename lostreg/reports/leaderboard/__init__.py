@@ -15,10 +15,16 @@ Outputs under ``--out`` (default ``results/``), each written atomically:
   trained-register twin and its test-time-register variant (same settings), with the exact
   McNemar test and a paired bootstrap interval of the difference; published figures
   (``lostreg/reports/leaderboard/published_corloc.csv``) as rows of their own with their protocol.
-- ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``.
+- ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``, each redrawn only when
+  what it shows changed (``figures/.drawn.json`` records what each was drawn from).
 
-Modules: ``runs`` (reading and validating run folders), ``published`` (the reference figures),
-``tables`` (leaderboard and comparison rows), ``markdown`` and ``figures``.
+Runs are read through their summaries (``lostreg.runs.summaries``: each run's predictions
+checked and summarised once per content of its files), so a rebuild reads no prediction line
+of a run that did not change. Text from the published CSV and from run files goes through
+``lostreg.reports.cells`` (one line per cell, escaped for markdown, no CSV formulas).
+
+Modules: ``published`` (the reference figures), ``tables`` (leaderboard and comparison rows),
+``markdown``, ``figures`` and ``drawing`` (which figures to redraw).
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from lostreg.reports.leaderboard.markdown import datasets_of
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, VARIANTS
@@ -212,6 +211,7 @@ def iou_plot_figure(plot: IouPlot) -> Any:
     centre weighted by its count): the same bars, to the pixel, as a histogram of every
     image's IoU (``tests/test_leaderboard_summaries.py``)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6.0, 3.8), layout="constrained")
     axis = figure.add_subplot()
