@@ -147,7 +147,7 @@ def mark(name):
                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     start = now
 from lostreg.reports import leaderboard as lb
-mark("import pandas, matplotlib, lostreg.reports.leaderboard")
+mark("import lostreg.reports.leaderboard (pandas, scipy)")
 import lostreg.methods  # the methods' titles and order, which the tables use (imports torch)
 mark("import lostreg.methods (torch)")
 board = lb.collect(sys.argv[1], report=None)
