@@ -182,7 +182,7 @@ def test_rebuild_is_idempotent_and_drops_stale_figures(tmp_path: Path) -> None:
     first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     lb.build_leaderboard(runs, out, include_smoke=True)
     second = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    assert first == second and len(first) == 7
+    assert first == second and len(first) == 8  # with comparison_saliency.csv (the anchors)
     lb.build_leaderboard(runs, out)  # without smoke: its figure goes
     assert not (out / "figures" / "iou" / "smoke-s.png").exists()
     assert not list(out.rglob("*.tmp"))

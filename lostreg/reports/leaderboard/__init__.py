@@ -16,6 +16,9 @@ Outputs under ``--out`` (default ``results/``), each written atomically:
   McNemar test and a paired bootstrap interval of the difference; published figures
   (``lostreg/reports/leaderboard/published_corloc.csv``) as rows of their own with their protocol.
 - ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``.
+- Mask runs (saliency, ``saliency.py``): rows of their own in ``leaderboard.csv`` (``acc``,
+  ``iou``, ``max_f``), ``comparison_saliency.csv``, the saliency part of ``comparison.md``,
+  ``figures/saliency_iou.png``, ``figures/saliency_f_curves.png`` and their IoU histograms.
 
 Modules: ``runs`` (reading and validating run folders), ``published`` (the reference figures),
 ``tables`` (leaderboard and comparison rows), ``markdown`` and ``figures``.
@@ -42,6 +45,9 @@ from lostreg.reports.leaderboard.published import (
     load_published,
     method_key,
 )
+from lostreg.reports.leaderboard.saliency import SaliencyBoard, collect_saliency, with_mask_rows
+from lostreg.reports.leaderboard.saliency_markdown import saliency_markdown
+from lostreg.reports.leaderboard.saliency_outputs import write_saliency_outputs
 from lostreg.reports.leaderboard.tables import (
     COMPARISON_COLUMNS,
     DATASET_LABELS,
@@ -95,6 +101,7 @@ class Leaderboard:
     skipped: list[str] = field(default_factory=list)  # one line per unreadable run folder
     smoke_excluded: int = 0  # smoke runs left out (no include_smoke)
     unfinished: int = 0  # run folders without metrics.json
+    saliency: SaliencyBoard | None = None  # mask runs and the published saliency anchors
 
 
 def _stderr(line: str) -> None:
@@ -109,8 +116,10 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
     scan = scan_runs(runs_dir, include_smoke, report)
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
-    return Leaderboard(scan.runs, leaderboard_frame(scan.runs), comparison, singles, figures,
-                       scan.skipped, scan.smoke_excluded, scan.unfinished)
+    masks = collect_saliency(runs_dir, include_smoke, published, report)
+    return Leaderboard(scan.runs, with_mask_rows(leaderboard_frame(scan.runs), masks),
+                       comparison, singles, figures, scan.skipped + masks.skipped,
+                       scan.smoke_excluded + masks.smoke_excluded, scan.unfinished, masks)
 
 
 def _csv(frame: pd.DataFrame) -> str:
@@ -126,12 +135,13 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
         if comparison[column].dtype == float and column != "mcnemar_p":
             comparison[column] = comparison[column].round(4)
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
-    atomic_write_text(out_dir / "comparison.md", comparison_markdown(board))
+    atomic_write_text(out_dir / "comparison.md",
+                      comparison_markdown(board) + saliency_markdown(board.saliency))
     figures = out_dir / "figures"
     atomic_write_bytes(figures / "corloc_registers.png",
                        figure_png(register_bar_figure(board.comparison)))
     iou_dir = figures / "iou"
-    written = set()
+    written = write_saliency_outputs(board.saliency, out_dir)  # and the mask runs' histograms
     for run in board.runs:
         name = f"{run.run_id}.png"
         atomic_write_bytes(iou_dir / name, figure_png(iou_figure(run)))
