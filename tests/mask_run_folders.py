@@ -3,13 +3,15 @@
 The contract (fixed by the lead for issue 19; ``lostreg.run`` on ``ecssd``/``duts_te``/
 ``dut_omron`` writes it): an ordinary run folder whose predictions lines hold ``gt_size``
 ``[width, height]``, ``gt_grey_pixels``, ``sal_iou`` (TokenCut's IoU, ``null`` for 0/0),
-``sal_acc``, ``sal_counts`` (``ImageCounts.as_json()``) and ``pred_mask_rle`` (pycocotools
-compressed RLE of the ``> 0.5`` mask, ``counts`` as ASCII); ``metrics.json`` holds ``acc``,
-``iou``, ``max_f`` (percent, 4 decimals), ``max_f_threshold``, ``f_curve`` (255 floats),
+``sal_acc``, ``sal_counts`` (``ImageCounts.as_json()``) and ``pred_mask_rle`` (compressed RLE
+of the ``> 0.5`` mask, ``counts`` as ASCII); ``metrics.json`` holds ``acc``, ``iou``, ``max_f``
+(percent, 4 decimals), ``max_f_threshold``, ``f_curve`` (255 floats),
 ``saliency_definition``, ``iou_nan_images``, ``iou_empty_as_one`` and ``saliency_variants``;
-``config.json`` records ``refine`` and ``mask_protocol`` (both in the identity). Every figure is
-computed here with ``lostreg.evaluation.saliency`` from generated masks, so a folder is exactly
-what a run on those masks would write.
+``config.json`` records ``refine`` and ``mask_protocol`` (both in the identity). The scores
+and figures are the saliency metric's own (``lostreg.evaluation.saliency_metric``: ``score``
+per line, its aggregate for ``metrics.json``) on generated masks, as a run's are, so a folder
+is what a run on those masks would write; ``tests/test_leaderboard_saliency.py`` also reads a
+real smoke run's folders.
 
 ``scene`` makes one image: a GT rectangle (with grey border pixels when asked) and a predicted
 rectangle shifted by ``shift`` pixels (a soft map for a refined run); ``write_mask_run`` writes
@@ -19,15 +21,15 @@ a folder from a list of shifts, and the images themselves under ``data_root`` wh
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from lostreg.evaluation import saliency
+from lostreg.evaluation.rle import encode, mask_box
+from lostreg.evaluation.saliency_metric import SALIENCY, SaliencyAggregate
 
 WIDTH, HEIGHT = 32, 24
 REG = {"model": "dinov2_vits14_reg4", "timm_name": "vit_small_patch14_reg4_dinov2.lvd142m",
@@ -58,51 +60,30 @@ def scene(index: int, shift: int | None, *, soft: bool = False, grey: bool = Fal
 
 
 def rle_of(pred: np.ndarray) -> dict[str, Any]:
-    """The contract's ``pred_mask_rle``: the ``> 0.5`` mask, Fortran order, ASCII counts."""
-    binary = np.asfortranarray((pred > 0.5).astype(np.uint8))
-    rle = mask_utils.encode(binary)
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
-def _percent(value: float) -> float | None:
-    return None if math.isnan(value) else round(100.0 * value, 4)
+    """The contract's ``pred_mask_rle``: the ``> 0.5`` mask (``evaluation.rle.encode``)."""
+    return encode(pred > 0.5)
 
 
 def prediction_line(index: int, image_id: str, gt: np.ndarray, pred: np.ndarray) -> dict:
+    """One line as a mask run writes it: the saliency metric scores its counts."""
     counts = saliency.image_counts(pred, gt)
-    values = saliency.per_image(counts, "tokencut")
     height, width = gt.shape
-    return {"image_id": image_id, "file": f"img/{image_id}.jpg", "width": width,
-            "height": height, "gt_size": [width, height],
-            "gt_grey_pixels": saliency.grey_pixel_count(gt),
-            "sal_iou": _finite(values["iou"]), "sal_acc": values["acc"],
+    binary = pred > 0.5
+    line = {"image_id": image_id, "file": f"img/{image_id}.jpg", "width": width,
+            "height": height, "box": mask_box(binary), "seed": [0, 0],
+            "gt_size": [width, height], "gt_grey_pixels": saliency.grey_pixel_count(gt),
             "sal_counts": counts.as_json(), "pred_mask_rle": rle_of(pred)}
+    return {**line, **SALIENCY.score(line, None)}
 
 
-def saliency_metrics(counts: list[saliency.ImageCounts]) -> dict[str, Any]:
-    """``metrics.json``'s saliency keys, as the contract has them (NaN written as null)."""
-    scores = saliency.evaluate_all(counts)
-    tokencut, move, found = (scores[name] for name in ("tokencut", "move", "found"))
-    t, m, f = tokencut.metrics, move.metrics, found.metrics
-    return {
-        "acc": _percent(t["acc"]), "iou": _percent(t["iou"]), "max_f": _percent(t["max_f"]),
-        "max_f_threshold": t["argmax_threshold"], "f_curve": tokencut.f_curve,
-        "saliency_definition": "tokencut", "iou_nan_images": int(t["iou_nan_images"]),
-        "iou_empty_as_one": _percent(t["iou_empty_as_one"]),
-        "saliency_variants": {
-            "move": {"acc": _percent(m["acc"]), "iou": _percent(m["iou"]),
-                     "max_f": _percent(m["max_f"]),
-                     "max_f_per_image": _percent(m["max_f_per_image"]),
-                     "f_curve": move.f_curve},
-            "found": {"acc": _percent(f["acc"]), "iou": _percent(f["iou"]),
-                      "iou_last_image": _percent(f["iou_last_image"]),
-                      "max_f_per_image": _percent(f["max_f_per_image"]),
-                      "max_f_dataset": _percent(f["max_f_dataset"])}},
-    }
+def saliency_metrics(lines: list[dict]) -> dict[str, Any]:
+    """``metrics.json``'s saliency keys: the metric's own aggregate over the lines."""
+    aggregate = SaliencyAggregate()
+    for line in lines:
+        aggregate.update(line)
+    result = aggregate.result()
+    result.pop("n_images")
+    return result
 
 
 def write_mask_run(root: Path, name: str, shifts: list[int | None], *,
@@ -143,13 +124,13 @@ def write_mask_run(root: Path, name: str, shifts: list[int | None], *,
     run_dir = root / name
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(config))
-    lines, counts = [], []
+    lines, records = [], []
     for i, shift in enumerate(shifts):
         index = -1 if i < empty_images else i
         gt, pred = scene(index, None if index < 0 else shift, soft=soft, grey=grey)
         image_id = f"img_{i:04d}"
         line = prediction_line(index, image_id, gt, pred)
-        counts.append(saliency.ImageCounts.from_json(line["sal_counts"]))
+        records.append(line)
         lines.append(json.dumps(line) + "\n")
         if write_images:
             path = data_root / line["file"]
@@ -161,7 +142,7 @@ def write_mask_run(root: Path, name: str, shifts: list[int | None], *,
                "weights": "random" if smoke else "pretrained", "seconds": {"total": 1.5},
                "finished": finished, "model": model, "dataset": dataset, "feature": "k",
                "method": method, "method_params": params, "layer": -1, "normalize": "none",
-               "pos_interp": "original", **saliency_metrics(counts)}
+               "pos_interp": "original", **saliency_metrics(records)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
 

@@ -138,12 +138,12 @@ def _damage(run_dir: Path, what: str) -> None:
 
 @pytest.mark.parametrize(("what", "message"), [
     ("sal_iou", "predictions.jsonl:3: 'sal_iou' is 0.99 but its sal_counts give"),
-    ("rle_size", "predictions.jsonl:2: 'pred_mask_rle' is 24x33 (height x width) but the GT "
-                 "is 24x32"),
+    ("rle_size", "predictions.jsonl:2: 'pred_mask_rle': size [24, 33] is not the image's "
+                 "[24, 32]"),
     ("rle_other_mask", "predictions.jsonl:2: 'pred_mask_rle' has 0 pixels but sal_counts has "
                        "168 above 0.5"),
-    ("counts", "predictions.jsonl:4: 'sal_counts': saliency counts: bins, pred and gt lists "
-               "disagree"),
+    ("counts", "predictions.jsonl:4: 'sal_counts': bins, pred, gt (gt_half, gt_full) must be "
+               "integer lists of one length"),
     ("gt_size", "predictions.jsonl:1: 'gt_size' [24, 32] is not the image's size [32, 24]"),
     ("iou", "metrics.json: 'iou' is 12.5 but the predictions give"),
     ("max_f", "metrics.json: 'max_f' is 50.0 but its f_curve gives"),

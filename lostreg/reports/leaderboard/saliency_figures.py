@@ -21,7 +21,10 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from lostreg.errors import LostregError
 from lostreg.evaluation import saliency as saliency_metric
+from lostreg.evaluation.rle import rle_problem
+from lostreg.fields import Fields
 from lostreg.reports.leaderboard.figures import SMOKE_MARK, mark_smoke, wrap
 from lostreg.reports.leaderboard.published import VARIANT_LABELS
 from lostreg.reports.leaderboard.saliency import (
@@ -276,12 +279,21 @@ def pair_changes(pairs: Sequence[tuple[MaskRun, MaskRun]]) -> pd.DataFrame:
 
 
 def _rles(run: MaskRun) -> dict[str, dict[str, Any]]:
-    """Every line's RLE (checked when the run was loaded), as pycocotools takes it."""
+    """Every line's RLE, checked again (pycocotools trusts its input) and as it takes it."""
     from lostreg.io import read_jsonl
 
-    return {record["image_id"]: {"size": record["pred_mask_rle"]["size"],
-                                 "counts": record["pred_mask_rle"]["counts"].encode("ascii")}
-            for record in read_jsonl(run.run_dir / PREDICTIONS)}
+    rles = {}
+    path = run.run_dir / PREDICTIONS
+    for number, record in enumerate(read_jsonl(path), start=1):
+        fields = Fields(record if isinstance(record, dict) else {}, f"{path}:{number}")
+        rle = record.get("pred_mask_rle") if isinstance(record, dict) else None
+        problem = rle_problem(rle, fields.integer("height", minimum=1),
+                              fields.integer("width", minimum=1))
+        if problem:
+            raise LostregError(f"{fields.where}: 'pred_mask_rle': {problem}")
+        rles[fields.text("image_id")] = {"size": rle["size"],
+                                         "counts": rle["counts"].encode("ascii")}
+    return rles
 
 
 def mask_changes(base: MaskRun, other: MaskRun, limit: int = MAX_IMAGES) -> pd.DataFrame:
@@ -296,7 +308,7 @@ def mask_changes(base: MaskRun, other: MaskRun, limit: int = MAX_IMAGES) -> pd.D
     agreement = []
     for image_id in joined["image_id"]:
         a, b = first[image_id], second[image_id]
-        empty = mask_utils.area(a) == 0 and mask_utils.area(b) == 0
+        empty = int(mask_utils.area(a)) == 0 and int(mask_utils.area(b)) == 0
         agreement.append(1.0 if empty else float(mask_utils.iou([a], [b], [0])[0][0]))
     joined["mask_agreement"] = agreement
     joined["iou_change"] = (joined["sal_iou_reg"] - joined["sal_iou"]).abs().fillna(0.0)
@@ -305,15 +317,27 @@ def mask_changes(base: MaskRun, other: MaskRun, limit: int = MAX_IMAGES) -> pd.D
     return joined.head(limit).reset_index(drop=True)
 
 
+def data_roots(run: MaskRun) -> list[Path]:
+    """The run's data roots: the dataset's folder (``config.json``'s ``data_root``) and the
+    ``--data-root`` it was found under (``settings.data_root``): a mask run's ``file`` is
+    relative to the second (``ECSSD/images/0001.jpg``), a VOC run's to the first."""
+    settings = run.config.get("settings")
+    given = [run.config.get("data_root"),
+             settings.get("data_root") if isinstance(settings, dict) else None]
+    return [Path(root) for root in given if isinstance(root, str) and root]
+
+
 def image_under_root(run: MaskRun, file: Any) -> Path | None:
-    """The dataset image of a line when its file is under the run's data root (a ``file``
-    read from disk is never followed outside it); None otherwise."""
-    root = run.config.get("data_root")
-    if not isinstance(root, str) or not isinstance(file, str) or not root or not file:
+    """The dataset image of a line when its file is under one of the run's data roots (a
+    ``file`` read from disk is never followed outside them); None otherwise."""
+    if not isinstance(file, str) or not file:
         return None
-    base = Path(root).resolve()
-    path = (base / file).resolve()
-    return path if path.is_relative_to(base) and path.is_file() else None
+    for root in data_roots(run):
+        base = root.resolve()
+        path = (base / file).resolve()
+        if path.is_relative_to(base) and path.is_file():
+            return path
+    return None
 
 
 def _shown_picture(run: MaskRun, image: pd.Series) -> np.ndarray | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +35,9 @@ import pandas as pd
 
 from lostreg.errors import LostregError
 from lostreg.evaluation import saliency
+from lostreg.evaluation.rle import decode as decode_rle
+from lostreg.evaluation.rle import foreground, rle_problem
+from lostreg.evaluation.saliency_metric import counts_problem
 from lostreg.fields import Fields, is_int, is_number, shown
 from lostreg.io import read_json_object, read_jsonl
 from lostreg.reports.leaderboard.published import REFINES
@@ -54,7 +56,9 @@ from lostreg.runs.store import (
 F_CURVE_POINTS = len(saliency.TOKENCUT_THRESHOLDS)  # 255
 # metrics.json's rounding: percent with 4 decimals, so a recomputed figure is equal within this
 PERCENT_TOLERANCE = 1.5e-4
-CURVE_TOLERANCE = 1e-6  # the F curve is stored unrounded (float64 means of float32 F)
+# the F curve is stored rounded to 8 decimals: two thresholds may tie there, not before
+CURVE_TOLERANCE = 1e-6
+SCORE_DECIMALS = 6  # sal_iou and sal_acc as the saliency metric writes them
 # each definition's (Acc, IoU, maxF) keys (the tokencut ones at metrics.json's top level; the
 # others in saliency_variants and in ``lostreg.evaluation.saliency``'s results)
 DEFINITION_KEYS = {"tokencut": ("acc", "iou", "max_f"), "move": ("acc", "iou", "max_f"),
@@ -132,31 +136,20 @@ class MaskRun:
 
 
 def _rle_area(rle: Any, where: str, size: tuple[int, int]) -> int:
-    """The pixel count of a line's ``pred_mask_rle``, checked: ``{"size": [h, w], "counts":
-    str}`` with the GT's size (the count comes from the RLE itself, without decoding it)."""
-    from pycocotools import mask as mask_utils
-
-    if (not isinstance(rle, dict) or set(rle) != {"size", "counts"}
-            or not isinstance(rle["counts"], str) or not isinstance(rle["size"], list)
-            or len(rle["size"]) != 2 or not all(is_int(v) for v in rle["size"])):
-        raise LostregError(f"{where}: 'pred_mask_rle' must be {{\"size\": [height, width], "
-                           f"\"counts\": string}}, not {shown(rle)}")
-    if tuple(rle["size"]) != size:
-        raise LostregError(f"{where}: 'pred_mask_rle' is {rle['size'][0]}x{rle['size'][1]} "
-                           f"(height x width) but the GT is {size[0]}x{size[1]}")
-    try:
-        return int(mask_utils.area({"size": rle["size"],
-                                    "counts": rle["counts"].encode("ascii")}))
-    except (UnicodeEncodeError, ValueError, TypeError) as exc:
-        raise LostregError(f"{where}: 'pred_mask_rle' counts are not a compressed RLE "
-                           f"({exc})") from None
+    """The pixel count of a line's ``pred_mask_rle``, checked (``evaluation.rle``: its runs
+    parsed and covering exactly the GT's size, nothing decoded)."""
+    problem = rle_problem(rle, *size)
+    if problem:
+        raise LostregError(f"{where}: 'pred_mask_rle': {problem}")
+    return foreground(rle)
 
 
 def _same(stored: Any, computed: float) -> bool:
-    """A stored per-image score equals the recomputed one (``null`` for NaN)."""
+    """A stored per-image score is the recomputed one as the metric writes it (rounded to
+    ``SCORE_DECIMALS``; ``null`` for NaN)."""
     if math.isnan(computed):
         return stored is None
-    return is_number(stored) and float(stored) == computed
+    return is_number(stored) and float(stored) == round(computed, SCORE_DECIMALS)
 
 
 def tokencut_iou(tp: int, predicted: int, gt: int) -> float:
@@ -184,10 +177,10 @@ def _checked_line(record: Any, where: str) -> dict[str, Any]:
     if gt_size != [row["width"], row["height"]]:
         raise LostregError(f"{where}: 'gt_size' {gt_size} is not the image's size "
                            f"[{row['width']}, {row['height']}]")
-    try:
-        counts = saliency.ImageCounts.from_json(line.mapping("sal_counts"))
-    except LostregError as exc:
-        raise LostregError(f"{where}: 'sal_counts': {exc}") from None
+    problem = counts_problem(record.get("sal_counts"))
+    if problem:
+        raise LostregError(f"{where}: 'sal_counts': {problem}")
+    counts = saliency.ImageCounts.from_json(record["sal_counts"])
     pixels = row["width"] * row["height"]
     if counts.pixels != pixels or counts.grey != row["gt_grey_pixels"]:
         raise LostregError(f"{where}: 'sal_counts' holds {counts.pixels} pixels ({counts.grey} "
@@ -275,7 +268,8 @@ def _curve(metrics: Fields) -> tuple[np.ndarray, float | None, float]:
     best = int(np.argmax(values))
     _agrees(max_f, float(values[best]), where, "max_f", "its f_curve gives")
     threshold = metrics.number("max_f_threshold")
-    if threshold != float(saliency.TOKENCUT_THRESHOLDS[best]):
+    at = np.flatnonzero(saliency.TOKENCUT_THRESHOLDS == threshold)
+    if not at.size or values[at[0]] < values[best] - CURVE_TOLERANCE:
         raise LostregError(f"{where}: 'max_f_threshold' is {threshold!r} but its f_curve peaks "
                            f"at {float(saliency.TOKENCUT_THRESHOLDS[best])!r}")
     return values, max_f, threshold
@@ -430,24 +424,18 @@ def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
 
 def read_masks(run: MaskRun, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
     """The predicted binary masks (``bool`` HxW) of ``image_ids``, decoded from their lines'
-    ``pred_mask_rle``: the file is read again, line by line, and only these are kept."""
-    from pycocotools import mask as mask_utils
-
+    ``pred_mask_rle`` (checked first: pycocotools' decoder trusts its input): the file is read
+    again, line by line, and only these are kept."""
     wanted = set(image_ids)
     path = run.run_dir / PREDICTIONS
     masks: dict[str, np.ndarray] = {}
     for number, record in enumerate(read_jsonl(path), start=1):
         if not isinstance(record, dict) or record.get("image_id") not in wanted:
             continue
-        where = f"{path}:{number}"
-        size = (Fields(record, where).integer("height", minimum=1),
-                Fields(record, where).integer("width", minimum=1))
-        _rle_area(record.get("pred_mask_rle"), where, size)
-        rle = record["pred_mask_rle"]
-        with warnings.catch_warnings():  # pycocotools' own NumPy 2 copy-keyword notice
-            warnings.simplefilter("ignore", DeprecationWarning)
-            decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()})
-        masks[record["image_id"]] = decoded.astype(bool)
+        fields = Fields(record, f"{path}:{number}")
+        size = (fields.integer("height", minimum=1), fields.integer("width", minimum=1))
+        _rle_area(record.get("pred_mask_rle"), fields.where, size)
+        masks[record["image_id"]] = decode_rle(record["pred_mask_rle"])
         if len(masks) == len(wanted):
             break
     return masks
