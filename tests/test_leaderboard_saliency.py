@@ -248,11 +248,14 @@ def test_smoke_and_partial_runs_never_stand_beside_an_anchor(tmp_path: Path) -> 
         assert words in apart.split("### Saliency: paired")[0]
 
 
-def test_comparison_outputs_and_their_csv(tmp_path: Path) -> None:
+def test_comparison_outputs_and_their_csv(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     runs, out = tmp_path / "runs", tmp_path / "out"
     write_mask_run(runs, "base", BASE_SHIFTS)
     write_mask_run(runs, "reg", REG_SHIFTS, **REG)
-    lb.build_leaderboard(runs, out)
+    assert lb.main(["--runs", str(runs), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs (0 smoke)" in printed and "; 1 register pairs ->" in printed
     frame = pd.read_csv(out / "comparison_saliency.csv")
     assert list(frame.columns) == list(comparison_frame([], lb.collect(runs).saliency.published
                                                         ).columns)
@@ -272,3 +275,16 @@ def test_comparison_outputs_and_their_csv(tmp_path: Path) -> None:
     lb.build_leaderboard(runs, out)
     assert not (out / "figures" / "saliency_iou.png").exists()
     assert sorted(p.name for p in (out / "figures" / "iou").iterdir()) == ["box.png"]
+
+
+def test_the_paired_bootstrap_refuses_what_it_cannot_pair() -> None:
+    from lostreg.evaluation.stats import paired_bootstrap_mean_diff
+
+    with pytest.raises(ValueError, match="NaN"):
+        paired_bootstrap_mean_diff([0.5, float("nan")], [0.5, 0.4])
+    with pytest.raises(ValueError, match="equal in length"):
+        paired_bootstrap_mean_diff([0.5], [0.5, 0.4])
+    empty = paired_bootstrap_mean_diff([], [])
+    assert empty.n == 0 and math.isnan(empty.mean_diff) and math.isnan(empty.p_value)
+    # every resample on one side: the p floor is 2 / resamples, not 0
+    assert paired_bootstrap_mean_diff([0.1] * 5, [0.9] * 5, n_resamples=100).p_value == 0.02

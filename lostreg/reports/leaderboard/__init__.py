@@ -45,7 +45,12 @@ from lostreg.reports.leaderboard.published import (
     load_published,
     method_key,
 )
-from lostreg.reports.leaderboard.saliency import SaliencyBoard, collect_saliency, with_mask_rows
+from lostreg.reports.leaderboard.saliency import (
+    SaliencyBoard,
+    collect_saliency,
+    pair_count,
+    with_mask_rows,
+)
 from lostreg.reports.leaderboard.saliency_markdown import saliency_markdown
 from lostreg.reports.leaderboard.saliency_outputs import write_saliency_outputs
 from lostreg.reports.leaderboard.tables import (
@@ -182,7 +187,8 @@ def summary_line(board: Leaderboard, out: Path) -> str:
     pairs = (board.comparison["source"] == "ours") & board.comparison["model_reg"].notna()
     smoke = int(board.table["smoke"].astype(bool).sum()) if len(board.table) else 0
     line = (f"{len(board.table)} runs ({smoke} smoke) -> {out / 'leaderboard.csv'}; "
-            f"{int(pairs.sum())} register pairs -> {out / 'comparison.md'}")
+            f"{int(pairs.sum()) + pair_count(board.saliency)} register pairs -> "
+            f"{out / 'comparison.md'}")
     if board.smoke_excluded:
         line += (f"; skipped {board.smoke_excluded} smoke run(s) (random weights): "
                  "--include-smoke shows them")

@@ -285,6 +285,15 @@ def collect_saliency(runs_dir: str | Path, include_smoke: bool = False,
                          scan.smoke_excluded)
 
 
+def pair_count(board: SaliencyBoard | None) -> int:
+    """Our register pairs of mask runs (one per pair, whatever definitions it is shown in)."""
+    if board is None or board.comparison.empty:
+        return 0
+    frame = board.comparison
+    return int(((frame["source"] == "ours") & frame["model_reg"].notna()
+                & (frame["definition"] == "tokencut")).sum())
+
+
 def comparison_csv(board: SaliencyBoard) -> str:
     """``comparison_saliency.csv``: floats to 4 decimals (p-values as computed)."""
     frame = board.comparison.copy()
