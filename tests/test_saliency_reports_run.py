@@ -72,6 +72,14 @@ def test_the_reports_read_every_real_mask_run(runs: Path) -> None:
     text = saliency_markdown(board.saliency)
     apart = text.split("### Saliency runs not comparable with published figures")[1]
     assert "partial dataset: 6 of 1000 images" in apart and "SMOKE" in apart
+    out = runs.parent / "out"
+    lb.build_leaderboard(runs, out, include_smoke=True)
+    written = pd.read_csv(out / "leaderboard.csv")
+    assert len(written) == 8 and written["corloc"].isna().all() and written["iou"].notna().all()
+    assert text in (out / "comparison.md").read_text(encoding="utf-8")
+    for name in ("saliency_iou.png", "saliency_f_curves.png"):
+        assert (out / "figures" / name).is_file()
+    assert len(list((out / "figures" / "iou").glob("*.png"))) == 8
 
 
 def test_real_mask_runs_are_drawn_and_overlaid_on_their_images(runs: Path) -> None:
