@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from lostreg.reports.cells import md_cell, md_row
 from lostreg.reports.leaderboard.markdown import method_title, sources_section
 from lostreg.reports.leaderboard.published import VARIANT_LABELS
 from lostreg.reports.leaderboard.saliency import (
@@ -54,16 +55,16 @@ def _datasets(frame: pd.DataFrame) -> list[str]:
 def method_block(frame: pd.DataFrame, title: str, datasets: list[str]) -> list[str]:
     """One method and refinement: a row per (backbone, source, models, definition, protocol),
     a column per dataset."""
-    lines = [f"### {title}", "",
-             "| Backbone | Source | Models | Registers | Definition | Protocol | "
-             + " | ".join(dataset_label(name) for name in datasets) + " |",
+    lines = [f"### {md_cell(title)}", "",
+             md_row(["Backbone", "Source", "Models", "Registers", "Definition", "Protocol",
+                     *(dataset_label(name) for name in datasets)]),
              "|---|---|---|---|---|---|" + "---|" * len(datasets)]
     rows: dict[tuple, dict[str, dict]] = {}
     for row in frame.to_dict("records"):
         rows.setdefault(_row_key(row), {})[row["dataset"]] = row
     for key, cells in rows.items():
         parts = [triple(cells[name]) if name in cells else "" for name in datasets]
-        lines.append("| " + " | ".join(key) + " | " + " | ".join(parts) + " |")
+        lines.append(md_row([*key, *parts]))
     return lines
 
 
@@ -90,9 +91,9 @@ def not_comparable_section(rows: pd.DataFrame, published: pd.DataFrame) -> list[
              "Dataset | maxF / IoU / Acc |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows.to_dict("records"):
         backbone, _, models, registers, definition, protocol = _row_key(row)
-        lines.append(f"| {method_title(row['method'], published)} | {row['refine']} | "
-                     f"{backbone} | {models} | {registers} | {definition} | {protocol} | "
-                     f"{dataset_label(row['dataset'])} | {triple(row)} |")
+        lines.append(md_row([method_title(row["method"], published), row["refine"], backbone,
+                             models, registers, definition, protocol,
+                             dataset_label(row["dataset"]), triple(row)]))
     return lines
 
 
@@ -125,13 +126,13 @@ def statistics_section(frame: pd.DataFrame) -> list[str]:
         images = f"{row['n_paired']}"
         if row["n_undefined"]:
             images += f" ({row['n_undefined']} with a 0/0 IoU left out)"
-        lines.append(
-            f"| {row['method']} | {row['refine']} | {row['model']} → {row['model_reg']} | "
-            f"{VARIANT_LABELS[row['registers']]} | {dataset_label(row['dataset'])} | "
-            f"{row['protocol']} | {images} | {_value(row['iou'])} | {_value(row['iou_reg'])} | "
+        lines.append(md_row([
+            row["method"], row["refine"], f"{row['model']} → {row['model_reg']}",
+            VARIANT_LABELS[row["registers"]], dataset_label(row["dataset"]), row["protocol"],
+            images, _value(row["iou"]), _value(row["iou_reg"]),
             f"{row['iou_diff']:+.1f} [{row['iou_diff_ci_low']:+.1f}, "
-            f"{row['iou_diff_ci_high']:+.1f}] | {row['iou_better']} | {row['iou_worse']} | "
-            f"{_p(row['bootstrap_p'])} |")
+            f"{row['iou_diff_ci_high']:+.1f}]", row["iou_better"], row["iou_worse"],
+            _p(row["bootstrap_p"])]))
     return lines
 
 
