@@ -120,7 +120,11 @@ def read_published(path: str | Path | None = None) -> pd.DataFrame:
         if explicit:
             raise LostregError(f"{path}: published figures file not found")
         return pd.DataFrame(columns=[*PUBLISHED_COLUMNS, "variant"])
-    frame = read_cells(path, CORLOC_COLUMNS)
+    try:
+        frame = read_cells(path, CORLOC_COLUMNS)
+    except LostregError:
+        read_cells(path, PUBLISHED_COLUMNS)  # the line names today's schema (empty file...)
+        raise
     if not any(column in frame.columns for column in PUBLISHED_COLUMNS[len(CORLOC_COLUMNS):]):
         frame = frame.assign(metric="corloc", definition="", refine="", acc="", iou="", max_f="")
     missing = [column for column in PUBLISHED_COLUMNS if column not in frame.columns]
