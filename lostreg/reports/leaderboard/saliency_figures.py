@@ -115,13 +115,15 @@ def chosen_runs(runs: Sequence[MaskRun], limit: int, score: str = "iou") -> list
     """At most ``limit`` runs of one dataset: the pairs' runs first, then the best by the
     TokenCut-definition ``score`` (``iou`` or ``max_f``)."""
     by_id = {run.run_id: run for run in runs}
-    preferred = [by_id[run_id] for run_id in pair_order(runs)]
+    paired = pair_order(runs)
+
     def value(run: MaskRun) -> float:
         figure = run.figures["tokencut"][score]
         return -math.inf if figure is None else figure
-    rest = sorted((run for run in runs if run not in preferred),
+
+    rest = sorted((run for run in runs if run.run_id not in paired),
                   key=lambda run: (-value(run), run.run_id))
-    return (preferred + rest)[:limit]
+    return ([by_id[run_id] for run_id in paired] + rest)[:limit]
 
 
 def _by_dataset(runs: Sequence[MaskRun]) -> list[tuple[str, list[MaskRun]]]:

@@ -154,7 +154,8 @@ def saliency_markdown(board: SaliencyBoard | None) -> str:
         "saliency with registers.",
     ]
     lines += _blocks(placed, board.published) if not placed.empty else [
-        "", "No mask runs and no published saliency figures."]
+        "", "No mask runs to place beside published figures, and no published saliency "
+        "figures."]
     if not apart.empty:
         lines += ["", *not_comparable_section(apart, board.published)]
     lines += ["", *statistics_section(frame)]
