@@ -292,3 +292,11 @@ def test_the_paired_bootstrap_refuses_what_it_cannot_pair() -> None:
     assert empty.n == 0 and math.isnan(empty.mean_diff) and math.isnan(empty.p_value)
     # every resample on one side: the p floor is 2 / resamples, not 0
     assert paired_bootstrap_mean_diff([0.1] * 5, [0.9] * 5, n_resamples=100).p_value == 0.02
+
+
+def test_the_saliency_csv_shows_a_formula_as_text(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_mask_run(runs, "odd", BASE_SHIFTS, mask_protocol="=HYPERLINK(1)", **ANCHOR)
+    lb.build_leaderboard(runs, out)
+    frame = pd.read_csv(out / "comparison_saliency.csv", dtype=str, keep_default_na=False)
+    assert list(frame.loc[frame["source"] == "ours", "mask_protocol"]) == ["'=HYPERLINK(1)"]

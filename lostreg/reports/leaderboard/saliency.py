@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from lostreg.evaluation import stats
+from lostreg.reports.cells import neutralise_formulas
 from lostreg.reports.leaderboard.published import (
     VARIANTS,
     load_published_saliency,
@@ -295,12 +296,13 @@ def pair_count(board: SaliencyBoard | None) -> int:
 
 
 def comparison_csv(board: SaliencyBoard) -> str:
-    """``comparison_saliency.csv``: floats to 4 decimals (p-values as computed)."""
+    """``comparison_saliency.csv``: floats to 4 decimals (p-values as computed), text cells
+    that a spreadsheet shows as text (``cells.neutralise_formulas``, as the other CSVs)."""
     frame = board.comparison.copy()
     for column in frame.columns:
         if frame[column].dtype == float and column != "bootstrap_p":
             frame[column] = frame[column].round(4)
-    return frame.to_csv(index=False, lineterminator="\n")
+    return neutralise_formulas(frame).to_csv(index=False, lineterminator="\n")
 
 
 def settings_json(run: MaskRun) -> str:
