@@ -62,6 +62,7 @@ from lostreg.runs.store import (
     is_scratch,
     read_header,
     read_predictions,
+    run_target,
     scan_runs,
 )
 from lostreg.workers import ordered_map
@@ -376,7 +377,7 @@ def summarise(header: RunHeader, key: dict[str, str], data: bytes) -> RunSummary
     """A run's summary from its predictions (``data``: the bytes ``key`` hashed), without
     bootstrap totals yet (``add_totals`` computes them for many runs at once)."""
     path = header.run_dir / PREDICTIONS
-    target = run_target(header)
+    target = run_target(header.config)
     columns = validated_columns(path, data, target)
     metrics = {spec.name: summarise_metric(spec, columns) for spec in METRICS.values()
                if spec.target == target and metric_columns(spec, columns)}
@@ -390,14 +391,6 @@ def summarise(header: RunHeader, key: dict[str, str], data: bytes) -> RunSummary
         counts = np.histogram(np.asarray(columns["best_iou"], dtype=np.float64), IOU_BINS)[0]
         histograms["best_iou"] = [int(c) for c in counts]
     return RunSummary(header, key, image_ids_digest(image_ids), metrics, histograms)
-
-
-def run_target(header: RunHeader) -> str:
-    """The target kind a run's dataset annotates (boxes for a dataset not registered here)."""
-    from lostreg.datasets import DATASETS
-
-    spec = DATASETS.get(header.info.dataset)
-    return spec.target if spec is not None else "boxes"
 
 
 # --- bootstrap totals, many runs at once --------------------------------------------------------
@@ -695,8 +688,8 @@ def _ready_summaries(runs_dir: Path, store: SummaryStore
     for folder in folders:
         try:
             header = read_header(folder)
-            if is_scratch(header.config, header.metrics):
-                continue  # never read by scan_runs (a look during training)
+            if is_scratch(header.config, header.metrics) or run_target(header.config) != "boxes":
+                continue  # never read by scan_runs (a look during training; a mask run)
             item = prepare(folder, store, header)
         except LostregError as exc:
             ready[folder] = exc
