@@ -139,7 +139,7 @@ def published_csv(path: Path, values: list[float]) -> Path:
              "backbone": "Tiny", "compare_with": SPEC.name, "with_registers": "true",
              "test_time_registers": "0", "dataset": "demo", "corloc": value,
              "source": f"Someone {i}", "protocol": f"protocol {i}", "verified": "primary",
-             "note": ""} for i, value in enumerate(values)]
+             "note": "", "metric": "corloc"} for i, value in enumerate(values)]
     pd.DataFrame(rows, columns=PUBLISHED_COLUMNS).to_csv(path, index=False)
     return path
 
