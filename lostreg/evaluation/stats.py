@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
 
 from lostreg.evaluation.corloc import corloc
 
@@ -127,6 +126,8 @@ def mcnemar_exact(base: Sequence[bool] | np.ndarray,
     discordant = miss_to_hit + hit_to_miss
     if discordant == 0:
         return McNemarResult(0, 0, 1.0)
+    from scipy.stats import binomtest  # on first use: SciPy's import costs a rebuild ~1 s
+
     p_value = binomtest(miss_to_hit, discordant, 0.5, alternative="two-sided").pvalue
     return McNemarResult(miss_to_hit, hit_to_miss, float(min(1.0, p_value)))
 

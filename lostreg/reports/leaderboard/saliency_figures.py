@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from lostreg.errors import LostregError
 from lostreg.evaluation import saliency as saliency_metric
@@ -160,6 +159,8 @@ def mask_iou_figure(run: MaskRun) -> Any:
     axis.set_title(wrap(title, 5.6, fontsize=8), fontsize=8)
     axis.set_xlabel("per-image IoU of the predicted mask (> 0.5) with the GT")
     axis.set_ylabel("images")
+    from matplotlib.ticker import MaxNLocator  # matplotlib only when something is drawn
+
     axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlim(0, 1)
     if run.smoke:
