@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,39 @@ def named(exc: OSError, path: str | os.PathLike) -> OSError:
     if exc.filename is None:
         exc.filename = str(path)
     return exc
+
+
+class LinkInRunFolder(LostregError):
+    """A file lostreg writes is a symbolic link: writing through it would change a file
+    outside the folder (a ``run.lock`` link would truncate its target)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(f"{path}: is a symbolic link; lostreg never writes through a link (it "
+                         "would change the file it points to): remove the link, or put a copy "
+                         "of that file in its place")
+
+
+def open_in_run_folder(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` that never follows a symbolic link at ``path`` itself (``O_NOFOLLOW``): a
+    link is ``LinkInRunFolder``, one line naming it. Every file a run appends to or locks
+    (predictions, their parts, ``quarantine.jsonl``, the cache index, ``run.lock``) is opened so;
+    files written whole are replaced atomically (``atomic_write_bytes``), which replaces a link
+    and never writes through it."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and os.path.islink(path)):
+            raise LinkInRunFolder(path) from None
+        raise
+
+
+def refuse_links(paths: Iterable[str | os.PathLike]) -> None:
+    """``LinkInRunFolder`` for the first of ``paths`` that is a symbolic link: checked before a
+    run reads its folder, so a linked file is refused before anything is read or written (the
+    writes themselves refuse links too, see ``open_in_run_folder``)."""
+    for path in paths:
+        if os.path.islink(path):
+            raise LinkInRunFolder(path)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -213,14 +247,17 @@ def read_jsonl(path: str | os.PathLike,
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:
-    """Truncate a JSON-lines file after its last complete line; return the number of lines."""
+    """Truncate a JSON-lines file after its last complete line; return the number of lines.
+    A link at ``path`` is refused, not followed (``open_in_run_folder``)."""
     path = Path(path)
-    if not path.exists():
+    try:
+        fd = open_in_run_folder(path, os.O_RDWR)
+    except FileNotFoundError:
         return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        with open(path, "r+b") as handle:
+    with os.fdopen(fd, "r+b") as handle:
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
             handle.truncate(keep)
             handle.flush()
             os.fsync(handle.fileno())
@@ -242,8 +279,8 @@ class JsonlAppender:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             repair_jsonl(self.path)
-            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                           0o666)
+            self._fd: int | None = open_in_run_folder(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
             raise named(exc, self.path) from None
 

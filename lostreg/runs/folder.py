@@ -38,6 +38,7 @@ from lostreg.runs.checks import feature_request, method_of, method_params
 from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
+from lostreg.runs.lock import LOCK_NAME
 from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
 from lostreg.version import checkout_commit
 
@@ -355,12 +356,33 @@ def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: P
             config_writer(run)
 
 
-def remove_unused(run_dirs: Sequence[Path]) -> None:
-    """Delete run folders this command created that still hold nothing but ``config.json``."""
+def clear_unused(run_dirs: Sequence[Path]) -> list[Path]:
+    """Empty the run folders this command created that still hold nothing but its
+    ``config.json`` (and the lock it holds); returns them, for ``remove_empty`` once the locks
+    are released. Called only while this process holds every one of their locks, so no other
+    lostreg process is inside; a folder that does not exist (a command refused at another
+    folder's lock before it made this one) is left alone."""
+    emptied = []
     for run_dir in run_dirs:
-        if {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+        try:
+            names = set(os.listdir(run_dir))
+        except FileNotFoundError:
+            continue
+        if names <= {"config.json", LOCK_NAME}:
             (run_dir / "config.json").unlink(missing_ok=True)
+            emptied.append(run_dir)
+    return emptied
+
+
+def remove_empty(run_dirs: Sequence[Path]) -> None:
+    """Remove each folder if it is empty, after its lock is released: ``rmdir`` refuses a
+    folder another process has meanwhile put its lock into, and that is fine (it is theirs now);
+    a process that made the folder and finds it gone makes it again (``RunLock``)."""
+    for run_dir in run_dirs:
+        try:
             run_dir.rmdir()
+        except OSError:
+            pass
 
 
 # --- finishing -----------------------------------------------------------------------------

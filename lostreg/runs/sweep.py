@@ -44,10 +44,11 @@ from lostreg.runs.folder import (
     RunFolder,
     RunResult,
     check_unique,
+    clear_unused,
     describe_run,
     finish_run,
     open_runs,
-    remove_unused,
+    remove_empty,
     run_status,
     summary_line,
     write_config,
@@ -127,15 +128,19 @@ class Pass:
         reading what it holds until its metrics are written."""
         check_unique(self.runs)
         created = [run.run_dir for run in self.runs if not run.run_dir.exists()]
+        emptied: list = []
         try:
             with hold_runs([run.run_dir for run in self.runs], self.base.wait, self.ctx):
-                self._open()
-                errors, started = self._work()
-                return self._finish(errors, started)
-        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
-            if not self.ctx.enabled:
-                remove_unused(created)
-            raise
+                try:
+                    self._open()
+                    errors, started = self._work()
+                    return self._finish(errors, started)
+                except LostregError:  # e.g. unreadable weights: no folder holding only a config
+                    if not self.ctx.enabled:  # cleared under the locks: nobody else is inside
+                        emptied = clear_unused(created)
+                    raise
+        finally:
+            remove_empty(emptied)  # once released; a refused command touches no folder
 
     def _work(self) -> tuple[list[str], float]:
         mine, already = self._plan()
