@@ -16,23 +16,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_runs import TINY as SPEC
+from tiny_runs import tiny_command
 
-from lostreg.backbones import BACKBONES, BackboneSpec
+from lostreg.backbones import BACKBONES
 from lostreg.datasets.demo import generate_demo
 from lostreg.run import main
 from lostreg.runs import grid
 from lostreg.runs.lock import RunLock, RunLocked
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = BackboneSpec("tiny_race", "vit_small_patch14_reg4_dinov2.lvd142m", "dinov2", 14, 4,
-                    pos_embed="dinov2_reg", model_kwargs=dict(depth=2, embed_dim=48, num_heads=6))
 SWEEP = ["--k-patches", "50,60,70,80"]  # four run folders, locked in sorted order
 
 
 def command(data: Path, runs: Path) -> list[str]:
-    return ["--model", SPEC.name, "--weights", "random", "--dataset", "demo", "--data-root",
-            str(data), "--runs", str(runs), "--num-workers", "0", "--no-progress", "--device",
-            "cpu", "--limit", "1", *SWEEP]
+    return tiny_command(data, runs, *SWEEP, limit=1)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from lostreg.evaluation.registry import get_metric
 from lostreg.evaluation.targets import TARGET_KINDS
 from lostreg.features.extract import FeatureRequest, resolve_layer
 from lostreg.features.pipeline import BackboneInfo
-from lostreg.io import JsonlAppender, atomic_write_json
+from lostreg.io import JsonlAppender, atomic_write_json, refuse_links
 from lostreg.methods import MethodSpec
 from lostreg.runs import distributed
 from lostreg.runs.checks import feature_request, method_of, method_params
@@ -39,7 +39,14 @@ from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
 from lostreg.runs.lock import LOCK_NAME
-from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
+from lostreg.runs.predictions import (
+    BOX_LINES,
+    QUARANTINE,
+    LineFormat,
+    evaluate_lines,
+    load_predictions,
+    prediction_files,
+)
 from lostreg.version import checkout_commit
 
 
@@ -333,6 +340,13 @@ def is_finished(run: RunFolder) -> bool:
             and not distributed.part_files(run.run_dir))
 
 
+def run_files(run_dir: Path) -> list[Path]:
+    """Every file a run writes in its folder (``run.lock`` aside, which ``RunLock`` opens
+    without following a link): a link among them is refused, never written through."""
+    names = ("config.json", "metrics.json", QUARANTINE)
+    return [*(run_dir / name for name in names), *prediction_files(run_dir)]
+
+
 def check_unique(runs: Sequence[RunFolder]) -> None:
     seen: set[str] = set()
     for run in runs:
@@ -349,6 +363,7 @@ def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: P
     of unfinished runs (``write``: this process is rank 0, the only one that repairs)."""
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        refuse_links(run_files(run.run_dir))  # nothing read or written through a link
         loaded = load_predictions(run.run_dir, records, root=root, repair=write, fmt=run.fmt)
         run.pending = {p for p, r in enumerate(records) if r.image_id not in loaded.lines}
         run.finished = is_finished(run) and not loaded.problems
