@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "dinov2_reg4"  # lostreg.run's --model default
 METRIC_COLUMNS = ("corloc", "n_hits", "n_images")
+MASK_COLUMNS = ("acc", "iou", "max_f")  # saliency runs' figures (TokenCut's definition)
 
 
 @dataclass
@@ -92,6 +93,7 @@ def _row(run: RunResult) -> dict[str, Any]:
     row.update(written.get("method_params") or {})
     row.update({key: run.metrics.get(key) for key in METRIC_COLUMNS})
     row["corloc"] = run.corloc
+    row.update({key: run.metrics[key] for key in MASK_COLUMNS if key in run.metrics})
     config = read_json_object(run.run_dir / "config.json")
     row["limit"] = (config.get("identity") or {}).get("limit")
     row.update({"smoke": run.smoke, "scratch": bool(written.get("scratch_run")),
@@ -155,7 +157,7 @@ def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any
         method=(methods or ["lost"])[0], wait=bool(o["wait"]), max_pixels=int(o["max_pixels"]),
         pos_interp=(_listed(o["pos_interp"]) or ["original"])[0],
         ttr_neurons=Path(o["ttr_neurons"]) if o["ttr_neurons"] is not None else None,
-        scratch=bool(o["scratch"]))
+        scratch=bool(o["scratch"]), refine=(_listed(o["refine"]) or ["none"])[0])
     values = _method_values(o["method_values"])
     if o["methods"] is not None and o["method"] is not None:
         raise LostregError("evaluate(): give method= or methods=, not both")
@@ -169,6 +171,7 @@ def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any
     grid = dict(models=models, datasets=datasets, methods=methods,
                 features=_listed(o["features"]), layers=_listed(o["layer"]),
                 normalizations=_listed(o["normalize"]), pos_interps=_listed(o["pos_interp"]),
+                refines=_listed(o["refine"]),
                 k_patches=values.pop("k_patches", None), gram_biases=values.pop("gram_bias", None),
                 method_values=values)
     return base, _with_suite(grid, o["suite"], models, datasets)
@@ -192,12 +195,14 @@ def _with_suite(grid: dict[str, Any], suite: str | None, models: Any, datasets: 
             raise LostregError(f"suite={suite!r} chooses the methods; drop method")
         grid["methods"] = [m for m in chosen.methods if m in METHODS]
         grid["method_values"] = {**chosen.method_values, **grid["method_values"]}
+    if chosen.refine and not grid["refines"]:
+        grid["refine_by_method"] = {m: list(v) for m, v in chosen.refine.items()}
     return grid
 
 
 _DEFAULTS: dict[str, Any] = dict(
     dataset=None, method=None, methods=None, features=None, layer=None, normalize=None,
-    k_patches=None, gram_bias=None, pos_interp=None, ttr_neurons=None, weights="hub",
+    k_patches=None, gram_bias=None, pos_interp=None, ttr_neurons=None, refine=None, weights="hub",
     data_root=None, no_hard=False, precision="fp32", limit=None, output="results/runs",
     cache_features=None, cache_dtype="auto", no_download=False, max_pixels=DEFAULT_MAX_PIXELS,
     wait=False, allow_partial_dataset=False, device="auto", batch_size=16, num_workers=None,
@@ -212,6 +217,7 @@ def evaluate(
     method: str | Sequence[str] | None = None, *, methods: Sequence[str] | None = None,
     features: Any = None, layer: Any = None, normalize: Any = None, k_patches: Any = None,
     gram_bias: Any = None, pos_interp: Any = None, ttr_neurons: str | Path | None = None,
+    refine: Any = None,
     weights: str = "hub", data_root: str | Path | None = None, no_hard: bool = False,
     precision: str = "fp32", limit: int | None = None, output: str | Path = "results/runs",
     cache_features: bool | str | Path | None = None, cache_dtype: str = "auto",

@@ -54,6 +54,7 @@ from lostreg.runs import distributed
 from lostreg.runs.config import (  # noqa: F401 - PRECISIONS and SMOKE_NOTE re-exported
     NORMALIZATIONS,
     PRECISIONS,
+    REFINES,
     SMOKE_NOTE,
     RunConfig,
 )
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "original (each family's own code, the default) or timm; a comma "
                              "list runs both (one pass each: it changes the model)")
     add_ttr_neurons_option(parser)
+    parser.add_argument("--refine", default=None,
+                        help="saliency datasets (ecssd, duts_te, dut_omron) only: none (the "
+                             "default), bilateral (TokenCut's bilateral solver, its soft output "
+                             "scored as TokenCut's figures were) or bilateral-binary (the "
+                             "corrected variant: the solver's binary mask); a comma list runs "
+                             "each, in one pass")
     parser.add_argument("--no-hard", action="store_true",
                         help="drop VOC objects marked truncated or difficult (and emptied images)")
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
@@ -241,6 +248,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         allow_partial_dataset=args.allow_partial_dataset,
         method=first(args.method, DEFAULT_METHOD), wait=args.wait, max_pixels=args.max_pixels,
         pos_interp=first(args.pos_interp, "original"), ttr_neurons=args.ttr_neurons,
+        refine=first(args.refine, "none"),
     )
 
 
@@ -267,6 +275,7 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
         layers=_split(args.layer, "--layer", int),
         normalizations=_split(args.normalize, "--normalize", _one_of(NORMALIZATIONS)),
         pos_interps=_split(args.pos_interp, "--pos-interp", _one_of(POS_INTERP_CHOICES)),
+        refines=_split(args.refine, "--refine", _one_of(REFINES)),
         pairs=None)
     if args.suite is not None:
         if models or datasets:
@@ -279,6 +288,8 @@ def _grid_of(args: argparse.Namespace) -> dict[str, Any]:
                 raise LostregError(f"--suite {suite.name} chooses the methods; drop --method")
             grid["methods"] = [m for m in suite.methods if m in METHODS]
             grid["method_values"] = {**suite.method_values, **grid["method_values"]}  # flags win
+        if suite.refine and not grid["refines"]:  # --refine wins over the suite's
+            grid["refine_by_method"] = {m: list(v) for m, v in suite.refine.items()}
     else:
         grid["models"], grid["datasets"] = models, datasets
     return grid

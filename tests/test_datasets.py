@@ -502,7 +502,7 @@ def test_demo_is_voc_readable(tmp_path: Path) -> None:
 
 
 def test_registry_specs() -> None:
-    assert set(DATASETS) == {"voc07", "voc12", "coco20k", "demo"}
+    assert set(DATASETS) == {"voc07", "voc12", "coco20k", "demo", "ecssd", "duts_te", "dut_omron"}
     assert [DATASETS[n].expected_images for n in ("voc07", "voc12", "coco20k", "demo")] == [
         5011, 11540, 19817, None
     ]

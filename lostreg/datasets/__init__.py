@@ -1,5 +1,6 @@
-"""Datasets: ``voc07``, ``voc12``, ``coco20k`` and ``demo``, registered in
-``lostreg.datasets.registry`` so the runner never needs to know a dataset's layout.
+"""Datasets: ``voc07``, ``voc12``, ``coco20k`` and ``demo`` (boxes), ``ecssd``, ``duts_te`` and
+``dut_omron`` (saliency masks, ``saliency_sets``), registered in ``lostreg.datasets.registry``
+so the runner never needs to know a dataset's layout.
 
 ``load_dataset(name, data_root)`` is the entry point: it downloads (or, for ``demo``,
 generates) missing data when allowed, and otherwise fails with a message saying how to get it.
@@ -106,6 +107,9 @@ for _spec in (
     ),
     ):
     register_dataset(_spec)
+
+# the saliency sets (masks, scored by the saliency metric) register themselves
+from lostreg.datasets import saliency_sets  # noqa: E402, F401, I001
 
 
 __all__ = [

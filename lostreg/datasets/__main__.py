@@ -56,6 +56,8 @@ def _download(name: str, root: Path, keep_archives: bool, progress: bool) -> Non
                         keep_archive=keep_archives)
         elif name == "coco20k":
             prepare_coco20k(root, progress=progress, keep_archive=keep_archives)
+        elif spec.download is not None:  # the saliency sets: their registry entry's recipe
+            spec.download(root)
         else:  # pragma: no cover - a registry entry without a download recipe
             raise LostregError(f"{name}: no download recipe")
     except NetworkError as exc:

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lostreg.errors import LostregError
-from lostreg.evaluation.targets import BoxesTarget
+from lostreg.evaluation.targets import BoxesTarget, MaskTarget
 
 Box = tuple[float, float, float, float]
 
@@ -35,7 +35,12 @@ OUTSIDE_TOLERANCE = 1.0
 
 #: Every check a run reports, in ``metrics.json`` order (all present, zero when clean).
 CHECK_NAMES = ("boxes_clipped", "zero_area_boxes", "image_size_mismatch")
+#: What a run on a saliency dataset reports besides (present in its ``metrics.json`` only).
+MASK_CHECK_NAMES = ("grey_gt_masks",)
 _CHECK_TEXT = {
+    "grey_gt_masks": "ground-truth mask(s) hold grey values (neither 0 nor 255): TokenCut's "
+                     "rule (the default) counts them as foreground, MOVE's only from 128, "
+                     "FOUND's only at 255",
     "boxes_clipped": "ground-truth box(es) reached more than a pixel outside their image and "
                      "were clipped to it",
     "zero_area_boxes": "ground-truth box(es) have zero area (kept, as LOST keeps them; no "
@@ -52,6 +57,8 @@ class ImageRecord:
     ``extra`` holds adapter details: ``file`` (path relative to the dataset folder),
     ``classes``, ``annotation`` (the file the boxes came from), and, only when non-empty,
     ``clipped`` / ``zero_area`` (the objects the checks tolerated, e.g. ``"object 2 (dog)"``).
+    ``gt_mask``: the image's salient-object mask file (saliency datasets, whose records carry
+    a ``MaskTarget`` and no boxes), None otherwise.
     """
 
     image_id: str
@@ -60,13 +67,17 @@ class ImageRecord:
     height: int
     boxes: tuple[Box, ...]
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    gt_mask: Path | None = None
 
     def boxes_array(self) -> np.ndarray:
         return np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
 
     @property
-    def target(self) -> BoxesTarget:
-        """The image's ground truth as the evaluation layer scores it (its boxes)."""
+    def target(self) -> BoxesTarget | MaskTarget:
+        """The image's ground truth as the evaluation layer scores it: its boxes, or its
+        mask file for a saliency record."""
+        if self.gt_mask is not None:
+            return MaskTarget((self.width, self.height), self.gt_mask)
         return BoxesTarget(self.boxes)
 
     def source(self) -> str:
@@ -110,6 +121,7 @@ class DataChecks:
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECK_NAMES, 0))
     first: dict[str, str] = field(default_factory=dict)
+    masks: bool = False  # a saliency run: the mask checks are reported too
 
     @classmethod
     def of_records(cls, records: Iterable[ImageRecord]) -> DataChecks:
@@ -130,18 +142,23 @@ class DataChecks:
         left to the predictions' own validation."""
         checks = cls.of_records(records)
         by_id = {record.image_id: record for record in records}
+        checks.masks = any(record.gt_mask is not None for record in records)
         for line in lines:
             record = by_id.get(line.get("image_id"))
             width, height = line.get("width"), line.get("height")
             if record is not None and type(width) is int and type(height) is int:
                 checks.check_decoded_size(record, height, width)
+            grey = line.get("gt_grey_pixels")
+            if record is not None and record.gt_mask is not None and type(grey) is int and grey:
+                checks.add("grey_gt_masks", f"{record.gt_mask}: {grey} grey pixels")
         return checks
 
     def add(self, name: str, where: str, count: int = 1) -> None:
         """Count ``count`` cases of check ``name``; ``where`` names the first one seen."""
-        if name not in self.counts:
-            raise ValueError(f"unknown data check {name!r}; known: {', '.join(CHECK_NAMES)}")
-        self.counts[name] += count
+        if name not in CHECK_NAMES + MASK_CHECK_NAMES:
+            raise ValueError(f"unknown data check {name!r}; known: "
+                             f"{', '.join(CHECK_NAMES + MASK_CHECK_NAMES)}")
+        self.counts[name] = self.counts.get(name, 0) + count
         self.first.setdefault(name, where)
 
     def check_decoded_size(self, record: ImageRecord, height: int, width: int) -> bool:
@@ -157,12 +174,16 @@ class DataChecks:
     def warnings(self, dataset: str) -> list[str]:
         """One ``warning: ...`` line per non-zero check, naming the first case."""
         return [f"warning: {dataset}: {self.counts[name]} {_CHECK_TEXT[name]}; first: "
-                f"{self.first[name]}" for name in CHECK_NAMES if self.counts[name]]
+                f"{self.first[name]}" for name in self._names() if self.counts.get(name)]
+
+    def _names(self) -> tuple[str, ...]:
+        return CHECK_NAMES + MASK_CHECK_NAMES if self.masks else CHECK_NAMES
 
     def to_json(self) -> dict:
         """``{"boxes_clipped": n, "zero_area_boxes": n, "image_size_mismatch": n,
         "first": {check: where}}`` for ``metrics.json``."""
-        return {**{name: self.counts[name] for name in CHECK_NAMES}, "first": dict(self.first)}
+        return {**{name: self.counts.get(name, 0) for name in self._names()},
+                "first": dict(self.first)}
 
 
 def checked_box(box: Sequence[float], width: int, height: int, where: str,

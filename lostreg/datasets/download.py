@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lostreg.datasets.voc import is_plain_file_name, voc_is_present, voc_year_folder
 from lostreg.errors import LostregError
-from lostreg.io import JsonInputError, loads_bounded
+from lostreg.io import JsonInputError, atomic_write_text, loads_bounded, sha256_file
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -340,6 +340,34 @@ def _fetch(item: dict[str, Any], folder: Path, progress: bool) -> Path:
         item["url"], folder / item["file"], sha256=item.get("sha256"), progress=progress,
         md5=item.get("md5"),
     )
+
+
+PIN_SUFFIX = ".sha256"
+
+
+def fetch_pinned(item: dict[str, Any], folder: Path, progress: bool) -> Path:
+    """``_fetch`` for an entry that has no published checksum: trust on first use. The first
+    download's sha256 is written beside it (``<file>.sha256``, with the URL) and printed, and
+    every later download of that file into the same folder must match it, so an archive the
+    server replaced (or a corrupt transfer) is never unpacked unnoticed after the first time.
+    An entry with a sha256 or md5 is fetched as usual."""
+    if item.get("sha256") or item.get("md5"):
+        return _fetch(item, folder, progress)
+    pin = folder / (str(item["file"]) + PIN_SUFFIX)
+    pinned = None
+    if pin.is_file():
+        words = pin.read_text(encoding="utf-8", errors="replace").split()
+        if not words or len(words[0]) != 64 or any(c not in "0123456789abcdef" for c in words[0]):
+            raise LostregError(f"{pin}: not a sha256 pin (64 hex digits, then the URL); "
+                               "delete it to pin the next download")
+        pinned = words[0]
+    path = download_file(item["url"], folder / item["file"], sha256=pinned, progress=progress)
+    if pinned is None:
+        digest = sha256_file(path)
+        atomic_write_text(pin, f"{digest}  {item['url']}\n")
+        print(f"note: {item['url']} has no published checksum; its sha256 {digest} is pinned "
+              f"in {pin} (later downloads must match it)", file=sys.stderr)
+    return path
 
 
 def _item(files: list[dict[str, Any]], role: str) -> dict[str, Any]:

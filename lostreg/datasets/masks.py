@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lostreg.errors import LostregError
+from lostreg.evaluation.rle import string_counts as _string_counts
 
 
 def segmentation_mask(segmentation: Any, height: int, width: int, where: str) -> np.ndarray:
@@ -91,30 +92,3 @@ def _check_total(total: int, height: int, width: int, where: str) -> None:
     if total != height * width:
         raise LostregError(f"{where}: RLE counts cover {total} pixels, the {width}x{height} "
                            f"image has {height * width}")
-
-
-def _string_counts(text: str, where: str) -> list[int]:
-    """The run lengths of pycocotools' compressed string (``rleFrString`` in ``maskApi.c``):
-    6-bit groups from ``chr(48 + g)``, 5 value bits each, least significant first, bit 5 for
-    "more", sign-extended; from the fourth run on, each is a difference to the run two
-    before."""
-    counts: list[int] = []
-    position = 0
-    while position < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(text) or not 48 <= ord(text[position]) < 48 + 64:
-                raise LostregError(f"{where}: RLE counts string is malformed")
-            group = ord(text[position]) - 48
-            value |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            position += 1
-            shift += 5
-            if not more and group & 0x10:
-                value -= 1 << shift
-        if len(counts) > 2:
-            value += counts[-2]
-        if value < 0:
-            raise LostregError(f"{where}: RLE counts string has a negative run")
-        counts.append(value)
-    return counts

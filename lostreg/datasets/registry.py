@@ -36,15 +36,27 @@ class DatasetSpec:
     layout: str = ""
     target: str = "boxes"  # a ``lostreg.evaluation.targets`` kind
     metrics: tuple[str, ...] = ("corloc",)  # ``lostreg.evaluation`` metrics that score it
+    # how images become model inputs: ``pad`` (LOST's: never resized, zero-padded to a patch
+    # multiple) or ``resize`` (TokenCut's saliency protocol: LANCZOS to the nearest multiple)
+    image_protocol: str = "pad"
 
 
 DATASETS: dict[str, DatasetSpec] = {}
+IMAGE_PROTOCOLS = ("pad", "resize")
+
+
+def image_protocol(name: str) -> str:
+    """The image protocol of dataset ``name`` (``pad`` for a name the registry lacks)."""
+    spec = DATASETS.get(name)
+    return spec.image_protocol if spec is not None else "pad"
 
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     from lostreg.evaluation import get_metric
     from lostreg.evaluation.targets import TARGET_KINDS
 
+    if spec.image_protocol not in IMAGE_PROTOCOLS:
+        raise ValueError(f"dataset {spec.name}: image_protocol must be one of {IMAGE_PROTOCOLS}")
     if spec.target not in TARGET_KINDS:
         raise ValueError(f"dataset {spec.name}: unknown target kind {spec.target!r}")
     for name in spec.metrics:

@@ -9,14 +9,16 @@ figures (``result``), so no run is ever held in memory to be scored.
 A metric declares
 
 * ``target``: the ground-truth kind it scores (``lostreg.evaluation.targets``);
-* ``reads``: the prediction fields it reads (``box`` today; a mask next);
+* ``reads``: the prediction it reads (``box``, or ``mask``: the line's ``pred_mask_rle``);
 * ``fields``: the per-image scores it adds to a predictions line, with their JSON checks;
 * ``per_image`` and ``paired_test``: the per-image value two runs are compared on, and how:
   ``mcnemar`` for a hit/miss (exact McNemar), ``bootstrap`` for a continuous score (a paired
   bootstrap of the mean difference);
 * ``headline``: the key of ``result()`` tables show, ``describe``: the words a run's summary
   line gives the result; ``definition``: where the definition comes from, so every number
-  says which definition made it.
+  says which definition made it;
+* ``check_line`` (optional): a line's fields checked against each other (a mask metric's
+  counts against the image size and the stored mask), beyond each field's own check.
 
 Adding a metric is one module in this folder with one ``register_metric`` call, imported in
 ``lostreg/evaluation/__init__.py``.
@@ -63,6 +65,9 @@ class MetricSpec:
     # their targets in, one score dict per line out
     score_many: Callable[[Sequence[Mapping[str, Any]], Sequence[Any]],
                          list[dict[str, Any]]] | None = None
+    # optional: what in a schema-checked line disagrees with itself (its fields against the
+    # line's image and prediction), or None; such a line is bad (quarantined, recomputed)
+    check_line: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.paired_test not in PAIRED_TESTS:

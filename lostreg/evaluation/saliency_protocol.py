@@ -39,6 +39,10 @@ from PIL import Image
 
 from lostreg.errors import LostregError
 
+# the name run ids and config.json give this protocol (``mask_protocol``): TokenCut's saliency
+# code's resize, the method's patch mask, torch-nearest upsampling to the original size
+MASK_PROTOCOL = "tokencut-saliency"
+
 
 def resized_size(width: int, height: int, patch_size: int) -> tuple[int, int]:
     """``(new_w, new_h)``: each side rounded (half to even) to a multiple of ``patch_size``."""

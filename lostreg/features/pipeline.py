@@ -36,7 +36,9 @@ from lostreg.backbones import (
 )
 from lostreg.backbones.families import family_of
 from lostreg.datasets.base import DEFAULT_MAX_PIXELS, DatasetIndex, ImageRecord, load_rgb
+from lostreg.datasets.registry import image_protocol
 from lostreg.errors import LostregError
+from lostreg.evaluation.saliency_protocol import resize_to_patch_multiple, resized_size
 from lostreg.features.cache import (
     BackgroundWriter,
     CacheProblem,
@@ -161,13 +163,18 @@ def out_of_memory_as_error(what: Callable[[], str]) -> Iterator[None]:
 
 class PaddedImages(Dataset):
     """Decode + normalise + pad one record; errors come back as data, not exceptions, so one
-    bad file never loses the batch around it."""
+    bad file never loses the batch around it.
+
+    ``image_protocol="resize"`` (saliency sets: TokenCut's ``resize_pil``) resizes the image
+    with LANCZOS to the nearest patch multiple first, so nothing is padded; the size handed on
+    is still the original ``(H, W)``, the size its mask is upsampled back to."""
 
     def __init__(self, records: Sequence[ImageRecord], mean, std, patch_size: int,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, image_protocol: str = "pad") -> None:
         self.records = records
         self.mean, self.std, self.patch_size = mean, std, patch_size
         self.max_pixels = max_pixels
+        self.resize = image_protocol == "resize"
 
     def __len__(self) -> int:
         return len(self.records)
@@ -179,19 +186,29 @@ class PaddedImages(Dataset):
             problem = too_large(image.height, image.width, self.max_pixels)
             if problem:  # its annotation said it was smaller
                 raise LostregError(f"{record.path}: {problem}")
-            tensor, size = preprocess(image, self.mean, self.std, self.patch_size)
+            if self.resize:
+                size = (image.height, image.width)
+                image = resize_to_patch_multiple(image, self.patch_size)
+                tensor, _ = preprocess(image, self.mean, self.std, self.patch_size)
+            else:
+                tensor, size = preprocess(image, self.mean, self.std, self.patch_size)
         except LostregError as exc:
             return {"position": position, "error": str(exc)}
         return {"position": position, "tensor": tensor, "size": size, "error": None}
 
 
 def size_batches(records: Sequence[ImageRecord], patch_size: int,
-                 batch_size: int) -> list[list[int]]:
-    """Batches of positions whose images share one padded size (from the annotated size),
-    in dataset order of first appearance."""
+                 batch_size: int, image_protocol: str = "pad") -> list[list[int]]:
+    """Batches of positions whose images share one padded (or, for ``resize``, resized) size
+    (from the annotated size), in dataset order of first appearance."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for position, record in enumerate(records):
-        groups[padded_size(record.height, record.width, patch_size)].append(position)
+        if image_protocol == "resize" and record.width * 2 >= patch_size \
+                and record.height * 2 >= patch_size:
+            width, height = resized_size(record.width, record.height, patch_size)
+            groups[(height, width)].append(position)
+        else:  # (an image too small to resize is reported when decoded)
+            groups[padded_size(record.height, record.width, patch_size)].append(position)
     return [members[i:i + batch_size] for members in groups.values()
             for i in range(0, len(members), batch_size)]
 
@@ -250,16 +267,17 @@ def decode_workers(device: torch.device) -> int:
 
 def iterate_batches(records: Sequence[ImageRecord], backbone: Backbone | BackboneInfo,
                     batch_size: int, num_workers: int | None,
-                    device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS
-                    ) -> Iterator[LoadedBatch]:
-    """Yield the records' images decoded, padded and stacked by shape, batch by batch
-    (``num_workers=None``: ``decode_workers(device)``)."""
+                    device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    image_protocol: str = "pad") -> Iterator[LoadedBatch]:
+    """Yield the records' images decoded, padded (or resized, see ``PaddedImages``) and
+    stacked by shape, batch by batch (``num_workers=None``: ``decode_workers(device)``)."""
     if num_workers is None:
         num_workers = decode_workers(device)
-    dataset = PaddedImages(records, backbone.mean, backbone.std, backbone.patch_size, max_pixels)
+    dataset = PaddedImages(records, backbone.mean, backbone.std, backbone.patch_size, max_pixels,
+                           image_protocol)
     loader = DataLoader(
         dataset,
-        batch_sampler=size_batches(records, backbone.patch_size, batch_size),
+        batch_sampler=size_batches(records, backbone.patch_size, batch_size, image_protocol),
         collate_fn=collate_by_shape,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -366,6 +384,8 @@ def feature_cache_key(info: Backbone | BackboneInfo, index: DatasetIndex,
         lostreg_version=lostreg.__version__)
     if request.layer != -1:
         key["layer"] = request.layer
+    if image_protocol(index.name) != "pad":  # resized inputs give other features
+        key["image_protocol"] = image_protocol(index.name)
     key.update(info.spec.identity_extras())  # +ttr's neurons; nothing for a default model
     return key
 
@@ -385,8 +405,9 @@ class FeatureSource:
                  *, batch_size: int, num_workers: int | None, autocast: torch.dtype | None,
                  caches: dict[FeatureRequest, FeatureCache], storage: str | None,
                  lossless: bool, writer: BackgroundWriter | None, stats: dict,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, image_protocol: str = "pad") -> None:
         self.records, self.lazy, self.device = records, lazy, device
+        self.image_protocol = image_protocol
         self.batch_size, self.num_workers, self.autocast = batch_size, num_workers, autocast
         self.max_pixels = max_pixels
         self.caches, self.storage, self.lossless, self.writer = caches, storage, lossless, writer
@@ -460,7 +481,7 @@ class FeatureSource:
         records = [self.records[p] for p in positions]
         for loaded in timed_iteration(iterate_batches(
                 records, backbone, self.batch_size, self.num_workers, self.device,
-                self.max_pixels), self.stats, "load"):
+                self.max_pixels, self.image_protocol), self.stats, "load"):
             timeline.mark("first batch decoded")
             batches = []
             for group in loaded.groups:

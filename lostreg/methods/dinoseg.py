@@ -258,6 +258,9 @@ register_method(MethodSpec(
     ),
     feature_kinds=("attn",),
     default_feature="attn",
+    # saliency: the thresholded attention itself (every kept patch, DINO's
+    # visualize_attention masks), not the one component the box is drawn around
+    saliency_mask=lambda output: output.maps["kept"],
     title="DINO-seg",
     description="LOST's baseline after DINO's attention maps: the largest component of the "
                 "patches holding 60% of one head's class-token attention",

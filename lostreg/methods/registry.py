@@ -94,6 +94,7 @@ class MethodSpec:
     runs predate the registry and keep their ids). ``run_many(feats, grid, patch_size, sizes,
     [params, ...])``, optional: several parameter sets on the same features at once, each
     output equal to ``run``'s (LOST computes ``F F^T`` once for every bias and k of a sweep).
+    ``saliency_mask``, optional: which of its per-patch masks a saliency run scores.
     """
 
     name: str
@@ -110,6 +111,13 @@ class MethodSpec:
     check: Callable[[dict[str, Any]], str | None] | None = None
     run_many: Callable[[torch.Tensor, tuple[int, int], int, torch.Tensor,
                         Sequence[dict[str, Any]]], list[MethodOutput]] | None = None
+    # the patch mask a saliency run scores, ``(B, rows, cols)`` bool, from an output (None:
+    # ``mask``, the patches the box was drawn around: TokenCut's and LOST's seed component)
+    saliency_mask: Callable[[MethodOutput], torch.Tensor] | None = None
+
+    def mask_for_saliency(self, output: MethodOutput) -> torch.Tensor:
+        """The patch mask a saliency run upsamples and scores (see ``saliency_mask``)."""
+        return output.mask if self.saliency_mask is None else self.saliency_mask(output)
 
     def run_all(self, feats: torch.Tensor, grid: tuple[int, int], patch_size: int,
                 sizes: torch.Tensor, params: Sequence[dict[str, Any]]) -> list[MethodOutput]:

@@ -12,12 +12,12 @@ import math
 from typing import Any
 
 from lostreg.backbones import POS_INTERP_CHOICES
-from lostreg.datasets import default_data_root
+from lostreg.datasets import DATASETS, default_data_root
 from lostreg.errors import LostregError
 from lostreg.features.cache import storage_dtype
 from lostreg.features.extract import FEATURE_KINDS, FeatureRequest
 from lostreg.methods import MethodSpec, get_method
-from lostreg.runs.config import NORMALIZATIONS, PRECISIONS, RunConfig
+from lostreg.runs.config import NORMALIZATIONS, PRECISIONS, REFINES, RunConfig
 
 
 def with_defaults(config: RunConfig) -> RunConfig:
@@ -69,6 +69,20 @@ def feature_request(config: RunConfig, backbone_default: str) -> FeatureRequest:
     return FeatureRequest(kind, config.layer)
 
 
+def is_mask_dataset(dataset: str) -> bool:
+    """Whether ``dataset`` is scored on masks (a saliency set), by its registry entry."""
+    spec = DATASETS.get(dataset)
+    return spec is not None and spec.target == "mask"
+
+
+def check_refine(refine: str, dataset: str) -> None:
+    """``--refine`` post-processes a predicted mask: one line for a dataset scored on boxes."""
+    if refine != "none" and not is_mask_dataset(dataset):
+        masks = ", ".join(name for name in DATASETS if is_mask_dataset(name))
+        raise LostregError(f"--refine {refine}: only for the saliency datasets ({masks}); "
+                           f"{dataset} is scored on boxes (CorLoc), drop --refine for it")
+
+
 def check_config(config: RunConfig) -> None:
     """One clear line for any setting that cannot run."""
     if config.precision not in PRECISIONS:
@@ -89,6 +103,8 @@ def check_config(config: RunConfig) -> None:
                            f"{', '.join(POS_INTERP_CHOICES)}")
     if config.normalize not in NORMALIZATIONS:
         raise LostregError(f"--normalize {config.normalize!r}: expected none or l2")
+    if config.refine not in REFINES:
+        raise LostregError(f"--refine {config.refine!r}: expected one of {', '.join(REFINES)}")
     method_params(config)  # validates --method and its parameters
     if config.features is not None:
         check_feature(method_of(config), config.features)

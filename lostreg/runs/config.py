@@ -19,6 +19,9 @@ from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 NORMALIZATIONS = ("none", "l2")
+# a saliency run's post-processing: none, TokenCut's bilateral solver scored as its figures
+# were (the soft output), or the corrected variant (the solver's binary mask)
+REFINES = ("none", "bilateral", "bilateral-binary")
 DEFAULT_MAX_PIXELS = 4_000_000
 SMOKE_NOTE = "SMOKE RUN (weights: random): not a result, never enters the leaderboard"
 SCRATCH_NOTE = "SCRATCH RUN (a look during training): never enters the leaderboard"
@@ -64,11 +67,13 @@ class RunConfig:
     pos_interp: str = "original"  # position-embedding resampling: the family's own, or timm's
     ttr_neurons: Path | None = None  # register-neuron list of a +ttr model (None: shipped)
     scratch: bool = False  # a training-loop look (lostreg.evaluate): never on the leaderboard
+    refine: str = "none"  # saliency datasets only: one of REFINES
 
 
 # settings that may differ between the runs of one pass (everything else is shared): one
 # forward serves every feature kind and layer, and the methods run on its output
-SWEPT = ("features", "k_patches", "gram_bias", "method", "method_params", "layer", "normalize")
+SWEPT = ("features", "k_patches", "gram_bias", "method", "method_params", "layer", "normalize",
+         "refine")
 
 
 def pass_key(config: RunConfig) -> dict:

@@ -28,13 +28,14 @@ from lostreg.datasets import DATASETS, DataChecks
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.evaluation.registry import get_metric
+from lostreg.evaluation.saliency_protocol import MASK_PROTOCOL
 from lostreg.evaluation.targets import TARGET_KINDS
 from lostreg.features.extract import FeatureRequest, resolve_layer
 from lostreg.features.pipeline import BackboneInfo
 from lostreg.io import JsonlAppender, atomic_write_json, refuse_links
 from lostreg.methods import MethodSpec
 from lostreg.runs import distributed
-from lostreg.runs.checks import feature_request, method_of, method_params
+from lostreg.runs.checks import feature_request, is_mask_dataset, method_of, method_params
 from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
@@ -65,8 +66,11 @@ class RunResult:
 
     @property
     def corloc(self) -> float:
-        """CorLoc in percent, unrounded (``metrics.json`` holds it to 4 decimals)."""
+        """CorLoc in percent, unrounded (``metrics.json`` holds it to 4 decimals); NaN for a
+        run scored on masks (it has no CorLoc)."""
         images = self.metrics["n_images"]
+        if "n_hits" not in self.metrics:
+            return math.nan
         return 100.0 * self.metrics["n_hits"] / images if images else math.nan
 
     @property
@@ -126,6 +130,9 @@ def run_identity(config: RunConfig, backbone: Backbone | BackboneInfo, index: Da
     }
     add_if_changed(identity, "layer", request.layer)
     add_if_changed(identity, "normalize", config.normalize)
+    if is_mask_dataset(index.name):  # saliency runs only: box runs keep their ids
+        identity["mask_protocol"] = MASK_PROTOCOL
+        identity["refine"] = config.refine
     if not dataset_is_complete(index):
         identity["dataset_images"] = len(index)
     return identity
@@ -160,6 +167,8 @@ def settings_label(identity: dict, mark_partial: bool = True) -> str:
         if value != param.default:
             text = f"{value:g}" if isinstance(value, float) else str(value).lower()
             parts.append(f"{short.get(name, name)}{text}")
+    if identity.get("refine", "none") != "none":
+        parts.append(identity["refine"])
     if mark_partial and "dataset_images" in identity:
         parts.append(f"partial{identity['dataset_images']}")
     return "-".join(parts)
@@ -257,12 +266,14 @@ class RunFolder:
     def settings(self) -> dict[str, Any]:
         """What config.json and metrics.json say about the run's method and features."""
         lost = self.method.name == "lost"  # LOST's parameters are also top-level keys
+        masks = {key: self.identity[key] for key in ("refine", "mask_protocol")
+                 if key in self.identity}  # a saliency run's post-processing and protocol
         return {"method": self.method.name, "method_params": self.params,
                 "feature": self.request.kind, "layer": self.request.layer,
                 "normalize": self.config.normalize,
                 "k_patches": self.config.k_patches if lost else None,
                 "gram_bias": float(self.config.gram_bias) if lost else None,
-                "precision": self.config.precision}
+                "precision": self.config.precision, **masks}
 
     def append(self, lines: list[dict], ctx: DistContext) -> None:
         """Append ``lines`` (this rank's part file under torchrun); ``sync`` makes them
@@ -498,6 +509,8 @@ def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: 
         if value != defaults[name]:
             summary += f" {short.get(name, name)}={value:g}" if isinstance(value, float) \
                 else f" {short.get(name, name)}={value}"
+    if run.identity.get("refine", "none") != "none":
+        summary += f" refine={run.identity['refine']}"
     if run.config.normalize != "none":
         summary += f" normalize={run.config.normalize}"
     if run.config.pos_interp != "original":

@@ -48,6 +48,7 @@ from lostreg.runs.checks import (
     accepted_features,
     check_config,
     check_feature,
+    check_refine,
     feature_request,
     method_params,
     with_defaults,
@@ -142,10 +143,14 @@ def expand_sweep(base: RunConfig, *, methods: Sequence[str] | None = None,
                  features: Sequence[str | None] | None = None,
                  layers: Sequence[int] | None = None,
                  normalizations: Sequence[str] | None = None,
-                 values: dict[str, list[Any]] | None = None) -> list[RunConfig]:
+                 values: dict[str, list[Any]] | None = None,
+                 refines: Sequence[str] | None = None,
+                 refine_by_method: dict[str, Sequence[str]] | None = None) -> list[RunConfig]:
     """Every run of a pass: methods x feature kinds x layers x normalisations x each method's
     own parameter values (``values`` by parameter name; LOST's ``k_patches``/``gram_bias``
-    too). None keeps ``base``'s value. Duplicates are dropped, order kept."""
+    too) x the saliency post-processings (``refines`` for every method, or
+    ``refine_by_method`` for the methods it names: a suite's TokenCut with and without the
+    bilateral solver). None keeps ``base``'s value. Duplicates are dropped, order kept."""
     methods = list(methods or [base.method])
     values = dict(values or {})
     owners = {p.name: name for name, spec in METHODS.items() for p in spec.params}
@@ -158,15 +163,17 @@ def expand_sweep(base: RunConfig, *, methods: Sequence[str] | None = None,
     sweep: list[RunConfig] = []
     for method in methods:
         axes = _method_axes(method, base, values)
-        for feature, layer, normalize, combo in itertools.product(
+        method_refines = list((refine_by_method or {}).get(method) or refines or [base.refine])
+        for feature, layer, normalize, combo, refine in itertools.product(
                 _features_for(method, features, methods),
                 layers or [base.layer], normalizations or [base.normalize],
-                itertools.product(*(v for _, v in axes))):
+                itertools.product(*(v for _, v in axes)), method_refines):
             chosen = dict(zip((name for name, _ in axes), combo, strict=True))
             on_config = {p.name: chosen.pop(p.name) for p in get_method(method).params
                          if p.on_config}
             config = dataclasses.replace(base, method=method, features=feature, layer=layer,
-                                         normalize=normalize, method_params=chosen, **on_config)
+                                         normalize=normalize, method_params=chosen,
+                                         refine=refine, **on_config)
             if config not in sweep:
                 sweep.append(config)
     return sweep
@@ -207,6 +214,8 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
              layers: Sequence[int] | None = None,
              normalizations: Sequence[str] | None = None,
              pos_interps: Sequence[str] | None = None,
+             refines: Sequence[str] | None = None,
+             refine_by_method: dict[str, Sequence[str]] | None = None,
              pairs: Sequence[tuple[str, str]] | None = None,
              sweep: Sequence[RunConfig] | None = None,
              backbone: Backbone | None = None, index: DatasetIndex | None = None,
@@ -214,8 +223,8 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
     """Every (model, dataset) pair (``pairs``, or ``models`` x ``datasets``), with each
     position-embedding resampling of ``pos_interps`` (it changes the model: one pass each),
     times every run of ``expand_sweep`` (methods, features, layers, normalisations, method
-    parameters with ``k_patches``/``gram_biases`` for LOST; None keeps ``base``'s value), or
-    ``sweep`` as given.
+    parameters with ``k_patches``/``gram_biases`` for LOST, saliency ``refines`` or
+    ``refine_by_method``; None keeps ``base``'s value), or ``sweep`` as given.
 
     Models run one after the other; each is described (weights hashed) once, built at most
     once and only if some image is not in the feature cache; each dataset is indexed once.
@@ -235,10 +244,14 @@ def run_grid(base: RunConfig, models: Sequence[str] | None = None,
         if gram_biases is not None:
             values["gram_bias"] = [float(b) for b in gram_biases]
         sweep = expand_sweep(base, methods=methods, features=features, layers=layers,
-                             normalizations=normalizations, values=values)
+                             normalizations=normalizations, values=values, refines=refines,
+                             refine_by_method=refine_by_method)
     sweep = [with_defaults(config) for config in sweep]
     for config in sweep:
         check_config(config)
+    for dataset in dict.fromkeys(d for ds in by_model.values() for d in ds):
+        for config in sweep:  # a box dataset with --refine: one line, before any work
+            check_refine(config.refine, dataset)
     return _run_models(base, by_model, specs, sweep, backbone, index, on_result)
 
 

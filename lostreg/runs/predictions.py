@@ -40,6 +40,7 @@ from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError
 from lostreg.evaluation.corloc import CORLOC
 from lostreg.evaluation.registry import MetricSpec
+from lostreg.evaluation.rle import rle_problem
 from lostreg.evaluation.targets import BoxesTarget, LineField
 from lostreg.fields import is_int
 from lostreg.io import JsonlAppender, atomic_write_text, read_jsonl
@@ -71,6 +72,15 @@ BASE_SCHEMA: dict[str, LineField] = {
 }
 SMOKE_FIELD = {"weights": LineField(lambda v: v == "random", '"random" (smoke runs only)',
                                     required=False)}
+# what a line holds of each prediction a metric reads (``MetricSpec.reads``) beyond the box
+# every line has: a mask metric's binary mask at the image's size, as compressed RLE
+# (``lostreg.evaluation.rle``; for a soft prediction, its ``> 0.5`` binarisation)
+READ_FIELDS: dict[str, dict[str, LineField]] = {
+    "box": {},
+    "mask": {"pred_mask_rle": LineField(lambda v: rle_problem(v) is None,
+                                        'a compressed RLE {"size": [height, width], "counts": '
+                                        '"..."}')},
+}
 
 
 def record_file(record: ImageRecord, root: Path) -> str:
@@ -103,6 +113,8 @@ class LineFormat:
         """One entry per key of a line; a key not listed here makes a line bad."""
         fields = {**BASE_SCHEMA, **self.target.LINE_SCHEMA}
         for metric in self.metrics:
+            for kind in metric.reads:
+                fields.update(READ_FIELDS[kind])
             fields.update(metric.fields)
         return {**fields, **SMOKE_FIELD}
 
@@ -114,9 +126,10 @@ class LineFormat:
         return scores
 
     def line(self, record: ImageRecord, box: Sequence[int], seed_rc: Sequence[int] | None,
-             root: Path, smoke: bool) -> dict:
+             root: Path, smoke: bool, prediction: Mapping[str, Any] | None = None) -> dict:
         """The predictions line of one image (``record`` holds the size the image really
-        has)."""
+        has). ``prediction``: what the line holds of a prediction beyond its box, which the
+        metrics read (a mask run's ``pred_mask_rle`` and ``sal_counts``)."""
         target = record.target
         line = {
             "image_id": record.image_id,
@@ -126,6 +139,7 @@ class LineFormat:
             "box": [int(v) for v in box],
             "seed": None if seed_rc is None else [int(v) for v in seed_rc],
             **target.line_fields(),
+            **(prediction or {}),
         }
         line.update(self.scores(line, target))
         if smoke:
@@ -152,6 +166,10 @@ class LineFormat:
         if not (0 <= x1 <= x2 <= line["width"] + slack
                 and 0 <= y1 <= y2 <= line["height"] + slack):
             return f"box {line['box']} is not inside its {line['width']}x{line['height']} image"
+        for metric in self.metrics:
+            problem = metric.check_line(line) if metric.check_line is not None else None
+            if problem:
+                return problem
         return None
 
     def rescore(self, line: dict, target: Any) -> tuple[dict, str | None]:

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from lostreg import timeline
 from lostreg.datasets.base import DatasetIndex, ImageRecord
+from lostreg.datasets.registry import image_protocol
 from lostreg.errors import LostregError
 from lostreg.features.cache import BackgroundWriter, FeatureCache, is_lossless, storage_dtype
 from lostreg.features.extract import FeatureRequest
@@ -54,6 +56,7 @@ from lostreg.runs.folder import (
     write_config,
 )
 from lostreg.runs.lock import hold_runs
+from lostreg.runs.mask_lines import mask_prediction, mask_threads
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -71,6 +74,7 @@ class Pass:
         self.base, self.lazy, self.index, self.device, self.ctx = base, lazy, index, device, ctx
         self.info = lazy.info
         self.smoke = self.info.weights.is_random
+        self.image_protocol = image_protocol(index.name)  # "resize": a saliency set
         self.records: list[ImageRecord] = list(
             index.records[: base.limit] if base.limit else index.records)
         self.storage = (storage_dtype(base.cache_dtype, base.precision)
@@ -84,6 +88,7 @@ class Pass:
                                       "method": 0.0, "write": 0.0,
                                       "backbone_images": 0, "cached_images": 0}
         self.lines: LineWriter
+        self._pool: ThreadPoolExecutor | None = None
 
     # --- set-up ---------------------------------------------------------------------------
 
@@ -156,6 +161,7 @@ class Pass:
         with contextlib.ExitStack() as stack:
             for run in self.runs:
                 stack.callback(run.close)
+            stack.callback(self._close_pool)
             self.lines = stack.enter_context(LineWriter(  # drained before the runs close
                 on_idle=lambda: [run.sync() for run in self.runs]))
             caches = self._caches(mine, stack)
@@ -164,7 +170,8 @@ class Pass:
                 self.records, self.lazy, self.device, batch_size=self.base.batch_size,
                 num_workers=self.base.num_workers, autocast=AUTOCAST_DTYPES[self.base.precision],
                 caches=caches, storage=self.storage, lossless=self.lossless, writer=writer,
-                stats=self.stats, max_pixels=self.base.max_pixels)
+                stats=self.stats, max_pixels=self.base.max_pixels,
+                image_protocol=self.image_protocol)
             for step in source.cached(source.fully_cached(mine, self.needs), self.needs):
                 for batch in step.batches:
                     finished = self.serve(batch)
@@ -207,21 +214,59 @@ class Pass:
 
     def _serve_group(self, batch: FeatureBatch, feats: torch.Tensor, chosen: list[int],
                      runs: list[RunFolder], members: list[int]) -> None:
-        """One method call for runs that differ only in the method's parameters."""
+        """One method call for runs that differ only in the method's parameters (runs that
+        differ only in their saliency refinement share one output)."""
         sizes = [batch.sizes[j] for j in chosen]
         method = runs[0].method
         where = describe_images(self.records, batch.positions, batch.sizes)
+        settings = list({repr(sorted(r.params.items())): r.params for r in runs}.values())
         with out_of_memory_as_error(lambda: f"{where} in {method.name}"):
             outputs = method.run_all(feats, batch.grid, self.info.patch_size,
-                                     to_device(sizes, feats.device), [r.params for r in runs])
+                                     to_device(self._method_sizes(sizes, batch.grid),
+                                               feats.device), settings)
+        by_setting = {repr(sorted(p.items())): out for p, out in zip(settings, outputs, strict=True)}
         positions = [batch.positions[j] for j in chosen]
         ready = ready_event(feats.device)
-        for i, run, out in zip(members, runs, outputs, strict=True):
+        for i, run in zip(members, runs, strict=True):
+            out = by_setting[repr(sorted(run.params.items()))]
             for p in positions:
                 self.todo[p].discard(i)
+            if run.fmt.target.kind == "mask":
+                self.lines.submit(functools.partial(
+                    self._write_masks, run, positions, sizes,
+                    to_host(method.mask_for_saliency(out)), to_host(out.seed), batch.grid[1]),
+                    ready)
+                continue
             self.lines.submit(functools.partial(
                 self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
                 batch.grid[1]), ready)
+
+    def _method_sizes(self, sizes: list[tuple[int, int]], grid: tuple[int, int]
+                      ) -> list[tuple[int, int]]:
+        """The image sizes a method clips its boxes to: each image's own, or, for resized
+        inputs (which fill the grid exactly), the grid's."""
+        if self.image_protocol != "resize":
+            return sizes
+        patch = self.info.patch_size
+        return [(grid[0] * patch, grid[1] * patch)] * len(sizes)
+
+    def _write_masks(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
+                     masks: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
+        """A saliency run's lines (``lostreg.runs.mask_lines``: upsampled, refined, counted
+        against the GT), on the line writer's thread."""
+        tick = time.perf_counter()
+        def one(item: tuple) -> dict:
+            p, size, mask, seed = item
+            box, fields = mask_prediction(self.records[p], mask, size, run.config.refine,
+                                          self.base.max_pixels)
+            return self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None,
+                              fields)
+
+        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), strict=True))
+        pool = self._mask_pool()
+        lines = list(pool.map(one, items)) if pool is not None else [one(i) for i in items]
+        run.append(lines, self.ctx)
+        self.stats["write"] += time.perf_counter() - tick
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
                boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
@@ -233,12 +278,25 @@ class Pass:
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
+    def _mask_pool(self) -> ThreadPoolExecutor | None:
+        """Threads for a saliency run's per-image work (``mask_lines.mask_threads``), started
+        on first use and shut down with the pass; None for one thread."""
+        if self._pool is None and mask_threads(self.device.type) > 1:
+            self._pool = ThreadPoolExecutor(mask_threads(self.device.type),
+                                            thread_name_prefix="lostreg-masks")
+        return self._pool
+
     def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int],
-              seed_rc: tuple[int, int] | None) -> dict:
+              seed_rc: tuple[int, int] | None, prediction: dict | None = None) -> dict:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
             record = dataclasses.replace(record, height=size[0], width=size[1])
-        return run.fmt.line(record, box, seed_rc, self.index.root, self.smoke)
+        return run.fmt.line(record, box, seed_rc, self.index.root, self.smoke, prediction)
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # --- the end --------------------------------------------------------------------------
 
