@@ -40,6 +40,7 @@ from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
 from lostreg.runs.lock import LOCK_NAME
+from lostreg.runs.nonfinite import nonfinite_fields, nonfinite_lines, nonfinite_warning
 from lostreg.runs.predictions import (
     BOX_LINES,
     QUARANTINE,
@@ -273,7 +274,8 @@ class RunFolder:
                 "normalize": self.config.normalize,
                 "k_patches": self.config.k_patches if lost else None,
                 "gram_bias": float(self.config.gram_bias) if lost else None,
-                "precision": self.config.precision, **masks}
+                "precision": self.config.precision, **masks,
+                "max_nonfinite": self.config.max_nonfinite}
 
     def append(self, lines: list[dict], ctx: DistContext) -> None:
         """Append ``lines`` (this rank's part file under torchrun); ``sync`` makes them
@@ -420,16 +422,20 @@ class RunScore(NamedTuple):
 
     results: dict[str, Any]
     warnings: list[str]
+    nonfinite: int = 0  # images without a prediction (non-finite features), in the figures
 
 
 def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, fmt: LineFormat,
-             run_id: str, smoke: bool, summary_fields: dict, seconds: dict) -> RunScore:
+             run_id: str, smoke: bool, summary_fields: dict, seconds: dict,
+             max_nonfinite: int = 0) -> RunScore:
     """Merge the validated predictions (the file and any per-rank parts) in dataset order, so
     a resumed or distributed run's file equals an uninterrupted one's, and write metrics.json
     atomically: its figures always come from the validated lines, every score recomputed, and
     it counts what the data needed (boxes clipped, zero-area boxes, images whose annotated size
-    was not their size: ``data_checks``)."""
+    was not their size: ``data_checks``). A run with more images whose features were not
+    finite than ``max_nonfinite`` stops here, one line, before metrics.json (``nonfinite``)."""
     ordered = distributed.merge_predictions(run_dir, index_records, root, fmt=fmt)
+    nonfinite = nonfinite_fields(ordered, run_dir, summary_fields, max_nonfinite)
     results: dict[str, Any] = {}
     for metric in fmt.metrics:
         results.update(metric.evaluate(ordered))
@@ -445,12 +451,16 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, fm
         # when this process reached each step, in seconds since it started (lostreg.timeline)
         "startup": timeline.marks(),
         "data_checks": checks.to_json(),
+        **nonfinite,
         **summary_fields,
     }
     if smoke:
         metrics["note"] = SMOKE_NOTE
     atomic_write_json(run_dir / "metrics.json", metrics)
-    return RunScore(results, checks.warnings(summary_fields["dataset"]))
+    count = nonfinite["nonfinite_images"]
+    warning = nonfinite_warning(run_dir, count, summary_fields.get("precision", "fp32"))
+    return RunScore(results, checks.warnings(summary_fields["dataset"])
+                    + ([warning] if warning else []), count)
 
 
 def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetIndex,
@@ -461,7 +471,8 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     if run.finished:
         loaded = load_predictions(run.run_dir, records, root=index.root, repair=False,
                                   fmt=run.fmt)
-        return RunScore(evaluate_lines(loaded.lines, records, run.fmt), [])
+        return RunScore(evaluate_lines(loaded.lines, records, run.fmt), [],
+                        len(nonfinite_lines(list(loaded.lines.values()))))
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),
@@ -484,7 +495,7 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
                       "no_hard": index.no_hard, "resumed_with": len(records) - computed,
                       **_scratch_fields(run.config)}
     return finalize(run.run_dir, records, index.root, run.fmt, run.run_id,
-                    info.weights.is_random, summary_fields, seconds)
+                    info.weights.is_random, summary_fields, seconds, run.config.max_nonfinite)
 
 
 def run_status(run: RunFolder, n_images: int) -> str:
@@ -496,7 +507,7 @@ def run_status(run: RunFolder, n_images: int) -> str:
 
 
 def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: RunFolder,
-                 smoke: bool, status: str) -> str:
+                 smoke: bool, status: str, nonfinite: int = 0) -> str:
     """The one line a run prints: its figures (each metric's words, e.g. ``CorLoc 61.90
     (3102/5011)``), what it was measured on, every setting that changes the result, what this
     command did and where the run folder is."""
@@ -533,6 +544,8 @@ def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: 
         summary += f"  [{SCRATCH_NOTE}]"
     if partial:
         summary += f"  [{partial}]"
+    if nonfinite:
+        summary += f"  [{nonfinite} image(s) with non-finite features scored as failures]"
     return summary
 
 

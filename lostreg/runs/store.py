@@ -373,10 +373,12 @@ def _checked_line(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise LostregError(f"{where}: not a JSON object")
     line = Fields(record, where)
+    # an image whose features were not finite has no box (``nonfinite``): a miss
+    no_box = record.get("nonfinite") is True and record.get("box") is None
     checked = {"image_id": line.text("image_id"), "file": line.text("file", None, optional=True),
                "width": line.integer("width", minimum=1),
                "height": line.integer("height", minimum=1),
-               "box": line.box("box"), "gt_boxes": line.boxes("gt_boxes")}
+               "box": None if no_box else line.box("box"), "gt_boxes": line.boxes("gt_boxes")}
     line.number("best_iou")
     checked["stored_hit"] = line.flag("hit")
     return checked
@@ -416,10 +418,12 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     rows = _read_lines(path)
     counts = np.array([len(row["gt_boxes"]) for row in rows], dtype=np.int64)
-    boxes = np.array([row["box"] for row in rows], dtype=np.float64).reshape(-1, 4)
+    boxes = np.array([row["box"] or [0, 0, 0, 0] for row in rows],
+                     dtype=np.float64).reshape(-1, 4)
     gts = np.array([gt for row in rows for gt in row["gt_boxes"]],
                    dtype=np.float64).reshape(-1, 4)
     ious = best_ious(boxes, gts, counts)
+    ious[[row["box"] is None for row in rows]] = 0.0  # no box (non-finite features): a miss
     hits = ious >= HIT_IOU
     stored = np.array([row["stored_hit"] for row in rows], dtype=bool)
     wrong = np.flatnonzero(hits != stored)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,7 @@ from lostreg.runs.distributed import CollectiveError, DistContext
 from lostreg.runs.folder import (
     RunFolder,
     RunResult,
+    RunScore,
     check_unique,
     clear_unused,
     describe_run,
@@ -57,6 +59,8 @@ from lostreg.runs.folder import (
 )
 from lostreg.runs.lock import hold_runs
 from lostreg.runs.mask_lines import mask_prediction, mask_threads
+from lostreg.runs.nonfinite import NonFiniteFeatures
+from lostreg.runs.predictions import NONFINITE
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -226,6 +230,8 @@ class Pass:
                                                feats.device), settings)
         by_setting = {repr(sorted(p.items())): out for p, out in zip(settings, outputs, strict=True)}
         positions = [batch.positions[j] for j in chosen]
+        finite = to_host(batch.finite if len(chosen) == len(batch.positions)  # type: ignore[arg-type]
+                         else batch.finite[chosen])  # type: ignore[index]
         ready = ready_event(feats.device)
         for i, run in zip(members, runs, strict=True):
             out = by_setting[repr(sorted(run.params.items()))]
@@ -234,12 +240,12 @@ class Pass:
             if run.fmt.target.kind == "mask":
                 self.lines.submit(functools.partial(
                     self._write_masks, run, positions, sizes,
-                    to_host(method.mask_for_saliency(out)), to_host(out.seed), batch.grid[1]),
-                    ready)
+                    to_host(method.mask_for_saliency(out)), to_host(out.seed), batch.grid[1],
+                    finite), ready)
                 continue
             self.lines.submit(functools.partial(
                 self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
-                batch.grid[1]), ready)
+                batch.grid[1], finite), ready)
 
     def _method_sizes(self, sizes: list[tuple[int, int]], grid: tuple[int, int]
                       ) -> list[tuple[int, int]]:
@@ -251,30 +257,39 @@ class Pass:
         return [(grid[0] * patch, grid[1] * patch)] * len(sizes)
 
     def _write_masks(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
-                     masks: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
+                     masks: torch.Tensor, seeds: torch.Tensor, cols: int,
+                     finite: torch.Tensor) -> None:
         """A saliency run's lines (``lostreg.runs.mask_lines``: upsampled, refined, counted
-        against the GT), on the line writer's thread."""
+        against the GT), on the line writer's thread. An image whose features were not finite
+        gets no prediction: its line is scored as an empty mask, with no box (``nonfinite``)."""
         tick = time.perf_counter()
         def one(item: tuple) -> dict:
-            p, size, mask, seed = item
+            p, size, mask, seed, ok = item
+            if not ok:
+                _, fields = mask_prediction(self.records[p], np.zeros_like(mask), size, "none",
+                                            self.base.max_pixels)
+                return self._line(run, p, size, None, None, {**fields, **NONFINITE})
             box, fields = mask_prediction(self.records[p], mask, size, run.config.refine,
                                           self.base.max_pixels)
             return self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None,
                               fields)
 
-        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), strict=True))
+        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), finite.tolist(),
+                         strict=True))
         pool = self._mask_pool()
         lines = list(pool.map(one, items)) if pool is not None else [one(i) for i in items]
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
-               boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
-        """Format and append one method output's lines (on the line writer's thread)."""
+               boxes: torch.Tensor, seeds: torch.Tensor, cols: int, finite: torch.Tensor) -> None:
+        """Format and append one method output's lines (on the line writer's thread); an
+        image whose features were not finite gets no box (a ``nonfinite`` line: a miss)."""
         tick = time.perf_counter()
         lines = [self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None)
-                 for p, size, box, seed in zip(positions, sizes, boxes.tolist(), seeds.tolist(),
-                                               strict=True)]
+                 if ok else self._line(run, p, size, None, None, NONFINITE)
+                 for p, size, box, seed, ok in zip(positions, sizes, boxes.tolist(),
+                                                   seeds.tolist(), finite.tolist(), strict=True)]
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
@@ -286,7 +301,7 @@ class Pass:
                                             thread_name_prefix="lostreg-masks")
         return self._pool
 
-    def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int],
+    def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int] | None,
               seed_rc: tuple[int, int] | None, prediction: dict | None = None) -> dict:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
@@ -307,8 +322,7 @@ class Pass:
         outcomes: Any = None
         if self.ctx.is_main:
             try:
-                outcomes = [finish_run(run, self.records, self.index, self.info, total, everyone,
-                                       self.ctx, len(self.runs)) for run in self.runs]
+                outcomes = self._finish_runs(total, everyone)
             except LostregError as exc:
                 self.ctx.broadcast(str(exc))
                 raise
@@ -318,14 +332,29 @@ class Pass:
         if self.ctx.is_main:  # the same data, so the same warnings: once per pass
             for line in dict.fromkeys(w for outcome in outcomes for w in outcome.warnings):
                 print(line, file=sys.stderr, flush=True)
-        return [self._result(run, outcome.results)
+        return [self._result(run, outcome)
                 for run, outcome in zip(self.runs, outcomes, strict=True)]
 
-    def _result(self, run: RunFolder, results: dict[str, Any]) -> RunResult:
+    def _finish_runs(self, total: float, everyone: list[dict]) -> list[RunScore]:
+        """Every run's figures (metrics.json written); runs with too many images whose
+        features were not finite are refused together, once the others are written."""
+        outcomes, refused = [], []
+        for run in self.runs:
+            try:
+                outcomes.append(finish_run(run, self.records, self.index, self.info, total,
+                                           everyone, self.ctx, len(self.runs)))
+            except NonFiniteFeatures as exc:
+                refused.append(str(exc))
+        if refused:
+            more = f" (and {len(refused) - 1} more runs)" if len(refused) > 1 else ""
+            raise NonFiniteFeatures(refused[0] + more)
+        return outcomes
+
+    def _result(self, run: RunFolder, outcome: RunScore) -> RunResult:
         status = run_status(run, len(self.records))
-        return RunResult(run.run_id, run.run_dir, results, self.smoke,
-                         summary_line(results, self.index, self.info.spec.name, run, self.smoke,
-                                      status), status)
+        return RunResult(run.run_id, run.run_dir, outcome.results, self.smoke,
+                         summary_line(outcome.results, self.index, self.info.spec.name, run,
+                                      self.smoke, status, outcome.nonfinite), status)
 
     def _bad_images(self, messages: list[str]) -> str:
         where = (self.runs[0].run_dir if len(self.runs) == 1
