@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -125,8 +126,56 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def null_if_undefined(obj: Any) -> Any:
+    """``obj`` with every float that is not finite (an undefined figure: a mean over no image,
+    0/0) replaced by None, which JSON writes as ``null``; containers are copied, tuples become
+    lists (as JSON would write them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: null_if_undefined(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [null_if_undefined(value) for value in obj]
+    return obj
+
+
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """Where in ``obj`` the first non-finite float is (``corloc``, ``f_curve[3]``), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value"
+    items = (obj.items() if isinstance(obj, dict)
+             else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key}]" if isinstance(key, int)
+                                  else f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def dumps_strict(obj: Any, where: str | os.PathLike, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and Infinity (``allow_nan=False``): they are not JSON, and
+    a file holding them is refused by strict readers. A ``ValueError`` names the file and the
+    key; the caller writes ``null`` for an undefined figure (``null_if_undefined``)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        found = _first_non_finite(obj)
+        if found is None:
+            raise
+        raise ValueError(f"{where}: {found} is not finite (NaN or Infinity is not JSON; write "
+                         "null for an undefined figure)") from None
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, undefined_as_null: bool = False
+                      ) -> None:
+    """Write ``obj`` as JSON (indented, sorted keys), atomically. NaN and Infinity are refused
+    (``dumps_strict``), unless the caller says its figures may be undefined
+    (``undefined_as_null``: they are written as ``null``)."""
+    if undefined_as_null:
+        obj = null_if_undefined(obj)
+    atomic_write_text(path, dumps_strict(obj, path, indent=2, sort_keys=True, default=str)
+                      + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -288,7 +337,8 @@ class JsonlAppender:
 
     def write_many(self, records: Iterable[dict], sync: bool = True) -> None:
         payload = b"".join(
-            json.dumps(record, sort_keys=True).encode("utf-8") + b"\n" for record in records
+            dumps_strict(record, self.path, sort_keys=True).encode("utf-8") + b"\n"
+            for record in records
         )
         if not payload:
             return

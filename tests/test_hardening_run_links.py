@@ -57,6 +57,7 @@ def test_a_linked_run_file_is_refused_and_its_target_untouched(interrupted_run, 
     target.parent.mkdir()
     if not dangling:
         target.write_bytes(OUTSIDE)
+    original = (interrupted_run / name).read_bytes() if (interrupted_run / name).exists() else None
     link(interrupted_run / name, target)
     before = sorted(os.listdir(interrupted_run))
     assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 2
@@ -71,7 +72,9 @@ def test_a_linked_run_file_is_refused_and_its_target_untouched(interrupted_run, 
         assert target.read_bytes() == OUTSIDE
     assert sorted(os.listdir(interrupted_run)) == before  # nothing added, nothing removed
     assert (interrupted_run / name).is_symlink()
-    (interrupted_run / name).unlink()  # the link removed: the run resumes and finishes
+    (interrupted_run / name).unlink()  # the link replaced by the file: the run finishes
+    if original is not None:
+        (interrupted_run / name).write_bytes(original)
     assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 0
     assert (interrupted_run / "metrics.json").is_file()
 

@@ -34,7 +34,7 @@ from lostreg.features.extract import FeatureRequest, resolve_layer
 from lostreg.features.pipeline import BackboneInfo
 from lostreg.io import JsonlAppender, atomic_write_json, refuse_links
 from lostreg.methods import MethodSpec
-from lostreg.runs import distributed
+from lostreg.runs import distributed, state
 from lostreg.runs.checks import feature_request, is_mask_dataset, method_of, method_params
 from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
@@ -96,7 +96,13 @@ def dataset_is_complete(index: DatasetIndex) -> bool:
 
 def check_dataset_complete(index: DatasetIndex, allow_partial: bool) -> None:
     """Every image counts in CorLoc, so a run on an incomplete dataset is refused unless asked
-    for; such a run gets its own run id (``dataset_images`` in its identity)."""
+    for; such a run gets its own run id (``dataset_images`` in its identity). A split that
+    lists no image is refused whatever the flags: CorLoc over no image is undefined (it used to
+    "finish" as ``CorLoc nan (0/0)`` with NaN in metrics.json)."""
+    if len(index) == 0:
+        raise LostregError(f"{index.root}: {index.name} {index.split} lists no images"
+                           f"{' once --no-hard dropped the emptied ones' if index.no_hard else ''}"
+                           "; there is nothing to score (check the split file)")
     if allow_partial or dataset_is_complete(index):
         return
     expected = DATASETS[index.name].expected_images
@@ -259,6 +265,10 @@ class RunFolder:
     pending: set[int] = field(default_factory=set)  # dataset positions still missing (all ranks)
     out: JsonlAppender | None = None
     finished: bool = False  # complete before this command: its files are left as they are
+    results: dict[str, Any] | None = None  # a complete run's figures, from its validated lines
+    note: str = ""  # what this command repaired (a rewritten config.json or metrics.json)
+    result_versions: list[int] = field(default_factory=list)  # of the code behind its lines
+    version_mix: bool = False  # lines of several result versions (--allow-version-mix)
 
     @property
     def feature(self) -> str:
@@ -319,9 +329,11 @@ def line_format(index: DatasetIndex, patch_size: int) -> LineFormat:
     return LineFormat(target, metrics, box_slack=patch_size - 1)
 
 
-def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: DatasetIndex,
-                 device: torch.device, numerics: dict, extra: dict | None = None) -> dict:
-    payload = {
+def config_payload(run: RunFolder, backbone: Backbone | BackboneInfo, index: DatasetIndex,
+                   device: torch.device, numerics: dict, extra: dict | None = None) -> dict:
+    """What this command writes as the run's config.json (``open_runs`` adds the code
+    versions): every setting, provenance, what its lines hold."""
+    return {
         "run_id": run.run_id,
         "identity": run.identity,
         # paths absolute: analyze, verify and the notebook read them from any directory
@@ -336,8 +348,6 @@ def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: Datas
         **(extra or {}),
         **_scratch_fields(run.config),
     }
-    atomic_write_json(run.run_dir / "config.json", payload)
-    return payload
 
 
 def _scratch_fields(config: RunConfig) -> dict[str, Any]:
@@ -370,18 +380,71 @@ def check_unique(runs: Sequence[RunFolder]) -> None:
 
 
 def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: Path,
-              patch_size: int, write: bool, config_writer: Callable[[RunFolder], Any]) -> None:
+              patch_size: int, write: bool, config_of: Callable[[RunFolder], dict]) -> None:
     """Create the folders, read back and validate what each run already holds (bad lines are
-    quarantined and their images recomputed, see ``lostreg.runs.predictions``), write config.json
-    of unfinished runs (``write``: this process is rank 0, the only one that repairs)."""
+    quarantined and their images recomputed, see ``lostreg.runs.predictions``; config.json,
+    metrics.json and the code versions, see ``lostreg.runs.state``), and write config.json of
+    unfinished runs (``write``: this process is rank 0, the only one that checks and repairs;
+    ``config_of``: the config.json this command writes for a run)."""
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         refuse_links(run_files(run.run_dir))  # nothing read or written through a link
+        expected = config_of(run) if write else {}
+        previous = state.read_previous(run.run_dir) if write else state.Previous(None)
+        state.check_same_run(run.run_dir, previous, expected)  # before anything is repaired
         loaded = load_predictions(run.run_dir, records, root=root, repair=write, fmt=run.fmt)
         run.pending = {p for p, r in enumerate(records) if r.image_id not in loaded.lines}
-        run.finished = is_finished(run) and not loaded.problems
-        if write and not run.finished:
-            config_writer(run)
+        if not write:  # another rank: rank 0 checks, repairs and writes
+            run.finished = is_finished(run) and not loaded.problems
+            continue
+        complete = (not run.pending and not loaded.problems
+                    and not distributed.part_files(run.run_dir))
+        _open_one(run, records, expected, previous, loaded.lines, complete)
+
+
+def _open_one(run: RunFolder, records: Sequence[ImageRecord], expected: dict,
+              previous: state.Previous, lines: dict[str, dict], complete: bool) -> None:
+    """Decide whether one run is already finished (its config.json and metrics.json valid),
+    or what this command rewrites; write its config.json when it will write into the folder."""
+    disagreement = None
+    if complete:
+        run.results = evaluate_lines(lines, records, run.fmt)
+        nonfinite = len(nonfinite_lines(list(lines.values())))
+        disagreement = state.metrics_disagreement(run.run_dir, run.results, nonfinite,
+                                                  previous.config or expected)
+        if disagreement is None and previous.config is not None:
+            run.finished = True
+            return
+        if disagreement is None:  # only config.json is damaged: rewritten, nothing else
+            run.finished = True
+            run.note = f"config.json rewritten: {previous.problem or 'it was missing'}"
+            _write_config(run, expected, previous, len(lines), versions_known=False)
+            return
+        run.note = f"metrics.json rewritten from the predictions: {disagreement}"
+    run.finished = False
+    if complete and previous.config is not None:  # only metrics.json is rewritten (by this
+        run.result_versions, run.version_mix = state.check_versions(  # code: checked)
+            run.run_dir, previous, len(lines), run.config.allow_version_mix)
+        if not run.version_mix:
+            return
+    _write_config(run, expected, previous, len(lines))
+
+
+def _write_config(run: RunFolder, expected: dict, previous: state.Previous, lines: int,
+                  versions_known: bool = True) -> None:
+    """config.json with the code versions: those of the predictions already there and this
+    code's (refused when they mix, unless ``--allow-version-mix``); with
+    ``versions_known=False`` (only an unreadable config.json is replaced) the predictions'
+    versions are recorded as unknown."""
+    if versions_known:
+        run.result_versions, run.version_mix = state.check_versions(
+            run.run_dir, previous, lines, run.config.allow_version_mix)
+    else:
+        run.result_versions, run.version_mix = [], False
+    payload = {**expected, "result_versions": run.result_versions,
+               "version_mix": run.version_mix,
+               "code_history": state.history(previous, lines, run.version_mix)}
+    atomic_write_json(run.run_dir / "config.json", payload)
 
 
 def clear_unused(run_dirs: Sequence[Path]) -> list[Path]:
@@ -456,7 +519,7 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, fm
     }
     if smoke:
         metrics["note"] = SMOKE_NOTE
-    atomic_write_json(run_dir / "metrics.json", metrics)
+    atomic_write_json(run_dir / "metrics.json", metrics, undefined_as_null=True)
     count = nonfinite["nonfinite_images"]
     warning = nonfinite_warning(run_dir, count, summary_fields.get("precision", "fp32"))
     return RunScore(results, checks.warnings(summary_fields["dataset"])
@@ -471,8 +534,9 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     if run.finished:
         loaded = load_predictions(run.run_dir, records, root=index.root, repair=False,
                                   fmt=run.fmt)
-        return RunScore(evaluate_lines(loaded.lines, records, run.fmt), [],
-                        len(nonfinite_lines(list(loaded.lines.values()))))
+        results = run.results if run.results is not None else evaluate_lines(
+            loaded.lines, records, run.fmt)
+        return RunScore(results, [], len(nonfinite_lines(list(loaded.lines.values()))))
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),
@@ -493,15 +557,19 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     summary_fields = {"model": info.spec.name, "timm_name": info.spec.timm_name,
                       "dataset": index.name, "split": index.split, **run.settings(),
                       "no_hard": index.no_hard, "resumed_with": len(records) - computed,
+                      "result_versions": run.result_versions, "version_mix": run.version_mix,
                       **_scratch_fields(run.config)}
     return finalize(run.run_dir, records, index.root, run.fmt, run.run_id,
                     info.weights.is_random, summary_fields, seconds, run.config.max_nonfinite)
 
 
 def run_status(run: RunFolder, n_images: int) -> str:
-    """``new``, ``resumed (n of N were done)`` or ``already finished``: what this command did."""
+    """``new``, ``resumed (n of N were done)`` or ``already finished``: what this command did,
+    with what it repaired (a rewritten config.json or metrics.json, see ``lostreg.runs.state``)."""
     if run.finished:
-        return "already finished"
+        return "already finished" + (f" ({run.note})" if run.note else "")
+    if run.note:
+        return run.note
     done = n_images - len(run.pending)
     return "new" if done == 0 else f"resumed ({done} of {n_images} were done)"
 

@@ -422,7 +422,7 @@ def _repair(run_dir: Path, reading: _Reading) -> None:
     if bad:
         quarantine(run_dir / QUARANTINE, bad)
     for path, mine in sorted(reading.repairs.items()):
-        atomic_write_text(path, "".join(json.dumps(line, sort_keys=True) + "\n"
+        atomic_write_text(path, "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n"
                                         for line in reading.kept.get(path, [])))
         counts = ", ".join(f"{n} {kind}" for kind in ("bad", "duplicate", "corrected")
                            if (n := sum(p.kind == kind for p in mine)))
@@ -474,7 +474,7 @@ def write_merged(run_dir: Path, image_ids: Sequence[str], lines: Mapping[str, di
         raise LostregError(f"{run_dir}: {len(missing)} predictions missing after the run "
                            f"(first: {missing[0]}); rerun the same command")
     ordered = [lines[i] for i in image_ids]
-    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in ordered)
+    text = "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n" for line in ordered)
     target = run_dir / PREDICTIONS
     try:
         same = target.read_bytes() == text.encode("utf-8")

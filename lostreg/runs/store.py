@@ -31,6 +31,9 @@ from lostreg.io import read_json_object, read_jsonl
 from lostreg.runs.legacy import CONFIG_DEFAULTS, LEGACY_METHOD
 
 CONFIG, PREDICTIONS, METRICS = "config.json", "predictions.jsonl", "metrics.json"
+# what to do about a finished folder whose config.json or metrics.json is damaged: the run's own
+# command validates both against its predictions and rewrites them (``lostreg.runs.state``)
+REWRITE_HINT = "rerun the same lostreg.run command (it validates the folder) to rewrite"
 
 # settings read from config.json that metrics.json may repeat: the two must agree
 CROSS_CHECKED = ("run_id", "model", "dataset", "feature", "method", "method_params", "layer",
@@ -270,10 +273,16 @@ def load_run(run_dir: str | Path) -> RunData:
     metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
     missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
     metrics_data = read_json_object(metrics_path, missing)
-    config = read_json_object(config_path, missing)
+    try:
+        config = read_json_object(config_path, missing)
+    except LostregError as exc:  # the command that made the run rewrites an unreadable one
+        raise LostregError(f"{exc}; {REWRITE_HINT} config.json") from None
     info = parse_config(config, str(config_path))
     metrics = Fields(metrics_data, str(metrics_path))
     n_images, n_hits = metrics.integer("n_images", minimum=0), metrics.integer("n_hits", minimum=0)
+    if n_images == 0:
+        raise LostregError(f"{metrics_path}: n_images is 0: a run of no image has no figures "
+                           "(lostreg now refuses a split that lists no image)")
     finished = _parse_time(metrics.text("finished"), metrics_path)
     seconds = _seconds(metrics)
     _cross_check(config, metrics_data, metrics_path)
@@ -283,7 +292,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if len(predictions) != n_images or hits != n_hits:
         raise LostregError(
             f"{predictions_path}: {hits}/{len(predictions)} hits/images but metrics.json says "
-            f"{n_hits}/{n_images}; rerun the run to rewrite it")
+            f"{n_hits}/{n_images}; {REWRITE_HINT} metrics.json from its predictions")
     return RunData(run_dir, config, metrics_data, predictions, is_smoke(config, metrics_data),
                    finished, info, seconds)
 

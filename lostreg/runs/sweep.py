@@ -49,18 +49,19 @@ from lostreg.runs.folder import (
     RunScore,
     check_unique,
     clear_unused,
+    config_payload,
     describe_run,
     finish_run,
     open_runs,
     remove_empty,
     run_status,
     summary_line,
-    write_config,
 )
 from lostreg.runs.lock import hold_runs
 from lostreg.runs.mask_lines import mask_prediction, mask_threads
 from lostreg.runs.nonfinite import NonFiniteFeatures
 from lostreg.runs.predictions import NONFINITE
+from lostreg.version import RESULT_VERSION
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -101,10 +102,24 @@ class Pass:
                  "feature_cache": None if self.storage is None else {
                      "dir": str(self.base.cache_features), "dtype": self.storage,
                      "lossless": self.lossless}}
-        open_runs(self.runs, self.records, self.index.root, self.info.patch_size, self.ctx.is_main,
-                  lambda run: write_config(run, self.info, self.index, self.device,
-                                           self.numerics, extra))
-        self.ctx.barrier()  # every rank has read the same state before any rank appends
+        failure = None
+        try:
+            open_runs(self.runs, self.records, self.index.root, self.info.patch_size,
+                      self.ctx.is_main, lambda run: config_payload(
+                          run, self.info, self.index, self.device, self.numerics, extra))
+        except LostregError as exc:  # rank 0's refusal (another run's folder, a version mix)
+            if not self.ctx.enabled:
+                raise
+            failure = str(exc)
+        # every rank has read the same state before any rank appends (a gather waits for all),
+        # and runs the same result version of the code
+        everyone = self.ctx.gather((RESULT_VERSION, failure))
+        refused = [line for _, line in everyone if line]
+        if refused:
+            raise CollectiveError(refused[0])
+        if len({version for version, _ in everyone}) > 1:
+            raise CollectiveError(f"the ranks run code of different result versions "
+                                  f"({sorted({v for v, _ in everyone})}); run one checkout")
 
     def _plan(self) -> tuple[list[int], int]:
         """This rank's positions (each with the runs that still need it) and how many
