@@ -302,3 +302,15 @@ def test_mask_threads_write_the_same_lines(tmp_path, monkeypatch) -> None:
         other = tmp_path / "three" / run_dir.name
         assert (run_dir / "predictions.jsonl").read_bytes() == \
             (other / "predictions.jsonl").read_bytes()
+
+
+def test_an_image_too_small_to_resize_is_one_line_and_the_rest_is_kept(tmp_path, capsys) -> None:
+    generate_mask_tree(tmp_path / "data", "ecssd", 3)
+    Image.new("RGB", (8, 40)).save(tmp_path / "data" / "ECSSD" / "images" / "00001.jpg")
+    Image.new("L", (8, 40)).save(tmp_path / "data" / "ECSSD" / "ground_truth_mask" / "00001.png")
+    assert main(cli(tmp_path, "runs", "--method", "tokencut")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "00001.jpg" in err[0] and "rounds to no 16-px patch" in err[0]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [line["image_id"] for line in read_jsonl(run_dir / "predictions.jsonl")] == [
+        "00000", "00002"]

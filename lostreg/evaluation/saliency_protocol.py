@@ -34,7 +34,6 @@ rows of FOUND's Table 2 was found).
 from __future__ import annotations
 
 import numpy as np
-import scipy.ndimage as ndi
 from PIL import Image
 
 from lostreg.errors import LostregError
@@ -96,5 +95,8 @@ def seed_component(bipartition: np.ndarray, seed: int) -> np.ndarray:
     that cannot happen; LOST's path in lostreg uses the seed's own patch instead)."""
     if not 0 <= seed < bipartition.size:
         raise LostregError(f"seed {seed} is outside the {bipartition.shape} grid")
+    import scipy.ndimage as ndi  # here, not at the top: the feature pipeline imports this
+    # module for the resize, and ``import lostreg.run`` must not wait for SciPy
+
     objects, _ = ndi.label(bipartition)
     return objects == objects[np.unravel_index(seed, bipartition.shape)]

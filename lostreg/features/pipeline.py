@@ -188,7 +188,10 @@ class PaddedImages(Dataset):
                 raise LostregError(f"{record.path}: {problem}")
             if self.resize:
                 size = (image.height, image.width)
-                image = resize_to_patch_multiple(image, self.patch_size)
+                try:
+                    image = resize_to_patch_multiple(image, self.patch_size)
+                except LostregError as exc:
+                    raise LostregError(f"{record.path}: {exc}") from None
                 tensor, _ = preprocess(image, self.mean, self.std, self.patch_size)
             else:
                 tensor, size = preprocess(image, self.mean, self.std, self.patch_size)
@@ -197,18 +200,25 @@ class PaddedImages(Dataset):
         return {"position": position, "tensor": tensor, "size": size, "error": None}
 
 
+def _batch_shape(record: ImageRecord, patch_size: int, image_protocol: str) -> tuple[int, int]:
+    """The input shape a record's image gets: padded, or resized to a patch multiple (an
+    image too small to resize is grouped by its padded size and reported when decoded)."""
+    if image_protocol == "resize":
+        try:
+            width, height = resized_size(record.width, record.height, patch_size)
+            return height, width
+        except LostregError:
+            pass
+    return padded_size(record.height, record.width, patch_size)
+
+
 def size_batches(records: Sequence[ImageRecord], patch_size: int,
                  batch_size: int, image_protocol: str = "pad") -> list[list[int]]:
     """Batches of positions whose images share one padded (or, for ``resize``, resized) size
     (from the annotated size), in dataset order of first appearance."""
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for position, record in enumerate(records):
-        if image_protocol == "resize" and record.width * 2 >= patch_size \
-                and record.height * 2 >= patch_size:
-            width, height = resized_size(record.width, record.height, patch_size)
-            groups[(height, width)].append(position)
-        else:  # (an image too small to resize is reported when decoded)
-            groups[padded_size(record.height, record.width, patch_size)].append(position)
+        groups[_batch_shape(record, patch_size, image_protocol)].append(position)
     return [members[i:i + batch_size] for members in groups.values()
             for i in range(0, len(members), batch_size)]
 

@@ -39,7 +39,6 @@ from lostreg.evaluation.mask_gt import read_gt
 from lostreg.evaluation.rle import encode, mask_box
 from lostreg.evaluation.saliency import image_counts
 from lostreg.evaluation.saliency_protocol import upsample_patch_mask
-from lostreg.methods.bilateral import bilateral_refine, refined_prediction
 
 
 def mask_threads(device_type: str) -> int:
@@ -58,6 +57,9 @@ def refined(record: ImageRecord, upsampled: np.ndarray, refine: str,
     if image.shape[:2] != upsampled.shape:
         raise LostregError(f"{record.path}: decodes to {image.shape[1]}x{image.shape[0]}, its "
                            f"mask was upsampled to {upsampled.shape[1]}x{upsampled.shape[0]}")
+    # imported on first use: the solver needs SciPy, which ``import lostreg.run`` must not wait for
+    from lostreg.methods.bilateral import bilateral_refine, refined_prediction
+
     if refine == "bilateral":
         return refined_prediction(bilateral_refine(image, upsampled), "soft")
     return refined_prediction(bilateral_refine(image, upsampled, component_rule="largest"),

@@ -267,10 +267,36 @@ def _cross_check(config: dict, metrics: dict, path: Path) -> None:
                                    f"{shown(data[key])}")
 
 
-def load_run(run_dir: str | Path) -> RunData:
-    """Read one finished run folder, check every value and that its three files agree."""
+@dataclass
+class RunHeader:
+    """A finished run's ``config.json`` and ``metrics.json``, checked and agreeing with each
+    other: everything of a run but its predictions (``load_run`` adds them; the per-run
+    summaries of ``lostreg.runs.summaries`` stand in for them)."""
+
+    run_dir: Path
+    config: dict
+    metrics: dict
+    info: RunInfo
+    smoke: bool
+    finished: datetime
+    seconds: float | None
+    n_images: int
+    n_hits: int
+
+    def check_counts(self, n_images: int, n_hits: int) -> None:
+        """The predictions' image and hit counts must be those ``metrics.json`` states."""
+        if n_images != self.n_images or n_hits != self.n_hits:
+            raise LostregError(
+                f"{self.run_dir / PREDICTIONS}: {n_hits}/{n_images} hits/images but "
+                f"metrics.json says {self.n_hits}/{self.n_images}; {REWRITE_HINT} metrics.json "
+                "from its predictions")
+
+
+def read_header(run_dir: str | Path) -> RunHeader:
+    """Read and check a finished run's ``config.json`` and ``metrics.json`` (not its
+    predictions): every value typed, the settings both repeat equal."""
     run_dir = Path(run_dir)
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.json"
+    metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
     missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
     metrics_data = read_json_object(metrics_path, missing)
     try:
@@ -286,15 +312,17 @@ def load_run(run_dir: str | Path) -> RunData:
     finished = _parse_time(metrics.text("finished"), metrics_path)
     seconds = _seconds(metrics)
     _cross_check(config, metrics_data, metrics_path)
-    predictions_path = run_dir / "predictions.jsonl"
-    predictions = read_predictions(predictions_path)
-    hits = int(predictions["hit"].sum())
-    if len(predictions) != n_images or hits != n_hits:
-        raise LostregError(
-            f"{predictions_path}: {hits}/{len(predictions)} hits/images but metrics.json says "
-            f"{n_hits}/{n_images}; {REWRITE_HINT} metrics.json from its predictions")
-    return RunData(run_dir, config, metrics_data, predictions, is_smoke(config, metrics_data),
-                   finished, info, seconds)
+    return RunHeader(run_dir, config, metrics_data, info, is_smoke(config, metrics_data),
+                     finished, seconds, n_images, n_hits)
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read one finished run folder, check every value and that its three files agree."""
+    header = read_header(run_dir)
+    predictions = read_predictions(header.run_dir / PREDICTIONS)
+    header.check_counts(len(predictions), int(predictions["hit"].sum()))
+    return RunData(header.run_dir, header.config, header.metrics, predictions, header.smoke,
+                   header.finished, header.info, header.seconds)
 
 
 @dataclass
@@ -315,19 +343,23 @@ def _stderr(line: str) -> None:
 
 
 def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
-              report: Callable[[str], None] | None = _stderr) -> ScanResult:
+              report: Callable[[str], None] | None = _stderr,
+              load: Callable[[Path], RunData] = load_run) -> ScanResult:
     """Finished runs under ``runs_dir`` (folders with metrics.json), one per identity.
 
     A folder that cannot be read is skipped with one line (``report``, stderr by default)
     naming it and the reason; the others are still read. Two folders with the same identity
     are the same experiment: the newest by ``finished`` is kept (ties broken by run id, so the
     choice never depends on disk order). Scratch runs (looks during training) are never read:
-    their folders (``scratch-...``) are counted in ``scratch_excluded``.
+    their folders (``scratch-...``) are counted in ``scratch_excluded``. A hidden folder
+    (``.summaries``, ``lostreg.runs.summaries``' store) is never a run. ``load`` reads one
+    folder (``load_run``; the leaderboard passes a reader of per-run summaries).
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise LostregError(f"{runs_dir}: runs folder not found (run python -m lostreg.run first)")
-    folders = sorted(path for path in runs_dir.iterdir() if path.is_dir())
+    folders = sorted(path for path in runs_dir.iterdir()
+                     if path.is_dir() and not path.name.startswith("."))
     result = ScanResult(runs=[])
     runs: list[RunData] = []
     for folder in folders:
@@ -338,7 +370,7 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
             result.scratch_excluded += 1
             continue
         try:
-            runs.append(load_run(folder))
+            runs.append(load(folder))
         except LostregError as exc:
             result.skipped.append(f"skipped {folder}: {exc}")
             if report is not None:

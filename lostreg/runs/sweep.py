@@ -247,20 +247,18 @@ class Pass:
         positions = [batch.positions[j] for j in chosen]
         finite = to_host(batch.finite if len(chosen) == len(batch.positions)  # type: ignore[arg-type]
                          else batch.finite[chosen])  # type: ignore[index]
-        ready = ready_event(feats.device)
+        jobs = []
         for i, run in zip(members, runs, strict=True):
             out = by_setting[repr(sorted(run.params.items()))]
             for p in positions:
                 self.todo[p].discard(i)
-            if run.fmt.target.kind == "mask":
-                self.lines.submit(functools.partial(
-                    self._write_masks, run, positions, sizes,
-                    to_host(method.mask_for_saliency(out)), to_host(out.seed), batch.grid[1],
-                    finite), ready)
-                continue
-            self.lines.submit(functools.partial(
-                self._write, run, positions, sizes, to_host(out.box), to_host(out.seed),
-                batch.grid[1], finite), ready)
+            write, shown = ((self._write_masks, method.mask_for_saliency(out))
+                            if run.fmt.target.kind == "mask" else (self._write, out.box))
+            jobs.append(functools.partial(write, run, positions, sizes, to_host(shown),
+                                          to_host(out.seed), batch.grid[1], finite))
+        ready = ready_event(feats.device)  # after the copies, so the writer waits for them too
+        for job in jobs:
+            self.lines.submit(job, ready)
 
     def _method_sizes(self, sizes: list[tuple[int, int]], grid: tuple[int, int]
                       ) -> list[tuple[int, int]]:

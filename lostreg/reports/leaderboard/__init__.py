@@ -33,8 +33,15 @@ import pandas as pd
 
 from lostreg.cli import HelpFormatter, add_runs_option
 from lostreg.errors import LostregError, error_line
-from lostreg.io import atomic_write_bytes, atomic_write_text
-from lostreg.reports.leaderboard.figures import figure_png, iou_figure, register_bar_figure
+from lostreg.io import atomic_write_text
+from lostreg.reports.cells import neutralise_formulas
+from lostreg.reports.leaderboard.drawing import FigureWriter
+from lostreg.reports.leaderboard.figures import (
+    IouPlot,
+    figure_png,
+    iou_figure,
+    register_bar_figure,
+)
 from lostreg.reports.leaderboard.markdown import comparison_markdown
 from lostreg.reports.leaderboard.published import (
     DEFAULT_PUBLISHED,
@@ -70,11 +77,12 @@ from lostreg.runs.store import (  # the run-folder reader, re-exported for noteb
 
 # (model short name, dataset) runs that fill the comparison table with public weights
 from lostreg.runs.suites import PAPER_DATASETS, PAPER_MODELS, PAPER_SUITE
+from lostreg.runs.summaries import RunSummary, scan_summaries
 
 __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
     "LEADERBOARD_COLUMNS", "PAPER_DATASETS", "PAPER_MODELS", "PAPER_SUITE", "PUBLISHED_COLUMNS",
-    "SETTING_COLUMNS", "Leaderboard", "RunData", "RunInfo", "ScanResult", "base_model_name",
+    "SETTING_COLUMNS", "Leaderboard", "RunData", "RunInfo", "RunSummary", "ScanResult", "base_model_name",
     "base_timm_name", "build_leaderboard", "build_parser", "collect", "comparison_frame",
     "comparison_markdown", "figure_png", "find_pairs", "iou_figure", "is_smoke",
     "leaderboard_frame", "leaderboard_row", "load_published", "load_run", "main", "method_key",
@@ -104,9 +112,11 @@ def _stderr(line: str) -> None:
 def collect(runs_dir: str | Path, include_smoke: bool = False,
             published: str | Path | None = None,
             report: Callable[[str], None] | None = _stderr) -> Leaderboard:
-    """Read every finished run and compute all tables without writing anything; each folder
-    that cannot be read is reported (one line, ``report``) and left out."""
-    scan = scan_runs(runs_dir, include_smoke, report)
+    """Read every finished run and compute all tables; each folder that cannot be read is
+    reported (one line, ``report``) and left out. Runs are read through their summaries
+    (``lostreg.runs.summaries``: computed once per content of a run's files and stored under
+    ``<runs>/.summaries``); their predictions are read only if asked for."""
+    scan, _ = scan_summaries(runs_dir, include_smoke, report)
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
     return Leaderboard(scan.runs, leaderboard_frame(scan.runs), comparison, singles, figures,
@@ -114,11 +124,13 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
 
 
 def _csv(frame: pd.DataFrame) -> str:
-    return frame.to_csv(index=False, lineterminator="\n")
+    """CSV text whose cells a spreadsheet shows as text (``cells.neutralise_formulas``)."""
+    return neutralise_formulas(frame).to_csv(index=False, lineterminator="\n")
 
 
 def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
-    """Write every output atomically; IoU figures of runs no longer listed are removed."""
+    """Write every output atomically; IoU figures of runs no longer listed are removed, and
+    figures whose content did not change are kept as they are (``drawing``)."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "leaderboard.csv", _csv(board.table))
     comparison = board.comparison.copy()
@@ -127,18 +139,11 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
             comparison[column] = comparison[column].round(4)
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
     atomic_write_text(out_dir / "comparison.md", comparison_markdown(board))
-    figures = out_dir / "figures"
-    atomic_write_bytes(figures / "corloc_registers.png",
-                       figure_png(register_bar_figure(board.comparison)))
-    iou_dir = figures / "iou"
-    written = set()
-    for run in board.runs:
-        name = f"{run.run_id}.png"
-        atomic_write_bytes(iou_dir / name, figure_png(iou_figure(run)))
-        written.add(name)
-    for stale in iou_dir.glob("*.png") if iou_dir.is_dir() else ():
-        if stale.name not in written:
-            stale.unlink()
+    drawn = FigureWriter(out_dir / "figures")
+    drawn.figure("corloc_registers.png", board.comparison.to_csv(index=False),
+                 lambda: register_bar_figure(board.comparison))
+    drawn.iou_figures([IouPlot.of(run) for run in board.runs])
+    drawn.close()
 
 
 def build_leaderboard(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False,

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import io
 import textwrap
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from lostreg.evaluation import stats
 from lostreg.reports.leaderboard.markdown import datasets_of
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, VARIANTS
 from lostreg.reports.leaderboard.tables import DATASET_LABELS, run_settings, subset_words
 from lostreg.runs.store import RunData
+from lostreg.runs.summaries import IOU_BINS
 
-IOU_BINS = np.linspace(0.0, 1.0, 21)
 SMOKE_MARK = "SMOKE (random weights): not a result"
 TICK_FONT = 7  # points
 # a character's width in ems, generous (wide letters, underscores) so wrapped labels fit
@@ -176,25 +176,59 @@ def register_bar_figure(comparison: pd.DataFrame, max_groups: int = MAX_GROUPS) 
     return figure
 
 
+@dataclass(frozen=True)
+class IouPlot:
+    """What a run's IoU figure shows, and nothing else: the figure is a function of it (the
+    leaderboard redraws a run's figure only when this changes, ``drawing``)."""
+
+    run_id: str
+    counts: tuple[int, ...]  # images per ``IOU_BINS`` bin of the best IoU
+    corloc: float
+    subset: str  # ``subset_words``: '' for a run on the whole split
+    smoke: bool
+
+    @classmethod
+    def of(cls, run: RunData) -> IouPlot:
+        return cls(run.run_id, tuple(int(c) for c in iou_counts(run)), run.summary["corloc"],
+                   subset_words(run_settings(run)), bool(run.smoke))
+
+
+def iou_counts(run: RunData) -> np.ndarray:
+    """Images per ``IOU_BINS`` bin of the run's best IoU: from its summary, or counted from
+    its predictions for a run built by hand."""
+    histograms = getattr(run, "histograms", None)
+    if histograms is not None and "best_iou" in histograms:
+        return np.asarray(histograms["best_iou"], dtype=np.int64)
+    return np.histogram(run.predictions["best_iou"].to_numpy(dtype=float), IOU_BINS)[0]
+
+
 def iou_figure(run: RunData) -> Any:
     """Histogram of each image's best IoU, with the 0.5 hit threshold."""
+    return iou_plot_figure(IouPlot.of(run))
+
+
+def iou_plot_figure(plot: IouPlot) -> Any:
+    """``iou_figure`` from what it shows. The bars are drawn from the bin counts (each bin's
+    centre weighted by its count): the same bars, to the pixel, as a histogram of every
+    image's IoU (``tests/test_leaderboard_summaries.py``)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6.0, 3.8), layout="constrained")
     axis = figure.add_subplot()
-    ious = run.predictions["best_iou"].to_numpy(dtype=float)
-    axis.hist(ious, bins=IOU_BINS, color="#2171b5", edgecolor="white")
+    counts = np.asarray(plot.counts, dtype=np.int64)
+    axis.hist((IOU_BINS[:-1] + IOU_BINS[1:]) / 2, bins=IOU_BINS, weights=counts,
+              color="#2171b5", edgecolor="white")
     axis.axvline(0.5, color="red", linestyle="--", label="hit threshold 0.5")
-    corloc = stats.corloc_percent(run.predictions["hit"].to_numpy(dtype=bool))
-    subset = subset_words(run_settings(run))
-    title = (f"{wrap(run.run_id, 5.2, fontsize=8)}\nCorLoc {corloc:.1f} on {ious.size} images"
-             + (f" ({subset}: not comparable with published figures)" if subset else ""))
+    title = (f"{wrap(plot.run_id, 5.2, fontsize=8)}\nCorLoc {plot.corloc:.1f} on "
+             f"{int(counts.sum())} images"
+             + (f" ({plot.subset}: not comparable with published figures)" if plot.subset
+                else ""))
     axis.set_title(wrap(title, 5.6, fontsize=8), fontsize=8)
     axis.set_xlabel("best IoU with a ground-truth box")
     axis.set_ylabel("images")
     axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole images only
     axis.set_xlim(0, 1)
     axis.legend(fontsize=8)
-    if run.smoke:
+    if plot.smoke:
         mark_smoke(figure)
     return figure

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from lostreg.reports.cells import md_cell, md_row
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, method_key
 from lostreg.reports.leaderboard.tables import (
     DATASET_LABELS,
@@ -86,8 +87,8 @@ def _row_key(row: dict[str, Any]) -> tuple:
 def method_block(frame: pd.DataFrame, title: str, datasets: list[str]) -> list[str]:
     """One method's table: a row per (source, backbone, arrow, protocol), a column per dataset."""
     labels = [DATASET_LABELS.get(name, name) for name in datasets]
-    lines = [f"## {title}", "",
-             "| Backbone | Source | Models | Registers | Protocol | " + " | ".join(labels) + " |",
+    lines = [f"## {md_cell(title)}", "",
+             md_row(["Backbone", "Source", "Models", "Registers", "Protocol", *labels]),
              "|---|---|---|---|---|" + "---|" * len(datasets)]
     rows: dict[tuple, dict[str, dict]] = {}
     for row in frame.to_dict("records"):
@@ -102,7 +103,7 @@ def method_block(frame: pd.DataFrame, title: str, datasets: list[str]) -> list[s
                 parts.append(_cell(row.get("corloc"), row.get("corloc_reg")))
             else:
                 parts.append(_single(row))
-        lines.append("| " + " | ".join(key) + " | " + " | ".join(parts) + " |")
+        lines.append(md_row([*key, *parts]))
     return lines
 
 
@@ -159,8 +160,8 @@ def subset_section(rows: pd.DataFrame, published: pd.DataFrame) -> list[str]:
         cell = (_cell(row.get("corloc"), row.get("corloc_reg")) if _present(row.get("registers"))
                 else _single(row))
         dataset = DATASET_LABELS.get(row["dataset"], row["dataset"])
-        lines.append(f"| {method_title(row['method'], published)} | {backbone} | {models} | "
-                     f"{registers} | {protocol} | {dataset} | {cell} |")
+        lines.append(md_row([method_title(row["method"], published), backbone, models,
+                             registers, protocol, dataset, cell]))
     return lines
 
 
@@ -184,14 +185,14 @@ def statistics_section(frame: pd.DataFrame) -> list[str]:
         images = f"{row['n_paired']}"
         if row["n_paired"] != row["n_images"] or row["n_paired"] != row["n_images_reg"]:
             images += f" (of {row['n_images']} / {row['n_images_reg']})"
-        lines.append(
-            f"| {row['method']} | {row['model']} → {row['model_reg']} | "
-            f"{VARIANT_LABELS[row['registers']]} | "
-            f"{DATASET_LABELS.get(row['dataset'], row['dataset'])} | {settings_label(row)} | "
-            f"{images} | {row['corloc']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}] | "
-            f"{row['corloc_reg']:.1f} [{row['ci_low_reg']:.1f}, {row['ci_high_reg']:.1f}] | "
-            f"{row['diff']:+.1f} [{row['diff_ci_low']:+.1f}, {row['diff_ci_high']:+.1f}] | "
-            f"{row['miss_to_hit']} | {row['hit_to_miss']} | {_format_p(row['mcnemar_p'])} |")
+        lines.append(md_row([
+            row["method"], f"{row['model']} → {row['model_reg']}",
+            VARIANT_LABELS[row["registers"]], DATASET_LABELS.get(row["dataset"], row["dataset"]),
+            settings_label(row), images,
+            f"{row['corloc']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]",
+            f"{row['corloc_reg']:.1f} [{row['ci_low_reg']:.1f}, {row['ci_high_reg']:.1f}]",
+            f"{row['diff']:+.1f} [{row['diff_ci_low']:+.1f}, {row['diff_ci_high']:+.1f}]",
+            row["miss_to_hit"], row["hit_to_miss"], _format_p(row["mcnemar_p"])]))
     return lines
 
 
@@ -203,13 +204,15 @@ def sources_section(published: pd.DataFrame) -> list[str]:
     if published.empty:
         return lines + ["No published figures file was found; there are no published rows."]
     for (paper, source), rows in published.groupby(["paper", "source"], sort=False):
-        lines.append(f"- **{paper}**: {source}.")
+        lines.append(f"- **{md_cell(paper)}**: {md_cell(source)}.")
         for (protocol, verified), part in rows.groupby(["protocol", "verified"], sort=False):
             backbones = ", ".join(dict.fromkeys(part["backbone"]))
-            lines.append(f"  - {backbones}. Protocol: {protocol}. Checked: {verified}.")
+            lines.append(f"  - {md_cell(backbones)}. Protocol: {md_cell(protocol)}. Checked: "
+                         f"{md_cell(verified)}.")
         notes = _notes(rows)  # those of every row first, then those of some rows
         for note, index in sorted(notes, key=lambda item: len(item[1]) != len(rows)):
-            lines.append(f"  - Note{_which_rows(rows.loc[index], rows)}: {note}")
+            lines.append(f"  - Note{md_cell(_which_rows(rows.loc[index], rows))}: "
+                         f"{md_cell(note)}")
     return lines
 
 

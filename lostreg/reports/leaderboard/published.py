@@ -19,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from lostreg.errors import LostregError
-from lostreg.fields import read_text_csv, shown
+from lostreg.fields import shown
+from lostreg.reports.cells import read_cells
 
 # shipped inside the package (package data), so an installed wheel shows the published figures
 DEFAULT_PUBLISHED = Path(__file__).resolve().with_name("published_corloc.csv")
@@ -59,9 +60,9 @@ def _check_rows(frame: pd.DataFrame, path: Path) -> None:
         if record["with_registers"].lower() not in ("true", "false"):
             raise LostregError(f"{where}: with_registers must be true or false, not "
                                f"{shown(record['with_registers'])}")
-        if not re.fullmatch(r"\d+", record["test_time_registers"]):
-            raise LostregError(f"{where}: test_time_registers must be a whole number >= 0, not "
-                               f"{shown(record['test_time_registers'])}")
+        if not re.fullmatch(r"\d{1,3}", record["test_time_registers"]):
+            raise LostregError(f"{where}: test_time_registers must be a whole number from 0 to "
+                               f"999, not {shown(record['test_time_registers'])}")
         if record["verified"] not in VERIFIED_LEVELS:
             raise LostregError(f"{where}: verified must be one of {', '.join(VERIFIED_LEVELS)}, "
                                f"not {shown(record['verified'])}")
@@ -76,7 +77,7 @@ def load_published(path: str | Path | None = None) -> pd.DataFrame:
         if explicit:
             raise LostregError(f"{path}: published figures file not found")
         return pd.DataFrame(columns=PUBLISHED_COLUMNS)
-    frame = read_text_csv(path, PUBLISHED_COLUMNS)[PUBLISHED_COLUMNS].copy()
+    frame = read_cells(path, PUBLISHED_COLUMNS)[PUBLISHED_COLUMNS].copy()
     _check_rows(frame, path)
     values = pd.to_numeric(frame["corloc"].replace("", np.nan), errors="coerce")
     bad = (frame["corloc"].ne("") & values.isna()) | values.lt(0) | values.gt(100)

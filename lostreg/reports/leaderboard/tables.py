@@ -19,11 +19,11 @@ from typing import Any
 import pandas as pd
 
 from lostreg.datasets import DATASETS
-from lostreg.evaluation import stats
 from lostreg.fields import Fields
 from lostreg.reports.leaderboard.published import VARIANTS, published_groups, variant_of
 from lostreg.runs.store import RunData
 from lostreg.runs.suites import PAPER_DATASETS
+from lostreg.runs.summaries import paired_statistics
 
 DATASET_LABELS = {"voc07": "VOC07", "voc12": "VOC12", "coco20k": "COCO20k"}
 FAMILY_LABELS = {"dino": "DINO", "dinov2": "DINOv2", "dinov3": "DINOv3", "deit3": "DeiT-III",
@@ -251,20 +251,17 @@ def _protocol_note(base: RunData, other: RunData) -> str | None:
 
 
 def pair_row(base: RunData, other: RunData) -> dict[str, Any]:
-    """One arrow of ours: both CorLocs and the paired statistics on the images both scored."""
-    joined = base.predictions[["image_id", "hit"]].merge(
-        other.predictions[["image_id", "hit"]], on="image_id", suffixes=("", "_reg"))
-    a = joined["hit"].to_numpy(dtype=bool)
-    b = joined["hit_reg"].to_numpy(dtype=bool)
-    test = stats.mcnemar_exact(a, b)
-    low, high = stats.paired_bootstrap_diff_ci(a, b)
+    """One arrow of ours: both CorLocs and the paired statistics on the images both scored
+    (from the two runs' summaries when they cover the same images)."""
+    paired = paired_statistics(base, other)
     mine, theirs = base.summary, other.summary
     return {**_our_row(base), "model_reg": other.info.model, "registers": run_variant(other),
             "protocol_note": _protocol_note(base, other), "n_images_reg": theirs["n"],
-            "n_paired": int(a.size), "corloc_reg": theirs["corloc"], "ci_low_reg": theirs["low"],
-            "ci_high_reg": theirs["high"], "diff": theirs["corloc"] - mine["corloc"],
-            "diff_ci_low": low, "diff_ci_high": high, "miss_to_hit": test.miss_to_hit,
-            "hit_to_miss": test.hit_to_miss, "mcnemar_p": test.p_value,
+            "n_paired": paired.n_paired, "corloc_reg": theirs["corloc"],
+            "ci_low_reg": theirs["low"], "ci_high_reg": theirs["high"],
+            "diff": theirs["corloc"] - mine["corloc"], "diff_ci_low": paired.diff_low,
+            "diff_ci_high": paired.diff_high, "miss_to_hit": paired.miss_to_hit,
+            "hit_to_miss": paired.hit_to_miss, "mcnemar_p": paired.p_value,
             "run_id_reg": other.run_id}
 
 

@@ -18,8 +18,9 @@ import pandas as pd
 
 from lostreg.errors import LostregError
 from lostreg.evaluation import stats
-from lostreg.fields import read_text_csv
-from lostreg.reports.protocol.grid import GridPoint, ProtocolGrid, clean_bias
+from lostreg.fields import shown
+from lostreg.reports.cells import neutralise_formulas, read_cells, restore_formulas
+from lostreg.reports.protocol.grid import POS_INTERPS, GridPoint, ProtocolGrid, clean_bias
 from lostreg.runs.config import NORMALIZATIONS
 from lostreg.runs.store import RunData, load_run
 
@@ -144,11 +145,12 @@ def protocol_frame(grid_runs: GridRuns, k_patches: int) -> pd.DataFrame:
 
 
 def protocol_csv(frame: pd.DataFrame) -> str:
-    """The CSV text (CorLoc and interval to 4 decimals; the counts are exact)."""
-    shown = frame.copy()
+    """The CSV text (CorLoc and interval to 4 decimals; the counts are exact; text cells that
+    could start a spreadsheet formula neutralised, ``cells.neutralise_formulas``)."""
+    rounded = frame.copy()
     for column in ("corloc", "ci_low", "ci_high"):
-        shown[column] = shown[column].round(4)
-    return shown.to_csv(index=False, lineterminator="\n")
+        rounded[column] = rounded[column].round(4)
+    return neutralise_formulas(rounded).to_csv(index=False, lineterminator="\n")
 
 
 def points_of(frame: pd.DataFrame) -> list[GridPoint]:
@@ -157,55 +159,97 @@ def points_of(frame: pd.DataFrame) -> list[GridPoint]:
             for r in frame[POINT_COLUMNS].to_dict("records")]
 
 
+# protocol.csv's columns and what each cell must hold (row 18 of issue 20: a feature 'zz' was
+# accepted, and its point dropped out of the cross-dataset selection without a word)
+INTEGER_COLUMNS = {"registers": 0, "test_time_registers": 0, "layer": None, "k_patches": 1,
+                   "n_images": 1, "n_hits": 0}  # the smallest value allowed (None: any)
+NUMBER_COLUMNS = {"gram_bias": None, "corloc": (0.0, 100.0), "ci_low": (0.0, 100.0),
+                  "ci_high": (0.0, 100.0)}  # the range allowed (None: any finite number)
+TEXT_COLUMNS = ("model", "split", "run_id")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """The values each categorical column may take, from the registries that define them."""
+    from lostreg.datasets import DATASETS
+    from lostreg.methods import get_method
+    from lostreg.runs.checks import accepted_features
+
+    return {"dataset": tuple(DATASETS), "feature": accepted_features(get_method("lost")),
+            "normalize": NORMALIZATIONS, "pos_interp": POS_INTERPS, "smoke": ("True", "False")}
+
+
+def _cell_error(path: Path, row: int, column: str, value: object, expected: str
+                ) -> LostregError:
+    return LostregError(f"{path}: row {row + 2}, column '{column}': {shown(value)} is not "
+                        f"{expected}")
+
+
 def _numbers(frame: pd.DataFrame, column: str, path: Path, integer: bool) -> pd.Series:
+    """A column of finite numbers (whole ones below 2**53 for ``integer``), in its range."""
     values = pd.to_numeric(frame[column], errors="coerce")
     bad = values.isna() | ~np.isfinite(values.fillna(0.0))
     if integer:
-        bad |= values.fillna(0.0) % 1 != 0
+        bad |= (values.fillna(0.0) % 1 != 0) | (values.fillna(0.0).abs() >= 2.0 ** 53)
+        bound = INTEGER_COLUMNS[column]
+        expected = "a whole number" + ("" if bound is None else f" >= {bound}")
+        if bound is not None:
+            bad |= values.fillna(bound) < bound
+    else:
+        limits = NUMBER_COLUMNS[column]
+        expected = "a finite number" + ("" if limits is None else
+                                        f" from {limits[0]:g} to {limits[1]:g}")
+        if limits is not None:
+            bad |= (values.fillna(limits[0]) < limits[0]) | (values.fillna(limits[1]) > limits[1])
     if bad.any():
         row = int(bad.to_numpy().argmax())
-        raise LostregError(f"{path}: row {row + 2}: {column} {frame[column].iloc[row]!r} is not "
-                           f"{'a whole' if integer else 'a'} number")
+        raise _cell_error(path, row, column, frame[column].iloc[row], expected)
     return values.astype(np.int64) if integer else values.astype(np.float64)
 
 
+def _check_text(frame: pd.DataFrame, path: Path) -> None:
+    """Every categorical cell a known value, every other text cell non-empty."""
+    for column, allowed in _choices().items():
+        for row, value in enumerate(frame[column]):
+            if value not in allowed:
+                raise _cell_error(path, row, column, value, f"one of {', '.join(allowed)}")
+    for column in TEXT_COLUMNS:
+        for row, value in enumerate(frame[column]):
+            if not value.strip():
+                raise _cell_error(path, row, column, value, "a non-empty text")
+
+
 def _check_rows(frame: pd.DataFrame, path: Path) -> None:
-    """Counts, CorLoc and the categorical cells agree with each other, row by row."""
+    """Counts, CorLoc and its interval agree with each other, row by row."""
     for i, row in enumerate(frame.to_dict("records")):
         where = f"{path}: row {i + 2}"
-        if row["normalize"] not in NORMALIZATIONS:
-            raise LostregError(f"{where}: normalize {row['normalize']!r} is not none or l2")
-        if row["smoke"] not in ("True", "False"):
-            raise LostregError(f"{where}: smoke must be True or False, not {row['smoke']!r}")
-        if not 0 <= row["n_hits"] <= row["n_images"] or row["n_images"] < 1:
-            raise LostregError(f"{where}: {row['n_hits']} hits of {row['n_images']} images")
+        if row["n_hits"] > row["n_images"]:
+            raise LostregError(f"{where}, columns 'n_hits', 'n_images': {row['n_hits']} hits of "
+                               f"{row['n_images']} images")
         if abs(row["corloc"] - 100.0 * row["n_hits"] / row["n_images"]) > 1e-3:
-            raise LostregError(f"{where}: corloc {row['corloc']} is not 100 * n_hits / n_images")
+            raise LostregError(f"{where}, column 'corloc': {row['corloc']} is not 100 * n_hits "
+                               "/ n_images")
         if not row["ci_low"] - 1e-3 <= row["corloc"] <= row["ci_high"] + 1e-3:
-            raise LostregError(f"{where}: corloc {row['corloc']} outside its interval")
-        for column in ("model", "dataset", "feature", "pos_interp", "run_id"):
-            if not row[column].strip():
-                raise LostregError(f"{where}: '{column}' is empty")
+            raise LostregError(f"{where}, columns 'ci_low', 'ci_high': corloc {row['corloc']} "
+                               "outside its interval")
 
 
 def read_protocol_csv(path: str | Path) -> pd.DataFrame:
-    """A ``protocol.csv`` with every cell checked: one model, one dataset and image count,
-    each point once, counts and CorLoc consistent. One line naming the file and row if not."""
+    """A ``protocol.csv`` with every cell checked: each a known value or a number in range,
+    one model, one dataset and image count, each point once, counts and CorLoc consistent.
+    One line naming the file, row and column if not (an empty file too)."""
     path = Path(path)
     if not path.is_file():
         raise LostregError(f"{path}: protocol table not found")
-    frame = read_text_csv(path, PROTOCOL_COLUMNS)
+    frame = read_cells(path, PROTOCOL_COLUMNS)
     if frame.empty:
         raise LostregError(f"{path}: no rows")
-    frame = frame[PROTOCOL_COLUMNS].copy()
-    for column in ("registers", "test_time_registers", "layer", "k_patches", "n_images",
-                   "n_hits"):
+    frame = restore_formulas(frame[PROTOCOL_COLUMNS])
+    for column in INTEGER_COLUMNS:
         frame[column] = _numbers(frame, column, path, integer=True)
-    for column in ("gram_bias", "corloc", "ci_low", "ci_high"):
+    for column in NUMBER_COLUMNS:
         frame[column] = _numbers(frame, column, path, integer=False)
+    _check_text(frame, path)
     _check_rows(frame, path)
-    if (frame["registers"] < 0).any() or (frame["test_time_registers"] < 0).any():
-        raise LostregError(f"{path}: register counts must be >= 0")
     for column in ("model", "registers", "test_time_registers", "dataset", "split", "n_images",
                    "smoke", "k_patches"):
         if frame[column].nunique() != 1:

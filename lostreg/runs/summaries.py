@@ -1,0 +1,587 @@
+"""Per-run summaries: what the reports need of a finished run, computed once from its validated
+predictions and stored keyed by the content of the run's files.
+
+Reading a VOC07 run's 5011 prediction lines, checking every value and recomputing every
+score takes tens of milliseconds, and bootstrap intervals over them more; a leaderboard of
+hundreds of runs did that for every run on every build and held every run's lines in memory
+(issue 20: 500 runs, 313 s and 3.9 GB). A summary holds instead, per run:
+
+* ``files``: the sha256 of ``config.json``, ``metrics.json`` and ``predictions.jsonl``, the
+  key: a run whose files changed in any byte is read again, one that did not never is;
+* for every registered metric whose per-image value the validated predictions give (the
+  registry's ``per_image``: CorLoc's ``hit``, a mask run's ``sal_iou``): the run's result
+  (``aggregate().result()``) and the per-image vector, compact (``bool``: one bit per image;
+  ``float``: float64, NaN for a JSON ``null``), in image order, with the sha256 of the image
+  ids so two runs are paired without their lines;
+* for a hit/miss metric (``paired_test="mcnemar"``), each bootstrap resample's hit total
+  (``stats.resample_indices``: the same resamples, seed and count, as every interval of the
+  suite). A run's interval and the paired interval of two runs on the same images both come
+  from these totals, to the bit: a resample's mean is its exact integer total over ``n``, and
+  the paired difference's total is the difference of the two totals;
+* the histogram of ``best_iou`` (box runs) that the run's IoU figure draws.
+
+Summaries live in ``<runs>/.summaries/<run folder>.json`` (a hidden folder: never a run),
+written atomically without following a link. Nothing read back is trusted: the file is read
+through the bounded JSON reader, its own sha256 (``digest``) and format are checked, its key
+must equal the run's files now, and its figures must agree with ``metrics.json`` and with
+themselves; any mismatch and the run is read and summarised again. A store that cannot be
+written (read-only runs folder) costs speed, never a result.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lostreg.errors import LostregError
+from lostreg.evaluation import stats
+from lostreg.evaluation.registry import METRICS, MetricSpec
+from lostreg.io import MAX_JSON_BYTES, JsonInputError, loads_bounded, read_bounded
+from lostreg.runs import store as store_module
+from lostreg.runs.fastlines import box_columns
+from lostreg.runs.store import (
+    CONFIG,
+    PREDICTIONS,
+    RunData,
+    RunHeader,
+    ScanResult,
+    read_header,
+    read_predictions,
+    scan_runs,
+)
+
+STORE_FOLDER = ".summaries"
+SUMMARY_FORMAT = "lostreg-run-summary/1"
+METRICS_FILE = store_module.METRICS
+RUN_FILES = (CONFIG, METRICS_FILE, PREDICTIONS)
+IOU_BINS = np.linspace(0.0, 1.0, 21)  # the per-run IoU figure's bins
+MAX_SUMMARY_BYTES = 64 << 20
+# hit vectors of at most this many bytes (as float64) per block of runs whose bootstrap
+# totals are computed together: bounds memory whatever the number of runs
+_BLOCK_BYTES = 64 << 20
+
+
+# --- compact vectors ---------------------------------------------------------------------------
+
+
+def encode_vector(values: np.ndarray, kind: str) -> str:
+    """``bool``: packed bits; ``float``: little-endian float64 (NaN for null); base64 text."""
+    if kind == "bool":
+        raw = np.packbits(np.asarray(values, dtype=bool)).tobytes()
+    else:
+        raw = np.asarray(values, dtype="<f8").tobytes()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_vector(text: Any, kind: str, n: int) -> np.ndarray | None:
+    """The vector ``encode_vector`` wrote, or None if ``text`` is not one of ``n`` entries
+    (wrong length, bits set past the end, text that is not base64)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    if kind == "bool":
+        if len(raw) != (n + 7) // 8:
+            return None
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))
+        return None if bits[n:].any() else bits[:n].astype(bool)
+    if kind == "float" and len(raw) == 8 * n:
+        values = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        return None if np.isinf(values).any() else values
+    return None
+
+
+def _totals_dtype(n: int) -> np.dtype:
+    return np.dtype("<u2") if n <= np.iinfo(np.uint16).max else np.dtype("<u4")
+
+
+def _json_safe(value: Any) -> Any:
+    """A metric's result as JSON: NaN (and inf) as null, numpy scalars as Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- one metric's summary ----------------------------------------------------------------------
+
+
+@dataclass
+class MetricSummary:
+    """One metric of one run: its result, its per-image vector and (hit/miss) bootstrap
+    totals."""
+
+    name: str
+    per_image: str
+    kind: str  # "bool" or "float"
+    values: np.ndarray
+    result: dict
+    totals: np.ndarray | None = None
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% percentile bootstrap interval of the mean, in percent (hit/miss metrics):
+        ``stats.bootstrap_corloc_ci`` of the vector, to the bit."""
+        if self.totals is None:
+            raise LostregError(f"metric {self.name}: no bootstrap totals ({self.kind} values)")
+        n = self.values.size
+        if not n:
+            return float("nan"), float("nan")
+        # the plain path's percentile (tail computed the same way), hence stats' own helper
+        return stats._percentile_interval(100.0 * (self.totals.astype(np.float64) / n), 0.95)
+
+
+def metric_columns(spec: MetricSpec, columns: Mapping[str, Any]) -> bool:
+    """Whether the validated predictions give this metric's per-image values and scores."""
+    return spec.per_image in columns and all(name in columns for name in spec.fields)
+
+
+def summarise_metric(spec: MetricSpec, columns: Mapping[str, Any]) -> MetricSummary:
+    """A metric's summary from the validated per-image columns (the registry's aggregate
+    over every image, so the result is the one ``metrics.json`` holds)."""
+    values = np.asarray(columns[spec.per_image])
+    kind = "bool" if values.dtype == bool else "float"
+    if kind == "float":
+        values = pd.to_numeric(pd.Series(values), errors="raise").to_numpy(dtype=np.float64)
+    names = list(spec.fields)
+    rows = zip(*(np.asarray(columns[name]).tolist() for name in names), strict=True)
+    result = spec.evaluate(dict(zip(names, row, strict=True)) for row in rows)
+    return MetricSummary(spec.name, spec.per_image, kind, values, _json_safe(result))
+
+
+# --- the summary of one run --------------------------------------------------------------------
+
+
+class RunSummary(RunData):
+    """A finished run as the reports see it, from its summary: ``RunData`` whose predictions
+    are read only when asked for (``predictions``, e.g. by the notebook), never to build a
+    leaderboard."""
+
+    def __init__(self, header: RunHeader, key: dict[str, str], image_digest: str,
+                 metrics: dict[str, MetricSummary], histograms: dict[str, list[int]]) -> None:
+        self.run_dir, self.config, self.metrics = header.run_dir, header.config, header.metrics
+        self.smoke, self.finished, self.info = header.smoke, header.finished, header.info
+        self.seconds, self.header = header.seconds, header
+        self.key, self.image_digest = key, image_digest
+        self.metric_summaries, self.histograms = metrics, histograms
+        self._predictions: pd.DataFrame | None = None
+
+    __eq__ = object.__eq__
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RunSummary({str(self.run_dir)!r})"
+
+    @property
+    def n_images(self) -> int:
+        return self.header.n_images
+
+    @property
+    def hits(self) -> np.ndarray:
+        """Per-image hits (CorLoc's ``hit``), in image order."""
+        return self.metric("hit").values
+
+    def metric(self, per_image: str) -> MetricSummary:
+        for summary in self.metric_summaries.values():
+            if summary.per_image == per_image:
+                return summary
+        raise LostregError(f"{self.run_dir}: its predictions give no per-image {per_image!r}")
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:  # type: ignore[override]
+        """CorLoc and its interval, as ``RunData.summary`` gives them from the predictions
+        (``100.0 * n_hits / n``: ``stats.corloc_percent``'s arithmetic on the same ints)."""
+        hits = self.hits
+        low, high = self.metric("hit").interval
+        n, n_hits = int(hits.size), int(hits.sum())
+        return {"n": n, "n_hits": n_hits, "corloc": 100.0 * n_hits / n if n else float("nan"),
+                "low": low, "high": high}
+
+    @property
+    def predictions(self) -> pd.DataFrame:  # type: ignore[override]
+        """The run's validated predictions, read on first use; they must still be what was
+        summarised (the same images and hits)."""
+        if self._predictions is None:
+            frame = read_predictions(self.run_dir / PREDICTIONS)
+            if (image_ids_digest(frame["image_id"].tolist()) != self.image_digest
+                    or not np.array_equal(frame["hit"].to_numpy(dtype=bool), self.hits)):
+                raise LostregError(f"{self.run_dir / PREDICTIONS}: changed while it was being "
+                                   "read; build again")
+            self._predictions = frame
+        return self._predictions
+
+
+def image_ids_digest(image_ids: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(image_ids)).encode("utf-8")).hexdigest()
+
+
+def _payload(summary: RunSummary) -> dict[str, Any]:
+    """What the store keeps of a summary (without its ``digest``)."""
+    metrics = {}
+    for name, metric in summary.metric_summaries.items():
+        totals = None if metric.totals is None else base64.b64encode(
+            metric.totals.astype(_totals_dtype(metric.values.size)).tobytes()).decode("ascii")
+        metrics[name] = {"per_image": metric.per_image, "kind": metric.kind,
+                         "values": encode_vector(metric.values, metric.kind),
+                         "result": metric.result, "totals": totals}
+    return {"format": SUMMARY_FORMAT, "files": summary.key, "n_images": summary.n_images,
+            "image_ids_sha256": summary.image_digest,
+            "resamples": [stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED],
+            "metrics": metrics, "histograms": summary.histograms}
+
+
+def _digest(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _decode_totals(text: Any, n: int) -> np.ndarray | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    dtype = _totals_dtype(n)
+    if len(raw) != dtype.itemsize * stats.DEFAULT_RESAMPLES:
+        return None
+    totals = np.frombuffer(raw, dtype=dtype)  # kept compact: 2 bytes a resample up to 65535
+    return totals if int(totals.max(initial=0)) <= n else None
+
+
+def _metric_from_payload(name: str, entry: Any, n: int) -> MetricSummary | None:
+    """One stored metric, checked: a known metric, its vector of ``n`` entries, its totals."""
+    spec = METRICS.get(name)
+    if spec is None or not isinstance(entry, dict) or entry.get("per_image") != spec.per_image:
+        return None
+    kind, result = entry.get("kind"), entry.get("result")
+    values = decode_vector(entry.get("values"), kind, n) if kind in ("bool", "float") else None
+    if values is None or not isinstance(result, dict):
+        return None
+    totals = None
+    if kind == "bool":
+        totals = _decode_totals(entry.get("totals"), n)
+        if totals is None:
+            return None
+    elif entry.get("totals") is not None:
+        return None
+    return MetricSummary(name, spec.per_image, kind, values, result, totals)
+
+
+def _histograms_from_payload(value: Any, n: int) -> dict[str, list[int]] | None:
+    if not isinstance(value, dict):
+        return None
+    for counts in value.values():
+        if (not isinstance(counts, list) or len(counts) != len(IOU_BINS) - 1
+                or not all(type(c) is int and c >= 0 for c in counts) or sum(counts) != n):
+            return None
+    return value
+
+
+def summary_from_payload(data: Any, header: RunHeader, key: dict[str, str]
+                         ) -> RunSummary | None:
+    """A stored summary if every check holds (format, digest, key, sizes, counts against
+    ``metrics.json``), else None: the caller summarises the run again."""
+    if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
+        return None
+    payload = {name: value for name, value in data.items() if name != "digest"}
+    if data.get("digest") != _digest(payload) or data.get("files") != key:
+        return None
+    n = data.get("n_images")
+    if (type(n) is not int or n != header.n_images
+            or data.get("resamples") != [stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED]
+            or not isinstance(data.get("image_ids_sha256"), str)
+            or not isinstance(data.get("metrics"), dict)):
+        return None
+    metrics = {}
+    for name, entry in data["metrics"].items():
+        metric = _metric_from_payload(name, entry, n)
+        if metric is None:
+            return None
+        metrics[name] = metric
+    histograms = _histograms_from_payload(data.get("histograms"), n)
+    if histograms is None or not _agrees(metrics, header):
+        return None
+    return RunSummary(header, key, data["image_ids_sha256"], metrics, histograms)
+
+
+def _agrees(metrics: Mapping[str, MetricSummary], header: RunHeader) -> bool:
+    """The hit vector must give ``metrics.json``'s counts (the check ``load_run`` makes)."""
+    hits = [metric for metric in metrics.values() if metric.per_image == "hit"]
+    if not hits:
+        return False
+    return (hits[0].values.size, int(hits[0].values.sum())) == (header.n_images, header.n_hits)
+
+
+# --- summarising a run from its files ----------------------------------------------------------
+
+
+def validated_columns(path: Path, data: bytes, target: str) -> dict[str, Any]:
+    """A run's per-image columns from its predictions bytes, every line checked and every
+    score recomputed: the box runs' fast path (``fastlines``; the same checks as
+    ``store.read_predictions``, which says what is wrong when one fails), else the reader."""
+    if target == "boxes":
+        columns = box_columns(data)
+        if columns is not None:
+            return columns
+    frame = read_predictions(path)
+    return {name: frame[name].to_numpy() for name in frame.columns} | {
+        "image_id": frame["image_id"].tolist()}
+
+
+def summarise(header: RunHeader, key: dict[str, str], data: bytes) -> RunSummary:
+    """A run's summary from its predictions (``data``: the bytes ``key`` hashed), without
+    bootstrap totals yet (``add_totals`` computes them for many runs at once)."""
+    path = header.run_dir / PREDICTIONS
+    target = run_target(header)
+    columns = validated_columns(path, data, target)
+    metrics = {spec.name: summarise_metric(spec, columns) for spec in METRICS.values()
+               if spec.target == target and metric_columns(spec, columns)}
+    image_ids = columns["image_id"]
+    hits = next((m.values for m in metrics.values() if m.per_image == "hit"), None)
+    if hits is None:
+        raise LostregError(f"{path}: no per-image hits to summarise")
+    header.check_counts(len(image_ids), int(hits.sum()))
+    histograms = {}
+    if "best_iou" in columns:
+        counts = np.histogram(np.asarray(columns["best_iou"], dtype=np.float64), IOU_BINS)[0]
+        histograms["best_iou"] = [int(c) for c in counts]
+    return RunSummary(header, key, image_ids_digest(image_ids), metrics, histograms)
+
+
+def run_target(header: RunHeader) -> str:
+    """The target kind a run's dataset annotates (boxes for a dataset not registered here)."""
+    from lostreg.datasets import DATASETS
+
+    spec = DATASETS.get(header.info.dataset)
+    return spec.target if spec is not None else "boxes"
+
+
+# --- bootstrap totals, many runs at once --------------------------------------------------------
+
+
+def add_totals(summaries: Iterable[RunSummary]) -> None:
+    """Fill in the bootstrap hit totals of every hit/miss metric lacking them.
+
+    Runs with the same image count share the resamples (``stats.resample_indices``: seed 0),
+    so each chunk of resampled indices is drawn once per block of runs, turned into counts per
+    image, and multiplied with the block's hit vectors: exact integer totals (float64 sums of
+    0/1 terms), equal to what each run's own resampling gives.
+    """
+    pending: dict[int, list[MetricSummary]] = {}
+    for summary in summaries:
+        for metric in summary.metric_summaries.values():
+            if metric.kind == "bool" and metric.totals is None:
+                pending.setdefault(metric.values.size, []).append(metric)
+    for n, metrics in pending.items():
+        width = max(1, _BLOCK_BYTES // (8 * max(n, 1)))
+        for start in range(0, len(metrics), width):
+            block = metrics[start:start + width]
+            totals = resampled_totals(np.stack([m.values for m in block], axis=1), n)
+            for column, metric in enumerate(block):
+                metric.totals = totals[:, column].astype(_totals_dtype(n))
+
+
+def resampled_totals(hits: np.ndarray, n: int) -> np.ndarray:
+    """``(n_resamples, columns)`` hit totals of each bootstrap resample of ``n`` images."""
+    columns = hits.shape[1]
+    if not n:
+        return np.zeros((stats.DEFAULT_RESAMPLES, columns), dtype=np.int64)
+    values = hits.astype(np.float64)
+    parts = []
+    for idx in stats.resample_indices(n, stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED):
+        m = idx.shape[0]
+        flat = (idx + n * np.arange(m)[:, None]).ravel()
+        counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
+        parts.append((counts @ values).astype(np.int64))  # exact: sums of 0/1 terms
+    return np.concatenate(parts)
+
+
+# --- paired statistics over summaries ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedStatistics:
+    """Two runs compared on the images both scored: McNemar's exact test and the 95% paired
+    bootstrap interval of the CorLoc difference (other - base, points)."""
+
+    n_paired: int
+    miss_to_hit: int
+    hit_to_miss: int
+    p_value: float
+    diff_low: float
+    diff_high: float
+
+
+def paired_statistics(base: RunData, other: RunData) -> PairedStatistics:
+    """The paired comparison of two runs' hits, joined on ``image_id``.
+
+    Two summaries of the same image list (the usual case: one dataset) are compared from
+    their vectors and bootstrap totals alone; otherwise (another image list, or runs built by
+    hand) the two runs' predictions are joined as before. Both give the same numbers, to the
+    bit (``tests/test_leaderboard_summaries.py``).
+    """
+    if (isinstance(base, RunSummary) and isinstance(other, RunSummary)
+            and base.image_digest == other.image_digest):
+        a, b = base.metric("hit"), other.metric("hit")
+        n = a.values.size
+        low = high = float("nan")
+        if n:
+            difference = (b.totals.astype(np.float64) - a.totals) / n  # exact integers
+            low, high = stats._percentile_interval(100.0 * difference, 0.95)
+        hits_a, hits_b = a.values, b.values
+    else:
+        joined = base.predictions[["image_id", "hit"]].merge(
+            other.predictions[["image_id", "hit"]], on="image_id", suffixes=("", "_reg"))
+        hits_a = joined["hit"].to_numpy(dtype=bool)
+        hits_b = joined["hit_reg"].to_numpy(dtype=bool)
+        low, high = stats.paired_bootstrap_diff_ci(hits_a, hits_b)
+    test = stats.mcnemar_exact(hits_a, hits_b)
+    return PairedStatistics(int(hits_a.size), test.miss_to_hit, test.hit_to_miss, test.p_value,
+                            low, high)
+
+
+# --- the store and the scan --------------------------------------------------------------------
+
+
+@dataclass
+class SummaryStore:
+    """``<runs>/.summaries``: one summary file per run folder. Written without following a
+    link (a linked store folder is not used; a linked file is replaced, not written through);
+    a store that cannot be written is said once (``report``) and the build goes on."""
+
+    runs_dir: Path
+    report: Callable[[str], None] | None = None
+    usable: bool = True
+    written: int = 0
+    reused: int = 0
+    recomputed: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return self.runs_dir / STORE_FOLDER
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def read(self, name: str) -> Any:
+        """The stored JSON of a run's summary, or None (absent, a link, unreadable)."""
+        path = self.path(name)
+        if not self.usable or path.is_symlink() or not path.is_file():
+            return None
+        try:
+            return loads_bounded(read_bounded(path, MAX_SUMMARY_BYTES, "run summary"),
+                                 str(path), max_bytes=None)
+        except (LostregError, JsonInputError):
+            return None
+
+    def _disable(self, reason: str) -> None:
+        self.usable = False
+        if self.report is not None:
+            self.report(f"{self.folder}: run summaries not stored ({reason}); every build "
+                        "reads every run again")
+
+    def write(self, summary: RunSummary) -> None:
+        """Store a summary atomically (temp file, then rename over the old one)."""
+        if not self.usable:
+            return
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            return self._disable("it is a link or not a folder")
+        payload = _payload(summary)
+        payload["digest"] = _digest(payload)
+        try:
+            self.folder.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    json.dump(payload, handle, sort_keys=True)
+                os.replace(tmp, self.path(summary.run_dir.name))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            return self._disable(exc.strerror or str(exc))
+        self.written += 1
+
+    def prune(self) -> None:
+        """Remove the summaries of run folders that no longer exist."""
+        if not self.usable or self.folder.is_symlink() or not self.folder.is_dir():
+            return
+        for path in self.folder.glob("*.json"):
+            if not (self.runs_dir / path.stem).is_dir() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+
+
+def run_file_key(run_dir: Path, predictions: bytes) -> dict[str, str]:
+    """The sha256 of each of a run's files (``predictions``: the bytes read from it)."""
+    key = {}
+    for name in (CONFIG, METRICS_FILE):
+        key[name] = hashlib.sha256(read_bounded(run_dir / name, MAX_JSON_BYTES)).hexdigest()
+    key[PREDICTIONS] = hashlib.sha256(predictions).hexdigest()
+    return key
+
+
+def load_summary(run_dir: Path, store: SummaryStore) -> tuple[RunSummary, bool]:
+    """A finished run's summary: the stored one when it passes every check, else computed
+    from its files (second item True). Raises what ``load_run`` raises for a bad folder."""
+    header = read_header(run_dir)
+    path = run_dir / PREDICTIONS
+    if not path.is_file():
+        read_predictions(path)  # says what is missing, as load_run does
+    data = read_bounded(path, MAX_JSON_BYTES, "predictions file")
+    key = run_file_key(run_dir, data)
+    stored = store.read(run_dir.name)
+    summary = summary_from_payload(stored, header, key) if stored is not None else None
+    if summary is not None:
+        store.reused += 1
+        return summary, False
+    store.recomputed.append(run_dir.name)
+    return summarise(header, key, data), True
+
+
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
+def scan_summaries(runs_dir: str | Path, include_smoke: bool = False,
+                   report: Callable[[str], None] | None = _stderr
+                   ) -> tuple[ScanResult, SummaryStore]:
+    """``store.scan_runs`` over summaries: the same runs, skips and counts, each run read from
+    its files only when they changed since it was last summarised; the new summaries' totals
+    are computed together, then stored."""
+    runs_dir = Path(runs_dir)
+    store = SummaryStore(runs_dir, report)
+    fresh: list[RunSummary] = []
+
+    def load(folder: Path) -> RunSummary:
+        summary, computed = load_summary(folder, store)
+        if computed:
+            fresh.append(summary)
+        return summary
+
+    result = scan_runs(runs_dir, include_smoke, report, load=load)
+    add_totals(fresh)
+    for summary in fresh:
+        store.write(summary)
+    store.prune()
+    return result, store
