@@ -25,6 +25,7 @@ from lostreg.io import read_jsonl
 from lostreg.run import main
 from lostreg.runs.nonfinite import NAMED_IN_METRICS, nonfinite_fields
 from lostreg.runs.store import load_run
+from lostreg.runs.summaries import scan_summaries
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ["--method", "lost,tokencut,dinoseg"]
@@ -124,6 +125,11 @@ def test_non_finite_features_give_no_box_and_stop_the_run(tmp_path, tiny_model, 
         assert config["max_nonfinite"] == 2 and config["settings"]["max_nonfinite"] == 2
         board = load_run(run_dir).summary  # the leaderboard's reader takes the no-box lines
         assert (board["n"], board["n_hits"]) == (6, metrics["n_hits"])
+    scanned, _ = scan_summaries(tmp_path / "runs", include_smoke=True, report=None)
+    assert scanned.skipped == [] and len(scanned.runs) == 3  # the leaderboard reads them
+    for run in scanned.runs:
+        metrics = json.loads((run.run_dir / "metrics.json").read_text())
+        assert (run.summary["n"], run.summary["n_hits"]) == (6, metrics["n_hits"])
     summaries = [line for line in captured.out.splitlines() if line.startswith("CorLoc")]
     assert len(summaries) == 3
     assert all("[2 image(s) with non-finite features scored as failures]" in line

@@ -420,14 +420,15 @@ def _open_one(run: RunFolder, records: Sequence[ImageRecord], expected: dict,
             run.note = f"config.json rewritten: {previous.problem or 'it was missing'}"
             _write_config(run, expected, previous, len(lines), versions_known=False)
             return
-        run.note = f"metrics.json rewritten from the predictions: {disagreement}"
     run.finished = False
-    if complete and previous.config is not None:  # only metrics.json is rewritten (by this
-        run.result_versions, run.version_mix = state.check_versions(  # code: checked)
-            run.run_dir, previous, len(lines), run.config.allow_version_mix)
-        if not run.version_mix:
-            return
-    _write_config(run, expected, previous, len(lines))
+    if disagreement is not None and (run.run_dir / "metrics.json").exists():
+        run.note = f"metrics.json rewritten from the predictions: {disagreement}"
+        if previous.config is not None:  # only metrics.json is rewritten (by this code:
+            run.result_versions, run.version_mix = state.check_versions(  # checked)
+                run.run_dir, previous, len(lines), run.config.allow_version_mix)
+            if not run.version_mix:
+                return
+    _write_config(run, expected, previous, len(lines))  # a resume (even of the last step)
 
 
 def _write_config(run: RunFolder, expected: dict, previous: state.Previous, lines: int,
