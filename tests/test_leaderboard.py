@@ -182,8 +182,9 @@ def test_rebuild_is_idempotent_and_drops_stale_figures(tmp_path: Path) -> None:
     first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     lb.build_leaderboard(runs, out, include_smoke=True)
     second = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    # 7 outputs, and figures/.drawn.json: what each figure was drawn from (kept, not redrawn)
-    assert first == second and len(first) == 8 and Path("figures/.drawn.json") in first
+    # 7 outputs, comparison_saliency.csv (the published saliency anchors) and
+    # figures/.drawn.json: what each figure was drawn from (kept, not redrawn)
+    assert first == second and len(first) == 9 and Path("figures/.drawn.json") in first
     lb.build_leaderboard(runs, out)  # without smoke: its figure goes
     assert not (out / "figures" / "iou" / "smoke-s.png").exists()
     assert not list(out.rglob("*.tmp"))

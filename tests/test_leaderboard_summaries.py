@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from leaderboard_cases import FIXTURE_RUNS, GOLDEN, OUTPUTS, build, write_cases
+from leaderboard_cases import FIXTURE_RUNS, GOLDEN, OUTPUTS, build, corloc_part, write_cases
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from run_folders import REG, edit_json, edit_line, pair_hits, write_run
@@ -28,7 +28,9 @@ from lostreg.runs.store import load_run, read_predictions
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    return {name: (out / name).read_bytes() for name in OUTPUTS}
+    """The CorLoc outputs (``corloc_part``: the saliency columns, empty for box runs, and
+    comparison.md's saliency part taken out), as 0b4749c wrote them."""
+    return {name: corloc_part(name, (out / name).read_bytes()) for name in OUTPUTS}
 
 
 def _golden(name: str) -> dict[str, bytes]:

@@ -129,3 +129,45 @@ def mcnemar_exact(base: Sequence[bool] | np.ndarray,
         return McNemarResult(0, 0, 1.0)
     p_value = binomtest(miss_to_hit, discordant, 0.5, alternative="two-sided").pvalue
     return McNemarResult(miss_to_hit, hit_to_miss, float(min(1.0, p_value)))
+
+
+@dataclass(frozen=True)
+class PairedMeanDiff:
+    """A paired bootstrap comparison of a continuous per-image score (IoU of masks): the mean
+    difference ``other - base`` with its percentile interval, and a two-sided bootstrap p."""
+
+    n: int
+    mean_diff: float
+    low: float
+    high: float
+    p_value: float
+
+
+def paired_bootstrap_mean_diff(base: Sequence[float] | np.ndarray,
+                               other: Sequence[float] | np.ndarray,
+                               n_resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95,
+                               seed: int = DEFAULT_SEED) -> PairedMeanDiff:
+    """Paired bootstrap of ``mean(other - base)`` over images, the continuous counterpart of
+    ``mcnemar_exact`` (the saliency metric's ``paired_test="bootstrap"``).
+
+    Both scores of an image are resampled together (the same index stream as every other
+    interval here: ``resample_indices``, seed 0), so the interval reflects only how the two
+    runs differ. ``p_value`` inverts the percentile interval: twice the smaller share of
+    resampled means on either side of 0 (ties count on both sides), at least
+    ``2 / n_resamples`` and at most 1; it is an approximation, as every bootstrap p is.
+    NaN scores are refused: the caller says which images it left out and why.
+    """
+    a = np.asarray(base, dtype=np.float64)
+    b = np.asarray(other, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired scores must be 1-D and equal in length: {a.shape} vs {b.shape}")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("paired scores must not be NaN")
+    if not a.size:
+        return PairedMeanDiff(0, float("nan"), float("nan"), float("nan"), float("nan"))
+    diff = b - a
+    means = bootstrap_means(diff, n_resamples, seed)
+    low, high = _percentile_interval(means, confidence)
+    side = min(float(np.mean(means <= 0.0)), float(np.mean(means >= 0.0)))
+    p_value = min(1.0, 2.0 * max(side, 1.0 / n_resamples))
+    return PairedMeanDiff(int(a.size), float(diff.mean()), low, high, p_value)

@@ -334,6 +334,7 @@ class ScanResult:
     smoke_excluded: int = 0  # smoke runs left out (no --include-smoke)
     unfinished: int = 0  # folders without metrics.json
     scratch_excluded: int = 0  # scratch runs left out (always: they are looks during training)
+    other_targets: int = 0  # finished runs scored on another target kind (masks: see run_target)
 
 
 def _stderr(line: str) -> None:
@@ -369,6 +370,9 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
         if _scratch_folder(folder):
             result.scratch_excluded += 1
             continue
+        if folder_target(folder) not in (None, "boxes"):
+            result.other_targets += 1  # a mask run: the saliency reports read it
+            continue
         try:
             runs.append(load(folder))
         except LostregError as exc:
@@ -380,6 +384,30 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
         runs = [run for run in runs if not run.smoke]
     result.runs = _newest_per_identity(runs)
     return result
+
+
+def run_target(config: dict) -> str:
+    """The ground-truth kind a run was scored on: its dataset's registered target (``boxes``,
+    ``mask``); for a dataset this install does not register, ``mask`` when its config names a
+    mask protocol (the saliency contract: every mask run records ``mask_protocol``), else
+    ``boxes``. ``load_run`` reads box runs; ``lostreg.reports.leaderboard.saliency_runs`` reads
+    mask runs."""
+    from lostreg.datasets import DATASETS
+
+    dataset = config.get("dataset")
+    spec = DATASETS.get(dataset) if isinstance(dataset, str) else None
+    if spec is not None:
+        return spec.target
+    return "mask" if config.get("mask_protocol") is not None else "boxes"
+
+
+def folder_target(folder: Path) -> str | None:
+    """``run_target`` of a folder's config.json; None when it cannot be read (the loader then
+    says why)."""
+    try:
+        return run_target(read_json_object(Path(folder) / CONFIG, "missing"))
+    except LostregError:
+        return None
 
 
 def _scratch_folder(folder: Path) -> bool:

@@ -16,6 +16,10 @@ Outputs under ``--out`` (default ``results/``), each written atomically:
   McNemar test and a paired bootstrap interval of the difference; published figures
   (``lostreg/reports/leaderboard/published_corloc.csv``) as rows of their own with their protocol.
 - ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``.
+- Mask runs (saliency, ``saliency.py``): rows of their own in ``leaderboard.csv`` (``acc``,
+  ``iou``, ``max_f``), ``comparison_saliency.csv``, the saliency part of ``comparison.md``,
+  ``figures/saliency_iou.png``, ``figures/saliency_f_curves.png`` and each mask run's IoU
+  histogram in ``figures/saliency_iou/``.
 
 Modules: ``runs`` (reading and validating run folders), ``published`` (the reference figures),
 ``tables`` (leaderboard and comparison rows), ``markdown`` and ``figures``.
@@ -49,6 +53,14 @@ from lostreg.reports.leaderboard.published import (
     load_published,
     method_key,
 )
+from lostreg.reports.leaderboard.saliency import (
+    SaliencyBoard,
+    collect_saliency,
+    pair_count,
+    with_mask_rows,
+)
+from lostreg.reports.leaderboard.saliency_markdown import saliency_markdown
+from lostreg.reports.leaderboard.saliency_outputs import write_saliency_outputs
 from lostreg.reports.leaderboard.tables import (
     COMPARISON_COLUMNS,
     DATASET_LABELS,
@@ -103,6 +115,7 @@ class Leaderboard:
     skipped: list[str] = field(default_factory=list)  # one line per unreadable run folder
     smoke_excluded: int = 0  # smoke runs left out (no include_smoke)
     unfinished: int = 0  # run folders without metrics.json
+    saliency: SaliencyBoard | None = None  # mask runs and the published saliency anchors
 
 
 def _stderr(line: str) -> None:
@@ -119,8 +132,10 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
     scan, _ = scan_summaries(runs_dir, include_smoke, report)
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
-    return Leaderboard(scan.runs, leaderboard_frame(scan.runs), comparison, singles, figures,
-                       scan.skipped, scan.smoke_excluded, scan.unfinished)
+    masks = collect_saliency(runs_dir, include_smoke, published, report)
+    return Leaderboard(scan.runs, with_mask_rows(leaderboard_frame(scan.runs), masks),
+                       comparison, singles, figures, scan.skipped + masks.skipped,
+                       scan.smoke_excluded + masks.smoke_excluded, scan.unfinished, masks)
 
 
 def _csv(frame: pd.DataFrame) -> str:
@@ -138,11 +153,13 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
         if comparison[column].dtype == float and column != "mcnemar_p":
             comparison[column] = comparison[column].round(4)
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
-    atomic_write_text(out_dir / "comparison.md", comparison_markdown(board))
+    atomic_write_text(out_dir / "comparison.md",
+                      comparison_markdown(board) + saliency_markdown(board.saliency))
     drawn = FigureWriter(out_dir / "figures")
     drawn.figure("corloc_registers.png", board.comparison.to_csv(index=False),
                  lambda: register_bar_figure(board.comparison))
     drawn.iou_figures([IouPlot.of(run) for run in board.runs])
+    write_saliency_outputs(board.saliency, out_dir, drawn)
     drawn.close()
 
 
@@ -177,7 +194,8 @@ def summary_line(board: Leaderboard, out: Path) -> str:
     pairs = (board.comparison["source"] == "ours") & board.comparison["model_reg"].notna()
     smoke = int(board.table["smoke"].astype(bool).sum()) if len(board.table) else 0
     line = (f"{len(board.table)} runs ({smoke} smoke) -> {out / 'leaderboard.csv'}; "
-            f"{int(pairs.sum())} register pairs -> {out / 'comparison.md'}")
+            f"{int(pairs.sum()) + pair_count(board.saliency)} register pairs -> "
+            f"{out / 'comparison.md'}")
     if board.smoke_excluded:
         line += (f"; skipped {board.smoke_excluded} smoke run(s) (random weights): "
                  "--include-smoke shows them")

@@ -20,7 +20,7 @@ import pandas as pd
 from lostreg.errors import LostregError
 from lostreg.reports.leaderboard.figures import SMOKE_MARK, wrap
 from lostreg.reports.leaderboard.tables import run_settings, settings_label
-from lostreg.runs.store import RunData
+from lostreg.runs.store import PREDICTION_COLUMNS, RunData
 
 MAX_LINES = 8  # runs drawn as lines per panel of the object-size figure
 MAX_PAIRS_SHOWN = 6  # register pairs whose flipped images are listed and drawn
@@ -200,11 +200,13 @@ def _draw_flip(axis: Any, run: RunData, image: pd.Series) -> None:
 
 
 def per_image(runs: Sequence[RunData], labels: dict[str, str]) -> pd.DataFrame:
-    """Every run's predictions in one frame, with the bins of object size and count."""
-    images = pd.concat(
-        [run.predictions.assign(run_id=run.run_id, label=labels[run.run_id],
-                                model=run.info.model, dataset=run.info.dataset)
-         for run in runs], ignore_index=True)
+    """Every run's predictions in one frame, with the bins of object size and count (no
+    rows, the same columns, for a folder of mask runs only)."""
+    frames = [run.predictions.assign(run_id=run.run_id, label=labels[run.run_id],
+                                     model=run.info.model, dataset=run.info.dataset)
+              for run in runs]
+    empty = pd.DataFrame(columns=[*PREDICTION_COLUMNS, "run_id", "label", "model", "dataset"])
+    images = pd.concat(frames, ignore_index=True) if frames else empty
     images["hit_pct"] = 100.0 * images["hit"].astype(float)
     images["size_bin"] = pd.cut(images["area_share"], SIZE_BINS, include_lowest=True)
     images["objects"] = pd.cut(images["n_objects"], OBJECT_BINS, labels=OBJECT_LABELS)

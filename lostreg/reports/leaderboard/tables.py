@@ -35,8 +35,11 @@ LEADERBOARD_COLUMNS = [
     "run_id", "model", "timm_name", "family", "registers", "test_time_registers", "params",
     "patch_size", "method", "method_params", "dataset", "split", "no_hard", "limit",
     "dataset_images", "feature",
-    "layer", "normalize", "k", "gram_bias", "pos_interp", "precision", "n_images", "n_hits",
-    "corloc", "ci_low", "ci_high", "weights_source", "weights_sha256", "lostreg_version",
+    "layer", "normalize", "k", "gram_bias", "pos_interp", "precision",
+    "refine", "mask_protocol",  # mask runs (saliency.py); empty for box runs
+    "n_images", "n_hits", "corloc", "ci_low", "ci_high",
+    "acc", "iou", "max_f",  # mask runs' saliency figures (saliency.py); empty for box runs
+    "weights_source", "weights_sha256", "lostreg_version",
     "git_commit", "date", "seconds", "device", "smoke",
 ]
 SETTING_COLUMNS = ["dataset", "split", "no_hard", "limit", "dataset_images", "method",

@@ -1,0 +1,441 @@
+"""Mask runs (ECSSD, DUTS-TE, DUT-OMRON) as the reports read them: one summary per run folder.
+
+A mask run is an ordinary run folder (``lostreg.runs.store.run_target`` says which runs are):
+``config.json`` (read by the store's ``parse_config``, plus ``refine`` and ``mask_protocol``),
+``predictions.jsonl`` and ``metrics.json`` with the saliency metric's figures. Nothing read
+back is trusted, as for box runs: every line's ``sal_iou`` and ``sal_acc`` (the per-image
+scores the paired test uses) are recomputed from its ``sal_counts`` bit for bit (TokenCut's
+definition, ``lostreg.evaluation.saliency``), its ``pred_mask_rle`` must have the GT's size and
+as many pixels as the counts' ``> 0.5`` prediction, and the run's Acc, IoU, ``iou_nan_images``
+and ``iou_empty_as_one`` must equal the means of its lines (to ``metrics.json``'s 4
+decimals). The F curve, maxF and the MOVE/FOUND variants are checked for type, range and
+agreement with each other (maxF is the curve's maximum, at its threshold), not recomputed:
+recomputing every definition's F table costs about 1.4 ms an image here (7 s for one
+DUTS-TE run, minutes for a suite), ``recompute_check`` does it where wanted (the tests do). A
+folder that fails is skipped with one line naming the file, line and key.
+
+Only what the reports need is kept (``MaskRun``): the run's figures under each definition, its
+F curve, and per image the scores and where its line is; the masks themselves are read again,
+a few lines at a time, when a figure draws them (``read_masks``), so fifty runs of DUT-OMRON
+never sit in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lostreg.errors import LostregError
+from lostreg.evaluation import saliency
+from lostreg.evaluation.rle import decode as decode_rle
+from lostreg.evaluation.rle import foreground, rle_problem
+from lostreg.evaluation.saliency_metric import counts_problem
+from lostreg.fields import Fields, is_int, is_number, shown
+from lostreg.io import read_json_object, read_jsonl
+from lostreg.reports.leaderboard.published import REFINES
+from lostreg.runs.store import (
+    CONFIG,
+    CROSS_CHECKED,
+    METRICS,
+    PREDICTIONS,
+    RunInfo,
+    is_scratch,
+    is_smoke,
+    parse_config,
+    run_target,
+)
+
+F_CURVE_POINTS = len(saliency.TOKENCUT_THRESHOLDS)  # 255
+# metrics.json's rounding: percent with 4 decimals, so a recomputed figure is equal within this
+PERCENT_TOLERANCE = 1.5e-4
+# the F curve is stored rounded to 8 decimals: two thresholds may tie there, not before
+CURVE_TOLERANCE = 1e-6
+SCORE_DECIMALS = 6  # sal_iou and sal_acc as the saliency metric writes them
+# each definition's (Acc, IoU, maxF) keys (the tokencut ones at metrics.json's top level; the
+# others in saliency_variants and in ``lostreg.evaluation.saliency``'s results)
+DEFINITION_KEYS = {"tokencut": ("acc", "iou", "max_f"), "move": ("acc", "iou", "max_f"),
+                   "found": ("acc", "iou", "max_f_per_image")}
+# every figure ``saliency_variants`` must hold (percentages or null)
+VARIANT_KEYS = {"move": ("acc", "iou", "max_f", "max_f_per_image"),
+                "found": ("acc", "iou", "iou_last_image", "max_f_per_image", "max_f_dataset")}
+IMAGE_COLUMNS = ["image_id", "file", "width", "height", "sal_iou", "sal_acc", "gt_share",
+                 "pred_share", "gt_grey_pixels", "line"]
+
+
+@dataclass
+class MaskRun:
+    """One finished mask run as the reports see it (see the module docstring)."""
+
+    run_dir: Path
+    config: dict
+    info: RunInfo
+    smoke: bool
+    finished: datetime
+    seconds: float | None
+    refine: str
+    mask_protocol: str
+    # definition -> {"acc", "iou", "max_f"} in percent (None where the figure is NaN, as
+    # TokenCut's IoU is when one image has an empty GT and an empty prediction)
+    figures: dict[str, dict[str, float | None]]
+    max_f_threshold: float
+    iou_nan_images: int
+    iou_empty_as_one: float | None
+    f_curve: np.ndarray  # mean F at each of TokenCut's 255 thresholds, in [0, 1]
+    images: pd.DataFrame = field(repr=False)  # IMAGE_COLUMNS, one row per line, file order
+
+    @property
+    def run_id(self) -> str:
+        return self.info.run_id or self.run_dir.name
+
+    @property
+    def identity_key(self) -> str:
+        """Runs with equal identities (refine and mask protocol are in it) are one entry."""
+        info = self.info
+        resolved = {"method": info.method, "method_params": info.method_params,
+                    "feature": info.feature, "layer": info.layer, "normalize": info.normalize,
+                    "pos_interp": info.pos_interp, "ttr": info.test_time_registers,
+                    "refine": self.refine, "mask_protocol": self.mask_protocol}
+        return json.dumps({"identity": info.identity, "resolved": resolved}, sort_keys=True)
+
+    @property
+    def limit(self) -> int | None:
+        return self.info.limit
+
+    @property
+    def dataset_images(self) -> int | None:
+        """The image count of a run on a partial dataset (its identity records it)."""
+        identity = Fields(self.info.identity, f"{self.run_dir / CONFIG} (identity)")
+        return identity.integer("dataset_images", None, minimum=0, optional=True)
+
+    def settings(self) -> dict[str, Any]:
+        """What must be equal for two mask runs to be compared: the box runs' settings
+        (``RunData.settings``), the part of the dataset, the refinement and the mask
+        protocol."""
+        info = self.info
+        return {"dataset": info.dataset, "split": info.split, "no_hard": info.no_hard,
+                "limit": info.limit, "dataset_images": self.dataset_images,
+                "method": info.method,
+                "method_params": json.dumps(info.method_params, sort_keys=True),
+                "feature": info.feature, "layer": info.layer, "normalize": info.normalize,
+                "k": info.method_params.get("k_patches"),
+                "gram_bias": info.method_params.get("gram_bias"),
+                "pos_interp": info.pos_interp, "precision": info.precision,
+                "refine": self.refine, "mask_protocol": self.mask_protocol,
+                "smoke": self.smoke}
+
+
+# --- one line -------------------------------------------------------------------------------
+
+
+def _rle_area(rle: Any, where: str, size: tuple[int, int]) -> int:
+    """The pixel count of a line's ``pred_mask_rle``, checked (``evaluation.rle``: its runs
+    parsed and covering exactly the GT's size, nothing decoded)."""
+    problem = rle_problem(rle, *size)
+    if problem:
+        raise LostregError(f"{where}: 'pred_mask_rle': {problem}")
+    return foreground(rle)
+
+
+def _same(stored: Any, computed: float) -> bool:
+    """A stored per-image score is the recomputed one as the metric writes it (rounded to
+    ``SCORE_DECIMALS``; ``null`` for NaN)."""
+    if math.isnan(computed):
+        return stored is None
+    return is_number(stored) and float(stored) == round(computed, SCORE_DECIMALS)
+
+
+def tokencut_iou(tp: int, predicted: int, gt: int) -> float:
+    """TokenCut's per-image IoU from the counts at 0.5: ``intersection.float() / union`` in
+    float32, NaN for an empty GT and an empty prediction (as ``saliency.per_image`` gives it;
+    the tests hold the two equal), without the F table ``per_image`` also computes."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.float32(tp) / np.float32(predicted + gt - tp))
+
+
+def _checked_line(record: Any, where: str) -> dict[str, Any]:
+    """One predictions line of a mask run, every field the reports use checked and its scores
+    recomputed from its counts."""
+    if not isinstance(record, dict):
+        raise LostregError(f"{where}: not a JSON object")
+    line = Fields(record, where)
+    row = {"image_id": line.text("image_id"), "file": line.text("file", None, optional=True),
+           "width": line.integer("width", minimum=1),
+           "height": line.integer("height", minimum=1),
+           "gt_grey_pixels": line.integer("gt_grey_pixels", minimum=0)}
+    gt_size = record.get("gt_size")
+    if (not isinstance(gt_size, list) or len(gt_size) != 2
+            or not all(is_int(v) and v >= 1 for v in gt_size)):
+        raise line.fail("gt_size", "[width, height] (two whole numbers >= 1)")
+    if gt_size != [row["width"], row["height"]]:
+        raise LostregError(f"{where}: 'gt_size' {gt_size} is not the image's size "
+                           f"[{row['width']}, {row['height']}]")
+    problem = counts_problem(record.get("sal_counts"))
+    if problem:
+        raise LostregError(f"{where}: 'sal_counts': {problem}")
+    counts = saliency.ImageCounts.from_json(record["sal_counts"])
+    pixels = row["width"] * row["height"]
+    if counts.pixels != pixels or counts.grey != row["gt_grey_pixels"]:
+        raise LostregError(f"{where}: 'sal_counts' holds {counts.pixels} pixels ({counts.grey} "
+                           f"grey) but the GT has {pixels} ({row['gt_grey_pixels']} grey)")
+    tp, predicted, gt_pixels, _ = saliency.binary_stats(counts, "nonzero")
+    iou = tokencut_iou(tp, predicted, gt_pixels)
+    acc = saliency.accuracy32(tp, predicted, gt_pixels, pixels)
+    for key, computed in (("sal_iou", iou), ("sal_acc", acc)):
+        if not _same(record.get(key), computed):
+            raise LostregError(f"{where}: '{key}' is {shown(record.get(key))} but its "
+                               f"sal_counts give {computed!r} (edited or damaged line)")
+    area = _rle_area(record.get("pred_mask_rle"), where, (row["height"], row["width"]))
+    if area != predicted:
+        raise LostregError(f"{where}: 'pred_mask_rle' has {area} pixels but sal_counts has "
+                           f"{predicted} above 0.5 (the mask is not the one scored)")
+    return {**row, "sal_iou": iou, "sal_acc": acc, "gt_share": gt_pixels / pixels,
+            "pred_share": predicted / pixels}
+
+
+def _read_images(path: Path) -> pd.DataFrame:
+    """Every line of a mask run's predictions, checked, in file order (a line number each)."""
+    if not path.is_file():
+        raise LostregError(f"{path}: missing (a finished run needs predictions.jsonl)")
+    rows, seen = [], set()
+    for number, record in enumerate(read_jsonl(path), start=1):
+        row = _checked_line(record, f"{path}:{number}")
+        if row["image_id"] in seen:
+            raise LostregError(f"{path}:{number}: image_id {row['image_id']!r} appears more "
+                               "than once")
+        seen.add(row["image_id"])
+        rows.append({**row, "line": number})
+    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+# --- metrics.json -----------------------------------------------------------------------------
+
+
+def _percent_or_null(data: dict, key: str, where: str) -> float | None:
+    if key not in data:
+        raise LostregError(f"{where}: missing key '{key}'")
+    value = data[key]
+    if value is None:
+        return None
+    if not is_number(value) or not 0.0 <= float(value) <= 100.0:
+        raise LostregError(f"{where}: '{key}' must be a percentage in [0, 100] or null, not "
+                           f"{shown(value)}")
+    return float(value)
+
+
+def _agrees(stored: float | None, computed: float, where: str, key: str,
+            source: str = "the predictions give") -> None:
+    """A stored percentage equals the one recomputed (NaN is stored as null)."""
+    percent = 100.0 * computed
+    if (stored is None) != math.isnan(percent) or (
+            stored is not None and abs(stored - percent) > PERCENT_TOLERANCE):
+        raise LostregError(f"{where}: '{key}' is {shown(stored)} but {source} "
+                           f"{percent:.4f} (files from two runs, or edited)")
+
+
+def _variant_figures(metrics: dict, where: str) -> dict[str, dict[str, float | None]]:
+    """The MOVE and FOUND figures of ``saliency_variants`` (percentages or null), as
+    ``{"acc", "iou", "max_f"}`` per definition (FOUND's maxF is its per-image max)."""
+    variants = Fields(metrics, where).mapping("saliency_variants")
+    figures = {}
+    for name, keys in VARIANT_KEYS.items():
+        data, here = variants.get(name), f"{where} (saliency_variants.{name})"
+        if not isinstance(data, dict):
+            raise LostregError(f"{where}: 'saliency_variants.{name}' must be a JSON object")
+        values = {key: _percent_or_null(data, key, here) for key in keys}
+        acc_key, iou_key, f_key = DEFINITION_KEYS[name]
+        figures[name] = {"acc": values[acc_key], "iou": values[iou_key], "max_f": values[f_key]}
+    return figures
+
+
+def _curve(metrics: Fields) -> tuple[np.ndarray, float | None, float]:
+    """``f_curve``, ``max_f`` and ``max_f_threshold``, checked against each other: maxF is the
+    curve's maximum (TokenCut's dataset-level max) at its threshold."""
+    curve, where = metrics.data.get("f_curve"), metrics.where
+    if (not isinstance(curve, list) or len(curve) != F_CURVE_POINTS
+            or not all(is_number(v) and 0.0 <= v <= 1.0 for v in curve)):
+        raise LostregError(f"{where}: 'f_curve' must be {F_CURVE_POINTS} numbers in [0, 1] "
+                           "(mean F at each of TokenCut's thresholds)")
+    values = np.asarray(curve, dtype=np.float64)
+    max_f = _percent_or_null(metrics.data, "max_f", where)
+    best = int(np.argmax(values))
+    _agrees(max_f, float(values[best]), where, "max_f", "its f_curve gives")
+    threshold = metrics.number("max_f_threshold")
+    at = np.flatnonzero(saliency.TOKENCUT_THRESHOLDS == threshold)
+    if not at.size or values[at[0]] < values[best] - CURVE_TOLERANCE:
+        raise LostregError(f"{where}: 'max_f_threshold' is {threshold!r} but its f_curve peaks "
+                           f"at {float(saliency.TOKENCUT_THRESHOLDS[best])!r}")
+    return values, max_f, threshold
+
+
+def _finished(metrics: Fields) -> datetime:
+    value = metrics.text("finished")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise LostregError(f"{metrics.where}: 'finished' is not an ISO timestamp: "
+                           f"{shown(value)}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _seconds(metrics: Fields) -> float | None:
+    value = metrics.data.get("seconds")
+    if isinstance(value, dict):
+        return Fields(value, f"{metrics.where} (seconds)").number("total", None, optional=True)
+    return metrics.number("seconds", None, optional=True)
+
+
+def _protocol(config: dict, where: str) -> tuple[str, str]:
+    """``refine`` and ``mask_protocol`` of a mask run's config."""
+    fields = Fields(config, where)
+    refine = fields.text("refine")
+    if refine not in REFINES:
+        raise LostregError(f"{where}: 'refine' must be one of {', '.join(REFINES)}, not "
+                           f"{shown(refine)}")
+    return refine, fields.text("mask_protocol")
+
+
+# --- one folder, and a folder of folders ------------------------------------------------------
+
+
+def _run_means(images: pd.DataFrame, metrics: Fields) -> dict[str, Any]:
+    """TokenCut's Acc and IoU (sequential sums, NaN-propagating), the 0/0 count and the
+    corrected IoU, from the lines, checked against ``metrics.json``."""
+    where, ious = metrics.where, images["sal_iou"].tolist()
+    nan_images = sum(math.isnan(value) for value in ious)
+    computed = {"acc": saliency.sequential_mean(images["sal_acc"].tolist()),
+                "iou": saliency.sequential_mean(ious),
+                "iou_empty_as_one": saliency.sequential_mean(
+                    [1.0 if math.isnan(value) else value for value in ious])}
+    stored = {key: _percent_or_null(metrics.data, key, where) for key in computed}
+    for key, value in computed.items():
+        _agrees(stored[key], value, where, key)
+    if metrics.integer("iou_nan_images", minimum=0) != nan_images:
+        raise LostregError(f"{where}: 'iou_nan_images' is {metrics.data['iou_nan_images']} "
+                           f"but the predictions have {nan_images}")
+    return {**stored, "iou_nan_images": nan_images}
+
+
+def load_mask_run(run_dir: str | Path) -> MaskRun:
+    """Read one finished mask-run folder, check every value and that its files agree."""
+    run_dir = Path(run_dir)
+    missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
+    metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
+    metrics_data = read_json_object(metrics_path, missing)
+    config = read_json_object(config_path, missing)
+    info = parse_config(config, str(config_path))
+    refine, mask_protocol = _protocol(config, str(config_path))
+    metrics = Fields(metrics_data, str(metrics_path))
+    for key in CROSS_CHECKED:
+        if key in metrics_data and key in config and metrics_data[key] != config[key]:
+            raise LostregError(f"{metrics_path}: '{key}' is {shown(metrics_data[key])} but "
+                               f"config.json says {shown(config[key])} (files from two runs?)")
+    if metrics.text("saliency_definition") != "tokencut":
+        raise metrics.fail("saliency_definition", "'tokencut' (the contract's default)")
+    n_images = metrics.integer("n_images", minimum=1)
+    images = _read_images(run_dir / PREDICTIONS)
+    if len(images) != n_images:
+        raise LostregError(f"{run_dir / PREDICTIONS}: {len(images)} images but metrics.json "
+                           f"says {n_images}; rerun the run to rewrite it")
+    means = _run_means(images, metrics)
+    curve, max_f, threshold = _curve(metrics)
+    figures = {"tokencut": {"acc": means["acc"], "iou": means["iou"], "max_f": max_f},
+               **_variant_figures(metrics_data, str(metrics_path))}
+    return MaskRun(run_dir, config, info, is_smoke(config, metrics_data), _finished(metrics),
+                   _seconds(metrics), refine, mask_protocol, figures, threshold,
+                   means["iou_nan_images"], means["iou_empty_as_one"], curve, images)
+
+
+def recompute_check(run: MaskRun) -> None:
+    """Recompute every definition's figures and the F curve from the lines' counts
+    (``saliency.evaluate_all``) and raise one line where ``metrics.json`` disagrees: the check
+    ``load_mask_run`` leaves out for speed (see the module docstring)."""
+    counts = [saliency.ImageCounts.from_json(record["sal_counts"])
+              for record in read_jsonl(run.run_dir / PREDICTIONS)]
+    scores = saliency.evaluate_all(counts)
+    where = str(run.run_dir / METRICS)
+    for name, keys in DEFINITION_KEYS.items():
+        for figure, key in zip(("acc", "iou", "max_f"), keys, strict=True):
+            _agrees(run.figures[name][figure], scores[name].metrics[key], where,
+                    f"{name} {key}", "the predictions give")
+    if np.abs(run.f_curve - np.asarray(scores["tokencut"].f_curve)).max() > CURVE_TOLERANCE:
+        raise LostregError(f"{where}: 'f_curve' differs from the one the predictions give")
+
+
+@dataclass
+class MaskScan:
+    """What ``scan_mask_runs`` found: the runs, and what it left out and why."""
+
+    runs: list[MaskRun]
+    skipped: list[str] = field(default_factory=list)  # one line per unreadable mask run
+    smoke_excluded: int = 0
+
+
+def _mask_folder(folder: Path) -> bool:
+    """A finished folder of a (non-scratch) mask run; a folder whose config.json cannot be
+    read is the box reader's to report."""
+    try:
+        config = read_json_object(folder / CONFIG, "missing")
+        metrics = read_json_object(folder / METRICS, "missing")
+    except LostregError:
+        return False
+    return run_target(config) == "mask" and not is_scratch(config, metrics)
+
+
+def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
+                   report: Callable[[str], None] | None = None) -> MaskScan:
+    """Finished mask runs under ``runs_dir``, one per identity (the newest by ``finished``,
+    then run id); each folder that cannot be read is skipped with one line (``report``)."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise LostregError(f"{runs_dir}: runs folder not found (run python -m lostreg.run first)")
+    result = MaskScan(runs=[])
+    runs: list[MaskRun] = []
+    for folder in sorted(path for path in runs_dir.iterdir() if path.is_dir()):
+        if not (folder / METRICS).is_file() or not _mask_folder(folder):
+            continue
+        try:
+            runs.append(load_mask_run(folder))
+        except LostregError as exc:
+            result.skipped.append(f"skipped {folder}: {exc}")
+            if report is not None:
+                report(result.skipped[-1])
+    if not include_smoke:
+        result.smoke_excluded = sum(run.smoke for run in runs)
+        runs = [run for run in runs if not run.smoke]
+    newest: dict[str, MaskRun] = {}
+    for run in runs:
+        kept = newest.get(run.identity_key)
+        if kept is None or (run.finished, run.run_id) > (kept.finished, kept.run_id):
+            newest[run.identity_key] = run
+    result.runs = sorted(newest.values(), key=lambda run: run.run_id)
+    return result
+
+
+# --- masks, read again for the figures ------------------------------------------------------
+
+
+def read_masks(run: MaskRun, image_ids: Iterable[str]) -> dict[str, np.ndarray]:
+    """The predicted binary masks (``bool`` HxW) of ``image_ids``, decoded from their lines'
+    ``pred_mask_rle`` (checked first: pycocotools' decoder trusts its input): the file is read
+    again, line by line, and only these are kept."""
+    wanted = set(image_ids)
+    path = run.run_dir / PREDICTIONS
+    masks: dict[str, np.ndarray] = {}
+    for number, record in enumerate(read_jsonl(path), start=1):
+        if not isinstance(record, dict) or record.get("image_id") not in wanted:
+            continue
+        fields = Fields(record, f"{path}:{number}")
+        size = (fields.integer("height", minimum=1), fields.integer("width", minimum=1))
+        _rle_area(record.get("pred_mask_rle"), fields.where, size)
+        masks[record["image_id"]] = decode_rle(record["pred_mask_rle"])
+        if len(masks) == len(wanted):
+            break
+    return masks
