@@ -22,6 +22,7 @@ from lostreg.evaluation.rle import foreground
 from lostreg.features import pipeline
 from lostreg.features.pipeline import FeatureBatch, finite_images
 from lostreg.io import read_jsonl
+from lostreg.reports.leaderboard.saliency_runs import scan_mask_runs
 from lostreg.run import main
 from lostreg.runs.nonfinite import NAMED_IN_METRICS, nonfinite_fields
 from lostreg.runs.store import load_run
@@ -233,6 +234,8 @@ def test_a_mask_run_scores_a_non_finite_image_as_an_empty_mask(tmp_path, tiny_mo
     assert main([*argv, "--max-nonfinite", "2"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["nonfinite_images"] == 2 and metrics["n_images"] == 4
+    scanned = scan_mask_runs(tmp_path / "runs", include_smoke=True, report=None)
+    assert scanned.skipped == [] and len(scanned.runs) == 1  # the saliency reports read it
 
 
 def test_lines_from_a_rank_part_are_counted_as_well(tmp_path, tiny_model, poison, capsys) -> None:
