@@ -9,7 +9,10 @@ CorLoc, durable writes). Ratio = run images/s / forward images/s; the goal (>= 0
 decoding, padding, LOST and writing hide behind the forward.
 
 Also timed: lostreg's own ``extract_features`` (stops at the last block's qkv) over the same
-tensors, and, once untimed, the run's boxes are checked against ``lost`` on those features.
+tensors; the pipeline's non-finite check (``finite_images``: one reduction per batch, issue 20
+row 1) against the extraction it follows, each batch timed on its own in the same loop (so a
+busy machine slows both alike); and, once untimed, the run's boxes are checked against
+``lost`` on those features. The run itself includes the check.
 
     python benchmarks/bench_extraction.py            # CPU defaults: 64 images at half size
     python benchmarks/bench_extraction.py --device cuda --images 500 --size-scale 1 \\
@@ -50,6 +53,7 @@ from lostreg.errors import LostregError  # noqa: E402
 from lostreg.features.extract import extract_features, preprocess  # noqa: E402
 from lostreg.features.pipeline import (  # noqa: E402
     AUTOCAST_DTYPES,  # noqa: E402
+    finite_images,
     set_numerics,
     size_batches,
 )
@@ -99,6 +103,23 @@ def forward_loop(batches: Sequence[ReadyBatch], backbone: Backbone, device: torc
     return outputs
 
 
+@torch.inference_mode()
+def check_overhead(batches: Sequence[ReadyBatch], backbone: Backbone, device: torch.device,
+                   precision: str) -> tuple[float, float]:
+    """Seconds of ``extract_features`` and of the non-finite check on its output, summed over
+    the batches, each step timed alone (synchronised on a GPU: a benchmark may wait where the
+    pipeline does not)."""
+    autocast = AUTOCAST_DTYPES[precision]
+    extract_s = check_s = 0.0
+    for batch in batches:
+        images = batch.images.to(device)
+        seconds, feats = timed(lambda i=images: extract_features(backbone, i, "k", autocast),
+                               device)
+        extract_s += seconds
+        check_s += timed(lambda f=feats: finite_images(f), device)[0]
+    return extract_s, check_s
+
+
 def run_once(index: DatasetIndex, backbone: Backbone, output: Path, device: torch.device,
              batch_size: int, precision: str, num_workers: int | None, k_patches: int = 100):
     """One fresh ``run_benchmark`` (a new output folder, so nothing is resumed)."""
@@ -141,12 +162,14 @@ def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workd
     forward_loop(batches[:1], backbone, device, precision, "timm")  # lazy init, kernels
     forward_loop(batches[:1], backbone, device, precision, "qkv")
     seconds: dict[str, list[float]] = {"timm_forward": [], "lostreg_qkv": [], "run": []}
+    check_rounds: list[tuple[float, float]] = []
     run_dir = None
     for repeat in range(repeats):
         seconds["timm_forward"].append(timed(
             lambda: forward_loop(batches, backbone, device, precision, "timm"), device)[0])
         seconds["lostreg_qkv"].append(timed(
             lambda: forward_loop(batches, backbone, device, precision, "qkv"), device)[0])
+        check_rounds.append(check_overhead(batches, backbone, device, precision))
         output = workdir / f"runs-{repeat}"
         elapsed, result = timed(lambda o=output: run_once(
             index, backbone, o, device, batch_size, precision, num_workers), device)
@@ -158,9 +181,12 @@ def measure(index: DatasetIndex, backbone: Backbone, device: torch.device, workd
     ratio = median([f / r for f, r in zip(seconds["timm_forward"], seconds["run"], strict=True)])
     ratio_qkv = median([f / r for f, r in zip(seconds["lostreg_qkv"], seconds["run"],
                                               strict=True)])
+    ratio_check = median([e / (e + c) for e, c in check_rounds])
     out = {"n_images": n, "n_batches": len(batches), "seconds": seconds,
            "images_per_second": speed, "ratio_run_vs_timm_forward": ratio,
-           "ratio_run_vs_lostreg_qkv": ratio_qkv, "run_dir": str(run_dir)}
+           "ratio_run_vs_lostreg_qkv": ratio_qkv,
+           "ratio_qkv_vs_qkv_with_finite_check": ratio_check,
+           "finite_check_seconds": [c for _, c in check_rounds], "run_dir": str(run_dir)}
     if check and run_dir is not None:
         out["same_boxes"] = check_run(run_dir, batches, backbone, device, precision, index)
     return out
@@ -213,10 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("lostreg extract_features: images/s", f"{speed['lostreg_qkv']:.2f}"),
         ("lostreg.run end to end: images/s", f"{speed['run']:.2f}"),
         ("seconds per round: timm / qkv / run", " / ".join(
-            ",".join(f"{v:.1f}" for v in result["seconds"][k])
+            ",".join(f"{v:.2f}" for v in result["seconds"][k])
             for k in ("timm_forward", "lostreg_qkv", "run"))),
+        ("finite check: seconds per round", ",".join(
+            f"{v:.4f}" for v in result["finite_check_seconds"])),
         ("RATIO run / timm forward", f"{result['ratio_run_vs_timm_forward']:.3f}"),
         ("RATIO run / lostreg extract_features", f"{result['ratio_run_vs_lostreg_qkv']:.3f}"),
+        ("RATIO extract_features / extract_features + finite check",
+         f"{result['ratio_qkv_vs_qkv_with_finite_check']:.3f}"),
         ("goal (run / timm forward)",
          f">= 0.9: {'MET' if result['ratio_run_vs_timm_forward'] >= 0.9 else 'NOT MET'}"),
     ]

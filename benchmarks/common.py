@@ -185,7 +185,7 @@ def facts_rows(facts: dict[str, Any]) -> list[tuple[str, Any]]:
 def save_json(path: str | Path | None, payload: dict[str, Any]) -> None:
     """Write the result atomically when ``--json PATH`` was given."""
     if path is not None:
-        atomic_write_json(path, payload)
+        atomic_write_json(path, payload, undefined_as_null=True)
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# a run command (python -m lostreg.run, lostreg run, ...) answers Ctrl-C, SIGTERM and SIGHUP
+# with one line from here on, while torch is still being imported (lostreg.signals); any other
+# process that imports lostreg keeps Python's own handling
+from lostreg.signals import quiet_while_starting  # noqa: E402 - after __version__, before all
+
+quiet_while_starting()
+
 _LAZY = {
     "evaluate": "lostreg.api",
     "EvaluationResult": "lostreg.api",

@@ -157,7 +157,8 @@ def plan(backbone: Any = None, **options: Any) -> tuple[RunConfig, dict[str, Any
         method=(methods or ["lost"])[0], wait=bool(o["wait"]), max_pixels=int(o["max_pixels"]),
         pos_interp=(_listed(o["pos_interp"]) or ["original"])[0],
         ttr_neurons=Path(o["ttr_neurons"]) if o["ttr_neurons"] is not None else None,
-        scratch=bool(o["scratch"]), refine=(_listed(o["refine"]) or ["none"])[0])
+        scratch=bool(o["scratch"]), refine=(_listed(o["refine"]) or ["none"])[0],
+        max_nonfinite=int(o["max_nonfinite"]), allow_version_mix=bool(o["allow_version_mix"]))
     values = _method_values(o["method_values"])
     if o["methods"] is not None and o["method"] is not None:
         raise LostregError("evaluate(): give method= or methods=, not both")
@@ -206,7 +207,8 @@ _DEFAULTS: dict[str, Any] = dict(
     data_root=None, no_hard=False, precision="fp32", limit=None, output="results/runs",
     cache_features=None, cache_dtype="auto", no_download=False, max_pixels=DEFAULT_MAX_PIXELS,
     wait=False, allow_partial_dataset=False, device="auto", batch_size=16, num_workers=None,
-    no_progress=False, suite=None, scratch=False, method_values={})
+    no_progress=False, suite=None, scratch=False, max_nonfinite=0, allow_version_mix=False,
+    method_values={})
 
 
 # --- the call ----------------------------------------------------------------------------------
@@ -224,7 +226,8 @@ def evaluate(
     no_download: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, wait: bool = False,
     allow_partial_dataset: bool = False, device: str = "auto", batch_size: int = 16,
     num_workers: int | str | None = None, no_progress: bool = False, suite: str | None = None,
-    scratch: bool = False, patch_size: int | None = None, mean: Sequence[float] | None = None,
+    scratch: bool = False, max_nonfinite: int = 0, allow_version_mix: bool = False,
+    patch_size: int | None = None, mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None, num_prefix_tokens: int | None = None,
     num_registers: int | None = None, name: str | None = None,
     weights_of: nn.Module | Sequence[nn.Module] | None = None, **method_values: Any,

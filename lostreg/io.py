@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -46,6 +48,39 @@ def named(exc: OSError, path: str | os.PathLike) -> OSError:
     if exc.filename is None:
         exc.filename = str(path)
     return exc
+
+
+class LinkInRunFolder(LostregError):
+    """A file lostreg writes is a symbolic link: writing through it would change a file
+    outside the folder (a ``run.lock`` link would truncate its target)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(f"{path}: is a symbolic link; lostreg never writes through a link (it "
+                         "would change the file it points to): remove the link, or put a copy "
+                         "of that file in its place")
+
+
+def open_in_run_folder(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """``os.open`` that never follows a symbolic link at ``path`` itself (``O_NOFOLLOW``): a
+    link is ``LinkInRunFolder``, one line naming it. Every file a run appends to or locks
+    (predictions, their parts, ``quarantine.jsonl``, the cache index, ``run.lock``) is opened so;
+    files written whole are replaced atomically (``atomic_write_bytes``), which replaces a link
+    and never writes through it."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and os.path.islink(path)):
+            raise LinkInRunFolder(path) from None
+        raise
+
+
+def refuse_links(paths: Iterable[str | os.PathLike]) -> None:
+    """``LinkInRunFolder`` for the first of ``paths`` that is a symbolic link: checked before a
+    run reads its folder, so a linked file is refused before anything is read or written (the
+    writes themselves refuse links too, see ``open_in_run_folder``)."""
+    for path in paths:
+        if os.path.islink(path):
+            raise LinkInRunFolder(path)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -91,8 +126,56 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def null_if_undefined(obj: Any) -> Any:
+    """``obj`` with every float that is not finite (an undefined figure: a mean over no image,
+    0/0) replaced by None, which JSON writes as ``null``; containers are copied, tuples become
+    lists (as JSON would write them)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: null_if_undefined(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [null_if_undefined(value) for value in obj]
+    return obj
+
+
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """Where in ``obj`` the first non-finite float is (``corloc``, ``f_curve[3]``), or None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the value"
+    items = (obj.items() if isinstance(obj, dict)
+             else enumerate(obj) if isinstance(obj, (list, tuple)) else ())
+    for key, value in items:
+        found = _first_non_finite(value, f"{where}[{key}]" if isinstance(key, int)
+                                  else f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def dumps_strict(obj: Any, where: str | os.PathLike, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and Infinity (``allow_nan=False``): they are not JSON, and
+    a file holding them is refused by strict readers. A ``ValueError`` names the file and the
+    key; the caller writes ``null`` for an undefined figure (``null_if_undefined``)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        found = _first_non_finite(obj)
+        if found is None:
+            raise
+        raise ValueError(f"{where}: {found} is not finite (NaN or Infinity is not JSON; write "
+                         "null for an undefined figure)") from None
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, undefined_as_null: bool = False
+                      ) -> None:
+    """Write ``obj`` as JSON (indented, sorted keys), atomically. NaN and Infinity are refused
+    (``dumps_strict``), unless the caller says its figures may be undefined
+    (``undefined_as_null``: they are written as ``null``)."""
+    if undefined_as_null:
+        obj = null_if_undefined(obj)
+    atomic_write_text(path, dumps_strict(obj, path, indent=2, sort_keys=True, default=str)
+                      + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -213,14 +296,17 @@ def read_jsonl(path: str | os.PathLike,
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:
-    """Truncate a JSON-lines file after its last complete line; return the number of lines."""
+    """Truncate a JSON-lines file after its last complete line; return the number of lines.
+    A link at ``path`` is refused, not followed (``open_in_run_folder``)."""
     path = Path(path)
-    if not path.exists():
+    try:
+        fd = open_in_run_folder(path, os.O_RDWR)
+    except FileNotFoundError:
         return 0
-    data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-        with open(path, "r+b") as handle:
+    with os.fdopen(fd, "r+b") as handle:
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
             handle.truncate(keep)
             handle.flush()
             os.fsync(handle.fileno())
@@ -242,8 +328,8 @@ class JsonlAppender:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             repair_jsonl(self.path)
-            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                                           0o666)
+            self._fd: int | None = open_in_run_folder(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except OSError as exc:
             raise named(exc, self.path) from None
 
@@ -251,7 +337,8 @@ class JsonlAppender:
 
     def write_many(self, records: Iterable[dict], sync: bool = True) -> None:
         payload = b"".join(
-            json.dumps(record, sort_keys=True).encode("utf-8") + b"\n" for record in records
+            dumps_strict(record, self.path, sort_keys=True).encode("utf-8") + b"\n"
+            for record in records
         )
         if not payload:
             return

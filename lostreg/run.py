@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run even if a VOC07/VOC12/COCO20k split lists another number of "
                              "images than the benchmark's (not comparable; the run id records "
                              "the count); every listed image must still be there")
+    parser.add_argument("--max-nonfinite", type=int, default=0, metavar="N",
+                        help="how many images whose features are not finite (NaN or inf: a "
+                             "broken checkpoint, fp16/bf16 overflow) a run may score as "
+                             "failures; they get no prediction, and a run with more stops with "
+                             "one line naming them")
+    parser.add_argument("--allow-version-mix", action="store_true",
+                        help="resume a run whose predictions were written by code of another "
+                             "result version (lostreg.version.RESULT_VERSION), and record it "
+                             "(otherwise refused: the predictions would match neither version)")
     add_compute_options(parser, "auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK per rank)")
     return parser
 
@@ -248,7 +257,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         allow_partial_dataset=args.allow_partial_dataset,
         method=first(args.method, DEFAULT_METHOD), wait=args.wait, max_pixels=args.max_pixels,
         pos_interp=first(args.pos_interp, "original"), ttr_neurons=args.ttr_neurons,
-        refine=first(args.refine, "none"),
+        refine=first(args.refine, "none"), max_nonfinite=args.max_nonfinite,
+        allow_version_mix=args.allow_version_mix,
     )
 
 

@@ -402,7 +402,7 @@ def verify(args: argparse.Namespace) -> tuple[dict, str]:
     if result.smoke:
         report["note"] = SMOKE_NOTE
     atomic_write_text(output / "differences.csv", differences_csv(comparison.rows))
-    atomic_write_json(output / "report.json", report)
+    atomic_write_json(output / "report.json", report, undefined_as_null=True)
     return report, summary_text(report, output)
 
 

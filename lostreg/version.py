@@ -29,3 +29,21 @@ def checkout_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "") if commit else None
+
+
+#: The version of what lostreg *computes*: bumped only when a change alters some prediction
+#: line or figure of some run (a method, a metric, the image protocol, the features), never for
+#: a change that alters none (speed, messages, reports). Each run folder records the versions
+#: of the code that wrote its predictions (``config.json``: ``result_versions``,
+#: ``code_history``), and a resume under another result version is refused
+#: (``lostreg.runs.state``): its predictions would match neither version. Versions are
+#: declared here, in ``RESULT_VERSIONS``, never guessed from commits.
+RESULT_VERSION = 2
+
+#: What each result version changed, for the line that refuses a resume and for readers.
+RESULT_VERSIONS = {
+    1: "every release before result versions were declared (a config.json without "
+       "result_versions)",
+    2: "an image whose features are not finite gets no prediction (a nonfinite line, scored as "
+       "a failure) instead of a box computed from NaN or inf (issue 20)",
+}

@@ -34,8 +34,15 @@ def corloc(hits: Iterable[bool]) -> tuple[float, int, int]:
     return (100.0 * n_hits / n_images if n_images else float("nan")), n_hits, n_images
 
 
+# the scores of an image without a box (``box: null``: its features were not finite, see
+# ``lostreg.runs.predictions.NONFINITE``): a miss, so every image still counts
+NO_BOX = {"best_iou": 0.0, "hit": False}
+
+
 def score_box(line: Mapping[str, Any], target: BoxesTarget) -> dict[str, Any]:
     """One image's scores: its box's best IoU with the ground truth, and whether it is a hit."""
+    if line["box"] is None:
+        return dict(NO_BOX)
     iou = best_iou(line["box"], target.array())
     return {"best_iou": round(iou, 6), "hit": is_hit(iou)}
 
@@ -45,9 +52,11 @@ def score_boxes(lines: Sequence[Mapping[str, Any]], targets: Sequence[BoxesTarge
     """``score_box`` for a whole run in one numpy pass (the same bits, see ``best_ious``)."""
     counts = np.array([len(t.boxes) for t in targets], dtype=np.int64)
     gts = np.concatenate([t.array() for t in targets]) if targets else np.zeros((0, 4))
-    ious = best_ious(np.array([line["box"] for line in lines], dtype=np.float64).reshape(-1, 4),
-                     gts, counts)
-    return [{"best_iou": round(float(iou), 6), "hit": is_hit(float(iou))} for iou in ious]
+    boxes = [line["box"] or [0, 0, 0, 0] for line in lines]  # no box: scored as NO_BOX below
+    ious = best_ious(np.array(boxes, dtype=np.float64).reshape(-1, 4), gts, counts)
+    return [dict(NO_BOX) if line["box"] is None
+            else {"best_iou": round(float(iou), 6), "hit": is_hit(float(iou))}
+            for line, iou in zip(lines, ious, strict=True)]
 
 
 class CorLocAggregate:

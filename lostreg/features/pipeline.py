@@ -362,13 +362,30 @@ class LazyBackbone:
 @dataclass
 class FeatureBatch:
     """One feature map for images of one padded size: ``feats`` ``(b, rows*cols, D)`` float32
-    on the device, with each image's dataset position and actual ``(H, W)``."""
+    on the device, with each image's dataset position and actual ``(H, W)``, and ``finite``:
+    per image, whether every value of its map is finite (``finite_images``; bool ``(b,)`` on
+    the device, read by the line writer with the method's results)."""
 
     request: FeatureRequest
     feats: torch.Tensor
     grid: tuple[int, int]
     positions: list[int]
     sizes: list[tuple[int, int]]
+    finite: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.finite is None:
+            self.finite = finite_images(self.feats)
+
+
+def finite_images(feats: torch.Tensor) -> torch.Tensor:
+    """Per image of ``feats`` ``(b, ...)``, whether every value is finite: bool ``(b,)`` on the
+    features' device, queued there without waiting for it (no host sync; the line writer reads
+    it with the boxes, after the batch's event). NaN or inf features (a broken checkpoint, or a
+    backbone overflowing in fp16/bf16) would still give a box, so such an image gets none
+    (``lostreg.runs.predictions``: a ``nonfinite`` line). One reduction per batch: the maps are
+    small beside the forward that made them (``benchmarks/bench_extraction.py``)."""
+    return torch.isfinite(feats.flatten(1)).all(dim=1)
 
 
 @dataclass

@@ -91,6 +91,9 @@ def check_config(config: RunConfig) -> None:
         raise LostregError("--batch-size must be at least 1")
     if config.max_pixels < 1:
         raise LostregError(f"--max-pixels {config.max_pixels}: must be at least 1")
+    if config.max_nonfinite < 0:
+        raise LostregError(f"--max-nonfinite {config.max_nonfinite}: must be 0 or more (a "
+                           "number of images)")
     if config.limit is not None and config.limit < 1:
         raise LostregError(f"--limit {config.limit}: must be at least 1 (leave it out for all images)")
     if not math.isfinite(float(config.gram_bias)):

@@ -68,6 +68,8 @@ class RunConfig:
     ttr_neurons: Path | None = None  # register-neuron list of a +ttr model (None: shipped)
     scratch: bool = False  # a training-loop look (lostreg.evaluate): never on the leaderboard
     refine: str = "none"  # saliency datasets only: one of REFINES
+    max_nonfinite: int = 0  # images with non-finite features a run may score as failures
+    allow_version_mix: bool = False  # resume lines of another RESULT_VERSION (recorded)
 
 
 # settings that may differ between the runs of one pass (everything else is shared): one

@@ -38,6 +38,7 @@ from lostreg.runs.predictions import (
     prediction_files,
     write_merged,
 )
+from lostreg.signals import Terminated, exit_status, running_handlers
 
 T = TypeVar("T")
 # ranks wait for each other at the end of a run; a resumed run can be uneven, so be patient
@@ -208,11 +209,13 @@ def command_status(body: Callable[[], None],
                    hint: Callable[[BaseException], str] = lambda exc: "") -> int:
     """Run a command that may be one of torchrun's ranks; its exit status: 0, 2 for bad input
     (one line on stderr, ``error_line`` plus ``hint``; printed by the main rank, or by the rank
-    whose own error it is, so N ranks do not print one failure N times) or 130 when
-    interrupted. Either way the process group is shut down and the background threads are
+    whose own error it is, so N ranks do not print one failure N times), 130 when interrupted
+    (Ctrl-C), 143 or 129 when terminated (SIGTERM, SIGHUP: ``lostreg.signals``), each with one
+    line. Either way the process group is shut down and the background threads are
     waited for (``wait_for_background``), so no exit races them."""
     try:
-        body()
+        with running_handlers():
+            body()
     except (LostregError, OSError) as exc:
         close_progress_bars()
         if current().is_main or not isinstance(exc, CollectiveError):
@@ -223,6 +226,11 @@ def command_status(body: Callable[[], None],
         print("interrupted: what was written is kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
+    except Terminated as exc:  # SIGTERM or SIGHUP: the same clean-up as Ctrl-C
+        close_progress_bars()
+        print(f"terminated by {exc.name}: what was written is kept; rerun the same command to "
+              "resume", file=sys.stderr)
+        return exit_status(exc.signum)
     finally:
         shutdown()
         wait_for_background()

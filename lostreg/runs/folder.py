@@ -32,14 +32,23 @@ from lostreg.evaluation.saliency_protocol import MASK_PROTOCOL
 from lostreg.evaluation.targets import TARGET_KINDS
 from lostreg.features.extract import FeatureRequest, resolve_layer
 from lostreg.features.pipeline import BackboneInfo
-from lostreg.io import JsonlAppender, atomic_write_json
+from lostreg.io import JsonlAppender, atomic_write_json, refuse_links
 from lostreg.methods import MethodSpec
-from lostreg.runs import distributed
+from lostreg.runs import distributed, state
 from lostreg.runs.checks import feature_request, is_mask_dataset, method_of, method_params
 from lostreg.runs.config import SCRATCH_NOTE, SMOKE_NOTE, RunConfig
 from lostreg.runs.distributed import DistContext
 from lostreg.runs.legacy import add_if_changed, digest, earlier_run_ids, safe_model
-from lostreg.runs.predictions import BOX_LINES, LineFormat, evaluate_lines, load_predictions
+from lostreg.runs.lock import LOCK_NAME
+from lostreg.runs.nonfinite import nonfinite_fields, nonfinite_lines, nonfinite_warning
+from lostreg.runs.predictions import (
+    BOX_LINES,
+    QUARANTINE,
+    LineFormat,
+    evaluate_lines,
+    load_predictions,
+    prediction_files,
+)
 from lostreg.version import checkout_commit
 
 
@@ -87,7 +96,13 @@ def dataset_is_complete(index: DatasetIndex) -> bool:
 
 def check_dataset_complete(index: DatasetIndex, allow_partial: bool) -> None:
     """Every image counts in CorLoc, so a run on an incomplete dataset is refused unless asked
-    for; such a run gets its own run id (``dataset_images`` in its identity)."""
+    for; such a run gets its own run id (``dataset_images`` in its identity). A split that
+    lists no image is refused whatever the flags: CorLoc over no image is undefined (it used to
+    "finish" as ``CorLoc nan (0/0)`` with NaN in metrics.json)."""
+    if len(index) == 0:
+        raise LostregError(f"{index.root}: {index.name} {index.split} lists no images"
+                           f"{' once --no-hard dropped the emptied ones' if index.no_hard else ''}"
+                           "; there is nothing to score (check the split file)")
     if allow_partial or dataset_is_complete(index):
         return
     expected = DATASETS[index.name].expected_images
@@ -250,6 +265,10 @@ class RunFolder:
     pending: set[int] = field(default_factory=set)  # dataset positions still missing (all ranks)
     out: JsonlAppender | None = None
     finished: bool = False  # complete before this command: its files are left as they are
+    results: dict[str, Any] | None = None  # a complete run's figures, from its validated lines
+    note: str = ""  # what this command repaired (a rewritten config.json or metrics.json)
+    result_versions: list[int] = field(default_factory=list)  # of the code behind its lines
+    version_mix: bool = False  # lines of several result versions (--allow-version-mix)
 
     @property
     def feature(self) -> str:
@@ -265,7 +284,8 @@ class RunFolder:
                 "normalize": self.config.normalize,
                 "k_patches": self.config.k_patches if lost else None,
                 "gram_bias": float(self.config.gram_bias) if lost else None,
-                "precision": self.config.precision, **masks}
+                "precision": self.config.precision, **masks,
+                "max_nonfinite": self.config.max_nonfinite}
 
     def append(self, lines: list[dict], ctx: DistContext) -> None:
         """Append ``lines`` (this rank's part file under torchrun); ``sync`` makes them
@@ -309,9 +329,11 @@ def line_format(index: DatasetIndex, patch_size: int) -> LineFormat:
     return LineFormat(target, metrics, box_slack=patch_size - 1)
 
 
-def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: DatasetIndex,
-                 device: torch.device, numerics: dict, extra: dict | None = None) -> dict:
-    payload = {
+def config_payload(run: RunFolder, backbone: Backbone | BackboneInfo, index: DatasetIndex,
+                   device: torch.device, numerics: dict, extra: dict | None = None) -> dict:
+    """What this command writes as the run's config.json (``open_runs`` adds the code
+    versions): every setting, provenance, what its lines hold."""
+    return {
         "run_id": run.run_id,
         "identity": run.identity,
         # paths absolute: analyze, verify and the notebook read them from any directory
@@ -326,8 +348,6 @@ def write_config(run: RunFolder, backbone: Backbone | BackboneInfo, index: Datas
         **(extra or {}),
         **_scratch_fields(run.config),
     }
-    atomic_write_json(run.run_dir / "config.json", payload)
-    return payload
 
 
 def _scratch_fields(config: RunConfig) -> dict[str, Any]:
@@ -343,6 +363,13 @@ def is_finished(run: RunFolder) -> bool:
             and not distributed.part_files(run.run_dir))
 
 
+def run_files(run_dir: Path) -> list[Path]:
+    """Every file a run writes in its folder (``run.lock`` aside, which ``RunLock`` opens
+    without following a link): a link among them is refused, never written through."""
+    names = ("config.json", "metrics.json", QUARANTINE)
+    return [*(run_dir / name for name in names), *prediction_files(run_dir)]
+
+
 def check_unique(runs: Sequence[RunFolder]) -> None:
     seen: set[str] = set()
     for run in runs:
@@ -353,25 +380,101 @@ def check_unique(runs: Sequence[RunFolder]) -> None:
 
 
 def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: Path,
-              patch_size: int, write: bool, config_writer: Callable[[RunFolder], Any]) -> None:
+              patch_size: int, write: bool, config_of: Callable[[RunFolder], dict]) -> None:
     """Create the folders, read back and validate what each run already holds (bad lines are
-    quarantined and their images recomputed, see ``lostreg.runs.predictions``), write config.json
-    of unfinished runs (``write``: this process is rank 0, the only one that repairs)."""
+    quarantined and their images recomputed, see ``lostreg.runs.predictions``; config.json,
+    metrics.json and the code versions, see ``lostreg.runs.state``), and write config.json of
+    unfinished runs (``write``: this process is rank 0, the only one that checks and repairs;
+    ``config_of``: the config.json this command writes for a run)."""
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
+        refuse_links(run_files(run.run_dir))  # nothing read or written through a link
+        expected = config_of(run) if write else {}
+        previous = state.read_previous(run.run_dir) if write else state.Previous(None)
+        state.check_same_run(run.run_dir, previous, expected)  # before anything is repaired
         loaded = load_predictions(run.run_dir, records, root=root, repair=write, fmt=run.fmt)
         run.pending = {p for p, r in enumerate(records) if r.image_id not in loaded.lines}
-        run.finished = is_finished(run) and not loaded.problems
-        if write and not run.finished:
-            config_writer(run)
+        if not write:  # another rank: rank 0 checks, repairs and writes
+            run.finished = is_finished(run) and not loaded.problems
+            continue
+        complete = (not run.pending and not loaded.problems
+                    and not distributed.part_files(run.run_dir))
+        _open_one(run, records, expected, previous, loaded.lines, complete)
 
 
-def remove_unused(run_dirs: Sequence[Path]) -> None:
-    """Delete run folders this command created that still hold nothing but ``config.json``."""
+def _open_one(run: RunFolder, records: Sequence[ImageRecord], expected: dict,
+              previous: state.Previous, lines: dict[str, dict], complete: bool) -> None:
+    """Decide whether one run is already finished (its config.json and metrics.json valid),
+    or what this command rewrites; write its config.json when it will write into the folder."""
+    disagreement = None
+    if complete:
+        run.results = evaluate_lines(lines, records, run.fmt)
+        nonfinite = len(nonfinite_lines(list(lines.values())))
+        disagreement = state.metrics_disagreement(run.run_dir, run.results, nonfinite,
+                                                  previous.config or expected)
+        if disagreement is None and previous.config is not None:
+            run.finished = True
+            return
+        if disagreement is None:  # only config.json is damaged: rewritten, nothing else
+            run.finished = True
+            run.note = f"config.json rewritten: {previous.problem or 'it was missing'}"
+            _write_config(run, expected, previous, len(lines), versions_known=False)
+            return
+    run.finished = False
+    if disagreement is not None and (run.run_dir / "metrics.json").exists():
+        run.note = f"metrics.json rewritten from the predictions: {disagreement}"
+        if previous.config is not None:  # only metrics.json is rewritten (by this code:
+            run.result_versions, run.version_mix = state.check_versions(  # checked)
+                run.run_dir, previous, len(lines), run.config.allow_version_mix)
+            if not run.version_mix:
+                return
+    _write_config(run, expected, previous, len(lines))  # a resume (even of the last step)
+
+
+def _write_config(run: RunFolder, expected: dict, previous: state.Previous, lines: int,
+                  versions_known: bool = True) -> None:
+    """config.json with the code versions: those of the predictions already there and this
+    code's (refused when they mix, unless ``--allow-version-mix``); with
+    ``versions_known=False`` (only an unreadable config.json is replaced) the predictions'
+    versions are recorded as unknown."""
+    if versions_known:
+        run.result_versions, run.version_mix = state.check_versions(
+            run.run_dir, previous, lines, run.config.allow_version_mix)
+    else:
+        run.result_versions, run.version_mix = [], False
+    payload = {**expected, "result_versions": run.result_versions,
+               "version_mix": run.version_mix,
+               "code_history": state.history(previous, lines, run.version_mix)}
+    atomic_write_json(run.run_dir / "config.json", payload)
+
+
+def clear_unused(run_dirs: Sequence[Path]) -> list[Path]:
+    """Empty the run folders this command created that still hold nothing but its
+    ``config.json`` (and the lock it holds); returns them, for ``remove_empty`` once the locks
+    are released. Called only while this process holds every one of their locks, so no other
+    lostreg process is inside; a folder that does not exist (a command refused at another
+    folder's lock before it made this one) is left alone."""
+    emptied = []
     for run_dir in run_dirs:
-        if {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+        try:
+            names = set(os.listdir(run_dir))
+        except FileNotFoundError:
+            continue
+        if names <= {"config.json", LOCK_NAME}:
             (run_dir / "config.json").unlink(missing_ok=True)
+            emptied.append(run_dir)
+    return emptied
+
+
+def remove_empty(run_dirs: Sequence[Path]) -> None:
+    """Remove each folder if it is empty, after its lock is released: ``rmdir`` refuses a
+    folder another process has meanwhile put its lock into, and that is fine (it is theirs now);
+    a process that made the folder and finds it gone makes it again (``RunLock``)."""
+    for run_dir in run_dirs:
+        try:
             run_dir.rmdir()
+        except OSError:
+            pass
 
 
 # --- finishing -----------------------------------------------------------------------------
@@ -383,16 +486,20 @@ class RunScore(NamedTuple):
 
     results: dict[str, Any]
     warnings: list[str]
+    nonfinite: int = 0  # images without a prediction (non-finite features), in the figures
 
 
 def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, fmt: LineFormat,
-             run_id: str, smoke: bool, summary_fields: dict, seconds: dict) -> RunScore:
+             run_id: str, smoke: bool, summary_fields: dict, seconds: dict,
+             max_nonfinite: int = 0) -> RunScore:
     """Merge the validated predictions (the file and any per-rank parts) in dataset order, so
     a resumed or distributed run's file equals an uninterrupted one's, and write metrics.json
     atomically: its figures always come from the validated lines, every score recomputed, and
     it counts what the data needed (boxes clipped, zero-area boxes, images whose annotated size
-    was not their size: ``data_checks``)."""
+    was not their size: ``data_checks``). A run with more images whose features were not
+    finite than ``max_nonfinite`` stops here, one line, before metrics.json (``nonfinite``)."""
     ordered = distributed.merge_predictions(run_dir, index_records, root, fmt=fmt)
+    nonfinite = nonfinite_fields(ordered, run_dir, summary_fields, max_nonfinite)
     results: dict[str, Any] = {}
     for metric in fmt.metrics:
         results.update(metric.evaluate(ordered))
@@ -408,12 +515,16 @@ def finalize(run_dir: Path, index_records: Sequence[ImageRecord], root: Path, fm
         # when this process reached each step, in seconds since it started (lostreg.timeline)
         "startup": timeline.marks(),
         "data_checks": checks.to_json(),
+        **nonfinite,
         **summary_fields,
     }
     if smoke:
         metrics["note"] = SMOKE_NOTE
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    return RunScore(results, checks.warnings(summary_fields["dataset"]))
+    atomic_write_json(run_dir / "metrics.json", metrics, undefined_as_null=True)
+    count = nonfinite["nonfinite_images"]
+    warning = nonfinite_warning(run_dir, count, summary_fields.get("precision", "fp32"))
+    return RunScore(results, checks.warnings(summary_fields["dataset"])
+                    + ([warning] if warning else []), count)
 
 
 def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetIndex,
@@ -424,7 +535,9 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     if run.finished:
         loaded = load_predictions(run.run_dir, records, root=index.root, repair=False,
                                   fmt=run.fmt)
-        return RunScore(evaluate_lines(loaded.lines, records, run.fmt), [])
+        results = run.results if run.results is not None else evaluate_lines(
+            loaded.lines, records, run.fmt)
+        return RunScore(results, [], len(nonfinite_lines(list(loaded.lines.values()))))
     computed = len(run.pending)
     seconds = {
         "total": round(total, 3),
@@ -445,21 +558,25 @@ def finish_run(run: RunFolder, records: Sequence[ImageRecord], index: DatasetInd
     summary_fields = {"model": info.spec.name, "timm_name": info.spec.timm_name,
                       "dataset": index.name, "split": index.split, **run.settings(),
                       "no_hard": index.no_hard, "resumed_with": len(records) - computed,
+                      "result_versions": run.result_versions, "version_mix": run.version_mix,
                       **_scratch_fields(run.config)}
     return finalize(run.run_dir, records, index.root, run.fmt, run.run_id,
-                    info.weights.is_random, summary_fields, seconds)
+                    info.weights.is_random, summary_fields, seconds, run.config.max_nonfinite)
 
 
 def run_status(run: RunFolder, n_images: int) -> str:
-    """``new``, ``resumed (n of N were done)`` or ``already finished``: what this command did."""
+    """``new``, ``resumed (n of N were done)`` or ``already finished``: what this command did,
+    with what it repaired (a rewritten config.json or metrics.json, see ``lostreg.runs.state``)."""
     if run.finished:
-        return "already finished"
+        return "already finished" + (f" ({run.note})" if run.note else "")
+    if run.note:
+        return run.note
     done = n_images - len(run.pending)
     return "new" if done == 0 else f"resumed ({done} of {n_images} were done)"
 
 
 def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: RunFolder,
-                 smoke: bool, status: str) -> str:
+                 smoke: bool, status: str, nonfinite: int = 0) -> str:
     """The one line a run prints: its figures (each metric's words, e.g. ``CorLoc 61.90
     (3102/5011)``), what it was measured on, every setting that changes the result, what this
     command did and where the run folder is."""
@@ -496,6 +613,8 @@ def summary_line(results: dict[str, Any], index: DatasetIndex, model: str, run: 
         summary += f"  [{SCRATCH_NOTE}]"
     if partial:
         summary += f"  [{partial}]"
+    if nonfinite:
+        summary += f"  [{nonfinite} image(s) with non-finite features scored as failures]"
     return summary
 
 

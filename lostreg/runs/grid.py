@@ -9,6 +9,7 @@ indexed once; every (model, dataset) is one pass (``lostreg.runs.sweep``) servin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import itertools
 import json
@@ -60,7 +61,7 @@ from lostreg.runs.folder import (
     make_run_id,
     run_identity,
 )
-from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder
+from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder, holder_of
 from lostreg.runs.sweep import run_pass
 
 
@@ -471,9 +472,10 @@ def refuse_held_runs(base: RunConfig, sweep: Sequence[RunConfig],
                                              pos_interp=pos_interp)
                 folder = _held_folder(config, spec, base.weights, held)
                 if folder is not None:
+                    holder = holder_of(functools.partial(_holder_of, folder / LOCK_NAME))
                     raise RunLocked(
                         f"{folder}: another lostreg process is writing this run "
-                        f"({describe_holder(_holder_of(folder / LOCK_NAME))}); let it finish, "
+                        f"({describe_holder(holder)}); let it finish, "
                         "or rerun with --wait to queue")
 
 

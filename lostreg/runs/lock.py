@@ -34,12 +34,14 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lostreg.errors import LostregError, error_line
+from lostreg.io import open_in_run_folder
 
 if TYPE_CHECKING:
     from lostreg.runs.distributed import DistContext
@@ -70,6 +72,24 @@ def _read_holder(fd: int) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
+
+
+#: How long a refused process waits for the holder to write its name: the holder writes it
+#: right after taking the lock (milliseconds, an fsync), so a command refused in that moment
+#: still names it instead of saying "a process that has not written its name yet".
+HOLDER_NAME_WAIT_S = 2.0
+
+
+def holder_of(read: Callable[[], dict[str, Any] | None],
+              wait_s: float = HOLDER_NAME_WAIT_S) -> dict[str, Any] | None:
+    """What the holder wrote into its lock file (``read``), waiting up to ``wait_s`` for a
+    holder that has the lock but has not written its name yet."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = read()
+        if info or time.monotonic() >= deadline:
+            return info
+        time.sleep(0.01)
 
 
 def _holder_info() -> dict[str, Any]:
@@ -105,10 +125,9 @@ class RunLock:
         return self
 
     def _acquire(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         announced = False
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open()
             try:
                 announced = self._lock(fd, announce=not announced) or announced
                 locked_here = _names_the_same_file(fd, self.path)
@@ -125,6 +144,20 @@ class RunLock:
                 return
             os.close(fd)  # the holder removed the file on release: lock the one there now
 
+    def _open(self) -> int:
+        """The lock file, created if needed, never through a link (``open_in_run_folder``).
+        The folder is made first, and again if it vanished before the file could be created:
+        a command refused at another folder removes the folders it made, and may remove this
+        one between our ``mkdir`` and ``open`` (see ``lostreg.runs.folder.remove_empty``)."""
+        for _ in range(100):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                return open_in_run_folder(self.path, os.O_RDWR | os.O_CREAT)
+            except FileNotFoundError:
+                continue
+        raise LostregError(f"{self.run_dir}: the folder keeps disappearing while its lock is "
+                           "taken (another program removing it?)")
+
     def _lock(self, fd: int, announce: bool) -> bool:
         """Lock ``fd``; returns whether it had to wait. Raises ``RunLocked`` when another
         process holds the lock and ``wait`` is false."""
@@ -134,7 +167,7 @@ class RunLock:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-        holder = describe_holder(_read_holder(fd))
+        holder = describe_holder(holder_of(lambda: _read_holder(fd)))
         if not self.wait:
             raise RunLocked(f"{self.run_dir}: another lostreg process is writing this run "
                             f"({holder}); let it finish, or rerun with --wait to queue")

@@ -40,7 +40,7 @@ from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError
 from lostreg.evaluation.corloc import CORLOC
 from lostreg.evaluation.registry import MetricSpec
-from lostreg.evaluation.rle import rle_problem
+from lostreg.evaluation.rle import foreground, rle_problem
 from lostreg.evaluation.targets import BoxesTarget, LineField
 from lostreg.fields import is_int
 from lostreg.io import JsonlAppender, atomic_write_text, read_jsonl
@@ -66,12 +66,21 @@ BASE_SCHEMA: dict[str, LineField] = {
     "file": LineField(lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "width": LineField(lambda v: is_int(v) and v > 0, "a positive integer"),
     "height": LineField(lambda v: is_int(v) and v > 0, "a positive integer"),
-    "box": LineField(_ints(4), "4 integers [x1, y1, x2, y2]"),
+    "box": LineField(lambda v: v is None or _ints(4)(v),
+                     "4 integers [x1, y1, x2, y2] (null only in a nonfinite line)"),
     "seed": LineField(lambda v: v is None or _ints(2, minimum=0)(v),
                       "null or [row, col], two integers >= 0"),
 }
 SMOKE_FIELD = {"weights": LineField(lambda v: v == "random", '"random" (smoke runs only)',
                                     required=False)}
+# an image whose features were not all finite (NaN or inf: a broken checkpoint, or fp16/bf16
+# overflow) gets no prediction: its line holds ``"nonfinite": true`` and ``"box": null``, and
+# every metric scores it as a failure (CorLoc: a miss; a mask metric: an empty mask). A run with
+# more such images than ``--max-nonfinite`` does not finish (``lostreg.runs.folder.finalize``)
+NONFINITE = {"nonfinite": True}
+NONFINITE_FIELD = {"nonfinite": LineField(lambda v: v is True,
+                                          "true (an image with non-finite features)",
+                                          required=False)}
 # what a line holds of each prediction a metric reads (``MetricSpec.reads``) beyond the box
 # every line has: a mask metric's binary mask at the image's size, as compressed RLE
 # (``lostreg.evaluation.rle``; for a soft prediction, its ``> 0.5`` binarisation)
@@ -116,7 +125,7 @@ class LineFormat:
             for kind in metric.reads:
                 fields.update(READ_FIELDS[kind])
             fields.update(metric.fields)
-        return {**fields, **SMOKE_FIELD}
+        return {**fields, **SMOKE_FIELD, **NONFINITE_FIELD}
 
     def scores(self, line: Mapping[str, Any], target: Any) -> dict[str, Any]:
         """Every metric's per-image scores of ``line``'s prediction against ``target``."""
@@ -125,7 +134,7 @@ class LineFormat:
             scores.update(metric.score(line, target))
         return scores
 
-    def line(self, record: ImageRecord, box: Sequence[int], seed_rc: Sequence[int] | None,
+    def line(self, record: ImageRecord, box: Sequence[int] | None, seed_rc: Sequence[int] | None,
              root: Path, smoke: bool, prediction: Mapping[str, Any] | None = None) -> dict:
         """The predictions line of one image (``record`` holds the size the image really
         has). ``prediction``: what the line holds of a prediction beyond its box, which the
@@ -136,7 +145,7 @@ class LineFormat:
             "file": record_file(record, root),
             "width": record.width,
             "height": record.height,
-            "box": [int(v) for v in box],
+            "box": None if box is None else [int(v) for v in box],
             "seed": None if seed_rc is None else [int(v) for v in seed_rc],
             **target.line_fields(),
             **(prediction or {}),
@@ -161,11 +170,19 @@ class LineFormat:
         for key, value in line.items():
             if not schema[key].check(value):
                 return f"{key}: expected {schema[key].expected}, got {json.dumps(value)[:60]}"
-        x1, y1, x2, y2 = line["box"]
-        slack = self.box_slack
-        if not (0 <= x1 <= x2 <= line["width"] + slack
-                and 0 <= y1 <= y2 <= line["height"] + slack):
-            return f"box {line['box']} is not inside its {line['width']}x{line['height']} image"
+        if (line["box"] is None) != (line.get("nonfinite") is True):
+            return ("a nonfinite line has no box" if line["box"] is not None
+                    else "box: null is only for an image with non-finite features (nonfinite)")
+        if line["box"] is None:
+            problem = _nonfinite_problem(line)
+            if problem:
+                return problem
+        else:
+            x1, y1, x2, y2 = line["box"]
+            slack = self.box_slack
+            if not (0 <= x1 <= x2 <= line["width"] + slack
+                    and 0 <= y1 <= y2 <= line["height"] + slack):
+                return f"box {line['box']} is not inside its {line['width']}x{line['height']} image"
         for metric in self.metrics:
             problem = metric.check_line(line) if metric.check_line is not None else None
             if problem:
@@ -182,6 +199,16 @@ class LineFormat:
         old = "/".join(str(line.get(key)) for key in scores)
         new = "/".join(str(value) for value in scores.values())
         return {**line, **scores}, f"{'/'.join(scores)} {old} recomputed as {new}"
+
+
+def _nonfinite_problem(line: Mapping[str, Any]) -> str | None:
+    """What a ``nonfinite`` line (no prediction) holds that it should not: a seed, or a mask
+    with a pixel set (a mask metric scores it as the empty mask)."""
+    if line["seed"] is not None:
+        return "a nonfinite line has no seed"
+    if "pred_mask_rle" in line and foreground(line["pred_mask_rle"]) != 0:
+        return "a nonfinite line's pred_mask_rle must be empty"
+    return None
 
 
 # the lines of every box-target run (VOC, COCO, the demo): CorLoc's
@@ -395,7 +422,7 @@ def _repair(run_dir: Path, reading: _Reading) -> None:
     if bad:
         quarantine(run_dir / QUARANTINE, bad)
     for path, mine in sorted(reading.repairs.items()):
-        atomic_write_text(path, "".join(json.dumps(line, sort_keys=True) + "\n"
+        atomic_write_text(path, "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n"
                                         for line in reading.kept.get(path, [])))
         counts = ", ".join(f"{n} {kind}" for kind in ("bad", "duplicate", "corrected")
                            if (n := sum(p.kind == kind for p in mine)))
@@ -447,7 +474,7 @@ def write_merged(run_dir: Path, image_ids: Sequence[str], lines: Mapping[str, di
         raise LostregError(f"{run_dir}: {len(missing)} predictions missing after the run "
                            f"(first: {missing[0]}); rerun the same command")
     ordered = [lines[i] for i in image_ids]
-    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in ordered)
+    text = "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n" for line in ordered)
     target = run_dir / PREDICTIONS
     try:
         same = target.read_bytes() == text.encode("utf-8")

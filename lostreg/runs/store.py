@@ -31,6 +31,9 @@ from lostreg.io import read_json_object, read_jsonl
 from lostreg.runs.legacy import CONFIG_DEFAULTS, LEGACY_METHOD
 
 CONFIG, PREDICTIONS, METRICS = "config.json", "predictions.jsonl", "metrics.json"
+# what to do about a finished folder whose config.json or metrics.json is damaged: the run's own
+# command validates both against its predictions and rewrites them (``lostreg.runs.state``)
+REWRITE_HINT = "rerun the same lostreg.run command (it validates the folder) to rewrite"
 
 # settings read from config.json that metrics.json may repeat: the two must agree
 CROSS_CHECKED = ("run_id", "model", "dataset", "feature", "method", "method_params", "layer",
@@ -285,7 +288,8 @@ class RunHeader:
         if n_images != self.n_images or n_hits != self.n_hits:
             raise LostregError(
                 f"{self.run_dir / PREDICTIONS}: {n_hits}/{n_images} hits/images but "
-                f"metrics.json says {self.n_hits}/{self.n_images}; rerun the run to rewrite it")
+                f"metrics.json says {self.n_hits}/{self.n_images}; {REWRITE_HINT} metrics.json "
+                "from its predictions")
 
 
 def read_header(run_dir: str | Path) -> RunHeader:
@@ -295,10 +299,16 @@ def read_header(run_dir: str | Path) -> RunHeader:
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
     missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
     metrics_data = read_json_object(metrics_path, missing)
-    config = read_json_object(config_path, missing)
+    try:
+        config = read_json_object(config_path, missing)
+    except LostregError as exc:  # the command that made the run rewrites an unreadable one
+        raise LostregError(f"{exc}; {REWRITE_HINT} config.json") from None
     info = parse_config(config, str(config_path))
     metrics = Fields(metrics_data, str(metrics_path))
     n_images, n_hits = metrics.integer("n_images", minimum=0), metrics.integer("n_hits", minimum=0)
+    if n_images == 0:
+        raise LostregError(f"{metrics_path}: n_images is 0: a run of no image has no figures "
+                           "(lostreg now refuses a split that lists no image)")
     finished = _parse_time(metrics.text("finished"), metrics_path)
     seconds = _seconds(metrics)
     _cross_check(config, metrics_data, metrics_path)
@@ -432,10 +442,12 @@ def _checked_line(record: Any, where: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise LostregError(f"{where}: not a JSON object")
     line = Fields(record, where)
+    # an image whose features were not finite has no box (``nonfinite``): a miss
+    no_box = record.get("nonfinite") is True and record.get("box") is None
     checked = {"image_id": line.text("image_id"), "file": line.text("file", None, optional=True),
                "width": line.integer("width", minimum=1),
                "height": line.integer("height", minimum=1),
-               "box": line.box("box"), "gt_boxes": line.boxes("gt_boxes")}
+               "box": None if no_box else line.box("box"), "gt_boxes": line.boxes("gt_boxes")}
     line.number("best_iou")
     checked["stored_hit"] = line.flag("hit")
     return checked
@@ -475,10 +487,12 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     rows = _read_lines(path)
     counts = np.array([len(row["gt_boxes"]) for row in rows], dtype=np.int64)
-    boxes = np.array([row["box"] for row in rows], dtype=np.float64).reshape(-1, 4)
+    boxes = np.array([row["box"] or [0, 0, 0, 0] for row in rows],
+                     dtype=np.float64).reshape(-1, 4)
     gts = np.array([gt for row in rows for gt in row["gt_boxes"]],
                    dtype=np.float64).reshape(-1, 4)
     ious = best_ious(boxes, gts, counts)
+    ious[[row["box"] is None for row in rows]] = 0.0  # no box (non-finite features): a miss
     hits = ious >= HIT_IOU
     stored = np.array([row["stored_hit"] for row in rows], dtype=bool)
     wrong = np.flatnonzero(hits != stored)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,17 +46,22 @@ from lostreg.runs.distributed import CollectiveError, DistContext
 from lostreg.runs.folder import (
     RunFolder,
     RunResult,
+    RunScore,
     check_unique,
+    clear_unused,
+    config_payload,
     describe_run,
     finish_run,
     open_runs,
-    remove_unused,
+    remove_empty,
     run_status,
     summary_line,
-    write_config,
 )
 from lostreg.runs.lock import hold_runs
 from lostreg.runs.mask_lines import mask_prediction, mask_threads
+from lostreg.runs.nonfinite import NonFiniteFeatures
+from lostreg.runs.predictions import NONFINITE
+from lostreg.version import RESULT_VERSION
 
 
 def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
@@ -96,10 +102,24 @@ class Pass:
                  "feature_cache": None if self.storage is None else {
                      "dir": str(self.base.cache_features), "dtype": self.storage,
                      "lossless": self.lossless}}
-        open_runs(self.runs, self.records, self.index.root, self.info.patch_size, self.ctx.is_main,
-                  lambda run: write_config(run, self.info, self.index, self.device,
-                                           self.numerics, extra))
-        self.ctx.barrier()  # every rank has read the same state before any rank appends
+        failure = None
+        try:
+            open_runs(self.runs, self.records, self.index.root, self.info.patch_size,
+                      self.ctx.is_main, lambda run: config_payload(
+                          run, self.info, self.index, self.device, self.numerics, extra))
+        except LostregError as exc:  # rank 0's refusal (another run's folder, a version mix)
+            if not self.ctx.enabled:
+                raise
+            failure = str(exc)
+        # every rank has read the same state before any rank appends (a gather waits for all),
+        # and runs the same result version of the code
+        everyone = self.ctx.gather((RESULT_VERSION, failure))
+        refused = [line for _, line in everyone if line]
+        if refused:
+            raise CollectiveError(refused[0])
+        if len({version for version, _ in everyone}) > 1:
+            raise CollectiveError(f"the ranks run code of different result versions "
+                                  f"({sorted({v for v, _ in everyone})}); run one checkout")
 
     def _plan(self) -> tuple[list[int], int]:
         """This rank's positions (each with the runs that still need it) and how many
@@ -132,15 +152,19 @@ class Pass:
         reading what it holds until its metrics are written."""
         check_unique(self.runs)
         created = [run.run_dir for run in self.runs if not run.run_dir.exists()]
+        emptied: list = []
         try:
             with hold_runs([run.run_dir for run in self.runs], self.base.wait, self.ctx):
-                self._open()
-                errors, started = self._work()
-                return self._finish(errors, started)
-        except LostregError:  # e.g. unreadable weights: leave no folder holding only a config
-            if not self.ctx.enabled:
-                remove_unused(created)
-            raise
+                try:
+                    self._open()
+                    errors, started = self._work()
+                    return self._finish(errors, started)
+                except LostregError:  # e.g. unreadable weights: no folder holding only a config
+                    if not self.ctx.enabled:  # cleared under the locks: nobody else is inside
+                        emptied = clear_unused(created)
+                    raise
+        finally:
+            remove_empty(emptied)  # once released; a refused command touches no folder
 
     def _work(self) -> tuple[list[str], float]:
         mine, already = self._plan()
@@ -221,6 +245,8 @@ class Pass:
                                                feats.device), settings)
         by_setting = {repr(sorted(p.items())): out for p, out in zip(settings, outputs, strict=True)}
         positions = [batch.positions[j] for j in chosen]
+        finite = to_host(batch.finite if len(chosen) == len(batch.positions)  # type: ignore[arg-type]
+                         else batch.finite[chosen])  # type: ignore[index]
         jobs = []
         for i, run in zip(members, runs, strict=True):
             out = by_setting[repr(sorted(run.params.items()))]
@@ -229,7 +255,7 @@ class Pass:
             write, shown = ((self._write_masks, method.mask_for_saliency(out))
                             if run.fmt.target.kind == "mask" else (self._write, out.box))
             jobs.append(functools.partial(write, run, positions, sizes, to_host(shown),
-                                          to_host(out.seed), batch.grid[1]))
+                                          to_host(out.seed), batch.grid[1], finite))
         ready = ready_event(feats.device)  # after the copies, so the writer waits for them too
         for job in jobs:
             self.lines.submit(job, ready)
@@ -244,30 +270,39 @@ class Pass:
         return [(grid[0] * patch, grid[1] * patch)] * len(sizes)
 
     def _write_masks(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
-                     masks: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
+                     masks: torch.Tensor, seeds: torch.Tensor, cols: int,
+                     finite: torch.Tensor) -> None:
         """A saliency run's lines (``lostreg.runs.mask_lines``: upsampled, refined, counted
-        against the GT), on the line writer's thread."""
+        against the GT), on the line writer's thread. An image whose features were not finite
+        gets no prediction: its line is scored as an empty mask, with no box (``nonfinite``)."""
         tick = time.perf_counter()
         def one(item: tuple) -> dict:
-            p, size, mask, seed = item
+            p, size, mask, seed, ok = item
+            if not ok:
+                _, fields = mask_prediction(self.records[p], np.zeros_like(mask), size, "none",
+                                            self.base.max_pixels)
+                return self._line(run, p, size, None, None, {**fields, **NONFINITE})
             box, fields = mask_prediction(self.records[p], mask, size, run.config.refine,
                                           self.base.max_pixels)
             return self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None,
                               fields)
 
-        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), strict=True))
+        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), finite.tolist(),
+                         strict=True))
         pool = self._mask_pool()
         lines = list(pool.map(one, items)) if pool is not None else [one(i) for i in items]
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
-               boxes: torch.Tensor, seeds: torch.Tensor, cols: int) -> None:
-        """Format and append one method output's lines (on the line writer's thread)."""
+               boxes: torch.Tensor, seeds: torch.Tensor, cols: int, finite: torch.Tensor) -> None:
+        """Format and append one method output's lines (on the line writer's thread); an
+        image whose features were not finite gets no box (a ``nonfinite`` line: a miss)."""
         tick = time.perf_counter()
         lines = [self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None)
-                 for p, size, box, seed in zip(positions, sizes, boxes.tolist(), seeds.tolist(),
-                                               strict=True)]
+                 if ok else self._line(run, p, size, None, None, NONFINITE)
+                 for p, size, box, seed, ok in zip(positions, sizes, boxes.tolist(),
+                                                   seeds.tolist(), finite.tolist(), strict=True)]
         run.append(lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
@@ -279,7 +314,7 @@ class Pass:
                                             thread_name_prefix="lostreg-masks")
         return self._pool
 
-    def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int],
+    def _line(self, run: RunFolder, position: int, size: tuple[int, int], box: list[int] | None,
               seed_rc: tuple[int, int] | None, prediction: dict | None = None) -> dict:
         record = self.records[position]
         if tuple(size) != (record.height, record.width):
@@ -300,8 +335,7 @@ class Pass:
         outcomes: Any = None
         if self.ctx.is_main:
             try:
-                outcomes = [finish_run(run, self.records, self.index, self.info, total, everyone,
-                                       self.ctx, len(self.runs)) for run in self.runs]
+                outcomes = self._finish_runs(total, everyone)
             except LostregError as exc:
                 self.ctx.broadcast(str(exc))
                 raise
@@ -311,14 +345,29 @@ class Pass:
         if self.ctx.is_main:  # the same data, so the same warnings: once per pass
             for line in dict.fromkeys(w for outcome in outcomes for w in outcome.warnings):
                 print(line, file=sys.stderr, flush=True)
-        return [self._result(run, outcome.results)
+        return [self._result(run, outcome)
                 for run, outcome in zip(self.runs, outcomes, strict=True)]
 
-    def _result(self, run: RunFolder, results: dict[str, Any]) -> RunResult:
+    def _finish_runs(self, total: float, everyone: list[dict]) -> list[RunScore]:
+        """Every run's figures (metrics.json written); runs with too many images whose
+        features were not finite are refused together, once the others are written."""
+        outcomes, refused = [], []
+        for run in self.runs:
+            try:
+                outcomes.append(finish_run(run, self.records, self.index, self.info, total,
+                                           everyone, self.ctx, len(self.runs)))
+            except NonFiniteFeatures as exc:
+                refused.append(str(exc))
+        if refused:
+            more = f" (and {len(refused) - 1} more runs)" if len(refused) > 1 else ""
+            raise NonFiniteFeatures(refused[0] + more)
+        return outcomes
+
+    def _result(self, run: RunFolder, outcome: RunScore) -> RunResult:
         status = run_status(run, len(self.records))
-        return RunResult(run.run_id, run.run_dir, results, self.smoke,
-                         summary_line(results, self.index, self.info.spec.name, run, self.smoke,
-                                      status), status)
+        return RunResult(run.run_id, run.run_dir, outcome.results, self.smoke,
+                         summary_line(outcome.results, self.index, self.info.spec.name, run,
+                                      self.smoke, status, outcome.nonfinite), status)
 
     def _bad_images(self, messages: list[str]) -> str:
         where = (self.runs[0].run_dir if len(self.runs) == 1

@@ -297,7 +297,7 @@ def attribute_run(
             "has_outliers": "the image has at least one outlier token",
         },
         "summary": summary,
-    })
+    }, undefined_as_null=True)
     return AttributionResult(info, rows, summary, used, out, markdown, Path(norms_path))
 
 
@@ -396,7 +396,7 @@ def hits_table(run_dirs: list[str | Path], output: str | Path | None = None) -> 
         {"label": label, "column": f"hit_{label_slug(label)}", "run_id": info.run_id,
          "run_dir": str(info.run_dir), "method": info.method.name,
          "method_params": info.method.params, "smoke_run": info.smoke}
-        for label, info in zip(labels, infos, strict=True)])
+        for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
     return HitsTable(infos, labels, columns, rows, summary, left_out, out, markdown)
 
 

@@ -309,7 +309,7 @@ def write_outputs(output_dir: Path, payload: dict, maps: TokenMaps) -> None:
             "outliers vs normal)", smoke)
         figures.append("neighbour_similarity.png")
     payload["figures"] = figures
-    atomic_write_json(output_dir / "norms.json", payload)
+    atomic_write_json(output_dir / "norms.json", payload, undefined_as_null=True)
 
 
 def analyze_norms(config: NormsConfig, backbone: Backbone | None = None,

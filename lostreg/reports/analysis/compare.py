@@ -201,7 +201,7 @@ def show_compare(
     atomic_write_json(out_dir / "runs.json", [
         {"label": label, "run_id": info.run_id, "run_dir": str(info.run_dir),
          "method": info.method.name, "method_params": info.method.params}
-        for label, info in zip(labels, infos, strict=True)])
+        for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
     index = out_dir / "index.html"
     write_index(index, f"Runs side by side: {models} on {dataset}", _notes(infos, labels),
                 entries)

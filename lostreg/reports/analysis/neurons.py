@@ -239,7 +239,7 @@ def find_register_neurons(config: NeuronSearchConfig, backbone: Backbone | None 
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     })
     Path(config.output).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config.output, data)
+    atomic_write_json(config.output, data, undefined_as_null=True)
     best = ranked[0]
     summary = (f"register neurons of {backbone.spec.name}: {len(ranked)} neurons in layers "
                f"{min(r[0] for r in ranked)}-{max(r[0] for r in ranked)} (best: layer {best[0]} "

@@ -4,11 +4,10 @@ are removed. It sits above ``study`` and ``markdown``, which only compute and fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lostreg.io import atomic_write_text
+from lostreg.io import atomic_write_text, dumps_strict, null_if_undefined
 from lostreg.reports.analysis.plots import save_figure
 from lostreg.reports.protocol.markdown import protocol_markdown
 from lostreg.reports.protocol.study import Study, study_figures
@@ -45,7 +44,8 @@ def write_study(study: Study, folder: Path) -> list[Path]:
     written = [folder / "protocol.csv", folder / "protocol.md", folder / "selection.json"]
     atomic_write_text(written[0], protocol_csv(study.frame))
     atomic_write_text(written[1], protocol_markdown(study))
-    atomic_write_text(written[2], json.dumps(selection_json(study), indent=2) + "\n")
+    atomic_write_text(written[2], dumps_strict(null_if_undefined(selection_json(study)),
+                                                written[2], indent=2) + "\n")
     for name, fig in study_figures(study).items():
         save_figure(fig, folder / name)
         written.append(folder / name)

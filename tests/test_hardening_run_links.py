@@ -1,0 +1,100 @@
+"""Issue 20, row 8: no write in a run folder follows a symbolic link. A ``run.lock`` link used to
+truncate its target, and linked ``predictions.jsonl`` and ``quarantine.jsonl`` got lines
+appended outside the folder. Now each is refused with one line naming it, and the file the link
+points to keeps every byte (or, for a dangling link, is never created)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from tiny_runs import TINY, only_folder, tiny_command
+
+from lostreg.backbones import BACKBONES
+from lostreg.datasets.demo import generate_demo
+from lostreg.errors import error_line
+from lostreg.io import JsonlAppender, LinkInRunFolder, atomic_write_json, repair_jsonl
+from lostreg.run import main
+from lostreg.runs.lock import RunLock
+
+OUTSIDE = b'{"not": "a run file"}\nno newline at the end'  # what the links point to
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tiny_model():
+    BACKBONES[TINY.name] = TINY
+    yield TINY
+    BACKBONES.pop(TINY.name, None)
+
+
+@pytest.fixture
+def interrupted_run(tmp_path, tiny_model, capsys) -> Path:
+    """A run folder as a kill leaves it: two predictions of four, no metrics.json."""
+    generate_demo(tmp_path / "data")
+    assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 0
+    folder = only_folder(tmp_path / "runs")
+    lines = (folder / "predictions.jsonl").read_bytes().splitlines(keepends=True)
+    (folder / "predictions.jsonl").write_bytes(b"".join(lines[:2]))
+    (folder / "metrics.json").unlink()
+    capsys.readouterr()
+    return folder
+
+
+def link(path: Path, target: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.symlink_to(target)
+
+
+@pytest.mark.parametrize("name", ["run.lock", "predictions.jsonl", "quarantine.jsonl",
+                                  "predictions.rank1.jsonl", "config.json", "metrics.json"])
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_linked_run_file_is_refused_and_its_target_untouched(interrupted_run, tmp_path, capsys,
+                                                              name, dangling) -> None:
+    target = tmp_path / "outside" / "target.txt"
+    target.parent.mkdir()
+    if not dangling:
+        target.write_bytes(OUTSIDE)
+    original = (interrupted_run / name).read_bytes() if (interrupted_run / name).exists() else None
+    link(interrupted_run / name, target)
+    before = sorted(os.listdir(interrupted_run))
+    assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: {interrupted_run / name}: is a symbolic link; lostreg never "
+                       "writes through a link (it would change the file it points to): remove "
+                       "the link, or put a copy of that file in its place"), err
+    assert "Traceback" not in "\n".join(err)
+    if dangling:
+        assert not target.exists()  # O_CREAT through the link would have made it
+    else:
+        assert target.read_bytes() == OUTSIDE
+    assert sorted(os.listdir(interrupted_run)) == before  # nothing added, nothing removed
+    assert (interrupted_run / name).is_symlink()
+    (interrupted_run / name).unlink()  # the link replaced by the file: the run finishes
+    if original is not None:
+        (interrupted_run / name).write_bytes(original)
+    assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 0
+    assert (interrupted_run / "metrics.json").is_file()
+
+
+def test_every_appending_writer_refuses_a_link(tmp_path) -> None:
+    """The writers themselves, below the run's check (a link made after the check):
+    appends, the torn-line repair and the lock open with O_NOFOLLOW."""
+    target = tmp_path / "target.txt"
+    target.write_bytes(OUTSIDE)
+    link(tmp_path / "lines.jsonl", target)
+    with pytest.raises(LinkInRunFolder):
+        JsonlAppender(tmp_path / "lines.jsonl")
+    with pytest.raises(LinkInRunFolder):
+        repair_jsonl(tmp_path / "lines.jsonl")  # would cut the target after its last newline
+    link(tmp_path / "run.lock", target)
+    with pytest.raises(LinkInRunFolder) as refused, RunLock(tmp_path):
+        pass
+    assert error_line(refused.value).startswith(f"error: {tmp_path / 'run.lock'}: is a symbolic")
+    assert target.read_bytes() == OUTSIDE
+    # a file written whole replaces the link with a file of its own
+    link(tmp_path / "metrics.json", target)
+    atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+    assert not (tmp_path / "metrics.json").is_symlink() and target.read_bytes() == OUTSIDE
