@@ -10,6 +10,7 @@ type itself and raises :class:`LostregError` with the file, the key and the offe
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,24 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def is_int(value: Any) -> bool:
-    """A JSON integer (``true`` is not one, although Python's bool is an int)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A JSON integer that fits 64 bits (``true`` is not one, although Python's bool is an int;
+    JSON itself has no bound, and a 400-digit width would overflow NumPy further on)."""
+    return isinstance(value, int) and not isinstance(value, bool) and \
+        INT64_MIN <= value <= INT64_MAX
 
 
 def is_number(value: Any) -> bool:
-    """A finite JSON number (``NaN``/``Infinity``, which ``json`` accepts, are not)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    """A finite JSON number (``NaN``/``Infinity``, which ``json`` accepts, are not; nor is an
+    integer too large for a float, on which ``math.isfinite`` raises OverflowError)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 class Fields:

@@ -43,7 +43,7 @@ from lostreg.evaluation.registry import MetricSpec
 from lostreg.evaluation.rle import foreground, rle_problem
 from lostreg.evaluation.targets import BoxesTarget, LineField
 from lostreg.fields import is_int
-from lostreg.io import JsonlAppender, atomic_write_text, read_jsonl
+from lostreg.io import JsonlAppender, atomic_write_text, loads_bounded, read_jsonl
 
 PREDICTIONS = "predictions.jsonl"
 PART_PATTERN = "predictions.rank*.jsonl"
@@ -344,10 +344,10 @@ class _Reading:
             self.repairs.setdefault(path, []).append(problem)
 
     def add(self, path: Path, number: int, raw: bytes) -> None:
-        try:
-            line = json.loads(raw)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            self.problem(path, number, "bad", f"not JSON ({exc})", raw)
+        try:  # bounded: a line nested 200,000 deep is a bad line, not a RecursionError
+            line = loads_bounded(raw, f"{path}:{number}", max_bytes=None)
+        except ValueError as exc:  # JsonInputError: not JSON, not UTF-8, or too deep
+            self.problem(path, number, "bad", f"not JSON ({exc.reason})", raw)
             return
         reason = self.expected.fmt.problem(line)
         if reason is not None:

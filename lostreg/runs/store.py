@@ -27,7 +27,7 @@ from lostreg.evaluation import stats
 from lostreg.evaluation.corloc import HIT_IOU
 from lostreg.evaluation.iou import best_ious
 from lostreg.fields import Fields, shown
-from lostreg.io import read_json_object, read_jsonl
+from lostreg.io import JsonInputError, loads_bounded, read_json_object, read_jsonl
 from lostreg.runs.legacy import CONFIG_DEFAULTS, LEGACY_METHOD
 
 CONFIG, PREDICTIONS, METRICS = "config.json", "predictions.jsonl", "metrics.json"
@@ -465,10 +465,10 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
     rows, seen = [], set()
     for number, raw in enumerate(raw_lines, start=1):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LostregError(f"{where}: not valid JSON ({exc})") from None
+        try:  # bounded: a line nested 200,000 deep is one line, not a RecursionError
+            record = loads_bounded(raw, where, max_bytes=None)
+        except JsonInputError as exc:
+            raise LostregError(f"{where}: not valid JSON ({exc.reason})") from None
         row = _checked_line(record, where)
         if row["image_id"] in seen:
             raise LostregError(f"{where}: image_id {row['image_id']!r} appears more than once")
