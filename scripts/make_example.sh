@@ -9,7 +9,7 @@
 #   --out results/example: refreshes the tracked example (it replaces that folder; `git diff`
 #   then shows what changed). Any other DIR must be empty, missing, or an earlier output of
 #   this script (it holds leaderboard.csv): it is replaced as a whole.
-# Offline, CPU, about 1.5 minutes.
+# Offline, CPU, about 1.5 minutes (2-core machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
@@ -43,6 +43,11 @@ common=(--dataset demo --data-root "$work/data" --weights random --runs "$work/r
     --method lost,tokencut,dinoseg
 # ViT-L/14: the baseline, trained registers and the test-time register (shipped neuron list).
 "$python" -m lostreg.run "${common[@]}" --model dinov2_vitl14,dinov2_vitl14_reg4,dinov2_vitl14+ttr
+# Masks (saliency): a generated 12-image ECSSD-layout tree (a partial set, marked so), ViT-S/14
+# with and without registers, TokenCut without and with the bilateral solver, and LOST.
+"$python" -c "from lostreg.datasets.mask_demo import generate_mask_tree as g; g('$work/data', 'ecssd', 12)"
+"$python" -m lostreg.run --dataset ecssd "${common[@]:2}" --allow-partial-dataset \
+    --model dinov2_vits14,dinov2_vits14_reg4 --method tokencut,lost --refine none,bilateral
 rm -rf "$out"
 "$python" -m lostreg.leaderboard --runs "$work/runs" --output "$out" --include-smoke
 echo "example written to $out"

@@ -45,5 +45,11 @@ def test_example_figures_exist_for_every_run() -> None:
     figures = EXAMPLE / "figures"
     with Image.open(figures / "corloc_registers.png") as image:
         assert image.width > 400 and image.height > 200
-    assert {path.stem for path in (figures / "iou").glob("*.png")} == {
-        row["run_id"] for row in rows}
+    box_runs = {row["run_id"] for row in rows if row["corloc"] != ""}
+    mask_runs = {row["run_id"] for row in rows if row["iou"] != ""}
+    assert box_runs and mask_runs and not box_runs & mask_runs  # a run is scored one way
+    assert {path.stem for path in (figures / "iou").glob("*.png")} == box_runs
+    assert {path.stem for path in (figures / "saliency_iou").glob("*.png")} == mask_runs
+    for name in ("saliency_iou.png", "saliency_f_curves.png"):
+        with Image.open(figures / name) as image:
+            assert image.width > 400 and image.height > 200
