@@ -32,7 +32,6 @@ import pandas as pd
 from lostreg.evaluation import stats
 from lostreg.reports.cells import neutralise_formulas
 from lostreg.reports.leaderboard.published import (
-    VARIANTS,
     load_published_saliency,
     method_key,
     variant_of,
@@ -43,6 +42,7 @@ from lostreg.reports.leaderboard.tables import (
     _present,
     backbone_label,
     base_timm_name,
+    find_pairs,
     method_order,
     settings_label,
 )
@@ -147,28 +147,8 @@ def _pair_key(run: MaskRun) -> tuple:
 def find_mask_pairs(runs: Sequence[MaskRun]) -> tuple[list[tuple[MaskRun, MaskRun]],
                                                       list[MaskRun]]:
     """(baseline, variant) pairs of mask runs with every setting equal, and the baselines
-    without a variant; where several runs fit one side, the newest (``find_pairs``'s rule)."""
-    def newest(candidates: list[MaskRun]) -> MaskRun:
-        return max(candidates, key=lambda run: (run.finished, run.run_id))
-
-    plain: dict[tuple, list[MaskRun]] = {}
-    variants: dict[tuple, dict[tuple[str, str], list[MaskRun]]] = {}
-    for run in runs:
-        kind = run_variant(run)
-        if kind == "none":
-            plain.setdefault(_pair_key(run), []).append(run)
-        else:
-            variants.setdefault(_pair_key(run), {}).setdefault(
-                (kind, run.info.model), []).append(run)
-    pairs, unpaired = [], []
-    for key in sorted(plain):
-        base = newest(plain[key])
-        twins = variants.get(key, {})
-        for kind, model in sorted(twins, key=lambda k: (VARIANTS.index(k[0]), k[1])):
-            pairs.append((base, newest(twins[(kind, model)])))
-        if not twins:
-            unpaired.append(base)
-    return pairs, unpaired
+    without a variant: ``find_pairs``'s rule on the mask runs' settings."""
+    return find_pairs(runs, _pair_key)
 
 
 def paired_iou(base: MaskRun, other: MaskRun) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -201,25 +201,29 @@ def _pair_key(run: RunData) -> tuple:
             *(repr(settings[key]) for key in SETTING_COLUMNS))
 
 
-def find_pairs(runs: Sequence[RunData]) -> tuple[list[tuple[RunData, RunData]], list[RunData]]:
+def find_pairs(runs: Sequence[Any], pair_key: Callable[[Any], tuple] | None = None
+               ) -> tuple[list[tuple[Any, Any]], list[Any]]:
     """(baseline, variant) pairs, and the baselines that found no variant.
 
     A variant has the baseline's family and timm name (but for ``_regN``), trained registers
-    and/or a test-time register, and the same settings. One baseline may have several
-    variants (trained registers *and* a test-time register: two arrows from one baseline).
-    Where several runs fit one side (other weights files or versions), the newest is used.
+    and/or a test-time register, and the same settings (``pair_key``: the box runs' settings
+    by default; mask runs pass theirs). One baseline may have several variants (trained
+    registers *and* a test-time register: two arrows from one baseline). Where several runs
+    fit one side (other weights files or versions), the newest is used.
     """
-    def newest(candidates: list[RunData]) -> RunData:
+    key_of = pair_key or _pair_key
+
+    def newest(candidates: list[Any]) -> Any:
         return max(candidates, key=lambda run: (run.finished, run.run_id))
 
-    plain: dict[tuple, list[RunData]] = {}
-    variants: dict[tuple, dict[tuple[str, str], list[RunData]]] = {}
+    plain: dict[tuple, list[Any]] = {}
+    variants: dict[tuple, dict[tuple[str, str], list[Any]]] = {}
     for run in runs:
         kind = run_variant(run)
         if kind == "none":
-            plain.setdefault(_pair_key(run), []).append(run)
+            plain.setdefault(key_of(run), []).append(run)
         else:
-            variants.setdefault(_pair_key(run), {}).setdefault(
+            variants.setdefault(key_of(run), {}).setdefault(
                 (kind, run.info.model), []).append(run)
     pairs, unpaired = [], []
     for key in sorted(plain):
