@@ -71,6 +71,15 @@ class RunInfo:
     git_commit: str | None
     device: str | None
 
+    def identity_key(self, **extra: Any) -> str:
+        """What makes two finished runs one entry (the newest wins): equal identities and
+        equal resolved method and protocol; a report with more settings (a mask run's refine
+        and protocol) passes them as ``extra``."""
+        resolved = {"method": self.method, "method_params": self.method_params,
+                    "feature": self.feature, "layer": self.layer, "normalize": self.normalize,
+                    "pos_interp": self.pos_interp, "ttr": self.test_time_registers, **extra}
+        return json.dumps({"identity": self.identity, "resolved": resolved}, sort_keys=True)
+
 
 # --- one folder's files, as the tools that explain a run read them ------------------------
 
@@ -187,11 +196,7 @@ class RunData:
     @property
     def identity_key(self) -> str:
         """Runs with equal identities (and equal method/protocol) are one entry."""
-        info = self.info
-        resolved = {"method": info.method, "method_params": info.method_params,
-                    "feature": info.feature, "layer": info.layer, "normalize": info.normalize,
-                    "pos_interp": info.pos_interp, "ttr": info.test_time_registers}
-        return json.dumps({"identity": info.identity, "resolved": resolved}, sort_keys=True)
+        return self.info.identity_key()
 
     @property
     def limit(self) -> int | None:

@@ -98,12 +98,7 @@ class MaskRun:
     @property
     def identity_key(self) -> str:
         """Runs with equal identities (refine and mask protocol are in it) are one entry."""
-        info = self.info
-        resolved = {"method": info.method, "method_params": info.method_params,
-                    "feature": info.feature, "layer": info.layer, "normalize": info.normalize,
-                    "pos_interp": info.pos_interp, "ttr": info.test_time_registers,
-                    "refine": self.refine, "mask_protocol": self.mask_protocol}
-        return json.dumps({"identity": info.identity, "resolved": resolved}, sort_keys=True)
+        return self.info.identity_key(refine=self.refine, mask_protocol=self.mask_protocol)
 
     @property
     def limit(self) -> int | None:
