@@ -114,10 +114,11 @@ def _draw_panel(axis: Any, groups: list[dict[str, Any]], title: str, slots: int)
     axis.set_ylim(0, 100)
 
 
-def _empty_figure(text: str, smoke: bool) -> Any:
+def empty_figure(text: str, smoke: bool, height: float = 3.0) -> Any:
+    """A figure that says in words why there is nothing to draw (SMOKE-marked if need be)."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.0, 3.0), layout="constrained")
+    figure = Figure(figsize=(6.0, height), layout="constrained")
     axis = figure.add_subplot()
     axis.axis("off")
     axis.text(0.5, 0.5, text, ha="center", va="center")
@@ -138,7 +139,7 @@ def register_bar_figure(comparison: pd.DataFrame, max_groups: int = MAX_GROUPS) 
     smoke = bool(ours["smoke"].fillna(False).astype(bool).any())
     pairs = ours[ours["model_reg"].notna()]
     if pairs.empty:
-        return _empty_figure("no register pairs among the runs yet", smoke)
+        return empty_figure("no register pairs among the runs yet", smoke)
     datasets = [name for name in datasets_of(pairs) if name in set(pairs["dataset"])]
     every = [_bar_groups(pairs[pairs["dataset"] == name]) for name in datasets]
     panels = [_largest_effects(groups, max_groups) for groups in every]

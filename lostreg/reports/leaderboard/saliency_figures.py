@@ -24,7 +24,7 @@ from lostreg.errors import LostregError
 from lostreg.evaluation import saliency as saliency_metric
 from lostreg.evaluation.rle import rle_problem
 from lostreg.fields import Fields
-from lostreg.reports.leaderboard.figures import SMOKE_MARK, mark_smoke, wrap
+from lostreg.reports.leaderboard.figures import SMOKE_MARK, empty_figure, mark_smoke, wrap
 from lostreg.reports.leaderboard.published import VARIANT_LABELS
 from lostreg.reports.leaderboard.saliency import (
     DEFINITION_LABELS,
@@ -46,18 +46,6 @@ OVERLAY = {"without": (0.85, 0.1, 0.1), "with": (0.1, 0.35, 0.95), "both": (0.6,
 
 def smoke_footer(figure: Any) -> None:
     figure.supxlabel(SMOKE_MARK, color="red", fontsize=10, fontweight="bold")
-
-
-def _empty(text: str, smoke: bool) -> Any:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.0, 2.5), layout="constrained")
-    axis = figure.add_subplot()
-    axis.axis("off")
-    axis.text(0.5, 0.5, text, ha="center", va="center")
-    if smoke:
-        mark_smoke(figure)
-    return figure
 
 
 # --- names and selection --------------------------------------------------------------------
@@ -173,7 +161,7 @@ def iou_distribution_figure(runs: Sequence[MaskRun], limit: int = MAX_RUNS) -> A
     from matplotlib.figure import Figure
 
     if not runs:
-        return _empty("no mask runs", False)
+        return empty_figure("no mask runs", False, height=2.5)
     smoke = any(run.smoke for run in runs)
     panels = [(name, mine, chosen_runs(mine, limit)) for name, mine in _by_dataset(runs)]
     names = run_names([run for _, _, drawn in panels for run in drawn])
@@ -209,7 +197,7 @@ def f_curve_figure(runs: Sequence[MaskRun], limit: int = MAX_CURVES) -> Any:
     from matplotlib.figure import Figure
 
     if not runs:
-        return _empty("no mask runs", False)
+        return empty_figure("no mask runs", False, height=2.5)
     smoke = any(run.smoke for run in runs)
     thresholds = saliency_metric.TOKENCUT_THRESHOLDS
     panels = [(name, mine, chosen_runs(mine, limit, "max_f")) for name, mine in _by_dataset(runs)]
