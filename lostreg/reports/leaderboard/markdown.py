@@ -70,10 +70,10 @@ def method_title(name: str, published: pd.DataFrame) -> str:
     return printed[0] if printed else name
 
 
-def _row_key(row: dict[str, Any]) -> tuple:
-    protocol = row["protocol"]
-    if _present(row.get("protocol_note")):
-        protocol += f"; {WARNING} {row['protocol_note']}"
+def source_cells(row: dict[str, Any]) -> tuple[str, str, str]:
+    """A comparison row's source (ours, or the paper and whether its figure was verified), its
+    models (``base → variant`` for a pair) and the registers the variant adds; box and mask
+    tables alike."""
     source = "ours" if row["source"] == "ours" else f"published: {row['paper']}"
     if row["source"] != "ours" and row.get("verified") == "unverified":
         source += " (unverified)"
@@ -81,7 +81,14 @@ def _row_key(row: dict[str, Any]) -> tuple:
     if _present(row.get("model_reg")):
         models = f"{row['model']} → {row['model_reg']}"
     registers = VARIANT_LABELS[row["registers"]] if _present(row.get("registers")) else "—"
-    return (row["backbone"], source, models, registers, protocol)
+    return source, models, registers
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    protocol = row["protocol"]
+    if _present(row.get("protocol_note")):
+        protocol += f"; {WARNING} {row['protocol_note']}"
+    return (row["backbone"], *source_cells(row), protocol)
 
 
 def method_block(frame: pd.DataFrame, title: str, datasets: list[str]) -> list[str]:

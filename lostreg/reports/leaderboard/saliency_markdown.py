@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from lostreg.reports.cells import md_cell, md_row
-from lostreg.reports.leaderboard.markdown import method_title, sources_section
+from lostreg.reports.leaderboard.markdown import method_title, source_cells, sources_section
 from lostreg.reports.leaderboard.published import VARIANT_LABELS
 from lostreg.reports.leaderboard.saliency import (
     DEFINITION_LABELS,
@@ -37,14 +37,7 @@ def triple(row: dict[str, Any]) -> str:
 
 
 def _row_key(row: dict[str, Any]) -> tuple[str, ...]:
-    source = "ours" if row["source"] == "ours" else f"published: {row['paper']}"
-    if row["source"] != "ours" and row.get("verified") == "unverified":
-        source += " (unverified)"
-    models = row["model"]
-    if _present(row.get("model_reg")):
-        models = f"{row['model']} → {row['model_reg']}"
-    registers = VARIANT_LABELS[row["registers"]] if _present(row.get("registers")) else "—"
-    return (row["backbone"], source, models, registers,
+    return (row["backbone"], *source_cells(row),
             DEFINITION_LABELS.get(row["definition"], row["definition"]), row["protocol"])
 
 
