@@ -334,7 +334,7 @@ def load_run(run_dir: str | Path) -> RunData:
 class ScanResult:
     """What ``scan_runs`` found: the runs, and what it left out and why."""
 
-    runs: list[RunData]
+    runs: list[Any]  # RunData (or what the ``load`` given to ``scan_runs`` returns)
     skipped: list[str] = field(default_factory=list)  # one line per unreadable folder
     smoke_excluded: int = 0  # smoke runs left out (no --include-smoke)
     unfinished: int = 0  # folders without metrics.json
@@ -350,7 +350,7 @@ def _stderr(line: str) -> None:
 
 def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
               report: Callable[[str], None] | None = _stderr,
-              load: Callable[[Path], RunData] = load_run) -> ScanResult:
+              load: Callable[[Path], Any] = load_run, target: str = "boxes") -> ScanResult:
     """Finished runs under ``runs_dir`` (folders with metrics.json), one per identity.
 
     A folder that cannot be read is skipped with one line (``report``, stderr by default)
@@ -359,7 +359,10 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
     choice never depends on disk order). Scratch runs (looks during training) are never read:
     their folders (``scratch-...``) are counted in ``scratch_excluded``. A hidden folder
     (``.summaries``, ``lostreg.runs.summaries``' store) is never a run. ``load`` reads one
-    folder (``load_run``; the leaderboard passes a reader of per-run summaries).
+    folder (``load_run``; the leaderboard passes a reader of per-run summaries). Only runs
+    scored on ``target`` are read (``boxes``, or ``mask`` with the saliency reports' loader);
+    the others are counted in ``other_targets``. A folder whose config.json cannot be read
+    counts as a box run, so the box reader is the one that says why.
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
@@ -372,11 +375,12 @@ def scan_runs(runs_dir: str | Path, include_smoke: bool = False,
         if not (folder / "metrics.json").exists():
             result.unfinished += 1
             continue
-        if _scratch_folder(folder):
+        kind, scratch = _classify(folder)
+        if scratch:
             result.scratch_excluded += 1
             continue
-        if folder_target(folder) not in (None, "boxes"):
-            result.other_targets += 1  # a mask run: the saliency reports read it
+        if kind != target:
+            result.other_targets += 1  # e.g. a mask run: the saliency reports read it
             continue
         try:
             runs.append(load(folder))
@@ -406,24 +410,16 @@ def run_target(config: dict) -> str:
     return "mask" if config.get("mask_protocol") is not None else "boxes"
 
 
-def folder_target(folder: Path) -> str | None:
-    """``run_target`` of a folder's config.json; None when it cannot be read (the loader then
-    says why)."""
-    try:
-        return run_target(read_json_object(Path(folder) / CONFIG, "missing"))
-    except LostregError:
-        return None
-
-
-def _scratch_folder(folder: Path) -> bool:
-    """Whether a finished folder holds a scratch run (by its config.json; a folder whose
-    config cannot be read is left to ``load_run``, which says why)."""
+def _classify(folder: Path) -> tuple[str, bool]:
+    """A finished folder's target kind and whether it is a scratch run, from one read of its
+    config.json and metrics.json; a folder they cannot be read from is a box run (its loader
+    then says why) and not scratch."""
     try:
         config = read_json_object(folder / CONFIG, "missing")
         metrics = read_json_object(folder / METRICS, "missing")
     except LostregError:
-        return False
-    return is_scratch(config, metrics)
+        return "boxes", False
+    return run_target(config), is_scratch(config, metrics)
 
 
 def _newest_per_identity(runs: Sequence[RunData]) -> list[RunData]:

@@ -47,10 +47,10 @@ from lostreg.runs.store import (
     METRICS,
     PREDICTIONS,
     RunInfo,
-    is_scratch,
+    ScanResult,
     is_smoke,
     parse_config,
-    run_target,
+    scan_runs,
 )
 
 F_CURVE_POINTS = len(saliency.TOKENCUT_THRESHOLDS)  # 255
@@ -364,54 +364,12 @@ def recompute_check(run: MaskRun) -> None:
         raise LostregError(f"{where}: 'f_curve' differs from the one the predictions give")
 
 
-@dataclass
-class MaskScan:
-    """What ``scan_mask_runs`` found: the runs, and what it left out and why."""
-
-    runs: list[MaskRun]
-    skipped: list[str] = field(default_factory=list)  # one line per unreadable mask run
-    smoke_excluded: int = 0
-
-
-def _mask_folder(folder: Path) -> bool:
-    """A finished folder of a (non-scratch) mask run; a folder whose config.json cannot be
-    read is the box reader's to report."""
-    try:
-        config = read_json_object(folder / CONFIG, "missing")
-        metrics = read_json_object(folder / METRICS, "missing")
-    except LostregError:
-        return False
-    return run_target(config) == "mask" and not is_scratch(config, metrics)
-
-
 def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
-                   report: Callable[[str], None] | None = None) -> MaskScan:
+                   report: Callable[[str], None] | None = None) -> ScanResult:
     """Finished mask runs under ``runs_dir``, one per identity (the newest by ``finished``,
-    then run id); each folder that cannot be read is skipped with one line (``report``)."""
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        raise LostregError(f"{runs_dir}: runs folder not found (run python -m lostreg.run first)")
-    result = MaskScan(runs=[])
-    runs: list[MaskRun] = []
-    for folder in sorted(path for path in runs_dir.iterdir() if path.is_dir()):
-        if not (folder / METRICS).is_file() or not _mask_folder(folder):
-            continue
-        try:
-            runs.append(load_mask_run(folder))
-        except LostregError as exc:
-            result.skipped.append(f"skipped {folder}: {exc}")
-            if report is not None:
-                report(result.skipped[-1])
-    if not include_smoke:
-        result.smoke_excluded = sum(run.smoke for run in runs)
-        runs = [run for run in runs if not run.smoke]
-    newest: dict[str, MaskRun] = {}
-    for run in runs:
-        kept = newest.get(run.identity_key)
-        if kept is None or (run.finished, run.run_id) > (kept.finished, kept.run_id):
-            newest[run.identity_key] = run
-    result.runs = sorted(newest.values(), key=lambda run: run.run_id)
-    return result
+    then run id): ``scan_runs``'s rules with the mask runs' loader; each folder that cannot be
+    read is skipped with one line (``report``)."""
+    return scan_runs(runs_dir, include_smoke, report, load=load_mask_run, target="mask")
 
 
 # --- masks, read again for the figures ------------------------------------------------------
