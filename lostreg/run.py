@@ -75,15 +75,41 @@ def paper_suite() -> list[tuple[str, str]]:
 # --- CLI -----------------------------------------------------------------------------------
 
 
+def _add_safety_options(parser: argparse.ArgumentParser) -> None:
+    """What a run refuses by default (huge images, a busy folder, a partial split, non-finite
+    features, a version mix) and the flags that allow it."""
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="refuse images with more pixels, before any forward (VOC and COCO "
+                             "images are below 0.4 megapixels)")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another process is writing a run folder of this command, "
+                             "wait for it instead of exiting")
+    parser.add_argument("--allow-partial-dataset", action="store_true",
+                        help="run even if a split lists another number of images than the "
+                             "benchmark's (not comparable; the run id records the count); "
+                             "every listed image must still be there")
+    parser.add_argument("--max-nonfinite", type=int, default=0, metavar="N",
+                        help="how many images whose features are not finite (NaN or inf: a "
+                             "broken checkpoint, fp16/bf16 overflow) a run may score as "
+                             "failures; they get no prediction, and a run with more stops with "
+                             "one line naming them")
+    parser.add_argument("--allow-version-mix", action="store_true",
+                        help="resume a run whose predictions were written by code of another "
+                             "result version (lostreg.version.RESULT_VERSION), and record it "
+                             "(otherwise refused: the predictions would match neither version)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ListsParser(
         prog="python -m lostreg.run",
         description=(
-            "Score object discovery (CorLoc) on a ViT's attention features. Features are q, k "
+            "Score object discovery (CorLoc; saliency masks on ecssd, duts_te, dut_omron) on "
+            "a ViT's attention features. Features are q, k "
             "or v of a block's attention (the LAST block unless --layer; fused qkv, heads "
             "concatenated in head order) for the patch tokens only: the class token and every "
             "register token are removed. Images are not resized; they are zero-padded to a "
-            "multiple of the patch size. Comma lists (--model a,b --dataset voc07,voc12 "
+            "multiple of the patch size (the saliency sets: resized as TokenCut's saliency "
+            "code does). Comma lists (--model a,b --dataset voc07,voc12 "
             "--method lost,tokencut --gram-bias=0,-0.1) run every combination, one run folder "
             "each. Several GPUs: torchrun --nproc_per_node=N -m lostreg.run ..."
         ),
@@ -135,25 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "cache but rounds, so such runs get their own run id")
     parser.add_argument("--no-download", action="store_true",
                         help="fail instead of downloading a missing dataset")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="refuse images with more pixels, before any forward (images are "
-                             "never resized; VOC and COCO images are below 0.4 megapixels)")
-    parser.add_argument("--wait", action="store_true",
-                        help="when another process is writing a run folder of this command, "
-                             "wait for it instead of exiting")
-    parser.add_argument("--allow-partial-dataset", action="store_true",
-                        help="run even if a VOC07/VOC12/COCO20k split lists another number of "
-                             "images than the benchmark's (not comparable; the run id records "
-                             "the count); every listed image must still be there")
-    parser.add_argument("--max-nonfinite", type=int, default=0, metavar="N",
-                        help="how many images whose features are not finite (NaN or inf: a "
-                             "broken checkpoint, fp16/bf16 overflow) a run may score as "
-                             "failures; they get no prediction, and a run with more stops with "
-                             "one line naming them")
-    parser.add_argument("--allow-version-mix", action="store_true",
-                        help="resume a run whose predictions were written by code of another "
-                             "result version (lostreg.version.RESULT_VERSION), and record it "
-                             "(otherwise refused: the predictions would match neither version)")
+    _add_safety_options(parser)
     add_compute_options(parser, "auto, cpu or cuda[:N] (under torchrun: cuda:LOCAL_RANK per rank)")
     return parser
 

@@ -158,24 +158,10 @@ def download_file(
             offset = 0  # server ignored the Range (or gave another one): start over
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
-        mode = "ab" if resumed else "wb"
         try:
-            with (
-                open(part, mode) as handle,
-                tqdm(
-                    total=total, initial=offset, unit="B", unit_scale=True,
-                    desc=dest.name, disable=not progress, leave=False,
-                ) as bar,
-            ):
-                while True:
-                    chunk = response.read(_CHUNK)
-                    if not chunk:
-                        break
-                    handle.write(chunk)
-                    hashes.update(chunk)
-                    bar.update(len(chunk))
-                handle.flush()
-                os.fsync(handle.fileno())
+            _stream(response, part, "ab" if resumed else "wb", hashes,
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True,
+                         desc=dest.name, disable=not progress, leave=False))
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             raise NetworkError(
                 f"{url}: download interrupted ({exc}); {part} is kept, run again to resume"
@@ -187,6 +173,21 @@ def download_file(
         )
     _finish(part, dest, hashes, sha256, md5)
     return dest
+
+
+def _stream(response: Any, part: Path, mode: str, hashes: _Hashes, bar: Any) -> None:
+    """Append (or write) the response to ``part`` chunk by chunk, hashing as it goes, and
+    make it durable before the checksum decides."""
+    with open(part, mode) as handle, bar:
+        while True:
+            chunk = response.read(_CHUNK)
+            if not chunk:
+                break
+            handle.write(chunk)
+            hashes.update(chunk)
+            bar.update(len(chunk))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _check_existing(dest: Path, sha256: str | None, md5: str | None) -> None:
