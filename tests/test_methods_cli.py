@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from reference_hooks import last_block_tokens
 from torchvision import transforms
 
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
@@ -47,23 +48,9 @@ def independent_features(backbone, path: Path) -> tuple[torch.Tensor, torch.Tens
     p = backbone.patch_size
     padded = torch.zeros(3, int(np.ceil(h / p) * p), int(np.ceil(w / p) * p))
     padded[:, :h, :w] = tensor
-    attn = backbone.model.blocks[-1].attn
-    store = {}
-    hooks = [attn.qkv.register_forward_hook(lambda m, a, out: store.setdefault("qkv", out)),
-             attn.attn_drop.register_forward_hook(lambda m, a, out: store.setdefault("attn", out))]
-    fused, attn.fused_attn = attn.fused_attn, False
-    try:
-        with torch.no_grad():
-            backbone.model.forward_features(padded[None])
-    finally:
-        attn.fused_attn = fused
-        for hook in hooks:
-            hook.remove()
-    qkv = store["qkv"]
-    b, t, _ = qkv.shape
-    keys = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[1]
-    keys = keys.transpose(1, 2).reshape(b, t, -1)[0, 5:]
-    cls_attention = store["attn"][0, :, 0, 5:].transpose(0, 1)  # (patches, heads)
+    tokens, attention = last_block_tokens(backbone, padded[None])
+    keys = tokens[5:]
+    cls_attention = attention[:, 0, 5:].transpose(0, 1)  # (patches, heads)
     grid = (padded.shape[1] // p, padded.shape[2] // p)
     return keys, cls_attention, grid, (h, w)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from reference_hooks import last_block_tokens
 from saliency_references import reference_bilateral
 from torchvision import transforms
 
@@ -70,23 +71,8 @@ def reference_features(backbone, image: Image.Image) -> tuple[torch.Tensor, torc
     torchvision transforms, hooks on timm's own (unfused) forward of the last block."""
     tensor = transforms.Compose([transforms.ToTensor(),
                                  transforms.Normalize(backbone.mean, backbone.std)])(image)
-    attn = backbone.model.blocks[-1].attn
-    store = {}
-    hooks = [attn.qkv.register_forward_hook(lambda m, a, out: store.setdefault("qkv", out)),
-             attn.attn_drop.register_forward_hook(lambda m, a, out: store.setdefault("attn", out))]
-    fused, attn.fused_attn = attn.fused_attn, False
-    try:
-        with torch.no_grad():
-            backbone.model.forward_features(tensor[None])
-    finally:
-        attn.fused_attn = fused
-        for hook in hooks:
-            hook.remove()
-    qkv = store["qkv"]
-    b, t, _ = qkv.shape
-    keys = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[1]
-    keys = keys.transpose(1, 2).reshape(b, t, -1)[0, 1:]
-    return keys, store["attn"][0, :, 0, 1:]  # (patches, D), (heads, patches)
+    keys, attention = last_block_tokens(backbone, tensor[None])
+    return keys[1:], attention[:, 0, 1:]  # (patches, D), (heads, patches)
 
 
 def resize_pil(image: Image.Image, patch: int) -> Image.Image:
