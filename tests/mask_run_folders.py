@@ -145,19 +145,3 @@ def write_mask_run(root: Path, name: str, shifts: list[int | None], *,
                "pos_interp": "original", **saliency_metrics(records)}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return run_dir
-
-
-def edit_json(path: Path, **changes: Any) -> None:
-    """Set keys of a JSON file (damage on purpose)."""
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
-
-
-def edit_line(path: Path, number: int, **changes: Any) -> None:
-    """Set keys of line ``number`` (1-based) of a JSON-lines file."""
-    lines = path.read_text().splitlines()
-    record = json.loads(lines[number - 1])
-    record.update(changes)
-    lines[number - 1] = json.dumps(record)
-    path.write_text("\n".join(lines) + "\n")

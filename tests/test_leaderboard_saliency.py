@@ -21,13 +21,11 @@ from mask_run_folders import (
     ANCHOR,
     REG,
     TTR,
-    edit_json,
-    edit_line,
     rle_of,
     scene,
     write_mask_run,
 )
-from run_folders import write_run
+from run_folders import edit_json, edit_line, write_run
 
 from lostreg.evaluation import saliency
 from lostreg.reports import leaderboard as lb
