@@ -243,15 +243,18 @@ def is_scratch(config: dict, metrics: dict) -> bool:
                 or (isinstance(identity, dict) and identity.get("scratch") is True))
 
 
-def _parse_time(value: str, path: Path) -> datetime:
+def finished_time(metrics: Fields) -> datetime:
+    """metrics.json's ``finished`` (an ISO timestamp; UTC when it names no zone)."""
+    value = metrics.text("finished")
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise LostregError(f"{path}: 'finished' is not an ISO timestamp: {shown(value)}") from None
+        raise LostregError(f"{metrics.where}: 'finished' is not an ISO timestamp: "
+                           f"{shown(value)}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def _seconds(metrics: Fields) -> float | None:
+def run_seconds(metrics: Fields) -> float | None:
     """``seconds`` is a number or ``{"total": number, ...}``; absent is fine."""
     value = metrics.data.get("seconds")
     if isinstance(value, dict):
@@ -314,8 +317,8 @@ def read_header(run_dir: str | Path) -> RunHeader:
     if n_images == 0:
         raise LostregError(f"{metrics_path}: n_images is 0: a run of no image has no figures "
                            "(lostreg now refuses a split that lists no image)")
-    finished = _parse_time(metrics.text("finished"), metrics_path)
-    seconds = _seconds(metrics)
+    finished = finished_time(metrics)
+    seconds = run_seconds(metrics)
     _cross_check(config, metrics_data, metrics_path)
     return RunHeader(run_dir, config, metrics_data, info, is_smoke(config, metrics_data),
                      finished, seconds, n_images, n_hits)

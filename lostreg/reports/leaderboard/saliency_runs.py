@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,10 @@ from lostreg.runs.store import (
     PREDICTIONS,
     RunInfo,
     ScanResult,
+    finished_time,
     is_smoke,
     parse_config,
+    run_seconds,
     scan_runs,
 )
 
@@ -270,23 +272,6 @@ def _curve(metrics: Fields) -> tuple[np.ndarray, float | None, float]:
     return values, max_f, threshold
 
 
-def _finished(metrics: Fields) -> datetime:
-    value = metrics.text("finished")
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise LostregError(f"{metrics.where}: 'finished' is not an ISO timestamp: "
-                           f"{shown(value)}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _seconds(metrics: Fields) -> float | None:
-    value = metrics.data.get("seconds")
-    if isinstance(value, dict):
-        return Fields(value, f"{metrics.where} (seconds)").number("total", None, optional=True)
-    return metrics.number("seconds", None, optional=True)
-
-
 def _protocol(config: dict, where: str) -> tuple[str, str]:
     """``refine`` and ``mask_protocol`` of a mask run's config."""
     fields = Fields(config, where)
@@ -343,8 +328,8 @@ def load_mask_run(run_dir: str | Path) -> MaskRun:
     curve, max_f, threshold = _curve(metrics)
     figures = {"tokencut": {"acc": means["acc"], "iou": means["iou"], "max_f": max_f},
                **_variant_figures(metrics_data, str(metrics_path))}
-    return MaskRun(run_dir, config, info, is_smoke(config, metrics_data), _finished(metrics),
-                   _seconds(metrics), refine, mask_protocol, figures, threshold,
+    return MaskRun(run_dir, config, info, is_smoke(config, metrics_data), finished_time(metrics),
+                   run_seconds(metrics), refine, mask_protocol, figures, threshold,
                    means["iou_nan_images"], means["iou_empty_as_one"], curve, images)
 
 
