@@ -32,3 +32,16 @@ def model_builds(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(pipeline_module, "create_backbone", counting)
     return built
+
+
+@pytest.fixture
+def tiny_model():
+    """``tiny_runs.TINY`` registered under its name for one test (the run-side hardening
+    tests; a test module with a tiny model of its own defines its own ``tiny_model``)."""
+    from tiny_runs import TINY
+
+    from lostreg.backbones import BACKBONES
+
+    BACKBONES[TINY.name] = TINY
+    yield TINY
+    BACKBONES.pop(TINY.name, None)

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from run_folders import edit_json, write_run
-from tiny_runs import TINY, tiny_command
+from tiny_runs import tiny_command
 
-from lostreg.backbones import BACKBONES
 from lostreg.datasets.base import ImageRecord
 from lostreg.errors import LostregError
 from lostreg.evaluation.corloc import CORLOC
@@ -30,12 +29,6 @@ from lostreg.runs.store import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture
-def tiny_model():
-    BACKBONES[TINY.name] = TINY
-    yield TINY
-    BACKBONES.pop(TINY.name, None)
 
 
 def voc07(root: Path, ids: list[str], difficult: bool = False) -> None:

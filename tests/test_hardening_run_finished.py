@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from tiny_runs import TINY, only_folder, tiny_command
 
-from lostreg.backbones import BACKBONES
 from lostreg.datasets.demo import generate_demo
 from lostreg.errors import LostregError
 from lostreg.run import main
@@ -29,12 +28,6 @@ from lostreg.version import RESULT_VERSION, RESULT_VERSIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture
-def tiny_model():
-    BACKBONES[TINY.name] = TINY
-    yield TINY
-    BACKBONES.pop(TINY.name, None)
 
 
 @pytest.fixture

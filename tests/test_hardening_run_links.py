@@ -9,9 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
-from tiny_runs import TINY, only_folder, tiny_command
+from tiny_runs import only_folder, tiny_command
 
-from lostreg.backbones import BACKBONES
 from lostreg.datasets.demo import generate_demo
 from lostreg.errors import error_line
 from lostreg.io import JsonlAppender, LinkInRunFolder, atomic_write_json, repair_jsonl
@@ -22,12 +21,6 @@ OUTSIDE = b'{"not": "a run file"}\nno newline at the end'  # what the links poin
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture
-def tiny_model():
-    BACKBONES[TINY.name] = TINY
-    yield TINY
-    BACKBONES.pop(TINY.name, None)
 
 
 @pytest.fixture

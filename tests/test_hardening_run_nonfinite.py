@@ -15,7 +15,7 @@ import pytest
 import torch
 from tiny_runs import TINY, tiny_command
 
-from lostreg.backbones import BACKBONES, build_model
+from lostreg.backbones import build_model
 from lostreg.datasets.demo import generate_demo
 from lostreg.datasets.mask_demo import generate_mask_tree
 from lostreg.evaluation.rle import foreground
@@ -32,12 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ["--method", "lost,tokencut,dinoseg"]
 POISONED = {1, 3}  # dataset positions whose features are made non-finite
 
-
-@pytest.fixture
-def tiny_model():
-    BACKBONES[TINY.name] = TINY
-    yield TINY
-    BACKBONES.pop(TINY.name, None)
 
 
 @pytest.fixture

@@ -23,3 +23,4 @@ def tiny_command(data: Path, runs: Path, *extra: str, limit: int = 4) -> list[st
 def only_folder(runs: Path) -> Path:
     (folder,) = [path for path in Path(runs).iterdir() if path.is_dir()]
     return folder
+
