@@ -90,14 +90,21 @@ def encode_vector(values: np.ndarray, kind: str) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def decode_vector(text: Any, kind: str, n: int) -> np.ndarray | None:
-    """The vector ``encode_vector`` wrote, or None if ``text`` is not one of ``n`` entries
-    (wrong length, bits set past the end, text that is not base64)."""
+def _base64_bytes(text: Any) -> bytes | None:
+    """The bytes of strict base64 text, or None for anything else (a damaged summary)."""
     if not isinstance(text, str):
         return None
     try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
+        return base64.b64decode(text.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError):
+        return None
+
+
+def decode_vector(text: Any, kind: str, n: int) -> np.ndarray | None:
+    """The vector ``encode_vector`` wrote, or None if ``text`` is not one of ``n`` entries
+    (wrong length, bits set past the end, text that is not base64)."""
+    raw = _base64_bytes(text)
+    if raw is None:
         return None
     if kind == "bool":
         if len(raw) != (n + 7) // 8:
@@ -273,11 +280,8 @@ def _digest(payload: Mapping[str, Any]) -> str:
 
 
 def _decode_totals(text: Any, n: int) -> np.ndarray | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        raw = base64.b64decode(text.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError):
+    raw = _base64_bytes(text)
+    if raw is None:
         return None
     dtype = _totals_dtype(n)
     if len(raw) != dtype.itemsize * stats.DEFAULT_RESAMPLES:
