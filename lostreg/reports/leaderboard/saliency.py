@@ -45,6 +45,7 @@ from lostreg.reports.leaderboard.tables import (
     find_pairs,
     method_order,
     settings_label,
+    sorted_rows,
 )
 
 SALIENCY_DATASETS = ("ecssd", "duts_te", "dut_omron")  # the order published tables use
@@ -247,12 +248,9 @@ def comparison_frame(runs: Sequence[MaskRun], published: pd.DataFrame) -> pd.Dat
              "_definition": frame["definition"].map(repr),
              "_protocol": frame["protocol"].map(repr), "_reg": frame["model_reg"].map(repr),
              "_dataset": frame["dataset"].map(dataset_rank)}
-    frame = frame.assign(**order).sort_values(list(order), kind="stable")
-    frame = frame.drop(columns=list(order)).reset_index(drop=True)
-    for column in ("limit", "dataset_images", "layer", "n_images", "n_images_reg", "n_paired",
-                   "n_undefined", "iou_better", "iou_worse"):
-        frame[column] = frame[column].astype("Int64")
-    return frame
+    return sorted_rows(frame, order, ("limit", "dataset_images", "layer", "n_images",
+                                      "n_images_reg", "n_paired", "n_undefined", "iou_better",
+                                      "iou_worse"))
 
 
 def collect_saliency(runs_dir: str | Path, include_smoke: bool = False,

@@ -335,10 +335,17 @@ def _sorted_comparison(frame: pd.DataFrame, published: pd.DataFrame) -> pd.DataF
         "_model_reg": frame["model_reg"].map(repr),
         "_dataset": frame["dataset"].map(dataset_rank),
     }
+    return sorted_rows(frame, order, ("limit", "dataset_images", "layer", "k", "n_images",
+                                      "n_images_reg", "n_paired", "miss_to_hit", "hit_to_miss"))
+
+
+def sorted_rows(frame: pd.DataFrame, order: dict[str, pd.Series],
+                whole_numbers: Sequence[str]) -> pd.DataFrame:
+    """``frame`` sorted (stably) by the ``order`` keys, in their order, and those columns
+    dropped; ``whole_numbers`` as nullable integers, so a CSV never writes ``5011.0``."""
     frame = frame.assign(**order).sort_values(list(order), kind="stable")
     frame = frame.drop(columns=list(order)).reset_index(drop=True)
-    for column in ("limit", "dataset_images", "layer", "k", "n_images", "n_images_reg",
-                   "n_paired", "miss_to_hit", "hit_to_miss"):
+    for column in whole_numbers:
         frame[column] = frame[column].astype("Int64")
     return frame
 
