@@ -221,18 +221,25 @@ YUV_OFFSET = np.array([0, 128.0, 128.0]).reshape(1, 1, -1)
 MAX_VAL = 255.0
 
 
+def reference_colour_cells(im: np.ndarray, sigma_luma: float, sigma_chroma: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """``BilateralGrid.__init__``'s colour cells: luma ``(H, W)`` and chroma ``(H, W, 2)``."""
+    im_yuv = np.tensordot(im, RGB_TO_YUV, ([2], [1])) + YUV_OFFSET
+    luma_coords = (im_yuv[..., 0] / sigma_luma).astype(int)
+    chroma_coords = (im_yuv[..., 1:] / sigma_chroma).astype(int)
+    return luma_coords, chroma_coords
+
+
 class ReferenceGrid:
     """``BilateralGrid``: float hashes of the (x, y, luma, u, v) cells, a splat matrix and one
     ``[1 0 1]`` blur matrix per dimension, found with ``searchsorted``."""
 
     def __init__(self, im: np.ndarray, sigma_spatial: float, sigma_luma: float,
                  sigma_chroma: float) -> None:
-        im_yuv = np.tensordot(im, RGB_TO_YUV, ([2], [1])) + YUV_OFFSET
         iy, ix = np.mgrid[:im.shape[0], :im.shape[1]]
         x_coords = (ix / sigma_spatial).astype(int)
         y_coords = (iy / sigma_spatial).astype(int)
-        luma_coords = (im_yuv[..., 0] / sigma_luma).astype(int)
-        chroma_coords = (im_yuv[..., 1:] / sigma_chroma).astype(int)
+        luma_coords, chroma_coords = reference_colour_cells(im, sigma_luma, sigma_chroma)
         coords = np.dstack((x_coords, y_coords, luma_coords, chroma_coords))
         coords_flat = coords.reshape(-1, coords.shape[-1])
         self.npixels, self.dim = coords_flat.shape

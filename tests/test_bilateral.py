@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from saliency_references import ReferenceGrid, reference_bilateral  # noqa: E402
+from saliency_references import ReferenceGrid, reference_bilateral, reference_colour_cells  # noqa: E402
 
 from benchmarks import bench_bilateral  # noqa: E402
 from benchmarks.bench_bilateral import compare, make_inputs  # noqa: E402
@@ -192,3 +192,43 @@ def test_refined_prediction_and_bad_input() -> None:
             (image, np.full(target.shape, np.nan), "NaN")):
         with pytest.raises(LostregError, match=message):
             B.bilateral_refine(bad_image, bad_target)
+
+
+def border_colours(sigma_luma: int, sigma_chroma: int) -> np.ndarray:
+    """Every 24-bit colour whose exact luma, u or v (offset included) is a nonzero multiple of
+    its sigma: the colours where the reference's float may truncate an ulp short."""
+    channel = np.arange(256, dtype=np.int64)
+    r, g, b = channel[:, None, None], channel[None, :, None], channel[None, None, :]
+    found = np.zeros((256, 256, 256), dtype=bool)
+    for row, offset, sigma in zip(B.YUV_MICRO.astype(np.int64), B.YUV_OFFSET_MICRO.astype(np.int64),
+                                  (sigma_luma, sigma_chroma, sigma_chroma), strict=True):
+        value = row[0] * r + row[1] * g + row[2] * b + offset
+        found |= (value % (sigma * 10**6) == 0) & (value > 0)
+    return np.flatnonzero(found.reshape(-1))
+
+
+def test_colour_cells_are_the_references_bit_for_bit() -> None:
+    """The exact-integer cells with the reference's fallback near borders agree with the
+    reference's ``tensordot`` cells on every border colour and on a random sample (all 2^24
+    colours: ``benchmarks/check_yuv_cells.py``). Without the fallback some border colours
+    would differ: the reference truncates them to the lower cell."""
+    assert np.array_equal(B.YUV_MICRO / 1e6, B.RGB_TO_YUV)
+    sample = np.random.default_rng(0).choice(1 << 24, 1 << 16, replace=False)
+    codes = np.concatenate([border_colours(16, 8), sample])
+    image = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=-1)
+    image = image.astype(np.uint8).reshape(1, -1, 3)
+    luma, chroma = reference_colour_cells(image, 16, 8)
+    expected = np.concatenate([luma[..., None], chroma], axis=-1).reshape(-1, 3).T
+    _, _, ours = B.cell_channels(image, B.TOKENCUT_PARAMS)
+    assert np.array_equal(ours, expected)
+    exact = B.YUV_MICRO @ image.reshape(-1, 3).T.astype(np.float64) + B.YUV_OFFSET_MICRO[:, None]
+    plain_floor = exact // (1e6 * np.array([16.0, 8.0, 8.0]))[:, None]
+    assert np.count_nonzero(plain_floor != expected) > 0  # the fallback is needed
+    for sigma_luma, sigma_chroma in ((10.0, 3.0), (0.7, 0.3)):  # the band rule, other sigmas
+        params = B.BilateralParams(sigma_luma=sigma_luma, sigma_chroma=sigma_chroma)
+        luma, chroma = reference_colour_cells(image, sigma_luma, sigma_chroma)
+        expected = np.concatenate([luma[..., None], chroma], axis=-1).reshape(-1, 3).T
+        assert np.array_equal(B.cell_channels(image, params)[2], expected)
+    bad = B.BilateralParams(sigma_luma=-4.0)  # no band rule: the reference's own expression
+    luma, chroma = reference_colour_cells(image, -4.0, 8)
+    assert np.array_equal(B.cell_channels(image, bad)[2][0], luma.reshape(-1))

@@ -59,6 +59,17 @@ per-call sparse-matrix algebra and Python loops. Vertex ids come from two presen
 every pixel's hash, and the neighbours from ``±1`` steps in those tables (``grid_by_table``);
 when a coordinate leaves [0, 253] or a table would be too large, ``grid_by_hash`` does the
 reference's hashing with one ``np.unique`` and one ``searchsorted`` for all ten directions.
+The colour cells skip the reference's ``tensordot`` of a uint8 image with a float64 matrix
+(NumPy's slow mixed-type loop): every coefficient has six decimals, so the YUV values in
+millionths are exact integers, and the cell ``v = value / (1e6 sigma)`` (relative error below
+1e-15) truncates like the reference's float wherever ``v`` is more than ``CELL_BAND / sigma``
+from a nonzero integer. The reference's float is off the exact value by at most about
+1.5e-13 / sigma (three products of at most 255 by coefficients whose absolute values sum to 1,
+their sum, the coefficients' own rounding and the ``+ 128``, each within an ulp of 256) plus
+its division's half ulp, so the band (4e-12 / sigma) holds it with a margin; pixels inside the
+band (the colours whose exact value is an integer number of cells: 9243 of the 2^24 at
+TokenCut's sigmas, and the reference truncates 279 of them to the lower cell) are computed with
+the reference's own expression. ``benchmarks/check_yuv_cells.py`` checks all 2^24 colours.
 The blur (centre and neighbours) is one CSR matrix built once, ``A`` reuses its sparsity
 pattern, splat is ``bincount``, slice a gather, the CG loop runs on plain arrays, holes are
 filled by labelling the complement once and component sizes come from ``bincount``.
@@ -85,6 +96,14 @@ RGB_TO_YUV = np.array([[0.299, 0.587, 0.114],
                        [-0.168736, -0.331264, 0.5],
                        [0.5, -0.418688, -0.081312]])
 YUV_OFFSET = np.array([0, 128.0, 128.0]).reshape(1, 1, -1)
+# the same conversion in millionths (integers: RGB_TO_YUV == YUV_MICRO / 1e6 bit for bit)
+YUV_MICRO = np.array([[299000, 587000, 114000],
+                      [-168736, -331264, 500000],
+                      [500000, -418688, -81312]], dtype=np.float64)
+YUV_OFFSET_MICRO = np.array([0, 128e6, 128e6])
+# cell values closer than CELL_BAND / sigma to a nonzero integer take the reference's own
+# arithmetic (its float error is below 2e-13 / sigma; see the module docstring)
+CELL_BAND = 4e-12
 HASH_BASE = 255  # the reference's MAX_VAL: hash = sum(coord_d * 255**d)
 DIM = 5  # x, y, luma, u, v
 COMPONENT_RULES = ("reference", "largest")
@@ -146,21 +165,54 @@ def check_inputs(image: np.ndarray, target: np.ndarray) -> None:
         raise LostregError("bilateral solver: target has NaN or infinite values")
 
 
-def cell_channels(image: np.ndarray, params: BilateralParams
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cell coordinates, with the reference's own operations so that truncation at cell
-    borders is identical: ``x`` per column, ``y`` per row (int64) and the ``(3, H*W)`` luma,
-    u, v cells (int32, one contiguous row per channel: the reference's ``.astype(int)``
-    truncates toward 0 the same way; values are below 2**31 for any sigma >= 1e-6).
-    ``(YUV + offset) / sigma`` is done in place, element by element, as the reference's two
-    expressions do it."""
-    height, width = image.shape[:2]
-    yuv = np.tensordot(image, RGB_TO_YUV, ([2], [1])).reshape(-1, 3)
+def reference_colour_cells(pixels: np.ndarray, params: BilateralParams) -> np.ndarray:
+    """The reference's own expression for the luma, u, v cells of ``pixels`` (``(N, 3)``
+    uint8): ``np.tensordot`` with ``RGB_TO_YUV``, ``+ offset``, ``/ sigma``, truncation.
+    Returns ``(3, N)`` int32 (the reference's ``.astype(int)`` truncates toward 0 the same
+    way; values are below 2**31 for any sigma >= 1e-6). Each output row of the product is
+    computed from its own pixel alone, so a subset of pixels gets the bits the whole image
+    gets (checked for all 2^24 colours by ``benchmarks/check_yuv_cells.py``)."""
+    yuv = np.tensordot(pixels, RGB_TO_YUV, ([1], [1]))
     yuv += YUV_OFFSET.reshape(1, 3)
     yuv /= np.array([params.sigma_luma, params.sigma_chroma, params.sigma_chroma])
+    return yuv.T.astype(np.int32, order="C")
+
+
+def exact_colour_cells(pixels: np.ndarray, params: BilateralParams) -> np.ndarray:
+    """``reference_colour_cells`` without its slow mixed-type product (uint8 x float64 runs
+    numpy's per-element dot loop, ~4 ms for 400x300 px). Every coefficient of ``RGB_TO_YUV``
+    has six decimals, so ``YUV_MICRO @ rgb + offset`` is the exact YUV in millionths (integers
+    below 2^28: exact in float64 in any summation order, FMA or not). Its cell value ``v``
+    is within ``band`` of the reference's float value (error analysis in the module
+    docstring), so wherever ``v`` is farther than ``band`` from every nonzero integer both
+    truncate to the same cell. The pixels near one (e.g. a grey whose luma is exactly 16k:
+    its float luma may fall an ulp short) take the reference's expression itself."""
+    sigmas = np.array([params.sigma_luma, params.sigma_chroma, params.sigma_chroma])
+    if not (np.isfinite(sigmas).all() and (sigmas > 0).all()):
+        return reference_colour_cells(pixels, params)
+    planes = pixels.T.astype(np.float64)
+    values = YUV_MICRO @ planes
+    values += YUV_OFFSET_MICRO[:, None]
+    values /= (1e6 * sigmas)[:, None]
+    cells = values.astype(np.int32)
+    frac = values - cells
+    band = (CELL_BAND / sigmas)[:, None]
+    near = (frac >= 1 - band) | ((frac <= band) & (cells > 0))
+    ambiguous = np.flatnonzero(near.any(axis=0))
+    if ambiguous.size:
+        cells[:, ambiguous] = reference_colour_cells(pixels[ambiguous], params)
+    return cells
+
+
+def cell_channels(image: np.ndarray, params: BilateralParams
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell coordinates, truncated at cell borders exactly as the reference truncates them:
+    ``x`` per column, ``y`` per row (int64) and the ``(3, H*W)`` luma, u, v cells (int32,
+    one contiguous row per channel; ``exact_colour_cells``)."""
+    height, width = image.shape[:2]
     xs = (np.arange(width) / params.sigma_spatial).astype(np.int64)
     ys = (np.arange(height) / params.sigma_spatial).astype(np.int64)
-    return xs, ys, yuv.T.astype(np.int32, order="C")
+    return xs, ys, exact_colour_cells(image.reshape(-1, 3), params)
 
 
 def grid_by_hash(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray
