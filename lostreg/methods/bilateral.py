@@ -104,6 +104,7 @@ YUV_OFFSET_MICRO = np.array([0, 128e6, 128e6])
 # cell values closer than CELL_BAND / sigma to a nonzero integer take the reference's own
 # arithmetic (its float error is below 2e-13 / sigma; see the module docstring)
 CELL_BAND = 4e-12
+COLOUR_BLOCK = 8192  # pixels per block of the colour-cell arithmetic
 HASH_BASE = 255  # the reference's MAX_VAL: hash = sum(coord_d * 255**d)
 DIM = 5  # x, y, luma, u, v
 COMPONENT_RULES = ("reference", "largest")
@@ -186,20 +187,30 @@ def exact_colour_cells(pixels: np.ndarray, params: BilateralParams) -> np.ndarra
     is within ``band`` of the reference's float value (error analysis in the module
     docstring), so wherever ``v`` is farther than ``band`` from every nonzero integer both
     truncate to the same cell. The pixels near one (e.g. a grey whose luma is exactly 16k:
-    its float luma may fall an ulp short) take the reference's expression itself."""
+    its float luma may fall an ulp short) take the reference's expression itself. Blocks of
+    ``COLOUR_BLOCK`` pixels keep the temporaries in cache and out of fresh pages (a page
+    fault costs microseconds on a virtual machine)."""
     sigmas = np.array([params.sigma_luma, params.sigma_chroma, params.sigma_chroma])
     if not (np.isfinite(sigmas).all() and (sigmas > 0).all()):
         return reference_colour_cells(pixels, params)
-    planes = pixels.T.astype(np.float64)
-    values = YUV_MICRO @ planes
-    values += YUV_OFFSET_MICRO[:, None]
-    values /= (1e6 * sigmas)[:, None]
-    cells = values.astype(np.int32)
-    frac = values - cells
+    cells = np.empty((3, len(pixels)), dtype=np.int32)
+    divisor = (1e6 * sigmas)[:, None]
     band = (CELL_BAND / sigmas)[:, None]
-    near = (frac >= 1 - band) | ((frac <= band) & (cells > 0))
-    ambiguous = np.flatnonzero(near.any(axis=0))
-    if ambiguous.size:
+    upper = 1 - band
+    near_border = []
+    for start in range(0, len(pixels), COLOUR_BLOCK):
+        values = YUV_MICRO @ pixels[start:start + COLOUR_BLOCK].T.astype(np.float64)
+        values += YUV_OFFSET_MICRO[:, None]
+        values /= divisor
+        block = cells[:, start:start + COLOUR_BLOCK]
+        block[...] = values  # truncation toward 0, as ``.astype(int)``
+        values -= block  # the fraction part
+        near = (values >= upper) | ((values <= band) & (block > 0))
+        found = np.flatnonzero(near.any(axis=0))
+        if found.size:
+            near_border.append(found + start)
+    if near_border:
+        ambiguous = np.concatenate(near_border)
         cells[:, ambiguous] = reference_colour_cells(pixels[ambiguous], params)
     return cells
 
