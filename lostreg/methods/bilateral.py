@@ -244,74 +244,80 @@ def grid_by_hash(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray
     return vertex.reshape(-1), neighbours
 
 
-def compact(keys: np.ndarray, size: int
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Rank of each key among the distinct keys, by a presence table of ``size`` entries
-    (no sort): ``(ids, occupied keys in increasing order, presence table, rank table)``."""
+def compact(keys: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank of each key among the distinct keys, by a presence table of ``size`` entries (no
+    sort): ``(ids, occupied keys in increasing order, rank table)``. The rank table holds
+    ``len(occupied)`` (one past the last id: "absent") where no key fell, so that a look-up
+    needs no presence test; it is int32 (up to 8 entries per pixel), the ids intp (NumPy's
+    fancy indexing takes those without a conversion)."""
     present = np.zeros(size, dtype=bool)
     present[keys] = True
     rank = np.cumsum(present, dtype=np.int32)
+    occupied = np.flatnonzero(present)
+    ids = rank.take(keys).astype(np.intp)
+    ids -= 1
     rank -= 1
-    return rank[keys], np.flatnonzero(present), present, rank
+    rank[~present] = len(occupied)
+    return ids, occupied, rank
 
 
 def grid_by_table(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray,
                   max_table: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The same grid without sorting. Sorting by the 255-radix hash is sorting by
     (v, u, luma, y, x); so is ranking the colour cells (v, u, luma) in a presence table, then
-    ranking ``colour_rank · cells_xy + y · width_cells + x`` in a second one. With every
-    coordinate in [0, 253] the hash has no aliases (a ``-1`` or ``+1`` step never lands on
-    another cell's hash), so the neighbours are plain ``±1`` steps found in the tables.
-    ``None`` when that does not hold or a table would exceed ``max_table`` entries."""
+    ranking ``colour_rank · cells_xy + y · row + x`` in a second one, whose spatial cells are
+    padded by one on every side (never occupied: a ``±1`` step from a real cell stays in the
+    table and finds nothing). With every coordinate in [0, 253] the hash has no aliases (a
+    ``-1`` or ``+1`` step never lands on another cell's hash), so the neighbours are plain
+    ``±1`` steps found in the tables. ``None`` when that does not hold or a table would
+    exceed ``max_table`` entries."""
     lows, highs = [int(c.min()) for c in colour], [int(c.max()) for c in colour]
     if min(lows) < 0 or max(highs + [int(xs[-1]), int(ys[-1])]) > HASH_BASE - 2:
         return None
     c_ext = [hi - lo + 1 for lo, hi in zip(lows, highs, strict=True)]
-    c_stride = [1, c_ext[0], c_ext[0] * c_ext[1]]
     if c_ext[0] * c_ext[1] * c_ext[2] > max_table:
         return None
-    c_key = colour[2] - lows[2]
-    c_key *= c_ext[1]
-    c_key += colour[1] - lows[1]
-    c_key *= c_ext[0]
-    c_key += colour[0] - lows[0]
-    c_id, c_occupied, c_present, c_rank = compact(c_key, c_ext[0] * c_ext[1] * c_ext[2])
-    nx, ny = int(xs[-1]) + 1, int(ys[-1]) + 1
-    if len(c_occupied) * nx * ny > max_table:
+    c_key = colour[2].astype(np.intp)
+    c_key -= lows[2]
+    for c in (1, 0):
+        c_key *= c_ext[c]
+        c_key += colour[c]
+        c_key -= lows[c]
+    c_id, c_occupied, c_rank = compact(c_key, c_ext[0] * c_ext[1] * c_ext[2])
+    row, cells_xy = int(xs[-1]) + 3, (int(xs[-1]) + 3) * (int(ys[-1]) + 3)
+    if (len(c_occupied) + 1) * cells_xy > max_table:
         return None
     key = c_id
-    key *= nx * ny
-    key += np.add.outer(ys.astype(np.int32) * nx, xs.astype(np.int32)).reshape(-1)
-    vertex, occupied, present, rank = compact(key, len(c_occupied) * nx * ny)
-    return vertex, table_neighbours(occupied, present, rank, (nx, ny),
-                                    (c_occupied, c_present, c_rank, c_ext, c_stride))
+    key *= cells_xy
+    key += np.add.outer((ys + 1) * row, xs + 1).reshape(-1)
+    vertex, occupied, rank = compact(key, (len(c_occupied) + 1) * cells_xy)
+    targets = np.empty((2 * DIM, len(occupied)), dtype=np.intp)  # direction-major
+    np.add(occupied[None], np.array([-1, 1, -row, row])[:, None], out=targets[:4])
+    cell, xy = np.divmod(occupied, cells_xy)
+    steps = colour_neighbours(c_occupied, c_rank, c_ext)  # (6, C + 1)
+    np.take(steps, cell, axis=1, out=targets[4:])
+    targets[4:] *= cells_xy
+    targets[4:] += xy
+    return vertex, rank.take(targets).T
 
 
-def table_neighbours(occupied: np.ndarray, present: np.ndarray, rank: np.ndarray,
-                     spatial: tuple[int, int], colour_table: tuple) -> np.ndarray:
-    """``(V, 10)`` neighbour ids (``V`` where absent) of the table grid, all ten directions at
-    once: ``±1`` in x and y inside the spatial cells, ``±1`` in luma, u, v through the colour
-    table (a colour cell that does not occur has no vertex)."""
-    nx, ny = spatial
-    c_occupied, c_present, c_rank, c_ext, c_stride = colour_table
-    nvertices = len(occupied)
-    cell, xy = np.divmod(occupied, nx * ny)
-    colour_of = c_occupied[cell]
-    digits = np.stack([xy % nx, xy // nx] + [(colour_of // c_stride[c]) % c_ext[c]
-                                             for c in range(3)])
-    extents = np.array([nx, ny, *c_ext])[:, None]
-    signs = np.array([-1, 1])[:, None, None]
-    valid = np.where(signs < 0, digits[None] > 0, digits[None] < extents[None] - 1)  # (2, 5, V)
-    spatial_target = occupied[None, None] + signs * np.array([1, nx])[None, :, None]
-    other = colour_of[None, None] + signs * np.array(c_stride)[None, :, None]
-    other = np.where(valid[:, 2:], other, 0)
-    valid[:, 2:] &= c_present[other]
-    colour_target = c_rank[other].astype(np.int64) * (nx * ny) + xy[None, None]
-    target = np.concatenate((spatial_target, colour_target), axis=1)
-    target = np.where(valid, target, 0)
-    valid &= present[target]
-    found = np.where(valid, rank[target], nvertices)  # (side, dim, V)
-    return found.transpose(2, 1, 0).reshape(nvertices, 2 * DIM)
+def colour_neighbours(c_occupied: np.ndarray, c_rank: np.ndarray, c_ext: list[int]
+                      ) -> np.ndarray:
+    """``(6, C + 1)``: for each occurring colour cell, the rank of its ``luma - 1, luma + 1,
+    u - 1, u + 1, v - 1, v + 1`` neighbour cell, or ``C`` (an empty colour block at the end
+    of the vertex table) where that cell is outside the table or does not occur. A few
+    hundred cells: computed once per colour, not per vertex."""
+    absent = len(c_occupied)
+    steps = np.full((2 * 3, absent + 1), absent, dtype=np.intp)
+    stride = 1
+    for c in range(3):
+        digit = (c_occupied // stride) % c_ext[c]
+        for side, (step, inside) in enumerate(((-stride, digit > 0),
+                                               (stride, digit < c_ext[c] - 1))):
+            has = np.flatnonzero(inside)
+            steps[2 * c + side, has] = c_rank[c_occupied[has] + step]
+        stride *= c_ext[c]
+    return steps
 
 
 def build_grid(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS,
@@ -323,14 +329,15 @@ def build_grid(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS,
     built = grid_by_table(xs, ys, colour, table_factor * colour.shape[1])
     vertex, neighbours = built if built is not None else grid_by_hash(xs, ys, colour)
     nv = neighbours.shape[0]
-    cols = np.empty((nv, 2 * DIM + 1), dtype=np.int64)
+    cols = np.empty((nv, 2 * DIM + 1), dtype=np.int32)
     cols[:, :-1] = neighbours
     cols[:, -1] = np.arange(nv)  # each row ends with its diagonal entry
     valid = cols < nv
-    per_row = valid.sum(axis=1)
+    per_row = valid.sum(axis=1, dtype=np.int32)
     indices = cols[valid]
-    indptr = np.concatenate(([0], np.cumsum(per_row)))
-    rows = np.repeat(np.arange(nv), per_row)
+    indptr = np.zeros(nv + 1, dtype=np.int32)
+    np.cumsum(per_row, out=indptr[1:])
+    rows = np.repeat(np.arange(nv, dtype=np.int32), per_row)
     values = np.ones(len(indices))
     values[indptr[1:] - 1] = 2 * DIM
     blur_matrix = csr_matrix((values, indices, indptr), shape=(nv, nv))
