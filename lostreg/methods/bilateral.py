@@ -150,16 +150,20 @@ class Grid(NamedTuple):
     nvertices: int
 
 
-def check_inputs(image: np.ndarray, target: np.ndarray) -> None:
-    """One clear line for what the solver cannot take."""
+def check_image(image: np.ndarray) -> None:
+    """One clear line for an image the solver cannot take."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
             or image.shape[2] != 3:
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image)
         raise LostregError(f"bilateral solver: the image must be uint8 HxWx3 RGB, got {got}")
-    if not isinstance(target, np.ndarray) or target.shape != image.shape[:2]:
+
+
+def check_target(target: np.ndarray, shape: tuple[int, int]) -> None:
+    """One clear line for a target the solver cannot take (``shape``: the image's HxW)."""
+    if not isinstance(target, np.ndarray) or target.shape != tuple(shape):
         got = target.shape if isinstance(target, np.ndarray) else type(target)
         raise LostregError(f"bilateral solver: target {got} does not match the image "
-                           f"{image.shape[:2]}")
+                           f"{tuple(shape)}")
     if target.dtype != np.bool_ and not np.issubdtype(target.dtype, np.floating):
         raise LostregError(f"bilateral solver: target must be bool or float, got {target.dtype}")
     if not np.isfinite(target).all():
@@ -447,24 +451,57 @@ def select_component(filled: np.ndarray, rule: str = "reference") -> np.ndarray:
     return labeled == np.argsort(sizes)[-2]
 
 
+class PreparedSolver(NamedTuple):
+    """Everything of the solve that depends on the image alone (the confidence is the constant
+    0.999): the grid, the system matrix ``A`` and its Jacobi preconditioner, the splatted
+    confidence. Built once per image, it serves any number of targets
+    (``lostreg.runs.mask_lines``: every refined run of one image)."""
+
+    grid: Grid
+    a: csr_matrix
+    inv_diag: np.ndarray
+    w_splat: np.ndarray
+    shape: tuple[int, int]
+    params: BilateralParams
+
+
+def prepare_solver(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS
+                   ) -> PreparedSolver:
+    """The image's half of ``bilateral_solver_output``: grid, bistochastization, ``A``."""
+    check_image(image)
+    grid = build_grid(image, params)
+    n, m = bistochastize(grid, params.bistochastize_iters)
+    w_splat = splat_constant(grid.counts, params.confidence)
+    a = system_matrix(grid, n, m, w_splat, params.lam)
+    inv_diag = 1 / np.maximum(a.diagonal(), params.a_diag_min)
+    return PreparedSolver(grid, a, inv_diag, w_splat, image.shape[:2], params)
+
+
+def solve(prepared: PreparedSolver, target: np.ndarray) -> tuple[np.ndarray, int]:
+    """The target's half: ``(soft output HxW float64, CG updates made)``."""
+    check_target(target, prepared.shape)
+    grid, params = prepared.grid, prepared.params
+    xw = target.reshape(-1).astype(np.float64) * params.confidence
+    b = np.bincount(grid.vertex, weights=xw, minlength=grid.nvertices)
+    y, iterations = legacy_cg(prepared.a, b, b / prepared.w_splat, prepared.inv_diag,
+                              params.cg_maxiter, params.cg_tol)
+    return y[grid.vertex].reshape(prepared.shape), iterations
+
+
+def post_process(soft: np.ndarray, component_rule: str = "reference") -> np.ndarray:
+    """The reference's binary mask of a soft output: holes filled, then one component."""
+    return select_component(fill_holes(soft > 0.5), component_rule)
+
+
 def bilateral_refine(image: np.ndarray, target: np.ndarray,
                      params: BilateralParams = TOKENCUT_PARAMS,
                      component_rule: str = "reference") -> BilateralOutput:
     """Refine ``target`` (HxW, bool or float, e.g. TokenCut's upsampled 0/1 mask) on the RGB
     ``image`` (uint8 HxWx3, same size) as TokenCut's ``bilateral_solver_output`` does."""
-    check_inputs(image, target)
-    height, width = target.shape
-    grid = build_grid(image, params)
-    n, m = bistochastize(grid, params.bistochastize_iters)
-    w_splat = splat_constant(grid.counts, params.confidence)
-    xw = target.reshape(-1).astype(np.float64) * params.confidence
-    b = np.bincount(grid.vertex, weights=xw, minlength=grid.nvertices)
-    a = system_matrix(grid, n, m, w_splat, params.lam)
-    inv_diag = 1 / np.maximum(a.diagonal(), params.a_diag_min)
-    y, iterations = legacy_cg(a, b, b / w_splat, inv_diag, params.cg_maxiter, params.cg_tol)
-    soft = y[grid.vertex].reshape(height, width)
-    binary = select_component(fill_holes(soft > 0.5), component_rule)
-    return BilateralOutput(soft, binary, iterations)
+    check_image(image)
+    check_target(target, image.shape[:2])
+    soft, iterations = solve(prepare_solver(image, params), target)
+    return BilateralOutput(soft, post_process(soft, component_rule), iterations)
 
 
 def refined_prediction(output: BilateralOutput, scored: str = "soft") -> np.ndarray:

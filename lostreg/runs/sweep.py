@@ -58,7 +58,7 @@ from lostreg.runs.folder import (
     summary_line,
 )
 from lostreg.runs.lock import hold_runs
-from lostreg.runs.mask_lines import mask_prediction, mask_threads
+from lostreg.runs.mask_lines import ImageRefinement, mask_prediction, mask_threads
 from lostreg.runs.nonfinite import NonFiniteFeatures
 from lostreg.runs.predictions import NONFINITE
 from lostreg.version import RESULT_VERSION
@@ -68,6 +68,21 @@ def run_pass(configs: list[RunConfig], lazy: LazyBackbone, index: DatasetIndex,
              device: torch.device, numerics: dict, ctx: DistContext) -> list[RunResult]:
     """One pass over one dataset for one backbone: every run of ``configs`` is resumed."""
     return Pass(configs, lazy, index, device, numerics, ctx).run()
+
+
+@dataclasses.dataclass
+class MaskJob:
+    """One saliency run's share of a batch: the images it still needs (``positions`` and
+    their original ``sizes``) and the method's output for them, on the host (``masks``: patch
+    masks ``(B, rows, cols)``, ``seeds``, ``finite``; ``cols``: the grid's width)."""
+
+    run: RunFolder
+    positions: list[int]
+    sizes: list[tuple[int, int]]
+    masks: torch.Tensor
+    seeds: torch.Tensor
+    cols: int
+    finite: torch.Tensor
 
 
 class Pass:
@@ -219,6 +234,8 @@ class Pass:
                 chosen = tuple(j for j, p in enumerate(batch.positions) if i in self.todo[p])
                 if chosen:
                     groups.setdefault((run.method.name, run.config.normalize, chosen), []).append(i)
+        jobs: list[Callable[[], None]] = []
+        mask_jobs: list[MaskJob] = []
         for (_, normalize, chosen), members in groups.items():
             if normalize not in normalized:  # once per batch, whatever the number of runs
                 normalized[normalize] = F.normalize(batch.feats, dim=-1)
@@ -226,15 +243,22 @@ class Pass:
             if len(chosen) != len(batch.positions):
                 feats = feats[list(chosen)]
             self._serve_group(batch, feats, list(chosen), [self.runs[i] for i in members],
-                              members)
+                              members, jobs, mask_jobs)
+        if mask_jobs:  # every mask run of the batch in one job: each image's runs together
+            jobs.append(functools.partial(self._write_masks, mask_jobs))
+        ready = ready_event(batch.feats.device)  # after the copies: the writer waits for them
+        for job in jobs:
+            self.lines.submit(job, ready)
         self.stats["method"] += time.perf_counter() - tick
         timeline.mark("first batch through the methods")
         return sum(1 for p in batch.positions if not self.todo[p])
 
     def _serve_group(self, batch: FeatureBatch, feats: torch.Tensor, chosen: list[int],
-                     runs: list[RunFolder], members: list[int]) -> None:
+                     runs: list[RunFolder], members: list[int],
+                     jobs: list[Callable[[], None]], mask_jobs: list[MaskJob]) -> None:
         """One method call for runs that differ only in the method's parameters (runs that
-        differ only in their saliency refinement share one output)."""
+        differ only in their saliency refinement share one output); their writes are added
+        to ``jobs`` (box runs) and ``mask_jobs`` (saliency runs)."""
         sizes = [batch.sizes[j] for j in chosen]
         method = runs[0].method
         where = describe_images(self.records, batch.positions, batch.sizes)
@@ -247,18 +271,18 @@ class Pass:
         positions = [batch.positions[j] for j in chosen]
         finite = to_host(batch.finite if len(chosen) == len(batch.positions)  # type: ignore[arg-type]
                          else batch.finite[chosen])  # type: ignore[index]
-        jobs = []
         for i, run in zip(members, runs, strict=True):
             out = by_setting[repr(sorted(run.params.items()))]
             for p in positions:
                 self.todo[p].discard(i)
-            write, shown = ((self._write_masks, method.mask_for_saliency(out))
-                            if run.fmt.target.kind == "mask" else (self._write, out.box))
-            jobs.append(functools.partial(write, run, positions, sizes, to_host(shown),
-                                          to_host(out.seed), batch.grid[1], finite))
-        ready = ready_event(feats.device)  # after the copies, so the writer waits for them too
-        for job in jobs:
-            self.lines.submit(job, ready)
+            if run.fmt.target.kind == "mask":
+                mask_jobs.append(MaskJob(run, positions, sizes,
+                                         to_host(method.mask_for_saliency(out)),
+                                         to_host(out.seed), batch.grid[1], finite))
+            else:
+                jobs.append(functools.partial(self._write, run, positions, sizes,
+                                              to_host(out.box), to_host(out.seed),
+                                              batch.grid[1], finite))
 
     def _method_sizes(self, sizes: list[tuple[int, int]], grid: tuple[int, int]
                       ) -> list[tuple[int, int]]:
@@ -269,29 +293,46 @@ class Pass:
         patch = self.info.patch_size
         return [(grid[0] * patch, grid[1] * patch)] * len(sizes)
 
-    def _write_masks(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
-                     masks: torch.Tensor, seeds: torch.Tensor, cols: int,
-                     finite: torch.Tensor) -> None:
-        """A saliency run's lines (``lostreg.runs.mask_lines``: upsampled, refined, counted
-        against the GT), on the line writer's thread. An image whose features were not finite
+    def _write_masks(self, jobs: list[MaskJob]) -> None:
+        """The saliency runs' lines of one batch (``lostreg.runs.mask_lines``: upsampled,
+        refined, counted against the GT), on the line writer's thread, image by image: the
+        runs of one image share its decoded image and prepared solver (``ImageRefinement``,
+        dropped once the image's lines are made). An image whose features were not finite
         gets no prediction: its line is scored as an empty mask, with no box (``nonfinite``)."""
         tick = time.perf_counter()
-        def one(item: tuple) -> dict:
-            p, size, mask, seed, ok = item
-            if not ok:
-                _, fields = mask_prediction(self.records[p], np.zeros_like(mask), size, "none",
-                                            self.base.max_pixels)
-                return self._line(run, p, size, None, None, {**fields, **NONFINITE})
-            box, fields = mask_prediction(self.records[p], mask, size, run.config.refine,
-                                          self.base.max_pixels)
-            return self._line(run, p, size, box, divmod(seed, cols) if seed >= 0 else None,
-                              fields)
+        per_image: dict[int, list[tuple[int, int]]] = {}  # position -> (job, index in job)
+        for j, job in enumerate(jobs):
+            for k, p in enumerate(job.positions):
+                per_image.setdefault(p, []).append((j, k))
+        masks = [job.masks.numpy() for job in jobs]
+        seeds = [job.seeds.tolist() for job in jobs]
+        finite = [job.finite.tolist() for job in jobs]
 
-        items = list(zip(positions, sizes, masks.numpy(), seeds.tolist(), finite.tolist(),
-                         strict=True))
+        def one(p: int) -> list[tuple[int, int, dict]]:
+            shared = ImageRefinement(self.records[p], self.base.max_pixels)
+            made = []
+            for j, k in per_image[p]:
+                run, size, mask, seed = jobs[j].run, jobs[j].sizes[k], masks[j][k], seeds[j][k]
+                if not finite[j][k]:
+                    _, fields = mask_prediction(self.records[p], np.zeros_like(mask), size,
+                                                "none", self.base.max_pixels)
+                    line = self._line(run, p, size, None, None, {**fields, **NONFINITE})
+                else:
+                    box, fields = mask_prediction(self.records[p], mask, size, run.config.refine,
+                                                  self.base.max_pixels, shared)
+                    line = self._line(run, p, size, box,
+                                      divmod(seed, jobs[j].cols) if seed >= 0 else None, fields)
+                made.append((j, k, line))
+            return made
+
         pool = self._mask_pool()
-        lines = list(pool.map(one, items)) if pool is not None else [one(i) for i in items]
-        run.append(lines, self.ctx)
+        made = pool.map(one, per_image) if pool is not None else map(one, per_image)
+        lines: list[list[Any]] = [[None] * len(job.positions) for job in jobs]
+        for image_lines in made:
+            for j, k, line in image_lines:
+                lines[j][k] = line
+        for job, run_lines in zip(jobs, lines, strict=True):
+            job.run.append(run_lines, self.ctx)
         self.stats["write"] += time.perf_counter() - tick
 
     def _write(self, run: RunFolder, positions: list[int], sizes: list[tuple[int, int]],
