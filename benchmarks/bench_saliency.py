@@ -17,7 +17,10 @@ in ``--sides`` (DUTS-TE's images are about 300-400 px a side) times ``--size-sca
 Ratio = run seconds / bare-forward seconds (lower is better: 1.0 means everything else hides
 behind the forward). The run's ``metrics.json`` breaks its time down (the line writer, where
 the masks are upsampled, refined and counted, is a background thread). With
-``--refine none`` the bilateral solver is left out, to show what it costs.
+``--refine none`` the bilateral solver is left out, to show what it costs; ``--refine all``
+runs it four times per image (LOST and TokenCut, soft and binary scoring), which share each
+image's decoded original, prepared solver and, per method, the solve
+(``mask_lines.ImageRefinement``).
 
     python benchmarks/bench_saliency.py                      # CPU smoke: 24 images, half size
     python benchmarks/bench_saliency.py --device cuda --images 5019 --size-scale 1 \\
@@ -62,6 +65,11 @@ from lostreg.features.extract import preprocess  # noqa: E402
 from lostreg.features.pipeline import set_numerics, size_batches  # noqa: E402
 from lostreg.run import RunConfig, run_grid  # noqa: E402
 
+REFINES = {  # --refine: the refinements of each method in the pass
+    "none": None,
+    "bilateral": {"tokencut": ["none", "bilateral"]},
+    "all": {m: ["none", "bilateral", "bilateral-binary"] for m in ("lost", "tokencut")},
+}
 STAGES = (("load_wait", "wait for decoded batches"), ("transfer", "copy to the device"),
           ("features", "features (forward)"), ("method", "methods (batched)"),
           ("write", "line writer: upsample, refine, count, write (background)"))
@@ -89,7 +97,7 @@ def run_suite(index: DatasetIndex, backbone: Backbone, output: Path, device: tor
                        device=str(device), batch_size=batch_size, output=output,
                        download=False, num_workers=num_workers, progress=False,
                        allow_partial_dataset=True)
-    refines = {"tokencut": ["none", "bilateral"]} if refine == "bilateral" else None
+    refines = REFINES[refine]
     synchronize(device)
     start = time.perf_counter()
     run_grid(config, pairs=[(backbone.spec.name, index.name)],
@@ -149,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size-scale", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", default="auto", help="decoding workers (auto, or N)")
-    parser.add_argument("--refine", default="bilateral", choices=("bilateral", "none"),
-                        help="bilateral: TokenCut also with the solver, as the suite runs it")
+    parser.add_argument("--refine", default="bilateral", choices=tuple(REFINES),
+                        help="bilateral: TokenCut also with the solver, as the suite runs it; "
+                             "all: LOST and TokenCut each plain, bilateral and "
+                             "bilateral-binary (four refined runs sharing each image's solver)")
     add_output_options(parser)
     return parser
 

@@ -55,10 +55,12 @@ that default; ``"binary"`` scores the post-processed mask instead (the corrected
 
 Speed (``benchmarks/bench_bilateral.py``): the same arithmetic without the reference's
 per-call sparse-matrix algebra and Python loops. Vertex ids come from two presence tables
-(colour cells, then colour rank x spatial cell) ranked by cumulative sums instead of sorting
-every pixel's hash, and the neighbours from ``±1`` steps in those tables (``grid_by_table``);
-when a coordinate leaves [0, 253] or a table would be too large, ``grid_by_hash`` does the
-reference's hashing with one ``np.unique`` and one ``searchsorted`` for all ten directions.
+(colour cells, then colour rank x spatial cell, the spatial cells padded by one empty cell on
+every side and one empty colour block at the end) ranked by cumulative sums instead of sorting
+every pixel's hash; the rank table holds "absent" where no pixel fell, so all ten neighbours
+are one look-up of ``±1`` steps (``grid_by_table``); when a coordinate leaves [0, 253] or a
+table would be too large, ``grid_by_hash`` does the reference's hashing with one
+``np.unique`` and one ``searchsorted`` for all ten directions.
 The colour cells skip the reference's ``tensordot`` of a uint8 image with a float64 matrix
 (NumPy's slow mixed-type loop): every coefficient has six decimals, so the YUV values in
 millionths are exact integers, and the cell ``v = value / (1e6 sigma)`` (relative error below
@@ -70,9 +72,14 @@ its division's half ulp, so the band (4e-12 / sigma) holds it with a margin; pix
 band (the colours whose exact value is an integer number of cells: 9243 of the 2^24 at
 TokenCut's sigmas, and the reference truncates 279 of them to the lower cell) are computed with
 the reference's own expression. ``benchmarks/check_yuv_cells.py`` checks all 2^24 colours.
+Large temporaries are few and the colour arithmetic runs in blocks: on a virtual machine a
+fresh page costs microseconds (~4 us here), and a 400x300 image's per-pixel arrays are
+thousands of pages.
 The blur (centre and neighbours) is one CSR matrix built once, ``A`` reuses its sparsity
 pattern, splat is ``bincount``, slice a gather, the CG loop runs on plain arrays, holes are
 filled by labelling the complement once and component sizes come from ``bincount``.
+``prepare_solver`` (grid, bistochastization, ``A``: the image alone) and ``solve`` (the
+target) are separate so that several targets on one image pay the first once.
 
 Exactness: vertex ids, neighbours, splat (including the sequential sums of the constant
 confidence) and slice are identical to the reference's; every entry of ``A`` is computed with
