@@ -116,3 +116,16 @@ def test_image_refinement_gives_a_fresh_solves_arrays(tmp_path) -> None:
         refined(record, np.zeros((30, 40)), "bilateral", 10**6, shared)
     with pytest.raises(LostregError, match="decodes to 44x30, its mask was upsampled to 40x30"):
         refined(record, np.zeros((30, 40)), "bilateral", 10**6)
+
+
+def test_bench_saliency_refine_all_runs_four_refined_runs(tree, tmp_path) -> None:
+    """``bench_saliency.py --refine all``: LOST and TokenCut each plain, soft and binary."""
+    from benchmarks import bench_saliency
+
+    assert bench_saliency.main(["--model", SPEC.name, "--images", "2", "--sides", "40,48",
+                                "--size-scale", "1", "--num-workers", "0", "--refine", "all",
+                                "--workdir", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result["runs"]) == {f"{m}/{r}" for m in ("lost", "tokencut")
+                                   for r in ("none", "bilateral", "bilateral-binary")} | {
+        "dinoseg/none"}
