@@ -230,12 +230,45 @@ def _show(args: argparse.Namespace) -> int:
             if value is not None:
                 raise LostregError(f"{flag} is for the panels of one run; several --run "
                                    "compare boxes and masks only")
+    if _mask_runs(runs, args.misses):
+        return _show_masks(args, runs)
+    if len(runs) > 1:
         index = show_compare(runs, args.images, args.max_images, args.misses, args.device,
                              args.data_root, args.output, args.weights, not args.no_progress)
     else:
         index = show_run(runs[0], args.images, args.max_images, args.misses, args.device,
                          args.data_root, args.norms, args.threshold, args.output, args.weights,
                          not args.no_progress)
+    print(f"panels written; open {index}")
+    return 0
+
+
+def _mask_runs(runs: Sequence[Path], misses: bool = False) -> bool:
+    """Whether the first run is a mask run (saliency; the others must be too, which the
+    loaders check); ``--misses`` (CorLoc's misses) has no meaning for one."""
+    from lostreg.reports.analysis.runs import run_kind
+
+    if not runs or run_kind(runs[0]) != "mask":
+        return False
+    if misses:
+        raise LostregError(f"--misses: {runs[0]} is a mask run (saliency), scored by IoU, with "
+                           "no hit or miss; choose images with --images")
+    return True
+
+
+def _show_masks(args: argparse.Namespace, runs: list[Path]) -> int:
+    from lostreg.reports.analysis.mask_report import show_mask_compare, show_mask_run
+
+    if len(runs) > 1:
+        if args.weights is not None:
+            raise LostregError("--weights: several mask runs are drawn from their stored masks, "
+                               "with no model")
+        index = show_mask_compare(runs, args.images, args.max_images, args.data_root,
+                                  args.output, not args.no_progress)
+    else:
+        index = show_mask_run(runs[0], args.images, args.max_images, args.device,
+                              args.data_root, args.norms, args.threshold, args.output,
+                              args.weights, not args.no_progress)
     print(f"panels written; open {index}")
     return 0
 
