@@ -206,8 +206,11 @@ def _norms(args: argparse.Namespace) -> int:
 
 def _attribution(args: argparse.Namespace) -> int:
     from lostreg.reports.analysis.attribution import attribute_runs
+    from lostreg.reports.analysis.mask_attribution import attribute_mask_runs
 
-    results, table = attribute_runs(
+    masks = _mask_runs(args.run)
+    attribute = attribute_mask_runs if masks else attribute_runs
+    results, table = attribute(
         args.run, args.norms, args.threshold, args.device, args.data_root, args.batch_size,
         args.num_workers, not args.no_progress, args.recompute, args.weights, args.output,
         args.hits_only)
@@ -216,7 +219,8 @@ def _attribution(args: argparse.Namespace) -> int:
         print(f"tables written to {result.output_dir}")
     if table is not None:
         print(table.markdown)
-        print(f"per-image table written to {table.output_dir / 'hits.csv'}")
+        name = "ious.csv" if masks else "hits.csv"
+        print(f"per-image table written to {table.output_dir / name}")
     return 0
 
 
