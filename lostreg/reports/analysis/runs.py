@@ -207,6 +207,8 @@ def load_run(run_dir: str | Path) -> RunInfo:
 def run_kind(run_dir: str | Path) -> str:
     """The ground-truth kind a run folder was scored on (``boxes`` or ``mask``), from its
     ``config.json`` alone: which analysis reads it."""
+    if not Path(run_dir).is_dir():
+        raise LostregError(f"{run_dir}: run folder not found")
     return run_target(read_config(Path(run_dir)))
 
 
