@@ -129,6 +129,14 @@ def test_show_draws_the_stored_mask_the_gt_and_the_iou(tree, figures, tmp_path) 
                != (-(-line["height"] // 14), -(-line["width"] // 14)) for line in lines)
 
 
+def test_show_flags_a_recomputed_mask_that_differs(tree, figures, tmp_path, monkeypatch) -> None:
+    import lostreg.reports.analysis.mask_report as mask_report
+
+    monkeypatch.setattr(mask_report, "refined", lambda record, upsampled, *_: 0 * upsampled)
+    index = show_mask_run(run_of(tree, "lost"), ["00000"], device="cpu", output=tmp_path)
+    assert "recomputed lost mask or seed differs from the run" in index.read_text()
+
+
 def test_show_refuses_a_gt_that_is_not_the_one_scored(tree, tmp_path) -> None:
     data = tmp_path / "data"
     shutil.copytree(tree / "data", data)
