@@ -24,9 +24,10 @@ import csv
 import io
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -293,12 +294,8 @@ def attribute_run(
         weights)
     rows = attribution_rows(info, maps, layer, used)
     summary = summarize(rows)
-    out = info.analysis_dir
     markdown = to_markdown(info, summary, used, source)
-    atomic_write_text(out / "attribution.csv", to_csv(rows, IMAGE_COLUMNS))
-    atomic_write_text(out / "attribution_summary.csv", to_csv(summary, SUMMARY_COLUMNS))
-    atomic_write_text(out / "attribution.md", markdown)
-    atomic_write_json(out / "attribution.json", {
+    return write_attribution(info, rows, IMAGE_COLUMNS, summary, SUMMARY_COLUMNS, markdown, {
         "run_id": info.run_id,
         "model": info.config["model"],
         "dataset": info.config["dataset"],
@@ -315,9 +312,23 @@ def attribute_run(
             "box_has_outlier": "an outlier token lies on a patch the predicted box covers",
             "has_outliers": "the image has at least one outlier token",
         },
-        "summary": summary,
-    }, undefined_as_null=True)
-    return AttributionResult(info, rows, summary, used, out, markdown, Path(norms_path))
+    })
+
+
+def write_attribution(info: RunInfo, rows: list[dict], image_columns: Sequence[str],
+                      summary: list[dict], summary_columns: Sequence[str], markdown: str,
+                      facts: dict) -> AttributionResult:
+    """Write one run's attribution under ``<run>/analysis/`` (box and mask runs alike):
+    ``attribution.csv`` (per image), ``attribution_summary.csv``, ``attribution.md`` and
+    ``attribution.json`` (``facts`` plus the summary)."""
+    out = info.analysis_dir
+    atomic_write_text(out / "attribution.csv", to_csv(rows, image_columns))
+    atomic_write_text(out / "attribution_summary.csv", to_csv(summary, summary_columns))
+    atomic_write_text(out / "attribution.md", markdown)
+    atomic_write_json(out / "attribution.json", {**facts, "summary": summary},
+                      undefined_as_null=True)
+    return AttributionResult(info, rows, summary, facts["threshold"], out, markdown,
+                             Path(facts["norms"]))
 
 
 # --- several runs: which of them found the object --------------------------------------------
@@ -461,13 +472,23 @@ def attribute_runs(run_dirs: list[str | Path], norms: list[str | Path | None] | 
                    ) -> tuple[list[AttributionResult], HitsTable | None]:
     """``attribute_run`` for each run (unless ``hits_only``), then, with two runs or more, the
     ``hits_table`` of which runs found the object (see ``attribute_each`` for shared maps)."""
-    run_dirs = list(run_dirs)
-    if hits_only and len(run_dirs) < 2:
-        raise LostregError("--hits-only: give at least two runs to compare")
-    results = [] if hits_only else attribute_each(
-        run_dirs, norms, recompute,
+    return attribute_and_compare(
+        run_dirs, norms, recompute, hits_only, lambda runs: hits_table(runs, output),
         lambda info, norms_path: attribute_run(info, norms_path, threshold, device, data_root,
                                                batch_size, num_workers, progress, recompute,
                                                weights))
-    table = hits_table(run_dirs, output) if len(run_dirs) > 1 else None
-    return results, table
+
+
+def attribute_and_compare(run_dirs: list[str | Path], norms: list[str | Path | None] | None,
+                          recompute: bool, table_only: bool,
+                          table: Callable[[list[str | Path]], Any],
+                          attribute: Callable[[RunInfo, str | Path | None], AttributionResult],
+                          ) -> tuple[list[AttributionResult], Any]:
+    """Each run's attribution (unless ``table_only``: ``--hits-only``), then, with two runs or
+    more, the per-image table comparing them (box runs: who found the object; mask runs: each
+    run's IoU), for box and mask runs alike."""
+    run_dirs = list(run_dirs)
+    if table_only and len(run_dirs) < 2:
+        raise LostregError("--hits-only: give at least two runs to compare")
+    results = [] if table_only else attribute_each(run_dirs, norms, recompute, attribute)
+    return results, table(run_dirs) if len(run_dirs) > 1 else None

@@ -33,11 +33,12 @@ from lostreg.reports.analysis.attribution import (
     GROUPS,
     SEED_COLUMNS,
     AttributionResult,
-    attribute_each,
+    attribute_and_compare,
     md_escape,
     percent,
     to_csv,
     token_maps_for,
+    write_attribution,
 )
 from lostreg.reports.analysis.masks import (
     INSIDE_RULE,
@@ -205,21 +206,16 @@ def attribute_mask_run(run_dir: str | Path | RunInfo, norms: str | Path | None =
         weights)
     rows = mask_attribution_rows(info, maps, layer, used)
     summary = summarize_masks(rows)
-    out = info.analysis_dir
     markdown = mask_markdown(info, summary, used, source)
-    atomic_write_text(out / "attribution.csv", to_csv(rows, MASK_IMAGE_COLUMNS))
-    atomic_write_text(out / "attribution_summary.csv", to_csv(summary, MASK_SUMMARY_COLUMNS))
-    atomic_write_text(out / "attribution.md", markdown)
-    atomic_write_json(out / "attribution.json", {
+    return write_attribution(info, rows, MASK_IMAGE_COLUMNS, summary, MASK_SUMMARY_COLUMNS,
+                             markdown, {
         "run_id": info.run_id, "target": "mask", "model": info.config["model"],
         "dataset": info.config["dataset"], "smoke_run": info.smoke,
         "method": info.method.name, "method_params": info.method.params,
         "refine": info.refine, "mask_protocol": info.config.get("mask_protocol"),
         "saliency_definition": "tokencut", "norms": str(norms_path), "layer": layer,
         "threshold": used, "threshold_source": source, "definitions": DEFINITIONS,
-        "summary": summary,
-    }, undefined_as_null=True)
-    return AttributionResult(info, rows, summary, used, out, markdown, norms_path)
+    })
 
 
 # --- several mask runs: each run's IoU per image ----------------------------------------------
@@ -344,13 +340,8 @@ def attribute_mask_runs(run_dirs: list[str | Path],
                         ) -> tuple[list[AttributionResult], IouTable | None]:
     """``attribute_mask_run`` for each run (unless ``ious_only``), then, with two runs or
     more, the ``iou_table`` of each run's IoU per image."""
-    run_dirs = list(run_dirs)
-    if ious_only and len(run_dirs) < 2:
-        raise LostregError("--hits-only: give at least two runs to compare")
-    results = [] if ious_only else attribute_each(
-        run_dirs, norms, recompute,
+    return attribute_and_compare(
+        run_dirs, norms, recompute, ious_only, lambda runs: iou_table(runs, output),
         lambda info, norms_path: attribute_mask_run(info, norms_path, threshold, device,
                                                     data_root, batch_size, num_workers,
                                                     progress, recompute, weights))
-    table = iou_table(run_dirs, output) if len(run_dirs) > 1 else None
-    return results, table
