@@ -91,6 +91,7 @@ and soft outputs within 1e-9.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -343,12 +344,13 @@ def build_grid(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS,
     cols = np.empty((nv, 2 * DIM + 1), dtype=np.int32)
     cols[:, :-1] = neighbours
     cols[:, -1] = np.arange(nv)  # each row ends with its diagonal entry
-    valid = cols < nv
-    per_row = valid.sum(axis=1, dtype=np.int32)
-    indices = cols[valid]
+    present = np.flatnonzero(cols < nv)  # row-major: each row's entries in direction order
+    indices = cols.reshape(-1).take(present)
+    rows = (present // (2 * DIM + 1)).astype(np.int32)
+    per_row = np.full(nv, 2 * DIM + 1, dtype=np.int32)
+    per_row -= (neighbours.T == nv).sum(axis=0, dtype=np.int32)  # (10, V): sums of rows
     indptr = np.zeros(nv + 1, dtype=np.int32)
     np.cumsum(per_row, out=indptr[1:])
-    rows = np.repeat(np.arange(nv, dtype=np.int32), per_row)
     values = np.ones(len(indices))
     values[indptr[1:] - 1] = 2 * DIM
     blur_matrix = csr_matrix((values, indices, indptr), shape=(nv, nv))
@@ -408,10 +410,10 @@ def legacy_cg(a: csr_matrix, b: np.ndarray, x0: np.ndarray, inv_diag: np.ndarray
     atol = tol * bnrm2 if bnrm2 != 0 else tol
     if resid <= atol:
         return x, 0
-    p = np.empty_like(r)
+    p, z, step = np.empty_like(r), np.empty_like(r), np.empty_like(r)
     rho_prev = 1.0
     for iteration in range(maxiter):
-        z = inv_diag * r
+        np.multiply(inv_diag, r, out=z)
         rho = float(np.dot(r, z))
         if iteration > 0:
             p *= rho / rho_prev
@@ -420,10 +422,10 @@ def legacy_cg(a: csr_matrix, b: np.ndarray, x0: np.ndarray, inv_diag: np.ndarray
             p[:] = z
         q = a @ p
         alpha = rho / float(np.dot(p, q))
-        x += alpha * p
-        r -= alpha * q
+        x += np.multiply(p, alpha, out=step)
+        r -= np.multiply(q, alpha, out=step)
         rho_prev = rho
-        if float(np.linalg.norm(r)) <= atol:
+        if math.sqrt(float(np.dot(r, r))) <= atol:  # np.linalg.norm's arithmetic, less overhead
             return x, iteration + 1
     return x, maxiter
 
@@ -439,7 +441,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     border[labels[0, :]] = border[labels[-1, :]] = True
     border[labels[:, 0]] = border[labels[:, -1]] = True
     border[0] = True  # label 0 is the mask itself
-    return mask | ~border[labels]
+    if border.all():  # no hole (the usual case)
+        return mask.copy()
+    return mask | ~border.take(labels)
 
 
 def select_component(filled: np.ndarray, rule: str = "reference") -> np.ndarray:
