@@ -296,6 +296,7 @@ def grid_by_table(xs: np.ndarray, ys: np.ndarray, colour: np.ndarray,
         c_key += colour[c]
         c_key -= lows[c]
     c_id, c_occupied, c_rank = compact(c_key, c_ext[0] * c_ext[1] * c_ext[2])
+    del c_key
     row, cells_xy = int(xs[-1]) + 3, (int(xs[-1]) + 3) * (int(ys[-1]) + 3)
     if (len(c_occupied) + 1) * cells_xy > max_table:
         return None
@@ -340,6 +341,7 @@ def build_grid(image: np.ndarray, params: BilateralParams = TOKENCUT_PARAMS,
     xs, ys, colour = cell_channels(image, params)
     built = grid_by_table(xs, ys, colour, table_factor * colour.shape[1])
     vertex, neighbours = built if built is not None else grid_by_hash(xs, ys, colour)
+    del colour, built  # the largest arrays of the call: freed before the next ones
     nv = neighbours.shape[0]
     cols = np.empty((nv, 2 * DIM + 1), dtype=np.int32)
     cols[:, :-1] = neighbours
@@ -383,7 +385,10 @@ def system_matrix(grid: Grid, n: np.ndarray, m: np.ndarray, w_splat: np.ndarray,
     of the reference's matrices would."""
     blur_matrix = grid.blur
     cols, rows = blur_matrix.indices, grid.rows
-    values = lam * -(n[rows] * n[cols])
+    values = n.take(rows)
+    values *= n.take(cols)
+    np.negative(values, out=values)
+    values *= lam  # lam * -(n_i n_j), without a temporary per operation
     last = blur_matrix.indptr[1:] - 1
     values[last] = lam * (m - n * (2 * DIM * n)) + w_splat
     return csr_matrix((values, cols, blur_matrix.indptr), shape=blur_matrix.shape)
