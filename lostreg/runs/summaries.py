@@ -425,22 +425,32 @@ def add_totals(summaries: Iterable[RunSummary]) -> None:
 _ROWS_PER_PRODUCT = 128  # resamples turned into per-image counts at once (bounds memory)
 
 
+def _exact_dtype(n: int) -> np.dtype:
+    """The float type whose sums of ``n`` small whole numbers are exact: float32 while every
+    partial sum stays below 2**24 (twice the speed of float64 in the product), else float64."""
+    return np.dtype(np.float32) if n < 2**24 else np.dtype(np.float64)
+
+
 def resampled_totals(hits: np.ndarray, n: int) -> np.ndarray:
     """``(n_resamples, columns)`` hit totals of each bootstrap resample of ``n`` images: the
-    resamples' per-image counts (a few rows at a time) times the hit vectors."""
+    resamples' per-image counts (a few rows at a time) times the hit vectors. Every product
+    and partial sum is a whole number below ``n + 1``, so the float product is exact."""
     columns = hits.shape[1]
     if not n:
         return np.zeros((stats.DEFAULT_RESAMPLES, columns), dtype=np.int64)
-    values = hits.astype(np.float64)
-    parts = []
+    dtype = _exact_dtype(n)
+    values = hits.astype(dtype)
+    totals = np.empty((stats.DEFAULT_RESAMPLES, columns), dtype=np.int64)
+    done = 0
     for idx in stats.resample_indices(n, stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED):
         for start in range(0, idx.shape[0], _ROWS_PER_PRODUCT):
             rows = idx[start:start + _ROWS_PER_PRODUCT]
             m = rows.shape[0]
             flat = (rows + n * np.arange(m)[:, None]).ravel()
-            counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(np.float64)
-            parts.append((counts @ values).astype(np.int64))  # exact: sums of 0/1 terms
-    return np.concatenate(parts)
+            counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(dtype)
+            totals[done:done + m] = counts @ values  # exact: sums of whole numbers
+            done += m
+    return totals
 
 
 # --- paired statistics over summaries ----------------------------------------------------------
