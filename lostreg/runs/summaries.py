@@ -51,6 +51,7 @@ from lostreg.errors import LostregError
 from lostreg.evaluation import stats
 from lostreg.evaluation.registry import METRICS, MetricSpec
 from lostreg.io import MAX_JSON_BYTES, JsonInputError, loads_bounded, read_bounded
+from lostreg.runs import pvalues
 from lostreg.runs import store as store_module
 from lostreg.runs.fastlines import box_columns
 from lostreg.runs.store import (
@@ -492,7 +493,7 @@ def paired_statistics(base: RunData, other: RunData) -> PairedStatistics:
         hits_a = joined["hit"].to_numpy(dtype=bool)
         hits_b = joined["hit_reg"].to_numpy(dtype=bool)
         low, high = stats.paired_bootstrap_diff_ci(hits_a, hits_b)
-    test = stats.mcnemar_exact(hits_a, hits_b)
+    test = pvalues.mcnemar(hits_a, hits_b)  # stats.mcnemar_exact's, SciPy only when new
     return PairedStatistics(int(hits_a.size), test.miss_to_hit, test.hit_to_miss, test.p_value,
                             low, high)
 
@@ -559,11 +560,23 @@ class SummaryStore:
             return self._disable(exc.strerror or str(exc))
         self.written += 1
 
+    def load_p_values(self) -> None:
+        """The McNemar p-values earlier builds kept (``pvalues``: each checked before use)."""
+        if self.usable and not self.folder.is_symlink() and self.folder.is_dir():
+            pvalues.P_VALUES.load(self.folder)
+
+    def save_p_values(self) -> None:
+        """Keep this build's new McNemar p-values for the next build."""
+        if self.usable:
+            pvalues.P_VALUES.save(self.folder)
+
     def prune(self) -> None:
         """Remove the summaries of run folders that no longer exist."""
         if not self.usable or self.folder.is_symlink() or not self.folder.is_dir():
             return
         for path in self.folder.glob("*.json"):
+            if path.name.startswith("."):  # the store's own files (``pvalues``), never a run's
+                continue
             if not (self.runs_dir / path.stem).is_dir() and not path.is_symlink():
                 path.unlink(missing_ok=True)
 
@@ -748,4 +761,5 @@ def scan_summaries(runs_dir: str | Path, include_smoke: bool = False,
 
     result = scan_runs(runs_dir, include_smoke, report, load=load)
     store.prune()
+    store.load_p_values()
     return result, store

@@ -135,9 +135,10 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
     reported (one line, ``report``) and left out. Runs are read through their summaries
     (``lostreg.runs.summaries``: computed once per content of a run's files and stored under
     ``<runs>/.summaries``); their predictions are read only if asked for."""
-    scan, _ = scan_summaries(runs_dir, include_smoke, report)
+    scan, store = scan_summaries(runs_dir, include_smoke, report)
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
+    store.save_p_values()  # the pairs' McNemar p-values, for the next build (no SciPy then)
     masks = collect_saliency(runs_dir, include_smoke, published, report)
     return Leaderboard(scan.runs, with_mask_rows(leaderboard_frame(scan.runs), masks),
                        comparison, singles, figures, scan.skipped + masks.skipped,
