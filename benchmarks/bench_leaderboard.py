@@ -2,8 +2,8 @@
 rebuilt with nothing changed; wall time and peak RSS of each build (issue 20, "Load").
 
 Each build runs in a fresh child process doing what ``python -m lostreg.leaderboard`` does
-(``collect``, then ``write_outputs``), with each phase timed: the imports (torch comes with
-``lostreg.methods``, whose titles and order the tables use), reading the runs through their
+(``build``: the build record checked, then ``collect`` and ``write_outputs`` unless it
+holds), with each phase timed: the imports, the record's check, reading the runs through their
 summaries, and writing the outputs. Runs come in register pairs (``dinov2_vitl14`` and its
 ``_reg4`` twin under the same settings: layer, feature, Gram bias), so half the runs are
 baselines with a paired comparison, the worst case for the paired statistics. Each predictions line is in the
@@ -129,8 +129,9 @@ def generate_runs(root: Path, n_runs: int, n_images: int = VOC07_IMAGES, seed: i
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-# the child: only what ``python -m lostreg.leaderboard`` imports and does (``collect``, then
-# ``write_outputs``), each phase timed with the peak RSS after it; one JSON line on stdout
+# the child: only what ``python -m lostreg.leaderboard`` imports and does (``build``: the
+# build record checked, then ``collect`` and ``write_outputs`` unless it holds), each phase
+# timed (``lostreg.timeline``'s marks) with the peak RSS at its end; one JSON line on stdout
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
@@ -139,22 +140,28 @@ def peak_mib():  # this process's own high-water RSS since its exec (VmHWM)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-def mark(name):
+def mark(name, seconds=None):
     global start
     now = time.perf_counter()
-    phases.append({"phase": name, "seconds": now - start, "peak_rss_mib": peak_mib(),
-                   "workers_peak_rss_mib":
+    phases.append({"phase": name, "seconds": now - start if seconds is None else seconds,
+                   "peak_rss_mib": peak_mib(), "workers_peak_rss_mib":
                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     start = now
 from lostreg.reports import leaderboard as lb
-mark("import lostreg.reports.leaderboard (pandas, scipy)")
-import lostreg.methods  # the methods' titles and order, which the tables use (imports torch)
-mark("import lostreg.methods (torch)")
-board = lb.collect(sys.argv[1], report=None)
-mark("collect: summaries, tables, paired statistics")
-lb.write_outputs(board, sys.argv[2])
-mark("write: CSV, markdown, figures")
-print(json.dumps({"phases": phases, "line": lb.summary_line(board, Path(sys.argv[2]))}))
+from lostreg import timeline
+mark("import lostreg.reports.leaderboard (pandas)")
+begun = timeline.since_start()
+summary = lb.build(sys.argv[1], sys.argv[2], report=None)
+marks, previous = timeline.marks(), begun
+for step, name in (("leaderboard: build record checked", "build record checked"),
+                   ("leaderboard: runs collected", "collect: summaries, tables, paired statistics"),
+                   ("leaderboard: outputs written", "write: CSV, markdown, figures")):
+    if step in marks:
+        phases.append({"phase": name, "seconds": marks[step] - previous,
+                       "peak_rss_mib": None, "workers_peak_rss_mib": None})
+        previous = marks[step]
+mark("peak RSS after the build", 0.0)
+print(json.dumps({"phases": phases, "line": lb.summary_line(summary, Path(sys.argv[2]))}))
 """
 
 
@@ -181,13 +188,14 @@ def timed_build(runs: Path, out: Path, source: Path | None = None) -> dict[str, 
         raise SystemExit(f"leaderboard failed ({child.returncode}): "
                          f"{logs[1].read_text()[-2000:]}")
     report = json.loads(logs[0].read_text().strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss_mib": max(p["peak_rss_mib"] for p in report["phases"]),
+    return {"seconds": seconds,
+            "peak_rss_mib": max(p["peak_rss_mib"] or 0.0 for p in report["phases"]),
             "workers_peak_rss_mib": report["phases"][-1]["workers_peak_rss_mib"], **report}
 
 
 def phase_rows(name: str, build: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(f"  {name}: {phase['phase']}",
-             f"{phase['seconds']:.2f} s, peak RSS {phase['peak_rss_mib']:.0f} MiB")
+    return [(f"  {name}: {phase['phase']}", f"{phase['seconds']:.2f} s" + (
+        "" if phase["peak_rss_mib"] is None else f", peak RSS {phase['peak_rss_mib']:.0f} MiB"))
             for phase in build["phases"]]
 
 
