@@ -93,7 +93,7 @@ def _stored(runs: Path, name: str) -> Path:
 def _resign(data: dict) -> dict:
     """A forged summary: edited, then its digest recomputed."""
     payload = {k: v for k, v in data.items() if k != "digest"}
-    return {**payload, "digest": summaries._digest(payload)}
+    return {**payload, "digest": summaries.payload_digest(payload)}
 
 
 def _flip_first_hit(data: dict) -> dict:

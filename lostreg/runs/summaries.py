@@ -276,7 +276,7 @@ def _payload(summary: RunSummary) -> dict[str, Any]:
             "metrics": metrics, "histograms": summary.histograms}
 
 
-def _digest(payload: Mapping[str, Any]) -> str:
+def payload_digest(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -327,7 +327,7 @@ def summary_from_payload(data: Any, header: RunHeader, key: dict[str, str]
     if not isinstance(data, dict) or data.get("format") != SUMMARY_FORMAT:
         return None
     payload = {name: value for name, value in data.items() if name != "digest"}
-    if data.get("digest") != _digest(payload) or data.get("files") != key:
+    if data.get("digest") != payload_digest(payload) or data.get("files") != key:
         return None
     n = data.get("n_images")
     if (type(n) is not int or n != header.n_images
@@ -540,19 +540,24 @@ class SummaryStore:
 
     def write(self, summary: RunSummary) -> None:
         """Store a summary atomically (temp file, then rename over the old one)."""
+        self.write_payload(summary.run_dir.name, _payload(summary))
+
+    def write_payload(self, name: str, payload: dict[str, Any]) -> None:
+        """Store run ``name``'s summary ``payload`` (its ``digest`` added) atomically: a temp
+        file renamed over the old one, which replaces a link and never writes through it.
+        Mask runs' summaries (``reports.leaderboard.saliency_runs``) come this way too."""
         if not self.usable:
             return
         if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
             return self._disable("it is a link or not a folder")
-        payload = _payload(summary)
-        payload["digest"] = _digest(payload)
+        payload = {**payload, "digest": payload_digest(payload)}
         try:
             self.folder.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
                     json.dump(payload, handle, sort_keys=True)
-                os.replace(tmp, self.path(summary.run_dir.name))
+                os.replace(tmp, self.path(name))
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
@@ -636,7 +641,7 @@ def read_settled(path: Path) -> tuple[bytes, list[int] | None]:
     return data, (stat if same and settled(stat, before) else None)
 
 
-def _recorded_key(run_dir: Path, stored: Any) -> dict[str, str] | None:
+def recorded_key(run_dir: Path, stored: Any) -> dict[str, str] | None:
     """The key of a run whose predictions file has the stat its stored summary recorded (the
     same file, untouched since it was hashed: its recorded hash is its hash), else None."""
     if not isinstance(stored, dict) or not isinstance(stored.get("files"), dict):
@@ -661,7 +666,7 @@ def prepare(run_dir: Path, store: SummaryStore, header: RunHeader | None = None
     if not path.is_file():
         read_predictions(path)  # says what is missing, as load_run does
     stored = store.read(run_dir.name)
-    key, stat = _recorded_key(run_dir, stored), None
+    key, stat = recorded_key(run_dir, stored), None
     if key is None:
         data, stat = read_settled(path)
         key = run_file_key(run_dir, data)
