@@ -4,10 +4,12 @@
   overall, and the neighbour similarity of outlier vs normal tokens, for one model on a dataset;
 * ``attribution``: per image of a run, whether the seed is (next to) an outlier token and
   whether the box covers outliers; CorLoc split by "image has outliers / has none"; with several
-  runs on the same images, also which runs (methods) found the object, per image;
+  runs on the same images, also which runs (methods) found the object, per image. A mask run
+  (saliency) gets the outlier tokens inside its predicted mask and its mean IoU split the same
+  way; several mask runs, each run's per-image IoU side by side;
 * ``show``: per-image PNG panels (image, boxes, seed, mask, degree map, norm map, CLS and
   register attention) with an ``index.html``; with several runs, their boxes and masks side by
-  side;
+  side. A mask run's panels draw its stored mask, the GT mask and the per-image IoU;
 * ``register-neurons``: the MLP neurons that write the high-norm outliers (Jiang et al. 2025),
   written as a neuron list for ``--model M+ttr --ttr-neurons FILE``.
 """
@@ -72,10 +74,13 @@ def _add_attribution(sub: argparse._SubParsersAction) -> None:
         help="join a LOST run with outlier maps: is the seed on an artifact?",
         description=(
             "Per image of a run: is the seed an outlier token or next to one (4-neighbourhood), "
-            "does the box cover outliers; CorLoc split by 'image has outliers / has none'. "
-            "Writes attribution.csv, attribution_summary.csv, attribution.md and "
-            "attribution.json under <run>/analysis/. Without --norms the token maps of the "
-            "run's images are computed with the run's model into <run>/analysis/norms/."),
+            "does the box cover outliers; CorLoc split by 'image has outliers / has none'. For a "
+            "mask run (ecssd, duts_te, dut_omron): how many outlier tokens lie inside its stored "
+            "mask, and its mean IoU (TokenCut's per-image IoU, sal_iou; 0/0 images left out "
+            "and counted) split the same way. Writes attribution.csv, attribution_summary.csv, "
+            "attribution.md and attribution.json under <run>/analysis/. Without --norms the "
+            "token maps of the run's images are computed with the run's model (on the images "
+            "as the run fed them) into <run>/analysis/norms/."),
     )
     parser.add_argument("--run", type=Path, nargs="+", required=True,
                         help="run folder(s) of lostreg.run")
@@ -95,8 +100,9 @@ def _add_attribution(sub: argparse._SubParsersAction) -> None:
                              "found the object (default: results/analysis/compare-<dataset>-"
                              "<hash>/)")
     parser.add_argument("--hits-only", action="store_true",
-                        help="with several runs: only that table (reads predictions only; no "
-                             "model, no norms)")
+                        help="with several runs: only that table (hits.csv; for mask runs, "
+                             "ious.csv: each run's IoU per image); reads predictions only, no "
+                             "model, no norms")
     add_compute_options(parser)
 
 
@@ -110,7 +116,10 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
             "norms and the attention of the class token and each register to the patches "
             "(softmax over patch keys, mean over heads). With several --run (e.g. LOST, "
             "TokenCut and DINO-seg on one backbone), draws each run's box and patch mask side "
-            "by side per image instead."),
+            "by side per image instead. A mask run (saliency) draws its stored mask "
+            "(pred_mask_rle) over the image with the GT mask's outline and its per-image IoU "
+            "(sal_iou), then the same maps on the resized image's grid; several mask runs are "
+            "drawn side by side from their stored masks, with no model."),
     )
     parser.add_argument("--run", type=Path, nargs="+", action="extend", required=True,
                         help="run folder of lostreg.run; several (--run A B C or --run A "
@@ -122,7 +131,7 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
                         help="how many images (default: 12, or all --images given)")
     parser.add_argument("--misses", action="store_true",
                         help="without --images: show only images the run missed (several "
-                             "runs: that at least one run missed)")
+                             "runs: that at least one run missed); box runs only")
     parser.add_argument("--norms", type=Path, default=None,
                         help="norms.json for marking outliers (default: <run>/analysis/norms)")
     parser.add_argument("--threshold", type=float, default=None,
@@ -206,8 +215,11 @@ def _norms(args: argparse.Namespace) -> int:
 
 def _attribution(args: argparse.Namespace) -> int:
     from lostreg.reports.analysis.attribution import attribute_runs
+    from lostreg.reports.analysis.mask_attribution import attribute_mask_runs
 
-    results, table = attribute_runs(
+    masks = _mask_runs(args.run)
+    attribute = attribute_mask_runs if masks else attribute_runs
+    results, table = attribute(
         args.run, args.norms, args.threshold, args.device, args.data_root, args.batch_size,
         args.num_workers, not args.no_progress, args.recompute, args.weights, args.output,
         args.hits_only)
@@ -216,7 +228,8 @@ def _attribution(args: argparse.Namespace) -> int:
         print(f"tables written to {result.output_dir}")
     if table is not None:
         print(table.markdown)
-        print(f"per-image table written to {table.output_dir / 'hits.csv'}")
+        name = "ious.csv" if masks else "hits.csv"
+        print(f"per-image table written to {table.output_dir / name}")
     return 0
 
 
@@ -230,12 +243,45 @@ def _show(args: argparse.Namespace) -> int:
             if value is not None:
                 raise LostregError(f"{flag} is for the panels of one run; several --run "
                                    "compare boxes and masks only")
+    if _mask_runs(runs, args.misses):
+        return _show_masks(args, runs)
+    if len(runs) > 1:
         index = show_compare(runs, args.images, args.max_images, args.misses, args.device,
                              args.data_root, args.output, args.weights, not args.no_progress)
     else:
         index = show_run(runs[0], args.images, args.max_images, args.misses, args.device,
                          args.data_root, args.norms, args.threshold, args.output, args.weights,
                          not args.no_progress)
+    print(f"panels written; open {index}")
+    return 0
+
+
+def _mask_runs(runs: Sequence[Path], misses: bool = False) -> bool:
+    """Whether the first run is a mask run (saliency; the others must be too, which the
+    loaders check); ``--misses`` (CorLoc's misses) has no meaning for one."""
+    from lostreg.reports.analysis.runs import run_kind
+
+    if not runs or run_kind(runs[0]) != "mask":
+        return False
+    if misses:
+        raise LostregError(f"--misses: {runs[0]} is a mask run (saliency), scored by IoU, with "
+                           "no hit or miss; choose images with --images")
+    return True
+
+
+def _show_masks(args: argparse.Namespace, runs: list[Path]) -> int:
+    from lostreg.reports.analysis.mask_report import show_mask_compare, show_mask_run
+
+    if len(runs) > 1:
+        if args.weights is not None:
+            raise LostregError("--weights: several mask runs are drawn from their stored masks, "
+                               "with no model")
+        index = show_mask_compare(runs, args.images, args.max_images, args.data_root,
+                                  args.output, not args.no_progress)
+    else:
+        index = show_mask_run(runs[0], args.images, args.max_images, args.device,
+                              args.data_root, args.norms, args.threshold, args.output,
+                              args.weights, not args.no_progress)
     print(f"panels written; open {index}")
     return 0
 

@@ -245,7 +245,9 @@ def compare(ours: Sequence[dict], official: dict[str, list[int]], full_set: bool
 
     Identical boxes count as IoU 1 (even a degenerate one); CorLoc of both is computed with our
     ground truth on the same images, so only the boxes differ. ``full_set``: whether our run
-    covered the whole split, so official images we lack are worth reporting.
+    covered the whole split, so official images we lack are worth reporting. An image whose
+    features were not finite has no box in our line (a run finished with ``--max-nonfinite``
+    above 0): it is a miss, IoU 0 against the official box, and a row of its own.
     """
     ious: list[float] = []
     ours_hits: list[bool] = []
@@ -255,7 +257,7 @@ def compare(ours: Sequence[dict], official: dict[str, list[int]], full_set: bool
     n_identical = 0
     for line in ours:
         image_id = str(line["image_id"])
-        box = [int(v) for v in line["box"]]
+        box = None if line["box"] is None else [int(v) for v in line["box"]]
         theirs = official.get(image_id)
         if theirs is None:
             missing.append(image_id)
@@ -265,7 +267,7 @@ def compare(ours: Sequence[dict], official: dict[str, list[int]], full_set: bool
         their_best = best_iou(theirs, gts)
         identical = box == theirs
         n_identical += identical
-        iou = 1.0 if identical else float(box_iou(box, [theirs])[0])
+        iou = 1.0 if identical else 0.0 if box is None else float(box_iou(box, [theirs])[0])
         ious.append(iou)
         ours_hits.append(bool(line["hit"]))
         their_hits.append(is_hit(their_best))
@@ -285,11 +287,14 @@ def compare(ours: Sequence[dict], official: dict[str, list[int]], full_set: bool
     )
 
 
-def _row(line: dict, box: list[int], theirs: list[int] | None, iou: float | None,
+def _row(line: dict, box: list[int] | None, theirs: list[int] | None, iou: float | None,
          their_best: float | None) -> dict:
+    status = "different" if theirs is not None else "missing_in_official"
+    if box is None:
+        status = "no_box_nonfinite_features" if theirs is not None else status
     return {
         "image_id": line["image_id"],
-        "status": "different" if theirs is not None else "missing_in_official",
+        "status": status,
         "our_box": box,
         "official_box": theirs,
         "iou": iou,
@@ -306,14 +311,15 @@ CSV_COLUMNS = ("image_id", "status", "our_x1", "our_y1", "our_x2", "our_y2", "of
 
 
 def differences_csv(rows: Sequence[dict]) -> str:
-    """The differing images as CSV text (empty cells where the official file has no box)."""
+    """The differing images as CSV text (empty cells where a side has no box)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for row in rows:
+        ours = row["our_box"] or ["", "", "", ""]
         theirs = row["official_box"] or ["", "", "", ""]
         writer.writerow([
-            row["image_id"], row["status"], *row["our_box"], *theirs,
+            row["image_id"], row["status"], *ours, *theirs,
             _fmt(row["iou"]), _fmt(row["our_best_iou_gt"]), _fmt(row["official_best_iou_gt"]),
             row["our_hit"], "" if row["official_hit"] is None else row["official_hit"],
         ])

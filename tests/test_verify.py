@@ -294,3 +294,22 @@ def test_restricted_unpickler_reads_numpy_boxes_in_every_common_protocol(protoco
     data = pickle.dumps(payload, protocol=protocol)
     loaded = _RestrictedUnpickler(_io.BytesIO(data), Path("p.pkl")).load()
     assert {k: v.tolist() for k, v in loaded.items()} == {k: v.tolist() for k, v in payload.items()}
+
+
+def test_a_line_without_a_box_is_a_miss_and_a_row_of_its_own() -> None:
+    """A run finished with ``--max-nonfinite`` above 0 has lines with ``"box": null``: verify
+    scores them as misses with IoU 0 against the official box, never a TypeError."""
+    gts = [[10, 10, 40, 40]]
+    ours = [
+        {"image_id": "a", "box": [10, 10, 40, 40], "gt_boxes": gts, "hit": True, "best_iou": 1.0},
+        {"image_id": "b", "box": None, "nonfinite": True, "gt_boxes": gts, "hit": False,
+         "best_iou": 0.0},
+    ]
+    official = {"a": [10, 10, 40, 40], "b": [10, 10, 40, 40]}
+    result = verify.compare(ours, official, full_set=True)
+    assert (result.n_compared, result.n_identical, result.mean_iou) == (2, 1, 0.5)
+    assert result.corloc_ours[1:] == (1, 2) and result.corloc_official[1:] == (2, 2)
+    assert [(row["image_id"], row["status"], row["iou"]) for row in result.rows] == \
+        [("b", "no_box_nonfinite_features", 0.0)]
+    rows = list(csv.DictReader(verify.differences_csv(result.rows).splitlines()))
+    assert (rows[0]["our_x1"], rows[0]["official_x1"], rows[0]["our_hit"]) == ("", "10", "False")

@@ -12,6 +12,10 @@
   runs found each object;
 * :mod:`~lostreg.reports.analysis.report`: per-image panels and ``index.html``;
 * :mod:`~lostreg.reports.analysis.compare`: several runs' boxes and masks side by side;
+* :mod:`~lostreg.reports.analysis.masks`: mask runs (saliency): the stored mask, the GT checked
+  against the run's counts, which tokens fall inside a mask, how masks are drawn;
+* :mod:`~lostreg.reports.analysis.mask_report` and
+  :mod:`~lostreg.reports.analysis.mask_attribution`: ``show`` and ``attribution`` on mask runs;
 * :mod:`~lostreg.reports.analysis.plots`: figure helpers (text that fits, plain ticks, smoke mark).
 
 CLI: ``python -m lostreg.analyze <norms|attribution|show>``.

@@ -24,8 +24,10 @@ import csv
 import io
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,32 +81,40 @@ def attribute_image(prediction: dict, norm_map: np.ndarray, threshold: float | N
     """Where one image's seed and box stand relative to its outlier tokens (seed columns
     ``None`` for a method without a seed)."""
     mask = outlier_mask(norm_map, threshold)
-    rows, cols = mask.shape
+    box_rows, box_cols = box_patch_slice(prediction["box"], patch_size, mask.shape)
+    box_outliers = int(mask[box_rows, box_cols].sum())
+    return {
+        "image_id": str(prediction["image_id"]),
+        "hit": bool(prediction["hit"]),
+        "best_iou": float(prediction.get("best_iou", math.nan)),
+        **outlier_columns(prediction, mask, norm_map),
+        "box_outliers": box_outliers,
+        "box_has_outlier": box_outliers > 0,
+    }
+
+
+def outlier_columns(prediction: dict, outliers: np.ndarray, norm_map: np.ndarray) -> dict:
+    """The columns box and mask runs share: where the seed stands relative to the outlier
+    tokens (``None`` for a method without a seed) and how many outliers the image has."""
+    rows, cols = outliers.shape
     seed = prediction_seed(prediction)
     if seed is not None and not (0 <= seed[0] < rows and 0 <= seed[1] < cols):
         raise LostregError(f"image {prediction['image_id']!r}: seed {prediction['seed']} is "
                            f"outside its {rows}x{cols} patch grid")
-    box_rows, box_cols = box_patch_slice(prediction["box"], patch_size, (rows, cols))
-    n_outliers = int(mask.sum())
-    box_outliers = int(mask[box_rows, box_cols].sum())
-    row = {
-        "image_id": str(prediction["image_id"]),
-        "hit": bool(prediction["hit"]),
-        "best_iou": float(prediction.get("best_iou", math.nan)),
+    n_outliers = int(outliers.sum())
+    columns = {
         **dict.fromkeys(SEED_COLUMNS),
-        "n_tokens": int(mask.size),
+        "n_tokens": int(outliers.size),
         "n_outliers": n_outliers,
-        "outlier_share": n_outliers / mask.size,
+        "outlier_share": n_outliers / outliers.size,
         "has_outliers": n_outliers > 0,
-        "box_outliers": box_outliers,
-        "box_has_outlier": box_outliers > 0,
     }
     if seed is not None:
-        row.update(seed_row=seed[0], seed_col=seed[1],
-                   seed_norm=float(norm_map[seed[0], seed[1]]),
-                   seed_is_outlier=bool(mask[seed[0], seed[1]]),
-                   seed_touches_outlier=touches_mask(mask, seed[0], seed[1]))
-    return row
+        columns.update(seed_row=seed[0], seed_col=seed[1],
+                       seed_norm=float(norm_map[seed[0], seed[1]]),
+                       seed_is_outlier=bool(outliers[seed[0], seed[1]]),
+                       seed_touches_outlier=touches_mask(outliers, seed[0], seed[1]))
+    return columns
 
 
 def attribution_rows(info: RunInfo, maps: TokenMaps, layer: int,
@@ -126,7 +136,7 @@ def attribution_rows(info: RunInfo, maps: TokenMaps, layer: int,
     return rows
 
 
-def _pct(count: int, total: int) -> float | None:
+def percent(count: int, total: int) -> float | None:
     return 100.0 * count / total if total else None
 
 
@@ -142,12 +152,12 @@ def summarize(rows: list[dict]) -> list[dict]:
             "group": name,
             "n_images": n,
             "n_hits": sum(r["hit"] for r in group),
-            "corloc": _pct(sum(r["hit"] for r in group), n),
-            "seed_is_outlier_pct": _pct(sum(r["seed_is_outlier"] is True for r in group),
+            "corloc": percent(sum(r["hit"] for r in group), n),
+            "seed_is_outlier_pct": percent(sum(r["seed_is_outlier"] is True for r in group),
                                         seeded),
-            "seed_touches_outlier_pct": _pct(
+            "seed_touches_outlier_pct": percent(
                 sum(r["seed_touches_outlier"] is True for r in group), seeded),
-            "box_has_outlier_pct": _pct(sum(r["box_has_outlier"] for r in group), n),
+            "box_has_outlier_pct": percent(sum(r["box_has_outlier"] for r in group), n),
             "mean_outlier_share_pct": (100.0 * float(np.mean([r["outlier_share"] for r in group]))
                                        if n else None),
         })
@@ -173,7 +183,7 @@ def to_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
     return buffer.getvalue()
 
 
-def _md_escape(text: str) -> str:
+def md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -184,10 +194,10 @@ def to_markdown(info: RunInfo, summary: list[dict], threshold: float | None, sou
     title = (f"### {method.spec.title or method.name} failure attribution: {config['model']} "
              f"on {config['dataset']}")
     lines = [title, ""]
-    lines.append(f"Run `{_md_escape(info.run_id)}`, {_md_escape(method.describe())}; "
+    lines.append(f"Run `{md_escape(info.run_id)}`, {md_escape(method.describe())}; "
                  "outlier threshold "
                  + ("none (unimodal norms: no outliers)" if threshold is None
-                    else f"{threshold:.4g}") + f" ({_md_escape(source)}).")
+                    else f"{threshold:.4g}") + f" ({md_escape(source)}).")
     if all(p.get("seed") is None for p in info.predictions):
         lines += ["", "The method has no seed: the seed columns are empty."]
     if info.smoke:
@@ -203,7 +213,7 @@ def to_markdown(info: RunInfo, summary: list[dict], threshold: float | None, sou
     return "\n".join(lines) + "\n"
 
 
-def _check_same_model(info: RunInfo, payload: dict, norms_path: Path) -> None:
+def check_same_model(info: RunInfo, payload: dict, norms_path: Path) -> None:
     config = info.config
     run_weights = config["weights"] if isinstance(config["weights"], dict) else {}
     norms_weights = payload.get("weights") or {}
@@ -215,12 +225,15 @@ def _check_same_model(info: RunInfo, payload: dict, norms_path: Path) -> None:
         problems.append("different weights")
     if payload.get("dataset") != config["dataset"]:
         problems.append(f"dataset {payload.get('dataset')} vs run {config['dataset']}")
+    if payload.get("image_protocol", "pad") != info.image_protocol:
+        problems.append(f"images {payload.get('image_protocol', 'pad')} vs the run's "
+                        f"{info.image_protocol} (to a patch multiple)")
     if problems:
         raise LostregError(f"{norms_path}: not from the run's model and data "
                            f"({'; '.join(problems)})")
 
 
-def _run_norms(info: RunInfo, device: str, data_root: str | Path | None, batch_size: int,
+def run_token_maps(info: RunInfo, device: str, data_root: str | Path | None, batch_size: int,
                num_workers: int | None, progress: bool, recompute: bool,
                weights: str | None = None) -> tuple[dict, TokenMaps, Path]:
     """Token maps for exactly the run's images, reused from ``<run>/analysis/norms``."""
@@ -228,8 +241,8 @@ def _run_norms(info: RunInfo, device: str, data_root: str | Path | None, batch_s
     wanted = [str(p["image_id"]) for p in info.predictions]
     if not recompute and (norms_dir / "norms.json").is_file():
         payload, maps = load_norms(norms_dir / "norms.json")
-        if maps.image_ids == wanted:
-            _check_same_model(info, payload, norms_dir / "norms.json")
+        if maps.image_ids == wanted and payload.get("image_protocol", "pad") == info.image_protocol:
+            check_same_model(info, payload, norms_dir / "norms.json")
             print(f"using the token maps in {norms_dir} (--recompute to redo)", file=sys.stderr)
             return payload, maps, norms_dir / "norms.json"
     torch_device = resolve_device(device)
@@ -241,6 +254,28 @@ def _run_norms(info: RunInfo, device: str, data_root: str | Path | None, batch_s
                          num_workers=num_workers, progress=progress)
     result = analyze_norms(config, backbone=backbone, index=index, records=records)
     return result.payload, result.maps, norms_dir / "norms.json"
+
+
+def token_maps_for(info: RunInfo, norms: str | Path | None, threshold: float | None,
+                   device: str, data_root: str | Path | None, batch_size: int,
+                   num_workers: int | None, progress: bool, recompute: bool,
+                   weights: str | None) -> tuple[TokenMaps, int, float | None, str, Path]:
+    """A run's token maps (``--norms``, else computed or reused under ``<run>/analysis/norms``)
+    with the block, the threshold used and where it came from, and the norms file."""
+    if norms is not None:
+        norms_path = Path(norms)
+        payload, maps = load_norms(norms_path)
+        check_same_model(info, payload, norms_path)
+    else:
+        payload, maps, norms_path = run_token_maps(info, device, data_root, batch_size,
+                                                   num_workers, progress, recompute, weights)
+    if threshold is not None and not threshold > 0:
+        raise LostregError(f"--threshold {threshold}: must be positive")
+    layer = int(payload["primary_layer"])
+    used = threshold if threshold is not None else payload["threshold"]
+    source = ("--threshold" if threshold is not None
+              else f"{payload.get('threshold_source', 'auto')}, block {layer}, {norms_path}")
+    return maps, layer, used, source, Path(norms_path)
 
 
 def attribute_run(
@@ -259,27 +294,16 @@ def attribute_run(
     ``<run>/analysis/``: ``attribution.csv`` (per image), ``attribution_summary.csv``,
     ``attribution.md`` and ``attribution.json``."""
     info = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
-    if norms is not None:
-        norms_path = Path(norms)
-        payload, maps = load_norms(norms_path)
-        _check_same_model(info, payload, norms_path)
-    else:
-        payload, maps, norms_path = _run_norms(info, device, data_root, batch_size, num_workers,
-                                               progress, recompute, weights)
-    if threshold is not None and not threshold > 0:
-        raise LostregError(f"--threshold {threshold}: must be positive")
-    layer = int(payload["primary_layer"])
-    used = threshold if threshold is not None else payload["threshold"]
-    source = ("--threshold" if threshold is not None
-              else f"{payload.get('threshold_source', 'auto')}, block {layer}, {norms_path}")
+    if info.is_mask:
+        raise LostregError(f"{info.run_dir}: a mask run; its attribution is "
+                           "mask_attribution.attribute_mask_run's")
+    maps, layer, used, source, norms_path = token_maps_for(
+        info, norms, threshold, device, data_root, batch_size, num_workers, progress, recompute,
+        weights)
     rows = attribution_rows(info, maps, layer, used)
     summary = summarize(rows)
-    out = info.analysis_dir
     markdown = to_markdown(info, summary, used, source)
-    atomic_write_text(out / "attribution.csv", to_csv(rows, IMAGE_COLUMNS))
-    atomic_write_text(out / "attribution_summary.csv", to_csv(summary, SUMMARY_COLUMNS))
-    atomic_write_text(out / "attribution.md", markdown)
-    atomic_write_json(out / "attribution.json", {
+    return write_attribution(info, rows, IMAGE_COLUMNS, summary, SUMMARY_COLUMNS, markdown, {
         "run_id": info.run_id,
         "model": info.config["model"],
         "dataset": info.config["dataset"],
@@ -296,9 +320,23 @@ def attribute_run(
             "box_has_outlier": "an outlier token lies on a patch the predicted box covers",
             "has_outliers": "the image has at least one outlier token",
         },
-        "summary": summary,
-    }, undefined_as_null=True)
-    return AttributionResult(info, rows, summary, used, out, markdown, Path(norms_path))
+    })
+
+
+def write_attribution(info: RunInfo, rows: list[dict], image_columns: Sequence[str],
+                      summary: list[dict], summary_columns: Sequence[str], markdown: str,
+                      facts: dict) -> AttributionResult:
+    """Write one run's attribution under ``<run>/analysis/`` (box and mask runs alike):
+    ``attribution.csv`` (per image), ``attribution_summary.csv``, ``attribution.md`` and
+    ``attribution.json`` (``facts`` plus the summary)."""
+    out = info.analysis_dir
+    atomic_write_text(out / "attribution.csv", to_csv(rows, image_columns))
+    atomic_write_text(out / "attribution_summary.csv", to_csv(summary, summary_columns))
+    atomic_write_text(out / "attribution.md", markdown)
+    atomic_write_json(out / "attribution.json", {**facts, "summary": summary},
+                      undefined_as_null=True)
+    return AttributionResult(info, rows, summary, facts["threshold"], out, markdown,
+                             Path(facts["norms"]))
 
 
 # --- several runs: which of them found the object --------------------------------------------
@@ -356,7 +394,7 @@ def hits_summary(rows: list[dict], labels: list[str]) -> list[dict]:
                                                                            strict=True))))
     for label, hits in zip(labels, hit_sets, strict=True):
         groups.append((f"found by {label} (CorLoc)", sum(hits)))
-    return [{"group": name, "n_images": n, "pct": _pct(n, total)} for name, n in groups]
+    return [{"group": name, "n_images": n, "pct": percent(n, total)} for name, n in groups]
 
 
 def hits_markdown(infos: list[RunInfo], labels: list[str], summary: list[dict], n_images: int,
@@ -368,11 +406,11 @@ def hits_markdown(infos: list[RunInfo], labels: list[str], summary: list[dict], 
                 else "."), ""]
     if any(i.smoke for i in infos):
         lines += ["**SMOKE RUN (random weights): not a result.**", ""]
-    lines += [f"- `hit_{label_slug(label)}`: {_md_escape(label)} = run "
-              f"`{_md_escape(info.run_id)}` ({_md_escape(info.method.describe())})"
+    lines += [f"- `hit_{label_slug(label)}`: {md_escape(label)} = run "
+              f"`{md_escape(info.run_id)}` ({md_escape(info.method.describe())})"
               for label, info in zip(labels, infos, strict=True)]
     lines += ["", "| images | count | % |", "|---|---:|---:|"]
-    lines += [f"| {_md_escape(row['group'])} | {row['n_images']} | "
+    lines += [f"| {md_escape(row['group'])} | {row['n_images']} | "
               + ("–" if row["pct"] is None else f"{row['pct']:.1f}") + " |" for row in summary]
     return "\n".join(lines) + "\n"
 
@@ -382,6 +420,9 @@ def hits_table(run_dirs: list[str | Path], output: str | Path | None = None) -> 
     into ``output`` (default ``results/analysis/compare-<dataset>-<hash>/``). Needs no model:
     it reads the runs' predictions only."""
     infos = load_runs(list(run_dirs))
+    if infos[0].is_mask:
+        raise LostregError("mask runs have no hits; their per-image IoU table is "
+                           "mask_attribution.iou_table's")
     labels = run_labels(infos)
     columns, rows = hits_rows(infos, labels)
     summary = hits_summary(rows, labels)
@@ -403,8 +444,31 @@ def hits_table(run_dirs: list[str | Path], output: str | Path | None = None) -> 
 def _shared_norms_key(info: RunInfo) -> tuple:
     weights = info.config["weights"] if isinstance(info.config["weights"], dict) else {}
     return (info.config["model"], weights.get("source"), weights.get("sha256"),
-            info.config["dataset"], bool(info.config.get("no_hard")),
+            info.config["dataset"], bool(info.config.get("no_hard")), info.image_protocol,
             tuple(str(p["image_id"]) for p in info.predictions))
+
+
+def attribute_each(run_dirs: list[str | Path], norms: list[str | Path | None] | None,
+                   recompute: bool,
+                   attribute: Callable[[RunInfo, str | Path | None], AttributionResult],
+                   ) -> list[AttributionResult]:
+    """``attribute(info, norms_path)`` for each run; a run without ``--norms`` reuses the
+    token maps just computed for an earlier run of the same model, weights and images."""
+    norms = list(norms) if norms is not None else [None] * len(run_dirs)
+    if len(norms) != len(run_dirs):
+        raise LostregError(f"--norms has {len(norms)} files for {len(run_dirs)} runs; give one "
+                           "per --run or none")
+    results: list[AttributionResult] = []
+    computed: dict[tuple, Path] = {}
+    for run_dir, norms_path in zip(run_dirs, norms, strict=True):
+        info = load_run(run_dir)
+        key = _shared_norms_key(info)
+        if norms_path is None and not recompute and key in computed:
+            norms_path = computed[key]
+        result = attribute(info, norms_path)
+        computed.setdefault(key, Path(result.norms_path))
+        results.append(result)
+    return results
 
 
 def attribute_runs(run_dirs: list[str | Path], norms: list[str | Path | None] | None = None,
@@ -415,25 +479,24 @@ def attribute_runs(run_dirs: list[str | Path], norms: list[str | Path | None] | 
                    output: str | Path | None = None, hits_only: bool = False,
                    ) -> tuple[list[AttributionResult], HitsTable | None]:
     """``attribute_run`` for each run (unless ``hits_only``), then, with two runs or more, the
-    ``hits_table`` of which runs found the object. A run without ``--norms`` reuses the token
-    maps just computed for an earlier run of the same model, weights and images."""
+    ``hits_table`` of which runs found the object (see ``attribute_each`` for shared maps)."""
+    return attribute_and_compare(
+        run_dirs, norms, recompute, hits_only, lambda runs: hits_table(runs, output),
+        lambda info, norms_path: attribute_run(info, norms_path, threshold, device, data_root,
+                                               batch_size, num_workers, progress, recompute,
+                                               weights))
+
+
+def attribute_and_compare(run_dirs: list[str | Path], norms: list[str | Path | None] | None,
+                          recompute: bool, table_only: bool,
+                          table: Callable[[list[str | Path]], Any],
+                          attribute: Callable[[RunInfo, str | Path | None], AttributionResult],
+                          ) -> tuple[list[AttributionResult], Any]:
+    """Each run's attribution (unless ``table_only``: ``--hits-only``), then, with two runs or
+    more, the per-image table comparing them (box runs: who found the object; mask runs: each
+    run's IoU), for box and mask runs alike."""
     run_dirs = list(run_dirs)
-    norms = list(norms) if norms is not None else [None] * len(run_dirs)
-    if len(norms) != len(run_dirs):
-        raise LostregError(f"--norms has {len(norms)} files for {len(run_dirs)} runs; give one "
-                           "per --run or none")
-    if hits_only and len(run_dirs) < 2:
+    if table_only and len(run_dirs) < 2:
         raise LostregError("--hits-only: give at least two runs to compare")
-    results: list[AttributionResult] = []
-    computed: dict[tuple, Path] = {}
-    for run_dir, norms_path in ([] if hits_only else zip(run_dirs, norms, strict=True)):
-        info = load_run(run_dir)
-        key = _shared_norms_key(info)
-        if norms_path is None and not recompute and key in computed:
-            norms_path = computed[key]
-        result = attribute_run(info, norms_path, threshold, device, data_root, batch_size,
-                               num_workers, progress, recompute, weights)
-        computed.setdefault(key, Path(result.norms_path))
-        results.append(result)
-    table = hits_table(run_dirs, output) if len(run_dirs) > 1 else None
-    return results, table
+    results = [] if table_only else attribute_each(run_dirs, norms, recompute, attribute)
+    return results, table(run_dirs) if len(run_dirs) > 1 else None

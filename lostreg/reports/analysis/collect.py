@@ -22,6 +22,7 @@ import torch
 from lostreg.backbones import Backbone, create_backbone, get_backbone_spec
 from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
+from lostreg.datasets.registry import image_protocol as dataset_image_protocol
 from lostreg.errors import LostregError
 from lostreg.features.pipeline import iterate_batches, resolve_device, set_numerics, use_device
 from lostreg.io import atomic_write_json, read_json_object
@@ -35,8 +36,10 @@ from lostreg.runs.folder import provenance
 NORM_DEFINITION = (
     "L2 norm over channels of each patch token at the output of block <layer> (the residual "
     "stream after that block, BEFORE the model's final norm); class and register tokens are "
-    "excluded; padding patches (images are zero-padded to a multiple of the patch size, never "
-    "resized) are included as LOST sees them. Norms are computed in float32 and stored as "
+    "excluded; images go in as the dataset's runs feed them (image_protocol): 'pad', "
+    "zero-padded to a multiple of the patch size, never resized, padding patches included as "
+    "LOST sees them; or 'resize' (saliency sets), resized with LANCZOS to the nearest patch "
+    "multiple as TokenCut's saliency code does. Norms are computed in float32 and stored as "
     "float16; every statistic here is computed from the stored float16 values."
 )
 SIMILARITY_DEFINITION = (
@@ -124,8 +127,11 @@ def collect_token_maps(
     batch_size: int = 16,
     num_workers: int | None = None,
     progress: bool = False,
+    image_protocol: str = "pad",
 ) -> tuple[TokenMaps, list[str]]:
-    """Run ``backbone`` over ``records`` and keep float16 token maps in dataset order.
+    """Run ``backbone`` over ``records`` and keep float16 token maps in dataset order; the
+    images go in as the dataset's runs feed them (``image_protocol``: padded, or resized to a
+    patch multiple for a saliency set), so the maps are on the runs' patch grids.
 
     Returns the maps and the error messages of images that could not be read (skipped).
     """
@@ -136,7 +142,8 @@ def collect_token_maps(
     errors: list[str] = []
     bar = tqdm(total=len(records), disable=not progress, desc=f"norms {backbone.spec.name}",
                unit="img", dynamic_ncols=True, file=sys.stderr)
-    for loaded in iterate_batches(records, backbone, batch_size, num_workers, device):
+    for loaded in iterate_batches(records, backbone, batch_size, num_workers, device,
+                                  image_protocol=image_protocol):
         errors += loaded.errors
         for group in loaded.groups:
             images = group.images.to(device, non_blocking=True)
@@ -255,6 +262,7 @@ def build_payload(backbone: Backbone, index: DatasetIndex, maps: TokenMaps, laye
     payload = {
         "kind": "lostreg-norms",
         **provenance(backbone, index, device),
+        "image_protocol": dataset_image_protocol(index.name),
         "num_prefix_tokens": backbone.num_prefix_tokens,
         "depth": backbone.depth,
         "limit": limit,
@@ -340,7 +348,8 @@ def analyze_norms(config: NormsConfig, backbone: Backbone | None = None,
     if not records:
         raise LostregError(f"dataset {index.name} ({index.root}) has no images to analyse")
     maps, skipped = collect_token_maps(backbone, list(records), layers, device,
-                                       config.batch_size, config.num_workers, config.progress)
+                                       config.batch_size, config.num_workers, config.progress,
+                                       dataset_image_protocol(index.name))
     for message in skipped:
         print(f"warning: skipped {message}", file=sys.stderr)
     if not len(maps):

@@ -158,6 +158,9 @@ def show_compare(
     """Render one side-by-side panel per image and an ``index.html`` (default
     ``results/analysis/compare-<dataset>-<hash>/show/``); returns the index path."""
     infos = load_runs(list(run_dirs))
+    if infos[0].is_mask:
+        raise LostregError("these are mask runs; their panels are "
+                           "mask_report.show_mask_compare's")
     labels = run_labels(infos)
     chosen = select_common_images(infos, image_ids, max_images, misses_only)
     if not chosen:

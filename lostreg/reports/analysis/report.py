@@ -27,6 +27,7 @@ from PIL import Image
 from lostreg.backbones import Backbone
 from lostreg.datasets.base import load_rgb
 from lostreg.errors import LostregError
+from lostreg.evaluation.saliency_protocol import resize_to_patch_multiple
 from lostreg.features.extract import (
     FEATURE_KINDS,
     FeatureRequest,
@@ -73,7 +74,8 @@ class MethodResult:
 
 @dataclass
 class ImageMaps:
-    """Everything a panel shows about one image, on its padded patch grid."""
+    """Everything a panel shows about one image, on its patch grid (padded, or of the resized
+    image for a mask run); ``size`` is the image's original ``(H, W)``."""
 
     grid: tuple[int, int]
     size: tuple[int, int]
@@ -121,13 +123,16 @@ def method_features(backbone: Backbone, images: torch.Tensor, requests: list[Fea
 
 
 def apply_method(method: RunMethod, feats: torch.Tensor, grid: tuple[int, int],
-                 patch_size: int, size: tuple[int, int]) -> MethodResult:
-    """Run the registry's method on one image's features ``(1, N, D)`` as the run did."""
+                 patch_size: int, size: tuple[int, int], saliency: bool = False) -> MethodResult:
+    """Run the registry's method on one image's features ``(1, N, D)`` as the run did; with
+    ``saliency`` the mask is the one a saliency run scores (``MethodSpec.mask_for_saliency``:
+    DINO-seg's thresholded attention, not the component its box is drawn around)."""
     if method.normalize == "l2":
         feats = F.normalize(feats, dim=-1)
     sizes = torch.tensor([list(size)], dtype=torch.long, device=feats.device)
     out = method.spec.run(feats, grid, patch_size, sizes, method.params)
-    mask = out.mask[0].detach().cpu().numpy().astype(bool)
+    masks = method.spec.mask_for_saliency(out) if saliency else out.mask
+    mask = masks[0].detach().cpu().numpy().astype(bool)
     if mask.shape != tuple(grid):
         raise LostregError(f"method {method.name} returned a {mask.shape} mask for a {grid} "
                            "patch grid")
@@ -136,11 +141,27 @@ def apply_method(method: RunMethod, feats: torch.Tensor, grid: tuple[int, int],
                         None if seed < 0 else divmod(seed, grid[1]), mask)
 
 
-def compute_image_maps(backbone: Backbone, image: Image.Image, method: RunMethod,
-                       device: torch.device, autocast: torch.dtype | None = None) -> ImageMaps:
-    """Recompute the run's method (box, seed, mask; LOST's degrees), the last block's token
-    norms and the prefix attention, from one forward when the method reads the last block."""
+def model_input(image: Image.Image, backbone: Backbone, image_protocol: str = "pad"
+                ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """``(normalised (3, Hp, Wp) tensor, the size the method clips to, the image's original
+    (H, W))`` as the run fed it: padded to a patch multiple (``pad``), or first resized to
+    the nearest one with LANCZOS (``resize``: a mask run, TokenCut's ``resize_pil``; the
+    method then sees the resized size, as the run's pass gives it)."""
+    original = (image.height, image.width)
+    if image_protocol == "resize":
+        image = resize_to_patch_multiple(image, backbone.patch_size)
     tensor, size = preprocess(image, backbone.mean, backbone.std, backbone.patch_size)
+    return tensor, size, original
+
+
+def compute_image_maps(backbone: Backbone, image: Image.Image, method: RunMethod,
+                       device: torch.device, autocast: torch.dtype | None = None,
+                       image_protocol: str = "pad") -> ImageMaps:
+    """Recompute the run's method (box, seed, mask; LOST's degrees), the last block's token
+    norms and the prefix attention, from one forward when the method reads the last block.
+    With ``image_protocol="resize"`` (a mask run) the image is resized as the run resized it
+    and the mask is the one a saliency run scores; ``size`` is then the original size."""
+    tensor, size, original = model_input(image, backbone, image_protocol)
     images = tensor.unsqueeze(0).to(device)
     p = backbone.patch_size
     grid = (images.shape[-2] // p, images.shape[-1] // p)
@@ -148,7 +169,7 @@ def compute_image_maps(backbone: Backbone, image: Image.Image, method: RunMethod
                         enabled=autocast is not None):
         readout = panel_readout(backbone, images, method.request.kind, method.request.layer)
     feats = readout.features.contiguous()
-    result = apply_method(method, feats, grid, p, size)
+    result = apply_method(method, feats, grid, p, size, saliency=image_protocol == "resize")
     degrees = None
     if method.name == "lost":
         lost_feats = F.normalize(feats, dim=-1) if method.normalize == "l2" else feats
@@ -156,7 +177,7 @@ def compute_image_maps(backbone: Backbone, image: Image.Image, method: RunMethod
                    method.params["gram_bias"])
         degrees = out.degrees.float().reshape(grid).cpu().numpy()
     norms = patch_token_norms(readout.output, readout.num_prefix_tokens)[0]
-    return ImageMaps(grid, size, result, degrees, norms.reshape(grid).cpu().numpy(),
+    return ImageMaps(grid, original, result, degrees, norms.reshape(grid).cpu().numpy(),
                      readout.attention[0].reshape(-1, *grid).cpu().numpy(), readout.names)
 
 
@@ -380,6 +401,9 @@ def show_run(
     """Render the panels and ``index.html`` (default ``<run>/analysis/show/``); returns the
     index path."""
     info = load_run(run_dir)
+    if info.is_mask:
+        raise LostregError(f"{info.run_dir}: a mask run; its panels are "
+                           "mask_report.show_mask_run's")
     chosen = select_predictions(info, image_ids, max_images, misses_only)
     if not chosen:
         raise LostregError(f"{info.run_dir}: no image to show (all hits with --misses?)")

@@ -5,6 +5,12 @@ The analyses explain one run, so they must see the same model: the weights are l
 written before the method registry lack ``method``, ``method_params``, ``layer`` and
 ``normalize``; they are read with the defaults those runs used (LOST, its ``k_patches`` and
 ``gram_bias`` from the top level, the last block, no normalisation).
+
+A mask run (ECSSD, DUTS-TE, DUT-OMRON: ``lostreg.runs.store.run_target``) is read through the
+saliency reports' loader (``load_mask_run``: every line's ``sal_iou`` recomputed from its
+counts, its ``pred_mask_rle`` checked against them, the run's figures against its lines), so
+only a finished mask run is analysed. Its images were resized to a patch multiple (TokenCut's
+saliency protocol), so its patch grid is the resized image's, not the padded one.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from lostreg.backbones import Backbone, create_backbone
 from lostreg.datasets import load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
+from lostreg.evaluation.saliency_protocol import MASK_PROTOCOL, feature_grid
 from lostreg.features.extract import FeatureRequest, padded_size
 from lostreg.methods import MethodSpec, get_method, list_methods
 from lostreg.runs.legacy import config_value
-from lostreg.runs.store import is_finished, read_config, read_lines
+from lostreg.runs.store import is_finished, read_config, read_lines, run_target
 
 CONFIG_KEYS = ("model", "patch_size", "dataset", "weights", "feature")
 PREDICTION_KEYS = ("image_id", "width", "height", "box", "seed", "hit")
+MASK_PREDICTION_KEYS = ("image_id", "width", "height", "seed", "sal_iou", "pred_mask_rle")
 NORMALIZATIONS = ("none", "l2")
 
 
@@ -90,11 +98,22 @@ def method_of(config: dict, config_path: Path) -> RunMethod:
 
 @dataclass
 class RunInfo:
-    """A run folder's ``config.json`` and ``predictions.jsonl`` (dataset order)."""
+    """A run folder's ``config.json`` and ``predictions.jsonl`` (dataset order); ``target``
+    is the ground-truth kind it was scored on (``boxes``, or ``mask`` for a saliency run)."""
 
     run_dir: Path
     config: dict
     predictions: list[dict]
+    target: str = "boxes"
+
+    @property
+    def is_mask(self) -> bool:
+        return self.target == "mask"
+
+    @property
+    def refine(self) -> str:
+        """A mask run's ``--refine`` (``none`` for a box run)."""
+        return str(self.config.get("refine") or "none")
 
     @property
     def run_id(self) -> str:
@@ -118,24 +137,37 @@ class RunInfo:
     def method(self) -> RunMethod:
         return method_of(self.config, self.run_dir / "config.json")
 
+    @property
+    def image_protocol(self) -> str:
+        """How the run fed its images to the model: ``pad`` (CorLoc), or ``resize`` to a
+        patch multiple (a mask run: TokenCut's saliency protocol)."""
+        return "resize" if self.is_mask else "pad"
+
     def grid(self, prediction: dict) -> tuple[int, int]:
-        """Patch grid ``(rows, cols)`` of a predicted image (padded to the patch size)."""
-        height, width = padded_size(int(prediction["height"]), int(prediction["width"]),
-                                    self.patch_size)
+        """Patch grid ``(rows, cols)`` of a predicted image: padded to the patch size, or,
+        for a mask run, of the image resized to the nearest patch multiple."""
+        height, width = int(prediction["height"]), int(prediction["width"])
+        if self.is_mask:
+            return feature_grid(width, height, self.patch_size)
+        height, width = padded_size(height, width, self.patch_size)
         return height // self.patch_size, width // self.patch_size
 
 
-def _check_prediction(path: Path, number: int, line: dict) -> None:
-    missing = [k for k in PREDICTION_KEYS if k not in line]
+def _check_prediction(path: Path, number: int, line: dict, mask: bool = False) -> None:
+    """The keys the analyses read, typed; a mask line's box may be null (an image whose
+    features were not finite: its mask is empty)."""
+    missing = [k for k in (MASK_PREDICTION_KEYS if mask else PREDICTION_KEYS) if k not in line]
     if missing:
         raise LostregError(f"{path}: line {number} lacks {', '.join(missing)}")
-    seed, box = line["seed"], line["box"]
+    seed, box = line["seed"], line.get("box")
     if seed is not None and not (isinstance(seed, list) and len(seed) == 2
-                                 and all(isinstance(v, int) for v in seed)):
+                                 and all(type(v) is int for v in seed)):
         raise LostregError(f"{path}: line {number}: seed must be [row, col] integers or null, "
                            f"got {seed!r}")
+    if mask and box is None:
+        return
     if not (isinstance(box, list) and len(box) == 4
-            and all(isinstance(v, (int, float)) for v in box)):
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
         raise LostregError(f"{path}: line {number}: box must be [x1, y1, x2, y2], got {box!r}")
 
 
@@ -155,18 +187,46 @@ def load_run(run_dir: str | Path) -> RunInfo:
     missing = [k for k in CONFIG_KEYS if k not in config]
     if missing:
         raise LostregError(f"{run_dir / 'config.json'}: missing {', '.join(missing)}")
+    target = run_target(config)
+    if target == "mask":
+        _check_mask_run(run_dir, config)
     predictions = read_lines(run_dir)
     predictions_path = run_dir / "predictions.jsonl"
     if not predictions:
         raise LostregError(f"{predictions_path}: no predictions")
     for number, line in enumerate(predictions, start=1):
-        _check_prediction(predictions_path, number, line)
+        _check_prediction(predictions_path, number, line, mask=target == "mask")
     if not is_finished(run_dir):
         print(f"warning: {run_dir} is unfinished (no metrics.json); using its "
               f"{len(predictions)} predictions", file=sys.stderr)
-    info = RunInfo(run_dir, config, predictions)
+    info = RunInfo(run_dir, config, predictions, target)
     info.method  # noqa: B018 (validates method, parameters, layer and normalize now)
     return info
+
+
+def run_kind(run_dir: str | Path) -> str:
+    """The ground-truth kind a run folder was scored on (``boxes`` or ``mask``), from its
+    ``config.json`` alone: which analysis reads it."""
+    if not Path(run_dir).is_dir():
+        raise LostregError(f"{run_dir}: run folder not found")
+    return run_target(read_config(Path(run_dir)))
+
+
+def _check_mask_run(run_dir: Path, config: dict) -> None:
+    """A mask run is analysed only finished, its files checked by the saliency reports'
+    loader (scores recomputed, masks against counts, figures against lines), and only under
+    the mask protocol this lostreg reproduces."""
+    from lostreg.reports.leaderboard.saliency_runs import load_mask_run
+
+    if config.get("mask_protocol") != MASK_PROTOCOL:
+        raise LostregError(f"{run_dir / 'config.json'}: mask_protocol "
+                           f"{config.get('mask_protocol')!r} is not known to this lostreg "
+                           f"(known: {MASK_PROTOCOL})")
+    if not is_finished(run_dir):
+        raise LostregError(f"{run_dir}: an unfinished mask run (no metrics.json); analyze reads "
+                           "finished mask runs, whose lines are checked against metrics.json: "
+                           "finish it with its lostreg.run command")
+    load_mask_run(run_dir)
 
 
 def weights_argument(config: dict) -> str:
@@ -257,6 +317,7 @@ def _settings(info: RunInfo) -> dict[str, str]:
         "precision": str(config.get("precision", "fp32")),
         "no_hard": str(bool(config.get("no_hard"))),
         "test_time_registers": str(config.get("test_time_registers", 0)),
+        "refine": info.refine,
     }
 
 
@@ -305,6 +366,11 @@ def load_runs(run_dirs: list[str | Path]) -> list[RunInfo]:
     infos = [load_run(d) for d in unique]
     first = infos[0]
     for info in infos[1:]:
+        if info.target != first.target:
+            raise LostregError(
+                f"--run: {info.run_dir.name} was scored on {info.target} but "
+                f"{first.run_dir.name} on {first.target}; a box run (CorLoc) and a mask run "
+                "(saliency) never share images: compare runs of one kind")
         for key in ("dataset", "no_hard"):
             if info.config.get(key) != first.config.get(key):
                 raise LostregError(

@@ -131,6 +131,7 @@ def base_config(args: argparse.Namespace) -> RunConfig:
                                "one command per model and dataset")
     if args.dataset not in DATASETS:
         raise LostregError(f"--dataset {args.dataset!r}: expected one of {', '.join(DATASETS)}")
+    _check_box_dataset("--dataset", args.dataset)
     get_backbone_spec(args.model, ttr_neurons=args.ttr_neurons)  # fails here, before any work
     return RunConfig(
         model=args.model, dataset=args.dataset,
@@ -143,6 +144,18 @@ def base_config(args: argparse.Namespace) -> RunConfig:
         ttr_neurons=args.ttr_neurons)
 
 
+def _check_box_dataset(flag: str, name: str) -> None:
+    """A protocol study measures CorLoc, so only datasets scored on boxes take part; a
+    saliency set (scored on masks) is refused before any work, rather than mixed into
+    CorLoc tables."""
+    if DATASETS[name].target != "boxes":
+        boxes = ", ".join(n for n, spec in DATASETS.items() if spec.target == "boxes")
+        raise LostregError(f"{flag} {name}: a protocol study measures LOST's CorLoc on a box "
+                           f"dataset ({boxes}); {name} is scored on {DATASETS[name].target}s "
+                           "(saliency): run it with lostreg.run and read it in the "
+                           "leaderboard")
+
+
 def _select_on(text: str) -> list[str] | None:
     if text == "auto":
         return None
@@ -153,6 +166,7 @@ def _select_on(text: str) -> list[str] | None:
         if name not in DATASETS:
             raise LostregError(f"--select-on {text!r}: {name!r} is not a dataset "
                                f"({', '.join(DATASETS)}, auto or none)")
+        _check_box_dataset("--select-on", name)
     return names
 
 
