@@ -172,6 +172,10 @@ def test_options_published_figures_and_code_are_inputs(tmp_path: Path,
     published.write_text("".join(published.read_text().splitlines(keepends=True)[:-1]))
     assert builds.build(runs, out, published=published)
     assert not builds.build(runs, out, published=published)
+    titles = lb.method_titles()
+    monkeypatch.setattr(lb, "method_titles", lambda: {**titles, "zz_plugin": "Z"})
+    assert builds.build(runs, out, published=published)  # a plugin's method in this process
+    assert not builds.build(runs, out, published=published)
     monkeypatch.setattr(record, "code_digest", lambda: "another version")
     assert builds.build(runs, out, published=published)
 

@@ -85,6 +85,7 @@ from lostreg.reports.leaderboard.tables import (
     find_pairs,
     leaderboard_frame,
     leaderboard_row,
+    method_titles,
     pair_row,
     settings_label,
     single_row,
@@ -244,7 +245,10 @@ def build(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False
     marks each step (the benchmark's phases)."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     options = {"include_smoke": bool(include_smoke),
-               "published": None if published is None else str(Path(published).resolve())}
+               "published": None if published is None else str(Path(published).resolve()),
+               # the methods' titles and order the tables show (a plugin registered in this
+               # process adds one)
+               "methods": [list(item) for item in method_titles().items()]}
     published_file = DEFAULT_PUBLISHED if published is None else Path(published)
     last = record.read_record(out_dir)
     summary = None if last is None else record.recorded_summary(

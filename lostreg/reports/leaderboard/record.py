@@ -6,7 +6,8 @@ every table and checks every figure (about 2 s at 500 runs on two cores, issue 2
 nothing changed none of that can change a byte, so ``<out>/.build.json`` records, after a
 build that reported nothing (no skipped folder, no store warning):
 
-* the **inputs**: the command's options, the published CSV's sha256, and per run folder
+* the **inputs**: the command's options (and the methods' titles and order the tables show),
+  the published CSV's sha256, and per run folder
   (``scan_runs``' listing: every non-hidden folder) whether it is finished, the sha256 of its
   ``config.json`` and ``metrics.json``, and its ``predictions.jsonl`` by stat (size, times,
   inode, device) when the file had settled (not changed in the last ``RACY_NS`` before the
