@@ -25,7 +25,13 @@ written atomically without following a link. Nothing read back is trusted: the f
 through the bounded JSON reader, its own sha256 (``digest``) and format are checked, its key
 must equal the run's files now, and its figures must agree with ``metrics.json`` and with
 themselves; any mismatch and the run is read and summarised again. A store that cannot be
-written (read-only runs folder) costs speed, never a result.
+written (read-only runs folder) costs speed, never a result. The same store keeps mask runs'
+per-image tables (``reports.leaderboard.saliency_runs``, their own format) and, under a dot
+name no run folder has, the pairs' McNemar p-values (``lostreg.runs.pvalues``).
+
+Speed (issue 20): a VOC07 run's summary takes about 50 ms of one core (the JSON parse 22 ms,
+``fastlines``' checks, the metric's aggregate, the hashes); the bootstrap totals of 500 runs
+about 3 s (one float32 product per block of runs, exact).
 """
 
 from __future__ import annotations
