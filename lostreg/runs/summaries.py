@@ -429,7 +429,10 @@ def add_totals(summaries: Iterable[RunSummary]) -> None:
                 metric.totals = totals[:, column].astype(_totals_dtype(n))
 
 
-_ROWS_PER_PRODUCT = 128  # resamples turned into per-image counts at once (bounds memory)
+# resamples turned into per-image counts at once: at most this many cells (bounds memory:
+# 12 bytes a cell, counts and their float copy), and as many rows as that allows: OpenBLAS
+# multiplies 800 rows (a VOC07 run's 5011 images) about 5x faster per row than 128
+_CELLS_PER_PRODUCT = 4_000_000
 
 
 def _exact_dtype(n: int) -> np.dtype:
@@ -449,9 +452,10 @@ def resampled_totals(hits: np.ndarray, n: int) -> np.ndarray:
     values = hits.astype(dtype)
     totals = np.empty((stats.DEFAULT_RESAMPLES, columns), dtype=np.int64)
     done = 0
+    step = max(1, _CELLS_PER_PRODUCT // n)
     for idx in stats.resample_indices(n, stats.DEFAULT_RESAMPLES, stats.DEFAULT_SEED):
-        for start in range(0, idx.shape[0], _ROWS_PER_PRODUCT):
-            rows = idx[start:start + _ROWS_PER_PRODUCT]
+        for start in range(0, idx.shape[0], step):
+            rows = idx[start:start + step]
             m = rows.shape[0]
             flat = (rows + n * np.arange(m)[:, None]).ravel()
             counts = np.bincount(flat, minlength=m * n).reshape(m, n).astype(dtype)
