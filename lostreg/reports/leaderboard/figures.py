@@ -295,7 +295,9 @@ class IouCanvas:
         counts = np.asarray(plot.counts, dtype=np.int64)
         for bar, count in zip(axis.patches, counts.tolist(), strict=True):
             bar.set_height(count)
-        axis.relim()
+        # what ``relim`` gives (a third of this step's time): the bars stand on 0 and the
+        # tallest ends at its count; their x extent, the bins, never changes
+        axis.dataLim.y1 = float(counts.max(initial=0))
         axis.autoscale_view()
         axis.title.set_text(iou_title(plot, counts))
         if plot.smoke and figure._suptitle is None:
