@@ -2,8 +2,8 @@
 rebuilt with nothing changed; wall time and peak RSS of each build (issue 20, "Load").
 
 Each build runs in a fresh child process doing what ``python -m lostreg.leaderboard`` does
-(``collect``, then ``write_outputs``), with each phase timed: the imports (torch comes with
-``lostreg.methods``, whose titles and order the tables use), reading the runs through their
+(``build``: the build record checked, then ``collect`` and ``write_outputs`` unless it
+holds), with each phase timed: the imports, the record's check, reading the runs through their
 summaries, and writing the outputs. Runs come in register pairs (``dinov2_vitl14`` and its
 ``_reg4`` twin under the same settings: layer, feature, Gram bias), so half the runs are
 baselines with a paired comparison, the worst case for the paired statistics. Each predictions line is in the
@@ -129,8 +129,9 @@ def generate_runs(root: Path, n_runs: int, n_images: int = VOC07_IMAGES, seed: i
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
-# the child: only what ``python -m lostreg.leaderboard`` imports and does (``collect``, then
-# ``write_outputs``), each phase timed with the peak RSS after it; one JSON line on stdout
+# the child: only what ``python -m lostreg.leaderboard`` imports and does (``build``: the
+# build record checked, then ``collect`` and ``write_outputs`` unless it holds), each phase
+# timed (``lostreg.timeline``'s marks) with the peak RSS at its end; one JSON line on stdout
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
@@ -139,22 +140,37 @@ def peak_mib():  # this process's own high-water RSS since its exec (VmHWM)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-def mark(name):
+def mark(name, seconds=None):
     global start
     now = time.perf_counter()
-    phases.append({"phase": name, "seconds": now - start, "peak_rss_mib": peak_mib(),
-                   "workers_peak_rss_mib":
+    phases.append({"phase": name, "seconds": now - start if seconds is None else seconds,
+                   "peak_rss_mib": peak_mib(), "workers_peak_rss_mib":
                        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024})
     start = now
 from lostreg.reports import leaderboard as lb
-mark("import lostreg.reports.leaderboard (pandas, scipy)")
-import lostreg.methods  # the methods' titles and order, which the tables use (imports torch)
-mark("import lostreg.methods (torch)")
-board = lb.collect(sys.argv[1], report=None)
-mark("collect: summaries, tables, paired statistics")
-lb.write_outputs(board, sys.argv[2])
-mark("write: CSV, markdown, figures")
-print(json.dumps({"phases": phases, "line": lb.summary_line(board, Path(sys.argv[2]))}))
+from lostreg import timeline
+mark("import lostreg.reports.leaderboard (pandas)")
+if not hasattr(lb, "build"):  # an older checkout (--compare): the command's work was this
+    import lostreg.methods
+    mark("import lostreg.methods (torch)")
+    summary = lb.collect(sys.argv[1], report=None)
+    mark("collect: summaries, tables, paired statistics")
+    lb.write_outputs(summary, sys.argv[2])
+    mark("write: CSV, markdown, figures")
+    print(json.dumps({"phases": phases, "line": lb.summary_line(summary, Path(sys.argv[2]))}))
+    sys.exit(0)
+begun = timeline.since_start()
+summary = lb.build(sys.argv[1], sys.argv[2], report=None)
+marks, previous = timeline.marks(), begun
+for step, name in (("leaderboard: build record checked", "build record checked"),
+                   ("leaderboard: runs collected", "collect: summaries, tables, paired statistics"),
+                   ("leaderboard: outputs written", "write: CSV, markdown, figures")):
+    if step in marks:
+        phases.append({"phase": name, "seconds": marks[step] - previous,
+                       "peak_rss_mib": None, "workers_peak_rss_mib": None})
+        previous = marks[step]
+mark("peak RSS after the build", 0.0)
+print(json.dumps({"phases": phases, "line": lb.summary_line(summary, Path(sys.argv[2]))}))
 """
 
 
@@ -174,20 +190,21 @@ def timed_build(runs: Path, out: Path, source: Path | None = None) -> dict[str, 
             env["PYTHONPATH"] = os.pathsep.join([str(source), env.get("PYTHONPATH", "")])
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env,
                                  cwd=source or Path.cwd())
-        _, status, _ = os.wait4(child.pid, 0)
+        _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"leaderboard failed ({child.returncode}): "
                          f"{logs[1].read_text()[-2000:]}")
     report = json.loads(logs[0].read_text().strip().splitlines()[-1])
-    return {"seconds": seconds, "peak_rss_mib": max(p["peak_rss_mib"] for p in report["phases"]),
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": max(p["peak_rss_mib"] or 0.0 for p in report["phases"]),
             "workers_peak_rss_mib": report["phases"][-1]["workers_peak_rss_mib"], **report}
 
 
 def phase_rows(name: str, build: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(f"  {name}: {phase['phase']}",
-             f"{phase['seconds']:.2f} s, peak RSS {phase['peak_rss_mib']:.0f} MiB")
+    return [(f"  {name}: {phase['phase']}", f"{phase['seconds']:.2f} s" + (
+        "" if phase["peak_rss_mib"] is None else f", peak RSS {phase['peak_rss_mib']:.0f} MiB"))
             for phase in build["phases"]]
 
 
@@ -205,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, default=None, metavar="CHECKOUT",
                         help="also build cold with another lostreg source tree (e.g. `mkdir "
                              "/tmp/lb0 && git archive 0b4749c | tar -x -C /tmp/lb0`: the "
-                             "leaderboard before per-run summaries) on the same runs, and print "
-                             "the ratio")
+                             "leaderboard before per-run summaries) on the same runs, its "
+                             "summaries removed first, and print the ratio")
     add_output_options(parser)
     args = parser.parse_args(argv)
     with scratch_folder(args.workdir, "leaderboard") as work:
@@ -223,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         same = output_bytes(out) == first
         baseline = None
         if args.compare is not None:
+            shutil.rmtree(runs / ".summaries", ignore_errors=True)  # cold for it too
             baseline = timed_build(runs, work / "out-baseline", args.compare.resolve())
             same_as_baseline = all(
                 (work / "out-baseline" / name).read_bytes() == (out / name).read_bytes()
@@ -236,11 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("runs x images", f"{args.runs} x {args.images}"),
             ("generating the runs (s)", f"{generated:.1f}"),
             ("cold build (s)", f"{cold['seconds']:.2f}"),
+            ("cold build, CPU time of the process and its workers (s)",
+             f"{cold['cpu_seconds']:.2f}"),
             ("cold build peak RSS (MiB)", f"{cold['peak_rss_mib']:.0f}"),
             ("cold build, largest figure worker's peak RSS (MiB)",
              f"{cold['workers_peak_rss_mib']:.0f}"),
             *phase_rows("cold", cold),
             ("rebuild, nothing changed (s)", f"{rebuild['seconds']:.2f}"),
+            ("rebuild, CPU time (s)", f"{rebuild['cpu_seconds']:.2f}"),
             ("rebuild peak RSS (MiB)", f"{rebuild['peak_rss_mib']:.0f}"),
             *phase_rows("rebuild", rebuild),
             ("rebuild wrote the same bytes", same),
@@ -250,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"GOAL peak RSS <= {GOAL_RSS_MIB:.0f} MiB", verdict["rss"]),
             *([] if baseline is None else [
                 (f"baseline {args.compare}: cold build (s)", f"{baseline['seconds']:.2f}"),
+                ("baseline cold build, CPU time (s)", f"{baseline['cpu_seconds']:.2f}"),
                 ("baseline peak RSS (MiB)", f"{baseline['peak_rss_mib']:.0f}"),
                 *phase_rows("baseline", baseline),
                 ("baseline wrote the same CSV and markdown bytes", same_as_baseline),

@@ -323,3 +323,31 @@ def test_several_mask_runs_per_image_iou_side_by_side(tmp_path, capsys) -> None:
     assert "ious.csv" in out and "TokenCut's per-image IoU" in out
     assert (tmp_path / "cli" / "ious.csv").read_text() == (tmp_path / "out" / "ious.csv"
                                                            ).read_text()
+
+
+def test_register_neurons_on_a_saliency_set_sees_its_resized_images(tree, monkeypatch) -> None:
+    """``register-neurons`` feeds a saliency set's images as its runs do (resized to a patch
+    multiple, not padded), so the outliers it explains are the runs' outliers."""
+    from lostreg.datasets import load_dataset
+    from lostreg.reports.analysis import neurons
+
+    shapes: list[tuple[int, int]] = []
+    real = neurons.accumulate_scores
+
+    def recording(backbone, batches, *args):
+        kept = list(batches)
+        shapes.extend(tuple(batch.shape[-2:]) for batch in kept for _ in range(len(batch)))
+        return real(backbone, kept, *args)
+
+    monkeypatch.setattr(neurons, "accumulate_scores", recording)
+    index = load_dataset("ecssd", tree / "data", download=False)
+    config = neurons.NeuronSearchConfig(model=SPEC.name, output=tree / "neurons.json",
+                                        device="cpu", threshold=1.0, num_workers=0,
+                                        progress=False)
+    neurons.find_register_neurons(config, create_backbone(SPEC, "random"), index)
+    expected = []
+    for record in index.records:
+        width, height = resize_to_patch_multiple(Image.open(record.path), 14).size
+        expected.append((height, width))
+    assert sorted(shapes) == sorted(expected)
+    assert any(h % 14 or w % 14 for w, h in (Image.open(r.path).size for r in index.records))

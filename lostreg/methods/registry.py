@@ -18,13 +18,17 @@ flags, run ids, config.json and the leaderboard all come from the entry.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import torch
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lostreg.errors import LostregError, did_you_mean
+
+if TYPE_CHECKING:  # only in annotations: this module imports without torch (see declared_methods)
+    import torch
 
 
 class MethodOutput(NamedTuple):
@@ -162,7 +166,17 @@ METHODS: dict[str, MethodSpec] = {}
 DEFAULT_METHOD = "lost"
 
 
+def _builtins_first(name: str = "") -> None:
+    """Register the built-in methods before anything else is registered or looked up, so the
+    registry's order is theirs whoever imports this module first (a plugin may)."""
+    from lostreg.methods import BUILTIN_METHODS, load_builtin_methods
+
+    if name not in BUILTIN_METHODS:
+        load_builtin_methods()
+
+
 def register_method(spec: MethodSpec) -> MethodSpec:
+    _builtins_first(spec.name)
     flags = {p.cli_flag for other in METHODS.values() for p in other.params if other.name != spec.name}
     clash = [p.cli_flag for p in spec.params if p.cli_flag in flags]
     if clash:
@@ -172,10 +186,55 @@ def register_method(spec: MethodSpec) -> MethodSpec:
 
 
 def list_methods() -> list[str]:
+    _builtins_first()
     return list(METHODS)
 
 
 def get_method(name: str) -> MethodSpec:
+    _builtins_first()
     if name in METHODS:
         return METHODS[name]
     raise LostregError(f"--method {name!r}: unknown method; {did_you_mean(name, METHODS)}")
+
+
+# --- the built-in entries, read without running their modules ------------------------------------
+
+
+def _literal_entry(call: ast.Call) -> tuple[str, str] | None:
+    """``(name, title)`` of a ``MethodSpec(...)`` call spelled with literal strings, else None."""
+    if not (isinstance(call.func, ast.Name) and call.func.id == "MethodSpec"):
+        return None
+    values: dict[str, ast.expr] = {}
+    if call.args:
+        values["name"] = call.args[0]
+    for keyword in call.keywords:
+        if keyword.arg is None:  # **kwargs: not known without running the module
+            return None
+        values[keyword.arg] = keyword.value
+    texts = {key: node.value for key, node in values.items()
+             if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    if "name" not in texts or ("title" in values and "title" not in texts):
+        return None
+    return texts["name"], texts.get("title", "")
+
+
+@lru_cache(maxsize=1)
+def declared_methods() -> dict[str, str] | None:
+    """Each built-in method's title by name, in registry order, read from its module's source
+    (its one ``register_method(MethodSpec(...))`` call) without running it: the leaderboard
+    needs only these, and running the modules imports torch (2-3 s of a 3 s rebuild). None
+    when a module's entry is not spelled with literal strings: then ask ``METHODS``
+    (``tests/test_leaderboard_speed.py`` holds the two equal)."""
+    from lostreg.methods import BUILTIN_METHODS
+
+    titles: dict[str, str] = {}
+    for module in BUILTIN_METHODS:
+        source = (Path(__file__).parent / f"{module}.py").read_text(encoding="utf-8")
+        calls = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+                 and isinstance(node.func, ast.Name) and node.func.id == "register_method"]
+        entry = (_literal_entry(calls[0].args[0]) if len(calls) == 1 and calls[0].args
+                 and isinstance(calls[0].args[0], ast.Call) else None)
+        if entry is None or entry[0] in titles:
+            return None
+        titles[entry[0]] = entry[1]
+    return titles

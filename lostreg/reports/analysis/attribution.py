@@ -81,32 +81,40 @@ def attribute_image(prediction: dict, norm_map: np.ndarray, threshold: float | N
     """Where one image's seed and box stand relative to its outlier tokens (seed columns
     ``None`` for a method without a seed)."""
     mask = outlier_mask(norm_map, threshold)
-    rows, cols = mask.shape
+    box_rows, box_cols = box_patch_slice(prediction["box"], patch_size, mask.shape)
+    box_outliers = int(mask[box_rows, box_cols].sum())
+    return {
+        "image_id": str(prediction["image_id"]),
+        "hit": bool(prediction["hit"]),
+        "best_iou": float(prediction.get("best_iou", math.nan)),
+        **outlier_columns(prediction, mask, norm_map),
+        "box_outliers": box_outliers,
+        "box_has_outlier": box_outliers > 0,
+    }
+
+
+def outlier_columns(prediction: dict, outliers: np.ndarray, norm_map: np.ndarray) -> dict:
+    """The columns box and mask runs share: where the seed stands relative to the outlier
+    tokens (``None`` for a method without a seed) and how many outliers the image has."""
+    rows, cols = outliers.shape
     seed = prediction_seed(prediction)
     if seed is not None and not (0 <= seed[0] < rows and 0 <= seed[1] < cols):
         raise LostregError(f"image {prediction['image_id']!r}: seed {prediction['seed']} is "
                            f"outside its {rows}x{cols} patch grid")
-    box_rows, box_cols = box_patch_slice(prediction["box"], patch_size, (rows, cols))
-    n_outliers = int(mask.sum())
-    box_outliers = int(mask[box_rows, box_cols].sum())
-    row = {
-        "image_id": str(prediction["image_id"]),
-        "hit": bool(prediction["hit"]),
-        "best_iou": float(prediction.get("best_iou", math.nan)),
+    n_outliers = int(outliers.sum())
+    columns = {
         **dict.fromkeys(SEED_COLUMNS),
-        "n_tokens": int(mask.size),
+        "n_tokens": int(outliers.size),
         "n_outliers": n_outliers,
-        "outlier_share": n_outliers / mask.size,
+        "outlier_share": n_outliers / outliers.size,
         "has_outliers": n_outliers > 0,
-        "box_outliers": box_outliers,
-        "box_has_outlier": box_outliers > 0,
     }
     if seed is not None:
-        row.update(seed_row=seed[0], seed_col=seed[1],
-                   seed_norm=float(norm_map[seed[0], seed[1]]),
-                   seed_is_outlier=bool(mask[seed[0], seed[1]]),
-                   seed_touches_outlier=touches_mask(mask, seed[0], seed[1]))
-    return row
+        columns.update(seed_row=seed[0], seed_col=seed[1],
+                       seed_norm=float(norm_map[seed[0], seed[1]]),
+                       seed_is_outlier=bool(outliers[seed[0], seed[1]]),
+                       seed_touches_outlier=touches_mask(outliers, seed[0], seed[1]))
+    return columns
 
 
 def attribution_rows(info: RunInfo, maps: TokenMaps, layer: int,

@@ -31,10 +31,10 @@ from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, atomic_write_text
 from lostreg.reports.analysis.attribution import (
     GROUPS,
-    SEED_COLUMNS,
     AttributionResult,
     attribute_and_compare,
     md_escape,
+    outlier_columns,
     percent,
     to_csv,
     token_maps_for,
@@ -47,7 +47,7 @@ from lostreg.reports.analysis.masks import (
     stored_mask,
     tokens_inside,
 )
-from lostreg.reports.analysis.norms import outlier_mask, touches_mask
+from lostreg.reports.analysis.norms import outlier_mask
 from lostreg.reports.analysis.runs import (
     RunInfo,
     common_predictions,
@@ -55,7 +55,6 @@ from lostreg.reports.analysis.runs import (
     label_slug,
     load_run,
     load_runs,
-    prediction_seed,
     run_labels,
 )
 from lostreg.reports.analysis.store import TokenMaps
@@ -85,34 +84,20 @@ def attribute_mask_image(prediction: dict, mask: np.ndarray, norm_map: np.ndarra
     """One row of ``attribution.csv`` for a mask run (``norm_map`` on the run's token grid,
     ``mask`` the stored binary mask on the original pixels)."""
     outliers = outlier_mask(norm_map, threshold)
-    rows, cols = outliers.shape
-    seed = prediction_seed(prediction)
-    if seed is not None and not (0 <= seed[0] < rows and 0 <= seed[1] < cols):
-        raise LostregError(f"image {prediction['image_id']!r}: seed {prediction['seed']} is "
-                           f"outside its {rows}x{cols} patch grid")
-    inside = tokens_inside(mask, (rows, cols))
-    n_outliers, in_mask = int(outliers.sum()), int((outliers & inside).sum())
+    columns = outlier_columns(prediction, outliers, norm_map)
+    inside = tokens_inside(mask, outliers.shape)
+    n_outliers, in_mask = columns["n_outliers"], int((outliers & inside).sum())
     iou = iou_of(prediction)
-    row = {
+    return {
         "image_id": str(prediction["image_id"]),
         "iou": None if math.isnan(iou) else iou,
         "mask_share": float(mask.mean()),
-        **dict.fromkeys(SEED_COLUMNS),
-        "n_tokens": int(outliers.size),
-        "n_outliers": n_outliers,
-        "outlier_share": n_outliers / outliers.size,
-        "has_outliers": n_outliers > 0,
+        **columns,
         "mask_tokens": int(inside.sum()),
         "mask_outliers": in_mask,
         "outliers_in_mask_share": in_mask / n_outliers if n_outliers else None,
         "mask_has_outlier": in_mask > 0,
     }
-    if seed is not None:
-        row.update(seed_row=seed[0], seed_col=seed[1],
-                   seed_norm=float(norm_map[seed[0], seed[1]]),
-                   seed_is_outlier=bool(outliers[seed[0], seed[1]]),
-                   seed_touches_outlier=touches_mask(outliers, seed[0], seed[1]))
-    return row
 
 
 def mask_attribution_rows(info: RunInfo, maps: TokenMaps, layer: int,

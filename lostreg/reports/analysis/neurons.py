@@ -38,6 +38,7 @@ from lostreg.backbones.registry import split_modifiers
 from lostreg.backbones.ttr import NEURON_FILE_KIND, parse_neuron_list
 from lostreg.datasets import default_data_root, load_dataset
 from lostreg.datasets.base import DatasetIndex
+from lostreg.datasets.registry import image_protocol as dataset_image_protocol
 from lostreg.errors import LostregError
 from lostreg.features.extract import resolve_layer, run_taps
 from lostreg.io import atomic_write_json
@@ -167,13 +168,13 @@ def neuron_file(ranked: list[tuple[int, int, float]], provenance: dict) -> dict:
 
 
 def _threshold_from_norms(backbone: Backbone, records, layer: int, device: torch.device,
-                          config: NeuronSearchConfig) -> float:
+                          config: NeuronSearchConfig, image_protocol: str) -> float:
     """The norm analysis' automatic split at ``layer`` (patch tokens)."""
     from lostreg.reports.analysis.collect import collect_token_maps
     from lostreg.reports.analysis.norms import split_threshold
 
     maps, _ = collect_token_maps(backbone, records, [layer], device, config.batch_size,
-                                 config.num_workers, config.progress)
+                                 config.num_workers, config.progress, image_protocol)
     split = split_threshold(maps.norms[layer].astype(np.float64))
     if split.threshold is None:
         raise LostregError(f"the patch-token norms at block {layer} are not bimodal ({split.reason}): "
@@ -212,12 +213,16 @@ def find_register_neurons(config: NeuronSearchConfig, backbone: Backbone | None 
     records = list(index.records[: config.limit] if config.limit else index.records)
     if not records:
         raise LostregError(f"dataset {index.name} ({index.root}) has no images")
+    # the images go in as the dataset's runs feed them (a saliency set's are resized to a patch
+    # multiple, not padded), so the outliers are those of the runs the neurons will serve
+    protocol = dataset_image_protocol(index.name)
     threshold = (config.threshold if config.threshold is not None
-                 else _threshold_from_norms(backbone, records, outlier_layer, device, config))
+                 else _threshold_from_norms(backbone, records, outlier_layer, device, config,
+                                            protocol))
 
     def batches():
         for loaded in iterate_batches(records, backbone, config.batch_size, config.num_workers,
-                                      device):
+                                      device, image_protocol=protocol):
             for group in loaded.groups:
                 yield group.images.to(device)
 

@@ -17,6 +17,9 @@ Outputs under ``--out`` (default ``results/``), each written atomically:
   (``lostreg/reports/leaderboard/published_corloc.csv``) as rows of their own with their protocol.
 - ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``, each redrawn only when
   what it shows changed (``figures/.drawn.json`` records what each was drawn from).
+- ``.build.json``: the build record (``record``): when the runs, the options, the published
+  figures, the code and every output are as the last build left them, the command writes
+  nothing and only says so (``build``).
 - Mask runs (saliency, ``saliency.py``): rows of their own in ``leaderboard.csv`` (``acc``,
   ``iou``, ``max_f``), ``comparison_saliency.csv``, the saliency part of ``comparison.md``,
   ``figures/saliency_iou.png``, ``figures/saliency_f_curves.png`` and each mask run's IoU
@@ -28,7 +31,8 @@ of a run that did not change. Text from the published CSV and from run files goe
 ``lostreg.reports.cells`` (one line per cell, escaped for markdown, no CSV formulas).
 
 Modules: ``published`` (the reference figures), ``tables`` (leaderboard and comparison rows),
-``markdown``, ``figures`` and ``drawing`` (which figures to redraw).
+``markdown``, ``figures`` and ``drawing`` (which figures to redraw), ``record`` (when nothing
+is to be rebuilt).
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from lostreg import timeline
 from lostreg.cli import HelpFormatter, add_runs_option
 from lostreg.errors import LostregError, error_line
 from lostreg.io import atomic_write_text
 from lostreg.reports.cells import neutralise_formulas
+from lostreg.reports.leaderboard import drawing, record
 from lostreg.reports.leaderboard.drawing import FigureWriter
 from lostreg.reports.leaderboard.figures import (
     IouPlot,
@@ -79,6 +85,7 @@ from lostreg.reports.leaderboard.tables import (
     find_pairs,
     leaderboard_frame,
     leaderboard_row,
+    method_titles,
     pair_row,
     settings_label,
     single_row,
@@ -100,8 +107,9 @@ from lostreg.runs.summaries import RunSummary, scan_summaries
 __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
     "LEADERBOARD_COLUMNS", "PAPER_DATASETS", "PAPER_MODELS", "PAPER_SUITE", "PUBLISHED_COLUMNS",
-    "SETTING_COLUMNS", "Leaderboard", "RunData", "RunInfo", "RunSummary", "ScanResult", "base_model_name",
-    "base_timm_name", "build_leaderboard", "build_parser", "collect", "comparison_frame",
+    "SETTING_COLUMNS", "BuildSummary", "Leaderboard", "RunData", "RunInfo", "RunSummary",
+    "ScanResult", "base_model_name", "base_timm_name", "build", "build_leaderboard",
+    "build_parser", "build_summary", "collect", "comparison_frame",
     "comparison_markdown", "figure_png", "find_pairs", "iou_figure", "is_smoke",
     "leaderboard_frame", "leaderboard_row", "load_published", "load_run", "main", "method_key",
     "pair_row", "read_predictions", "register_bar_figure", "scan_runs", "settings_label",
@@ -135,9 +143,10 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
     reported (one line, ``report``) and left out. Runs are read through their summaries
     (``lostreg.runs.summaries``: computed once per content of a run's files and stored under
     ``<runs>/.summaries``); their predictions are read only if asked for."""
-    scan, _ = scan_summaries(runs_dir, include_smoke, report)
+    scan, store = scan_summaries(runs_dir, include_smoke, report)
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
+    store.save_p_values()  # the pairs' McNemar p-values, for the next build (no SciPy then)
     masks = collect_saliency(runs_dir, include_smoke, published, report)
     return Leaderboard(scan.runs, with_mask_rows(leaderboard_frame(scan.runs), masks),
                        comparison, singles, figures, scan.skipped + masks.skipped,
@@ -149,9 +158,10 @@ def _csv(frame: pd.DataFrame) -> str:
     return neutralise_formulas(frame).to_csv(index=False, lineterminator="\n")
 
 
-def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
+def write_outputs(board: Leaderboard, out_dir: str | Path) -> list[str]:
     """Write every output atomically; IoU figures of runs no longer listed are removed, and
-    figures whose content did not change are kept as they are (``drawing``)."""
+    figures whose content did not change are kept as they are (``drawing``). Returns every
+    output file's name, relative to ``out_dir``."""
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "leaderboard.csv", _csv(board.table))
     comparison = board.comparison.copy()
@@ -167,6 +177,10 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> None:
     drawn.iou_figures([IouPlot.of(run) for run in board.runs])
     write_saliency_outputs(board.saliency, out_dir, drawn)
     drawn.close()
+    names = ["leaderboard.csv", "comparison.csv", "comparison.md", f"figures/{drawing.MANIFEST}"]
+    if board.saliency is not None:
+        names.append("comparison_saliency.csv")
+    return names + [f"figures/{name}" for name in drawn.new]
 
 
 def build_leaderboard(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False,
@@ -195,33 +209,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def summary_line(board: Leaderboard, out: Path) -> str:
-    """What was built, and what was left out and how to get it."""
+BuildSummary = record.BuildSummary
+
+
+def build_summary(board: Leaderboard) -> BuildSummary:
+    """What the summary line says of a build."""
     pairs = (board.comparison["source"] == "ours") & board.comparison["model_reg"].notna()
     smoke = int(board.table["smoke"].astype(bool).sum()) if len(board.table) else 0
-    line = (f"{len(board.table)} runs ({smoke} smoke) -> {out / 'leaderboard.csv'}; "
-            f"{int(pairs.sum()) + pair_count(board.saliency)} register pairs -> "
-            f"{out / 'comparison.md'}")
-    if board.smoke_excluded:
-        line += (f"; skipped {board.smoke_excluded} smoke run(s) (random weights): "
+    return BuildSummary(len(board.table), smoke, int(pairs.sum()) + pair_count(board.saliency),
+                        board.smoke_excluded, len(board.skipped), board.unfinished)
+
+
+def summary_line(board: Leaderboard | BuildSummary, out: Path) -> str:
+    """What was built, and what was left out and how to get it."""
+    summary = board if isinstance(board, BuildSummary) else build_summary(board)
+    line = (f"{summary.runs} runs ({summary.smoke} smoke) -> {out / 'leaderboard.csv'}; "
+            f"{summary.pairs} register pairs -> {out / 'comparison.md'}")
+    if summary.smoke_excluded:
+        line += (f"; skipped {summary.smoke_excluded} smoke run(s) (random weights): "
                  "--include-smoke shows them")
-    if board.skipped:
-        line += f"; skipped {len(board.skipped)} unreadable run folder(s), reasons above"
-    if board.unfinished:
-        line += f"; {board.unfinished} unfinished run folder(s) (no metrics.json) not listed"
+    if summary.skipped:
+        line += f"; skipped {summary.skipped} unreadable run folder(s), reasons above"
+    if summary.unfinished:
+        line += f"; {summary.unfinished} unfinished run folder(s) (no metrics.json) not listed"
     return line
+
+
+def build(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False,
+          published: str | Path | None = None,
+          report: Callable[[str], None] | None = _stderr) -> BuildSummary:
+    """What ``python -m lostreg.leaderboard`` does: ``collect`` and ``write_outputs``, unless
+    the build record (``record``) shows the runs, options, published figures, code and
+    outputs all as the last build left them: then nothing is read or written (the same bytes
+    would be). A build that reported nothing is recorded for the next one. ``lostreg.timeline``
+    marks each step (the benchmark's phases)."""
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    options = {"include_smoke": bool(include_smoke),
+               "published": None if published is None else str(Path(published).resolve()),
+               # the methods' titles and order the tables show (a plugin registered in this
+               # process adds one)
+               "methods": [list(item) for item in method_titles().items()]}
+    published_file = DEFAULT_PUBLISHED if published is None else Path(published)
+    last = record.read_record(out_dir)
+    summary = None if last is None else record.recorded_summary(
+        last, runs_dir, out_dir, options, published_file)
+    timeline.mark("leaderboard: build record checked")
+    if summary is not None:
+        return summary
+    inputs = record.take_inputs(runs_dir, options, published_file) if runs_dir.is_dir() else None
+    record.forget(out_dir)
+    reported: list[str] = []
+
+    def say(line: str) -> None:
+        reported.append(line)
+        if report is not None:
+            report(line)
+
+    board = collect(runs_dir, include_smoke, published, say)
+    timeline.mark("leaderboard: runs collected")
+    written = write_outputs(board, out_dir)
+    timeline.mark("leaderboard: outputs written")
+    summary = build_summary(board)
+    if (inputs is not None and not reported
+            and record.inputs_unchanged(inputs, runs_dir, options, published_file)):
+        outputs = record.take_outputs(out_dir, written)
+        if outputs is not None:
+            record.write_record(out_dir, inputs, outputs, summary)
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        board = collect(args.runs, args.include_smoke, args.published)
-        write_outputs(board, args.out)
+        summary = build(args.runs, args.out, args.include_smoke, args.published)
     except (LostregError, OSError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
-    line = summary_line(board, args.out)
-    if len(board.table) == 0 and (Path(args.runs) / "config.json").is_file():
+    line = summary_line(summary, args.out)
+    if summary.runs == 0 and (Path(args.runs) / "config.json").is_file():
         line += (f"; {args.runs} is one run's folder: --runs takes the folder that holds the "
                  f"run folders ({Path(args.runs).parent})")
     print(line)

@@ -23,7 +23,7 @@ from typing import Any
 from lostreg.errors import LostregError
 from lostreg.io import atomic_write_bytes, atomic_write_text, loads_bounded, read_bounded
 from lostreg.reports.leaderboard import figures
-from lostreg.reports.leaderboard.figures import IouPlot, figure_png, iou_plot_figure
+from lostreg.reports.leaderboard.figures import IouCanvas, IouPlot, figure_png
 from lostreg.workers import ordered_map
 
 MANIFEST = ".drawn.json"
@@ -80,8 +80,15 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
+_CANVAS: IouCanvas | None = None  # one per process: each worker draws many IoU figures
+
+
 def _draw_iou(plot: IouPlot) -> bytes:
-    return figure_png(iou_plot_figure(plot))
+    """``figure_png(iou_plot_figure(plot))``, from this process's ``IouCanvas``."""
+    global _CANVAS
+    if _CANVAS is None:
+        _CANVAS = IouCanvas()
+    return _CANVAS.png(plot)
 
 
 class FigureWriter:

@@ -22,6 +22,7 @@ from lostreg.reports.leaderboard.tables import (
     dataset_rank,
     is_subset,
     method_order,
+    method_titles,
     settings_label,
 )
 
@@ -61,11 +62,9 @@ def datasets_of(frame: pd.DataFrame) -> list[str]:
 
 def method_title(name: str, published: pd.DataFrame) -> str:
     """The registry's title of a method, else the name a paper printed, else the name."""
-    from lostreg.methods import METHODS
-
-    spec = METHODS.get(name)
-    if spec is not None and spec.title:
-        return spec.title
+    title = method_titles().get(name)
+    if title:
+        return title
     printed = [text for text in published["method"] if method_key(text) == name]
     return printed[0] if printed else name
 

@@ -22,8 +22,10 @@ never sit in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,7 +41,7 @@ from lostreg.evaluation.rle import decode as decode_rle
 from lostreg.evaluation.rle import foreground, rle_problem
 from lostreg.evaluation.saliency_metric import counts_problem
 from lostreg.fields import Fields, is_int, is_number, shown
-from lostreg.io import read_json_object, read_jsonl
+from lostreg.io import MAX_JSON_BYTES, read_bounded, read_json_object, read_jsonl
 from lostreg.reports.leaderboard.published import REFINES
 from lostreg.runs.store import (
     CONFIG,
@@ -53,6 +55,17 @@ from lostreg.runs.store import (
     parse_config,
     run_seconds,
     scan_runs,
+)
+from lostreg.runs.summaries import (
+    SummaryStore,
+    decode_vector,
+    encode_vector,
+    file_stat,
+    payload_digest,
+    read_settled,
+    recorded_key,
+    run_file_key,
+    settled,
 )
 
 F_CURVE_POINTS = len(saliency.TOKENCUT_THRESHOLDS)  # 255
@@ -303,8 +316,9 @@ def _run_means(images: pd.DataFrame, metrics: Fields) -> dict[str, Any]:
     return {**stored, "iou_nan_images": nan_images}
 
 
-def load_mask_run(run_dir: str | Path) -> MaskRun:
-    """Read one finished mask-run folder, check every value and that its files agree."""
+def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> MaskRun:
+    """Read one finished mask-run folder, check every value and that its files agree; its
+    lines from ``store``'s summary of it when its files did not change (``mask_images``)."""
     run_dir = Path(run_dir)
     missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
@@ -320,7 +334,7 @@ def load_mask_run(run_dir: str | Path) -> MaskRun:
     if metrics.text("saliency_definition") != "tokencut":
         raise metrics.fail("saliency_definition", "'tokencut' (the contract's default)")
     n_images = metrics.integer("n_images", minimum=1)
-    images = _read_images(run_dir / PREDICTIONS)
+    images = mask_images(run_dir, n_images, metrics, store)
     if len(images) != n_images:
         raise LostregError(f"{run_dir / PREDICTIONS}: {len(images)} images but metrics.json "
                            f"says {n_images}; rerun the run to rewrite it")
@@ -354,7 +368,131 @@ def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
     """Finished mask runs under ``runs_dir``, one per identity (the newest by ``finished``,
     then run id): ``scan_runs``'s rules with the mask runs' loader; each folder that cannot be
     read is skipped with one line (``report``)."""
-    return scan_runs(runs_dir, include_smoke, report, load=load_mask_run, target="mask")
+    store = SummaryStore(Path(runs_dir), report)
+    return scan_runs(runs_dir, include_smoke, report, target="mask",
+                     load=lambda folder: load_mask_run(folder, store))
+
+
+# --- summaries: a mask run's lines read once per content of its files ----------------------
+#
+# Reading a mask run's lines checks and recomputes every image (0.24-0.31 s per 1000 images):
+# a leaderboard did it for every mask run on every build (issue 19). Its per-image table is
+# kept instead in the runs' summary store (``lostreg.runs.summaries``: ``<runs>/.summaries/
+# <run folder>.json``, keyed by the sha256 of the run's three files, with its own digest),
+# with the float columns as exact float64 bits. Nothing read back is trusted: the format,
+# digest and key must hold, every column must have the run's image count and its types, and
+# the run's Acc, IoU and 0/0 count recomputed from the stored columns must be what
+# ``metrics.json`` states (``_run_means``, the check the lines themselves pass); anything else
+# and the lines are read again. The lines are kept only when the file did not change between
+# its hashing and its reading (``_unchanged``), so the table is the hashed lines'.
+
+MASK_SUMMARY_FORMAT = "lostreg-mask-summary/1"
+_FLOAT_COLUMNS = ("sal_iou", "sal_acc", "gt_share", "pred_share")
+_INT_COLUMNS = {"width": 1, "height": 1, "gt_grey_pixels": 0}  # name -> smallest value
+
+
+def _images_payload(images: pd.DataFrame) -> dict[str, Any]:
+    payload: dict[str, Any] = {"image_id": images["image_id"].tolist(),
+                               "file": [None if pd.isna(v) else v for v in images["file"]]}
+    payload.update({name: [int(v) for v in images[name]] for name in _INT_COLUMNS})
+    payload.update({name: encode_vector(images[name].to_numpy(dtype=np.float64), "float")
+                    for name in _FLOAT_COLUMNS})
+    return payload
+
+
+def _images_from_payload(data: Any, n: int) -> pd.DataFrame | None:
+    """The per-image table ``_images_payload`` stored, or None unless every column holds
+    ``n`` values of its type (ids unique and non-empty, files text or null)."""
+    if not isinstance(data, dict):
+        return None
+    ids, files = data.get("image_id"), data.get("file")
+    if (not isinstance(ids, list) or len(ids) != n or len(set(map(str, ids))) != n
+            or not all(type(v) is str and v for v in ids)
+            or not isinstance(files, list) or len(files) != n
+            or not all(v is None or (type(v) is str and v) for v in files)):
+        return None
+    # lists, as the lines give them: pandas types each column as it types ``_read_images``'
+    columns: dict[str, Any] = {"image_id": ids, "file": files}
+    for name, smallest in _INT_COLUMNS.items():
+        values = data.get(name)
+        if (not isinstance(values, list) or len(values) != n
+                or not all(type(v) is int and v >= smallest for v in values)):
+            return None
+        columns[name] = np.asarray(values, dtype=np.int64)
+    for name in _FLOAT_COLUMNS:
+        columns[name] = decode_vector(data.get(name), "float", n)
+        if columns[name] is None:
+            return None
+    columns["line"] = np.arange(1, n + 1, dtype=np.int64)
+    return pd.DataFrame(columns)[IMAGE_COLUMNS]
+
+
+def _stored_images(stored: Any, key: dict[str, str], n_images: int,
+                   metrics: Fields) -> pd.DataFrame | None:
+    """A stored mask summary's table, when every check holds (see above)."""
+    if not isinstance(stored, dict) or stored.get("format") != MASK_SUMMARY_FORMAT:
+        return None
+    payload = {name: value for name, value in stored.items() if name != "digest"}
+    if (stored.get("digest") != payload_digest(payload) or stored.get("files") != key
+            or stored.get("n_images") != n_images):
+        return None
+    images = _images_from_payload(stored.get("images"), n_images)
+    if images is None:
+        return None
+    try:
+        _run_means(images, metrics)
+    except LostregError:
+        return None
+    return images
+
+
+def mask_images(run_dir: Path, n_images: int, metrics: Fields,
+                store: SummaryStore | None) -> pd.DataFrame:
+    """A mask run's checked per-image table: from ``store``'s summary when the run's files
+    are the summarised ones (its predictions by the stat recorded, else by hash), else read
+    from its lines (and stored)."""
+    path = run_dir / PREDICTIONS
+    if store is None or not path.is_file():
+        return _read_images(path)  # says what is missing
+    stored = store.read(run_dir.name)
+    key, stat = recorded_key(run_dir, stored), None
+    if key is None:
+        data, stat = read_settled(path)
+        key = run_file_key(run_dir, data)
+    images = _stored_images(stored, key, n_images, metrics)
+    if images is not None:
+        store.reused += 1
+        if stat is not None and stat != stored.get("predictions_stat"):
+            # hashed now and settled: later builds know it by its stat
+            payload = {name: value for name, value in stored.items() if name != "digest"}
+            store.write_payload(run_dir.name, {**payload, "predictions_stat": stat})
+        return images
+    start = time.time_ns()
+    before = file_stat(path)
+    key = run_file_key(run_dir, read_bounded(path, MAX_JSON_BYTES, "predictions file"))
+    images = _read_images(path)
+    store.recomputed.append(run_dir.name)
+    if _unchanged(path, before, start, key):
+        store.write_payload(run_dir.name, {
+            "format": MASK_SUMMARY_FORMAT, "files": key,
+            "predictions_stat": before if settled(before, start) else None,
+            "n_images": len(images), "images": _images_payload(images)})
+    return images
+
+
+def _unchanged(path: Path, before: list[int], start: int, key: dict[str, str]) -> bool:
+    """Whether the file hashed and read since ``before`` was taken (at ``start``) is still
+    the hashed one: the same stat, and the same sha256 when its stat alone proves nothing
+    (it changed in the ``RACY_NS`` before): the lines just read are then the hashed ones."""
+    try:
+        if file_stat(path) != before:
+            return False
+        if settled(before, start):
+            return True
+        data = read_bounded(path, MAX_JSON_BYTES, "predictions file")
+    except (OSError, LostregError):
+        return False
+    return hashlib.sha256(data).hexdigest() == key[PREDICTIONS]
 
 
 # --- masks, read again for the figures ------------------------------------------------------

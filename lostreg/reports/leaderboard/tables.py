@@ -314,11 +314,25 @@ def comparison_frame(runs: Sequence[RunData], published: pd.DataFrame
     return _sorted_comparison(pd.DataFrame(rows, columns=COMPARISON_COLUMNS), published), singles
 
 
+def method_titles() -> dict[str, str]:
+    """Each registered method's title by name, in registry order (the tables' order and
+    labels). A registry with entries in this process (a run, a plugin) is the answer, as
+    always; else the built-in entries read from their source (``registry.declared_methods``),
+    so building a leaderboard never imports torch."""
+    from lostreg.methods import registry
+
+    if not registry.METHODS:
+        declared = registry.declared_methods()
+        if declared is not None:
+            return declared
+    from lostreg.methods import METHODS
+
+    return {name: spec.title for name, spec in METHODS.items()}
+
+
 def method_order(name: str) -> tuple[int, str]:
     """Registry order (LOST first), then any other method by name."""
-    from lostreg.methods import list_methods
-
-    known = list_methods()
+    known = list(method_titles())
     return (known.index(name) if name in known else len(known), name)
 
 

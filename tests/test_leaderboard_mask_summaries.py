@@ -1,0 +1,126 @@
+"""Mask runs read through summaries (issue 19 item, issue 20 "Load"): a mask run's lines are
+read once per content of its files, the stored table is the very table its lines give, a
+changed run is read again, and a damaged or forged summary is never trusted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mask_run_folders import REG, write_mask_run
+from run_folders import edit_json
+
+from lostreg.reports.leaderboard import saliency_runs
+from lostreg.reports.leaderboard.saliency_runs import load_mask_run, scan_mask_runs
+from lostreg.runs import summaries
+
+SHIFTS = [(i % 5) - 2 for i in range(12)]
+
+
+class Reads:
+    """Counts the mask runs whose lines were read."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.runs: list[str] = []
+        real = saliency_runs._read_images
+
+        def counting(path: Path) -> pd.DataFrame:
+            self.runs.append(path.parent.name)
+            return real(path)
+
+        monkeypatch.setattr(saliency_runs, "_read_images", counting)
+
+    def scan(self, runs: Path) -> dict[str, pd.DataFrame]:
+        self.runs = []
+        return {run.run_id: run.images for run in scan_mask_runs(runs).runs}
+
+
+def _runs(root: Path) -> Path:
+    write_mask_run(root, "mask", SHIFTS, empty_images=2)
+    reg = write_mask_run(root, "mask-reg", [0] * 12, **REG)
+    lines = [json.loads(line) for line in (reg / "predictions.jsonl").read_text().splitlines()]
+    for line in lines[::2]:
+        del line["file"]  # optional: a missing file is NA in the table, and so when stored
+    (reg / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def test_a_mask_run_is_read_once_per_content_and_gives_the_same_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads, runs = Reads(monkeypatch), _runs(tmp_path / "runs")
+    first = reads.scan(runs)
+    assert sorted(reads.runs) == ["mask", "mask-reg"]
+    again = reads.scan(runs)
+    assert reads.runs == []  # every table from its summary
+    for run_id, images in first.items():
+        pd.testing.assert_frame_equal(again[run_id], images)  # values, dtypes, NaN, order
+        pd.testing.assert_frame_equal(again[run_id], load_mask_run(runs / run_id).images)
+    # a changed run (here its metrics.json) is read again, the other is not
+    edit_json(runs / "mask" / "metrics.json", seconds={"total": 5.0})
+    reads.scan(runs)
+    assert reads.runs == ["mask"]
+    reads.scan(runs)
+    assert reads.runs == []
+
+
+def _edit_stored(runs: Path, change) -> None:
+    path = runs / summaries.STORE_FOLDER / "mask.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _forge(data: dict, column: str, value) -> None:
+    """Change a stored column and recompute the digest: only the checks can tell."""
+    data["images"][column][0] = value
+    data.pop("digest")
+    data["digest"] = summaries.payload_digest(data)
+
+
+DAMAGE = {
+    "digest": lambda data: data["images"]["width"].__setitem__(0, 31),
+    "format": lambda data: data.__setitem__("format", "other/1"),
+    "forged width type": lambda data: _forge(data, "width", True),
+    "forged id": lambda data: _forge(data, "image_id", ""),
+    "forged file": lambda data: _forge(data, "file", 7),
+    "forged IoU": lambda data: _forge_float(data, "sal_iou", 5, 0.999),  # metrics.json differs
+    "forged 0/0 IoU": lambda data: _forge_float(data, "sal_iou", 0, 1.0),  # was NaN
+    "forged vector": lambda data: (data["images"].__setitem__("sal_acc", "%%%"),
+                                   _forge_digest(data)),
+    "not a table": lambda data: (data.__setitem__("images", []), _forge_digest(data)),
+}
+
+
+def _forge_digest(data: dict) -> None:
+    data.pop("digest")
+    data["digest"] = summaries.payload_digest(data)
+
+
+def _forge_float(data: dict, column: str, index: int, value: float) -> None:
+    values = summaries.decode_vector(data["images"][column], "float", data["n_images"]).copy()
+    values[index] = value
+    data["images"][column] = summaries.encode_vector(values, "float")
+    _forge_digest(data)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_or_forged_mask_summary_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    reads, runs = Reads(monkeypatch), _runs(tmp_path / "runs")
+    first = reads.scan(runs)
+    _edit_stored(runs, DAMAGE[damage])
+    again = reads.scan(runs)
+    assert reads.runs == ["mask"], damage
+    pd.testing.assert_frame_equal(again["mask"], first["mask"])
+    reads.scan(runs)
+    assert reads.runs == []  # stored again, trusted again
+
+
+def test_a_mask_summary_is_no_box_summary_and_the_box_reader_ignores_it(tmp_path: Path) -> None:
+    runs = _runs(tmp_path / "runs")
+    scan_mask_runs(runs)
+    result, store = summaries.scan_summaries(runs, report=None)
+    assert result.runs == [] and result.other_targets == 2
+    assert (runs / summaries.STORE_FOLDER / "mask.json").is_file()  # not pruned
