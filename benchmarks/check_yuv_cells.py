@@ -44,9 +44,10 @@ ALL_COLOURS = 1 << 24
 
 
 def colour_image(codes: np.ndarray, width: int) -> np.ndarray:
-    """uint8 ``(len/width, width, 3)`` image of the 24-bit ``codes`` (R high byte)."""
+    """uint8 ``(len/width, width, 3)`` image of the 24-bit ``codes`` (R high byte); one row
+    when ``width`` does not divide their number."""
     rgb = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=-1)
-    return rgb.astype(np.uint8).reshape(-1, width, 3)
+    return rgb.astype(np.uint8).reshape(-1, width if len(codes) % width == 0 else len(codes), 3)
 
 
 def check_sigmas(order: np.ndarray, sigma_luma: float, sigma_chroma: float, chunk: int

@@ -232,3 +232,19 @@ def test_colour_cells_are_the_references_bit_for_bit() -> None:
     bad = B.BilateralParams(sigma_luma=-4.0)  # no band rule: the reference's own expression
     luma, chroma = reference_colour_cells(image, -4.0, 8)
     assert np.array_equal(B.cell_channels(image, bad)[2][0], luma.reshape(-1))
+
+
+def test_check_yuv_cells_core_runs() -> None:
+    """The 2^24-colour script's core on a few thousand colours (its full run takes seconds
+    per sigma pair), with the border colours included; its argument errors are one line."""
+    from benchmarks import check_yuv_cells
+
+    order = np.concatenate([border_colours(16, 8)[:2000],
+                            np.arange(0, 1 << 24, 4099)]).astype(np.uint32)
+    result = check_yuv_cells.check_sigmas(order, 16.0, 8.0, chunk=1024)
+    assert result["cell_mismatches"] == 0 and result["colours"] == len(order)
+    assert result["exact_border_cells"] >= 2000 and result["reference_rounded_down"] > 0
+    assert check_yuv_cells.parse_sigmas("16:8,10:3") == [(16.0, 8.0), (10.0, 3.0)]
+    with pytest.raises(LostregError, match="LUMA:CHROMA"):
+        check_yuv_cells.parse_sigmas("16")
+    assert check_yuv_cells.main(["--chunk", "0"]) == 2
