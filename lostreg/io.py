@@ -14,6 +14,11 @@ from typing import Any
 
 from lostreg.errors import LostregError
 
+try:  # a faster parser of the same JSON (``loads_fast``); optional
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - a dependency, but lostreg reads JSON without it
+    _orjson = None
+
 #: No file lostreg reads nests deeper than a few levels (COCO's polygons: 4); a limit far above
 #: that and far below Python's recursion limit makes a deep file one line, never a traceback.
 MAX_JSON_DEPTH = 100
@@ -223,6 +228,28 @@ def json_depth(data: bytes) -> int:
     return int(np.cumsum(step, dtype=np.int64).max(initial=0))
 
 
+_DIGIT_MARKS = bytes(ord("1") if ord("0") <= b <= ord("9") else ord("0") for b in range(256))
+_LONG_DIGITS = b"1" * 19  # an integer of <= 18 digits fits 64 bits, whatever its sign
+
+
+def loads_fast(data: bytes) -> Any:
+    """``json.loads(data)``, through ``orjson`` where it gives the same values.
+
+    ``orjson`` refuses what ``json.loads`` reads with Python's extensions (NaN and Infinity,
+    lone surrogates, numbers overflowing to inf); any refusal goes to ``json.loads``, so the
+    same text is accepted or refused with the same message. What it reads differently is kept
+    from it: integers beyond 64 bits (it makes them floats), so any run of 19 or more digits
+    goes to ``json.loads`` too. The rest is the same (``tests/test_io_fast_json.py``): floats
+    correctly rounded by both, a key given twice keeps its last value at its first place.
+    ``orjson`` missing, ``json.loads`` reads everything."""
+    if _orjson is not None and data.translate(_DIGIT_MARKS).find(_LONG_DIGITS) < 0:
+        try:
+            return _orjson.loads(data)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
+
+
 def loads_bounded(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH,
                   max_bytes: int | None = MAX_JSON_BYTES,
                   object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
@@ -240,6 +267,8 @@ def loads_bounded(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DE
     if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
         raise JsonInputError(where, f"nested more than {max_depth} levels deep")
     try:
+        if object_pairs_hook is None and isinstance(data, bytes):
+            return loads_fast(data)
         return json.loads(data, object_pairs_hook=object_pairs_hook)
     except RecursionError:  # invalid JSON the depth count misread, or a max_depth near 1000
         raise JsonInputError(where, "nested too deeply to parse") from None

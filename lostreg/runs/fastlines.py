@@ -25,7 +25,6 @@ cycles), so it is paused while parsing; every check is one C-level pass over a c
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain, repeat
@@ -35,7 +34,7 @@ import numpy as np
 
 from lostreg.evaluation.corloc import HIT_IOU
 from lostreg.evaluation.iou import best_ious
-from lostreg.io import MAX_JSON_DEPTH
+from lostreg.io import MAX_JSON_DEPTH, loads_fast
 
 _KEPT = b'[]{}"\n'
 _DROPPED = bytes(b for b in range(256) if b not in _KEPT)
@@ -88,7 +87,7 @@ def _records(data: bytes) -> list[dict] | None:
     if not one_value_per_line(data):
         return None
     try:
-        records = json.loads(b"[" + b",".join(lines) + b"]")
+        records = loads_fast(b"[" + b",".join(lines) + b"]")
     except (ValueError, RecursionError):
         return None
     if len(records) != len(lines) or _types(records) != {dict}:
