@@ -40,8 +40,15 @@ def start(root: Path, how: str) -> subprocess.Popen:
     entry = {"module": [sys.executable, "-m", "lostreg.run"],
              "cli": [sys.executable, "-m", "lostreg", "run"]}[how]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # the run as a terminal starts it: a suite started under ``nohup`` would otherwise hand
+    # its ignored SIGHUP down, and an ignored signal rightly stays ignored (lostreg.signals)
     return subprocess.Popen([*entry, *command(root)], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=default_hangup)
+
+
+def default_hangup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def what(name: str) -> str:
