@@ -40,15 +40,17 @@ def start(root: Path, how: str) -> subprocess.Popen:
     entry = {"module": [sys.executable, "-m", "lostreg.run"],
              "cli": [sys.executable, "-m", "lostreg", "run"]}[how]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # the run as a terminal starts it: a suite started under ``nohup`` would otherwise hand
-    # its ignored SIGHUP down, and an ignored signal rightly stays ignored (lostreg.signals)
+    # the run as a terminal starts it: a suite started under ``nohup`` (SIGHUP ignored) or as
+    # a background job of a non-interactive shell (SIGINT ignored) would otherwise hand its
+    # ignored signals down, and an ignored signal rightly stays ignored (lostreg.signals)
     return subprocess.Popen([*entry, *command(root)], cwd=REPO, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            preexec_fn=default_hangup)
+                            preexec_fn=default_signals)
 
 
-def default_hangup() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+def default_signals() -> None:
+    for number in signals.SIGNALS:
+        signal.signal(number, signal.SIG_DFL)
 
 
 def what(name: str) -> str:
@@ -132,7 +134,10 @@ def test_a_signal_the_process_ignores_stays_ignored_and_handlers_are_restored() 
     """nohup starts a command with SIGHUP ignored: it must stay ignored; and a command run
     in a process (tests, a notebook) leaves that process's handlers as they were."""
     before = {s: signal.getsignal(s) for s in signals.SIGNALS}
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # a terminal's Python: Ctrl-C raises KeyboardInterrupt (whatever the suite was started
+    # with), and SIGHUP ignored as nohup leaves it
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGHUP: signal.signal(signal.SIGHUP, signal.SIG_IGN)}
     try:
         with signals.running_handlers():
             assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
@@ -141,6 +146,9 @@ def test_a_signal_the_process_ignores_stays_ignored_and_handlers_are_restored() 
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(1)
             assert raised.value.name == "SIGTERM"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     assert {s: signal.getsignal(s) for s in signals.SIGNALS} == before

@@ -48,7 +48,7 @@ from lostreg.datasets.base import DatasetIndex, ImageRecord, checked_box, is_zer
 from lostreg.datasets.derived import DerivedStore, memo_matches, sha256_hex
 from lostreg.datasets.voc import is_plain_file_name, read_name_list
 from lostreg.errors import LostregError
-from lostreg.io import JsonInputError, loads_bounded, sha256_file
+from lostreg.io import JsonInputError, gc_paused, loads_bounded, sha256_file
 
 COCO20K_LIST_SHA256 = "74637e9b4f93f2ebef9b1f664aff53edd1f41ef08dad97bd22ce8e455052b335"
 COCO20K_IMAGES = 19817
@@ -113,7 +113,7 @@ def load_coco20k(
     if not ann_path.is_file():
         raise LostregError(f"{ann_path}: COCO annotation file not found")
     store = DerivedStore(folder, CACHE_NAME, _INDEX_KIND, {"annotation_file": ANNOTATION_REL})
-    with derived.gc_paused():
+    with gc_paused():
         records = _stored_records(store, folder, list_digest, ann_path) if use_cache else None
     if records is None:
         now = derived.now_ns()

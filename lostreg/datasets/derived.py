@@ -29,14 +29,11 @@ JSON). Using one that no longer matches its sources would silently change the gr
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,22 +149,6 @@ class DerivedStore:
         return None
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while an index is decoded and its records built.
-
-    Both allocate tens of thousands of containers and no cycles; each allocation burst makes
-    the collector walk the whole heap again (with torch and timm imported, a large one): a
-    third of the stored-index load went to it on a 5011-image VOC. Restored on exit."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def now_ns() -> int:
     """The clock stat memos are judged against (a function, so tests can move it)."""
     return time.time_ns()
@@ -178,7 +159,6 @@ __all__ = [
     "DerivedStore",
     "decode",
     "encode",
-    "gc_paused",
     "memo_matches",
     "now_ns",
     "sha256_hex",

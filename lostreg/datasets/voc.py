@@ -45,7 +45,7 @@ from lostreg.datasets.base import (
 )
 from lostreg.datasets.derived import DerivedStore, sha256_hex, stat_key
 from lostreg.errors import LostregError
-from lostreg.io import read_text_lines
+from lostreg.io import gc_paused, read_text_lines
 
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
 _INDEX_KIND = "lostreg-voc-index-1"
@@ -126,7 +126,7 @@ def load_voc_folder(
     folder = Path(folder).expanduser()
     ids = read_split_ids(folder / "ImageSets" / "Main" / f"{split}.txt")
     if cache:
-        with derived.gc_paused():
+        with gc_paused():
             parsed = _cached_records(folder, ids, split, no_hard)
     else:
         parsed = [parse_voc_xml(folder, image_id, no_hard) for image_id in ids]

@@ -24,9 +24,6 @@ cycles), so it is paused while parsing; every check is one C-level pass over a c
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from itertools import chain, repeat
 from typing import Any
 
@@ -34,7 +31,7 @@ import numpy as np
 
 from lostreg.evaluation.corloc import HIT_IOU
 from lostreg.evaluation.iou import best_ious
-from lostreg.io import MAX_JSON_DEPTH, loads_fast
+from lostreg.io import MAX_JSON_DEPTH, gc_paused, loads_fast
 
 _KEPT = b'[]{}"\n'
 _DROPPED = bytes(b for b in range(256) if b not in _KEPT)
@@ -58,19 +55,6 @@ def one_value_per_line(data: bytes, max_depth: int = MAX_JSON_DEPTH) -> bool:
     breaks = marks == ord("\n")
     return (int(depth.max(initial=0)) <= max_depth and not depth[breaks].any()
             and not in_string[breaks].any())
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic collector off for a block that makes many acyclic containers (a parse),
-    back to its previous state after."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _types(values: list[Any]) -> set[type]:

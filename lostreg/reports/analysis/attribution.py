@@ -120,20 +120,25 @@ def outlier_columns(prediction: dict, outliers: np.ndarray, norm_map: np.ndarray
 def attribution_rows(info: RunInfo, maps: TokenMaps, layer: int,
                      threshold: float | None) -> list[dict]:
     """One row per predicted image (run order); grids must match the run's."""
-    rows = []
-    for prediction in info.predictions:
-        position = maps.position(str(prediction["image_id"]))
-        if position is None:
-            raise LostregError(f"image {prediction['image_id']!r} of {info.run_dir} has no token "
-                               "map in the norms analysis; analyse the same images (or omit "
-                               "--norms to compute them)")
-        grid = maps.grid(position)
-        if grid != info.grid(prediction):
-            raise LostregError(f"image {prediction['image_id']!r}: token map grid {grid} != run "
-                               f"grid {info.grid(prediction)}; not the same model or image")
-        rows.append(attribute_image(prediction, maps.norm_map(position, layer), threshold,
-                                    info.patch_size))
-    return rows
+    return [attribute_image(prediction, maps.norm_map(map_position(info, maps, prediction),
+                                                      layer), threshold, info.patch_size)
+            for prediction in info.predictions]
+
+
+def map_position(info: RunInfo, maps: TokenMaps, prediction: dict, grid_words: str = "") -> int:
+    """Where a predicted image's token map is in ``maps``, once it is known to be there and on
+    the run's patch grid (``grid_words`` says how the run made its grid)."""
+    position = maps.position(str(prediction["image_id"]))
+    if position is None:
+        raise LostregError(f"image {prediction['image_id']!r} of {info.run_dir} has no token "
+                           "map in the norms analysis; analyse the same images (or omit "
+                           "--norms to compute them)")
+    grid = maps.grid(position)
+    if grid != info.grid(prediction):
+        raise LostregError(f"image {prediction['image_id']!r}: token map grid {grid} != run "
+                           f"grid {info.grid(prediction)}{grid_words}; not the same model or "
+                           "image" + (" protocol" if grid_words else ""))
+    return position
 
 
 def percent(count: int, total: int) -> float | None:

@@ -33,6 +33,7 @@ from lostreg.reports.analysis.attribution import (
     GROUPS,
     AttributionResult,
     attribute_and_compare,
+    map_position,
     md_escape,
     outlier_columns,
     percent,
@@ -107,16 +108,8 @@ def mask_attribution_rows(info: RunInfo, maps: TokenMaps, layer: int,
     where = str(info.run_dir / "predictions.jsonl")
     rows = []
     for prediction in info.predictions:
-        position = maps.position(str(prediction["image_id"]))
-        if position is None:
-            raise LostregError(f"image {prediction['image_id']!r} of {info.run_dir} has no token "
-                               "map in the norms analysis; analyse the same images (or omit "
-                               "--norms to compute them)")
-        grid = maps.grid(position)
-        if grid != info.grid(prediction):
-            raise LostregError(f"image {prediction['image_id']!r}: token map grid {grid} != run "
-                               f"grid {info.grid(prediction)} (the image resized to a patch "
-                               "multiple); not the same model or image protocol")
+        position = map_position(info, maps, prediction,
+                                " (the image resized to a patch multiple)")
         rows.append(attribute_mask_image(prediction, stored_mask(prediction, where),
                                          maps.norm_map(position, layer), threshold))
     return rows
