@@ -12,7 +12,6 @@ backbone share one forward per image.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -111,11 +110,7 @@ def render_compare_panel(path: Path, image: Image.Image, panels: list[tuple], ti
                          smoke: bool) -> None:
     """One image, one subplot per run: ``panels`` holds ``(label, prediction, result,
     patch_size)``; GT green, box red dashed, mask cyan, seed *."""
-    ncols = min(4, len(panels))
-    fig, axes = plots.new_figure(math.ceil(len(panels) / ncols), ncols, (3.6, 3.3), dpi=90)
-    flat = list(axes.ravel())
-    for ax in flat[len(panels):]:
-        ax.set_visible(False)
+    fig, flat = plots.panel_grid(len(panels), (3.6, 3.3))
     for ax, (label, prediction, result, patch_size) in zip(flat, panels, strict=False):
         draw_image_with_result(ax, image, prediction, result.mask, patch_size)
         ax.set_title(panel_title(label, prediction, result), fontsize=8)

@@ -18,7 +18,6 @@ The GT is read with the dataset's reader and checked against each run's counts
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -129,11 +128,7 @@ def mask_panel_figure(picture: np.ndarray, gt: np.ndarray, mask: np.ndarray, pre
     from matplotlib.colors import ListedColormap
 
     n_panels = 3 + len(_map_panels(maps, method_title))
-    ncols = min(4, n_panels)
-    fig, grid_axes = plots.new_figure(math.ceil(n_panels / ncols), ncols, (3.4, 3.0), dpi=90)
-    flat = list(grid_axes.ravel())
-    for ax in flat[n_panels:]:
-        ax.set_visible(False)
+    fig, flat = plots.panel_grid(n_panels, (3.4, 3.0))
     height, width = mask.shape
     draw_masks(flat[0], picture, gt, mask, seed_xy(prediction, maps.grid, maps.size))
     flat[0].set_title(f"image: GT outline (green), {method_title} mask (cyan)"
@@ -247,12 +242,7 @@ def compare_mask_figure(picture: np.ndarray, gt: np.ndarray, panels: list[tuple]
                         smoke: bool):
     """The GT, then one subplot per run: ``panels`` holds ``(label, prediction, mask, grid)``;
     each run's stored mask cyan, the GT's outline green, the seed *."""
-    n_panels = 1 + len(panels)
-    ncols = min(4, n_panels)
-    fig, axes = plots.new_figure(math.ceil(n_panels / ncols), ncols, (3.6, 3.3), dpi=90)
-    flat = list(axes.ravel())
-    for ax in flat[n_panels:]:
-        ax.set_visible(False)
+    fig, flat = plots.panel_grid(1 + len(panels), (3.6, 3.3))
     height, width = gt.shape
     flat[0].imshow(gt, cmap="gray", vmin=0, vmax=255, extent=(0, width, height, 0),
                    interpolation="nearest")

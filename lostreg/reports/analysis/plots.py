@@ -211,6 +211,17 @@ def new_figure(nrows: int, ncols: int, panel_size: tuple[float, float], dpi: flo
                         squeeze=False, layout="constrained", dpi=dpi)
 
 
+def panel_grid(n_panels: int, panel_size: tuple[float, float], dpi: float = 90) -> tuple:
+    """``n_panels`` axes in rows of at most 4 (``new_figure``), the unused ones hidden:
+    returns the figure and its axes, row by row."""
+    ncols = min(4, n_panels)
+    fig, axes = new_figure(math.ceil(n_panels / ncols), ncols, panel_size, dpi=dpi)
+    flat = list(axes.ravel())
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat
+
+
 # --- the norms analysis' figures ---------------------------------------------------------------
 
 

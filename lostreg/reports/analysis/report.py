@@ -12,7 +12,6 @@ registry's ``run``) and checked against the stored prediction. Several runs side
 from __future__ import annotations
 
 import html
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -257,12 +256,7 @@ def render_panel(path: Path, image: Image.Image, prediction: dict, maps: ImageMa
     rows, cols = maps.grid
     extent = (0, cols * patch_size, rows * patch_size, 0)
     panels = _map_panels(maps, method_title)
-    n_panels = 1 + len(panels)
-    ncols = min(4, n_panels)
-    fig, axes = plots.new_figure(math.ceil(n_panels / ncols), ncols, (3.4, 3.0), dpi=90)
-    flat = list(axes.ravel())
-    for ax in flat[n_panels:]:
-        ax.set_visible(False)
+    fig, flat = plots.panel_grid(1 + len(panels), (3.4, 3.0))
     draw_image_with_result(flat[0], image, prediction, maps.result.mask, patch_size)
     flat[0].set_title(f"image: GT (green), {method_title} box (red), mask (cyan)"
                       + (", seed (*)" if prediction_seed(prediction) is not None else ""),
