@@ -214,6 +214,19 @@ def output_bytes(out: Path) -> dict[str, str]:
             for path in sorted(out.rglob("*")) if path.is_file() and not path.name.startswith(".")}
 
 
+
+def goal_verdicts(runs: int, images: int, cold: dict, rebuild: dict) -> dict[str, str]:
+    """Each goal's verdict. The time goals are set at 500 VOC07-size runs: a smaller run is
+    not measured against them (a build that fits at 100 runs says little about 500); the
+    memory goal holds at any size."""
+    at_goal_size = runs >= GOAL_AT and images >= VOC07_IMAGES
+    met = {"cold": cold["seconds"] <= GOAL_COLD_S, "rebuild": rebuild["seconds"] <= GOAL_REBUILD_S,
+           "rss": max(cold["peak_rss_mib"], rebuild["peak_rss_mib"]) <= GOAL_RSS_MIB}
+    return {key: ("MET" if ok else "NOT MET") if at_goal_size or key == "rss"
+            else f"not measured (the goal is at {GOAL_AT} runs of {VOC07_IMAGES} images)"
+            for key, ok in met.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=100, help="generated runs (default 100)")
@@ -245,12 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             same_as_baseline = all(
                 (work / "out-baseline" / name).read_bytes() == (out / name).read_bytes()
                 for name in ("leaderboard.csv", "comparison.csv", "comparison.md"))
-    at_goal_size = args.runs >= GOAL_AT and args.images >= VOC07_IMAGES
-    met = {"cold": cold["seconds"] <= GOAL_COLD_S, "rebuild": rebuild["seconds"] <= GOAL_REBUILD_S,
-           "rss": max(cold["peak_rss_mib"], rebuild["peak_rss_mib"]) <= GOAL_RSS_MIB}
-    verdict = {key: ("MET" if ok else "NOT MET") + ("" if at_goal_size or key == "rss"
-                                                     else f" (measured at {args.runs} runs)")
-               for key, ok in met.items()}
+    verdict = goal_verdicts(args.runs, args.images, cold, rebuild)
     rows = [("runs x images", f"{args.runs} x {args.images}"),
             ("generating the runs (s)", f"{generated:.1f}"),
             ("cold build (s)", f"{cold['seconds']:.2f}"),
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result_block("bench_leaderboard: cold build and rebuild", rows))
     save_json(args.json, {"runs": args.runs, "images": args.images, "cold": cold,
                           "rebuild": rebuild, "baseline": baseline, "same_bytes": same,
-                          "met": met})
+                          "goals": verdict})
     return 0
 
 

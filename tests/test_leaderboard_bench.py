@@ -41,3 +41,15 @@ def test_the_child_does_the_command_s_work_and_reports_its_phases(
     assert report["phases"][-1]["peak_rss_mib"] > 0
     assert report["line"].startswith("2 runs (0 smoke)") and "1 register pairs" in report["line"]
     assert (tmp_path / "out" / "leaderboard.csv").is_file()
+
+
+def test_the_time_goals_are_judged_only_at_their_size() -> None:
+    """A 100-run build that fits 30 s says nothing about 500 runs: not measured, never MET."""
+    from benchmarks.bench_leaderboard import goal_verdicts
+
+    fast = {"seconds": 1.0, "peak_rss_mib": 100.0}
+    small = goal_verdicts(100, 5011, fast, fast)
+    assert small["cold"].startswith("not measured") and small["rebuild"].startswith("not measured")
+    assert small["rss"] == "MET"
+    assert goal_verdicts(500, 5011, {"seconds": 40.0, "peak_rss_mib": 2000.0}, fast) == \
+        {"cold": "NOT MET", "rebuild": "MET", "rss": "NOT MET"}
