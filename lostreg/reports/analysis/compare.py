@@ -13,7 +13,9 @@ backbone share one forward per image.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -106,6 +108,20 @@ def panel_title(label: str, prediction: dict, result: MethodResult) -> str:
     return title + ("" if result.agrees_with(prediction) else "\nrecomputed box/seed differ!")
 
 
+def finish_panels(out_dir: Path, output: str | Path | None, entries: list[dict], labels: list[str],
+                  infos: list[RunInfo], **extra: Callable[[RunInfo], Any]) -> None:
+    """After the side-by-side panels (box and mask runs alike): the panels of an earlier call
+    that this one did not draw removed (only in the default folder), and ``runs.json``
+    naming each label's run; ``extra`` adds fields, each computed from a run."""
+    if output is None:
+        remove_stale_panels(out_dir, {entry["file"] for entry in entries})
+    atomic_write_json(out_dir / "runs.json", [
+        {"label": label, "run_id": info.run_id, "run_dir": str(info.run_dir),
+         "method": info.method.name, "method_params": info.method.params,
+         **{key: field(info) for key, field in extra.items()}}
+        for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
+
+
 def render_compare_panel(path: Path, image: Image.Image, panels: list[tuple], title: str,
                          smoke: bool) -> None:
     """One image, one subplot per run: ``panels`` holds ``(label, prediction, result,
@@ -194,12 +210,7 @@ def show_compare(
         entries.append({"file": file_name, "caption": caption, "anchor": f"img{number}"})
         bar.update(1)
     bar.close()
-    if output is None:
-        remove_stale_panels(out_dir, {entry["file"] for entry in entries})
-    atomic_write_json(out_dir / "runs.json", [
-        {"label": label, "run_id": info.run_id, "run_dir": str(info.run_dir),
-         "method": info.method.name, "method_params": info.method.params}
-        for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
+    finish_panels(out_dir, output, entries, labels, infos)
     index = out_dir / "index.html"
     write_index(index, f"Runs side by side: {models} on {dataset}", _notes(infos, labels),
                 entries)

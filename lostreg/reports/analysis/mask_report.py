@@ -27,9 +27,8 @@ from lostreg.datasets.base import DEFAULT_MAX_PIXELS, ImageRecord, load_rgb
 from lostreg.errors import LostregError
 from lostreg.evaluation.saliency_protocol import upsample_patch_mask
 from lostreg.features.pipeline import AUTOCAST_DTYPES, resolve_device, set_numerics
-from lostreg.io import atomic_write_json
 from lostreg.reports.analysis import plots
-from lostreg.reports.analysis.compare import select_common_images
+from lostreg.reports.analysis.compare import finish_panels, select_common_images
 from lostreg.reports.analysis.masks import (
     GT_COLOUR,
     IOU_DEFINITION,
@@ -293,13 +292,7 @@ def show_mask_compare(run_dirs: list[str | Path], image_ids: list[str] | None = 
                         "anchor": f"img{number}"})
         bar.update(1)
     bar.close()
-    if output is None:
-        remove_stale_panels(out_dir, {entry["file"] for entry in entries})
-    atomic_write_json(out_dir / "runs.json", [
-        {"label": label, "run_id": info.run_id, "run_dir": str(info.run_dir),
-         "method": info.method.name, "method_params": info.method.params,
-         "refine": info.refine} for label, info in zip(labels, infos, strict=True)],
-        undefined_as_null=True)
+    finish_panels(out_dir, output, entries, labels, infos, refine=lambda info: info.refine)
     notes = (["SMOKE RUN (random weights): not a result"] if smoke else []) + [
         IOU_DEFINITION, f"GT outline {GT_COLOUR}; each run's stored mask (pred_mask_rle) cyan"]
     notes += [f"{label}: run {info.run_id} ({info.config['model']}, {info.method.describe()}, "
