@@ -251,22 +251,51 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _refuse_constant(name: str) -> Any:
+    """``parse_constant`` of every JSON lostreg reads: ``NaN``, ``Infinity`` and ``-Infinity``
+    are Python's extensions, not JSON, and lostreg never writes them (``dumps_strict``), so a
+    file holding one is damaged or edited, as invalid as any other text that is not JSON."""
+    raise ValueError(f"{name} is not JSON; lostreg writes null for an undefined figure")
+
+
+def _finite_float(text: str) -> float:
+    """``parse_float`` of every JSON lostreg reads: a number too large for a float (``1e400``)
+    is valid JSON that ``json.loads`` reads as infinity, a value lostreg never writes
+    (``repr`` of a finite float never overflows) and ``orjson`` refuses."""
+    value = float(text)
+    if math.isinf(value):
+        shown = text if len(text) <= 24 else f"{text[:20]}..."
+        raise ValueError(f"the number {shown} overflows a float: it would read as "
+                         f"{'-' if value < 0 else ''}Infinity, which is not JSON")
+    return value
+
+
+def loads_strict(data: str | bytes,
+                 object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """``json.loads`` of JSON only: ``NaN``, ``Infinity``, ``-Infinity`` and numbers that
+    overflow a float are refused with a ``ValueError`` saying which, where ``json.loads``
+    would read them as non-finite floats. Everything else reads as ``json.loads`` reads it."""
+    return json.loads(data, object_pairs_hook=object_pairs_hook,
+                      parse_constant=_refuse_constant, parse_float=_finite_float)
+
+
 def loads_fast(data: bytes) -> Any:
-    """``json.loads(data)``, through ``orjson`` where it gives the same values.
+    """``loads_strict(data)``, through ``orjson`` where it gives the same values.
 
     ``orjson`` refuses what ``json.loads`` reads with Python's extensions (NaN and Infinity,
-    lone surrogates, numbers overflowing to inf); any refusal goes to ``json.loads``, so the
-    same text is accepted or refused with the same message. What it reads differently is kept
-    from it: integers beyond 64 bits (it makes them floats), so any run of 19 or more digits
-    goes to ``json.loads`` too. The rest is the same (``tests/test_io_fast_json.py``): floats
-    correctly rounded by both, a key given twice keeps its last value at its first place.
-    ``orjson`` missing, ``json.loads`` reads everything."""
+    lone surrogates, numbers overflowing to inf); any refusal goes to ``loads_strict``, so the
+    same text is accepted or refused with the same message (NaN, Infinity and overflowing
+    numbers refused by both). What it reads differently is kept from it: integers beyond 64
+    bits (it makes them floats), so any run of 19 or more digits goes to ``loads_strict`` too.
+    The rest is the same (``tests/test_io_fast_json.py``): floats correctly rounded by both, a
+    key given twice keeps its last value at its first place. ``orjson`` missing,
+    ``loads_strict`` reads everything."""
     if _orjson is not None and data.translate(_DIGIT_MARKS).find(_LONG_DIGITS) < 0:
         try:
             return _orjson.loads(data)
         except _orjson.JSONDecodeError:
             pass
-    return json.loads(data)
+    return loads_strict(data)
 
 
 def loads_bounded(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DEPTH,
@@ -278,7 +307,9 @@ def loads_bounded(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DE
     parsing, in C-speed passes; ``json.loads`` itself would die with a ``RecursionError`` at
     about 1000 levels) is refused, like text that is not JSON or not UTF-8, with a
     ``JsonInputError`` (a ``LostregError`` and a ``ValueError``) naming ``where``; so is a
-    ``ValueError`` raised by ``object_pairs_hook`` (e.g. ``unique_keys``).
+    ``ValueError`` raised by ``object_pairs_hook`` (e.g. ``unique_keys``), and so are ``NaN``,
+    ``Infinity``, ``-Infinity`` and numbers overflowing a float (``loads_strict``): lostreg
+    never writes them, so a file holding one is treated as any other that is not JSON.
     """
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     if max_bytes is not None and len(raw) > max_bytes:
@@ -288,7 +319,7 @@ def loads_bounded(data: str | bytes, where: str, *, max_depth: int = MAX_JSON_DE
     try:
         if object_pairs_hook is None and isinstance(data, bytes):
             return loads_fast(data)
-        return json.loads(data, object_pairs_hook=object_pairs_hook)
+        return loads_strict(data, object_pairs_hook)
     except RecursionError:  # invalid JSON the depth count misread, or a max_depth near 1000
         raise JsonInputError(where, "nested too deeply to parse") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError

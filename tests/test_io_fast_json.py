@@ -1,6 +1,9 @@
-"""``io.loads_fast``: orjson's speed with ``json.loads``' acceptance and values (issue 20,
+"""``io.loads_fast``: orjson's speed with ``io.loads_strict``' acceptance and values (issue 20,
 "Load": the leaderboard parses every run's predictions). Every text is accepted by both or
-refused by both with json's message, and read to the same values, to the bit for floats."""
+refused by both with the same message, and read to the same values, to the bit for floats.
+``loads_strict`` is ``json.loads`` less Python's non-finite extensions (issue 20 row 11: no
+JSON file holds NaN): it reads what ``json.loads`` reads wherever every number is finite, and
+refuses every text that ``json.loads`` reads to a NaN or an infinity."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
-from lostreg.io import JsonInputError, loads_bounded, loads_fast
+from lostreg.io import JsonInputError, loads_bounded, loads_fast, loads_strict
 
 
 def _outcome(parse, text: bytes):
@@ -48,8 +51,35 @@ CASES = [
 
 
 @pytest.mark.parametrize("text", CASES)
-def test_a_text_is_read_or_refused_as_json_loads_does(text: bytes) -> None:
-    assert _outcome(loads_fast, text) == _outcome(json.loads, text)
+def test_a_text_is_read_or_refused_as_loads_strict_does(text: bytes) -> None:
+    assert _outcome(loads_fast, text) == _outcome(loads_strict, text)
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(map(_finite, value))
+    if isinstance(value, dict):
+        return all(map(_finite, value.values()))
+    return True
+
+
+@pytest.mark.parametrize("text", CASES)
+def test_loads_strict_is_json_loads_less_its_non_finite_numbers(text: bytes) -> None:
+    plain, strict = _outcome(json.loads, text), _outcome(loads_strict, text)
+    if plain[0] == "value" and not _finite(json.loads(text)):
+        assert strict[0] == "refused", strict
+        assert ("Infinity, which is not JSON" in strict[1]
+                or "is not JSON; lostreg writes null" in strict[1]), strict
+    else:
+        assert strict == plain
+
+
+def test_the_cases_hold_non_finite_numbers() -> None:
+    """The cases above test the refusal: some of them read to NaN or infinity in json."""
+    read = [json.loads(text) for text in CASES if _outcome(json.loads, text)[0] == "value"]
+    assert sum(not _finite(value) for value in read) >= 5
 
 
 def test_integers_beyond_64_bits_stay_integers() -> None:
@@ -81,14 +111,19 @@ def test_floats_parse_to_json_loads_bits_in_repr_and_17_digits() -> None:
     assert all(math.isfinite(v) for v in values)
 
 
-@pytest.mark.parametrize("text", [b"[NaN, 1]", b'{"a": [1, 2', b"\xff", b"[" * 150 + b"]" * 150])
+@pytest.mark.parametrize("text", [b"[NaN, 1]", b'{"a": [1, 2', b"\xff", b"[" * 150 + b"]" * 150,
+                                  b'[1, "NaN"]'])
 def test_bounded_reader_says_what_it_said_before(text: bytes) -> None:
+    """As ``json.loads`` says, but NaN (which it reads) is refused, and so is a deep text."""
     try:
         expected = ("value", _exact(json.loads(text)))
     except ValueError as exc:
         expected = ("refused", f"x: not readable JSON ({exc})")
     if text.startswith(b"[" * 150):
         expected = ("refused", "x: not readable JSON (nested more than 100 levels deep)")
+    if b"NaN," in text:
+        expected = ("refused", "x: not readable JSON (NaN is not JSON; lostreg writes null for "
+                               "an undefined figure)")
     try:
         got = ("value", _exact(loads_bounded(text, "x")))
     except JsonInputError as exc:

@@ -32,7 +32,7 @@ import numpy as np
 
 from lostreg.errors import LostregError
 from lostreg.evaluation import stats
-from lostreg.io import loads_bounded, read_bounded
+from lostreg.io import dumps_strict, loads_bounded, read_bounded
 
 FILE_NAME = ".mcnemar.json"  # a dot name: never a run's summary, never pruned as one
 FORMAT = "lostreg-mcnemar-p/1"
@@ -146,11 +146,12 @@ class PValueTable:
         scipy = _scipy_version()
         payload = {"format": FORMAT, "scipy": scipy, "entries": entries,
                    "digest": _digest(entries, scipy)}
+        text = dumps_strict(payload, folder / FILE_NAME)  # p-values are finite: strict JSON
         try:
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(payload, handle)
+                    handle.write(text)
                 os.replace(tmp, folder / FILE_NAME)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -57,7 +57,7 @@ import pandas as pd
 from lostreg.errors import LostregError
 from lostreg.evaluation import stats
 from lostreg.evaluation.registry import METRICS, MetricSpec
-from lostreg.io import MAX_JSON_BYTES, JsonInputError, loads_bounded, read_bounded
+from lostreg.io import MAX_JSON_BYTES, JsonInputError, dumps_strict, loads_bounded, read_bounded
 from lostreg.runs import pvalues
 from lostreg.runs import store as store_module
 from lostreg.runs.fastlines import box_columns
@@ -563,12 +563,13 @@ class SummaryStore:
         if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
             return self._disable("it is a link or not a folder")
         payload = {**payload, "digest": payload_digest(payload)}
+        text = dumps_strict(payload, self.path(name), sort_keys=True)  # no NaN: strict JSON
         try:
             self.folder.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".", suffix=".tmp")
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(payload, handle, sort_keys=True)
+                    handle.write(text)
                 os.replace(tmp, self.path(name))
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from lostreg.errors import LostregError
-from lostreg.io import atomic_write_bytes, atomic_write_text, loads_bounded, read_bounded
+from lostreg.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    dumps_strict,
+    loads_bounded,
+    read_bounded,
+)
 from lostreg.reports.leaderboard import figures
 from lostreg.reports.leaderboard.figures import IouCanvas, IouPlot, figure_png
 from lostreg.workers import ordered_map
@@ -140,6 +146,7 @@ class FigureWriter:
 
     def close(self) -> None:
         """Write the record of what this build's figures were drawn from."""
+        record = {"format": MANIFEST_FORMAT, "figures": self.new}
         atomic_write_text(self.folder / MANIFEST,
-                          json.dumps({"format": MANIFEST_FORMAT, "figures": self.new},
-                                     sort_keys=True, indent=1) + "\n")
+                          dumps_strict(record, self.folder / MANIFEST, sort_keys=True, indent=1)
+                          + "\n")

@@ -42,7 +42,13 @@ from typing import Any
 
 import lostreg
 from lostreg.errors import LostregError
-from lostreg.io import MAX_JSON_BYTES, atomic_write_text, loads_bounded, read_bounded
+from lostreg.io import (
+    MAX_JSON_BYTES,
+    atomic_write_text,
+    dumps_strict,
+    loads_bounded,
+    read_bounded,
+)
 from lostreg.runs.store import CONFIG, METRICS, PREDICTIONS
 from lostreg.runs.summaries import file_stat, settled
 
@@ -242,7 +248,8 @@ def write_record(out_dir: Path, inputs: dict[str, Any], outputs: dict[str, str],
     payload = {"format": FORMAT, "inputs": inputs, "outputs": outputs,
                "summary": asdict(summary)}
     payload["digest"] = _digest(payload)
-    atomic_write_text(out_dir / RECORD, json.dumps(payload, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / RECORD,
+                      dumps_strict(payload, out_dir / RECORD, sort_keys=True) + "\n")
 
 
 __all__ = ["RECORD", "BuildSummary", "code_digest", "forget", "inputs_unchanged",
