@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from run_folders import write_run
 from test_datasets import _ann, _image, make_coco
 from tiny_runs import TINY, only_folder, tiny_command
 
+import lostreg.datasets.derived as derived
 import lostreg.features.cache as cache_module
 import lostreg.io as io_module
 from lostreg.backbones import load_neuron_file
@@ -35,8 +37,10 @@ from lostreg.io import (
     unique_keys,
 )
 from lostreg.run import main
-from lostreg.runs import summaries
+from lostreg.runs import grid, summaries
+from lostreg.runs import lock as lock_module
 from lostreg.runs.fastlines import box_columns
+from lostreg.runs.lock import holder_info
 from lostreg.runs.store import load_run, read_predictions
 
 CONSTANTS = ["NaN", "Infinity", "-Infinity"]
@@ -347,3 +351,37 @@ def test_a_coco_file_with_a_constant_is_one_line(tmp_path: Path) -> None:
         load_coco20k(tmp_path, use_cache=False)
     assert str(info.value) == (f"{ann_path}: cannot read COCO annotations "
                                f"({_reason('-Infinity')})")
+
+
+# --- files lostreg reads that were read with json.loads, unbounded ------------------------------
+
+HOLDER_DAMAGE = [b"[" * 4096, b'{"pid": NaN, "host": "h"}', b'{"pid": 1e400}', b"\xff"]
+
+
+@pytest.mark.parametrize("data", HOLDER_DAMAGE)
+def test_a_damaged_lock_file_names_no_holder_and_raises_nothing(tmp_path: Path,
+                                                               data: bytes) -> None:
+    """``json.loads`` of 4096 ``[`` was a RecursionError; NaN was a pid."""
+    assert holder_info(data) is None
+    lock = tmp_path / "run.lock"
+    lock.write_bytes(data)
+    assert grid._holder_of(lock) is None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        assert lock_module._read_holder(fd) is None
+    finally:
+        os.close(fd)
+    assert holder_info(b'{"pid": 7, "host": "h"}') == {"pid": 7, "host": "h"}
+
+
+@pytest.mark.parametrize("body", [b'{"records":[NaN]}', b'{"a":' + b"[" * 5000 + b"]" * 5000
+                                  + b"}", b'{"x":-Infinity}'])
+def test_a_stored_dataset_index_with_a_valid_checksum_and_bad_json_is_not_used(
+        body: bytes) -> None:
+    """The checksum proves the file intact, not that lostreg wrote it (anyone can compute
+    one): its JSON is read by the bounded reader all the same."""
+    body += b"\n"
+    data = body + derived._TRAILER + derived.sha256_hex(body).encode("ascii") + b"\n"
+    assert derived.decode(data) is None
+    good = derived.encode({"records": [0.5]})
+    assert derived.decode(good) == {"records": [0.5]}

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lostreg.io import atomic_write_bytes
+from lostreg.io import atomic_write_bytes, loads_bounded
 
 RACY_WINDOW_NS = 3_000_000_000
 _TRAILER = b"sha256 "
@@ -90,9 +90,9 @@ def decode(data: bytes) -> dict[str, Any] | None:
     body += b"\n"
     if trailer[len(_TRAILER):] != sha256_hex(body).encode("ascii"):
         return None
-    try:
-        document = json.loads(body)
-    except ValueError:  # covers UnicodeDecodeError and JSONDecodeError
+    try:  # bounded: a deep body under a valid checksum (anyone can compute one) is refused too
+        document = loads_bounded(body, "stored dataset index", max_bytes=None)
+    except ValueError:  # JsonInputError: not JSON, not UTF-8, too deep, NaN
         return None
     return document if isinstance(document, dict) else None
 

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import glob
 import itertools
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -61,7 +60,7 @@ from lostreg.runs.folder import (
     make_run_id,
     run_identity,
 )
-from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder, holder_of
+from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder, holder_info, holder_of
 from lostreg.runs.sweep import run_pass
 
 
@@ -482,7 +481,6 @@ def refuse_held_runs(base: RunConfig, sweep: Sequence[RunConfig],
 def _holder_of(lock: Path) -> dict | None:
     """What the holder wrote into its lock file (pid, host, start, command), if readable."""
     try:
-        info = json.loads(lock.read_bytes()[:4096] or b"null")
-    except (OSError, ValueError):
+        return holder_info(lock.read_bytes()[:4096])
+    except OSError:
         return None
-    return info if isinstance(info, dict) else None

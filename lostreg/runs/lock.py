@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lostreg.errors import LostregError, error_line
-from lostreg.io import open_in_run_folder
+from lostreg.io import loads_bounded, open_in_run_folder
 
 if TYPE_CHECKING:
     from lostreg.runs.distributed import DistContext
@@ -66,12 +66,22 @@ def describe_holder(info: dict[str, Any] | None) -> str:
     return text
 
 
-def _read_holder(fd: int) -> dict[str, Any] | None:
+def holder_info(data: bytes) -> dict[str, Any] | None:
+    """What a lock file's first bytes say of its holder (the object ``_holder_info`` wrote),
+    or None: anything else in it (nested deep, NaN, not JSON) is read by the bounded reader,
+    never a traceback in the line that names the holder."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"null")
-    except (OSError, ValueError):
+        info = loads_bounded(data or b"null", LOCK_NAME, max_bytes=None)
+    except ValueError:  # JsonInputError
         return None
     return info if isinstance(info, dict) else None
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        return holder_info(os.pread(fd, 4096, 0))
+    except OSError:
+        return None
 
 
 #: How long a refused process waits for the holder to write its name: the holder writes it
