@@ -97,7 +97,8 @@ CASES: list[tuple[str, Callable[[Path], None], str]] = [
      r"predictions.jsonl:2: 'hit' is true but the box's best IoU .* is 0.0000"),
     ("line without hit", _drop_from_line("hit"), r"predictions.jsonl:2: missing key 'hit'"),
     ("width a string", _line(width="100"), r"'width' must be a whole number >= 1"),
-    ("box with NaN", _line(box=[1, 2, float("nan"), 4]), r"'box' must be \[x1, y1, x2, y2\]"),
+    # NaN is not JSON (issue 20 row 11): the line is refused before its fields are read
+    ("box with NaN", _line(box=[1, 2, float("nan"), 4]), r"not valid JSON \(NaN is not JSON"),
     ("inverted box", _line(box=[50, 2, 10, 4]), r"'box' must be \[x1, y1, x2, y2\]"),
     ("inverted GT box", _line(gt_boxes=[[60, 50, 10, 10]]), r"'gt_boxes' must be a list"),
     ("image_id a number", _line(image_id=7), r"'image_id' must be a non-empty string"),

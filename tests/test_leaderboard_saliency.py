@@ -146,7 +146,7 @@ def _damage(run_dir: Path, what: str) -> None:
     ("iou", "metrics.json: 'iou' is 12.5 but the predictions give"),
     ("max_f", "metrics.json: 'max_f' is 50.0 but its f_curve gives"),
     ("f_curve", "metrics.json: 'f_curve' must be 255 numbers in [0, 1]"),
-    ("nan", "metrics.json: 'acc' must be a percentage in [0, 100] or null, not nan"),
+    ("nan", "metrics.json: not readable JSON (NaN is not JSON"),  # issue 20 row 11
     ("refine", "config.json: 'refine' must be one of none, bilateral, bilateral-binary"),
     ("variants", "metrics.json (saliency_variants.move): missing key 'acc'"),
     ("images", "predictions.jsonl: 11 images but metrics.json says 12"),
