@@ -41,7 +41,7 @@ from lostreg.runs import grid, summaries
 from lostreg.runs import lock as lock_module
 from lostreg.runs.fastlines import box_columns
 from lostreg.runs.lock import holder_info
-from lostreg.runs.store import load_run, read_predictions
+from lostreg.runs.store import load_run, read_lines, read_predictions
 
 CONSTANTS = ["NaN", "Infinity", "-Infinity"]
 # where a constant may sit: alone, nested in arrays, deep in objects, as a line's field
@@ -160,6 +160,10 @@ def test_a_predictions_line_with_a_constant_is_one_line_for_the_reports(
     with pytest.raises(LostregError) as summarised:
         summaries.load_summary(run, store)
     assert str(loaded.value) == str(summarised.value) == expected
+    with pytest.raises(LostregError) as listed:  # the lines verify and the analyses read
+        read_lines(run)
+    assert str(listed.value) == (f"{path}: not valid JSON lines ({path}: line 2: not readable "
+                                 f"JSON ({_reason(constant)}))")
 
 
 def test_a_stored_summary_with_a_constant_is_recomputed(tmp_path: Path) -> None:
