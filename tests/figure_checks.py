@@ -1,5 +1,6 @@
-"""Checks that a matplotlib figure reads well: every text it draws is inside the canvas and no
-two drawn texts overlap. Use from any test: ``from figure_checks import assert_texts_fit``.
+"""Checks that a figure reads well: every text it draws is inside the canvas and no two drawn
+texts overlap. Use from any test: ``from figure_checks import assert_texts_fit`` (a
+matplotlib figure) or ``assert_svg_texts_fit`` (an SVG lostreg writes).
 
 Only texts that are actually drawn count (an empty title, the labels of a hidden axis or a
 tick outside the view are not): the figure is drawn once while ``Text.draw`` records each
@@ -9,6 +10,8 @@ visible, non-blank text it is called on, and the bounding boxes come from that r
 from __future__ import annotations
 
 import itertools
+import re
+import xml.etree.ElementTree as ET
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -93,3 +96,74 @@ def assert_text_layout_ok(fig: Figure) -> None:
 def figure_says(fig: Figure, word: str) -> bool:
     """Whether some drawn text of the figure contains ``word``."""
     return any(word in text.get_text() for text, _ in drawn_texts(fig))
+
+
+# --- SVG written by lostreg (``lostreg.reports.leaderboard.histogram_svg``) -----------------
+
+SVG = "{http://www.w3.org/2000/svg}"
+_ROTATE = re.compile(r"^rotate\((-?90) ([0-9.]+) ([0-9.]+)\)$")
+
+
+def svg_root(svg: str) -> ET.Element:
+    """The parsed document; fails unless it is well-formed SVG with a numeric size."""
+    root = ET.fromstring(svg)
+    assert root.tag == f"{SVG}svg", root.tag
+    assert float(root.get("width")) > 0 and float(root.get("height")) > 0
+    return root
+
+
+def svg_text_boxes(svg: str) -> list[tuple[str, tuple[float, float, float, float], str]]:
+    """``(text, (x0, y0, x1, y1), fill)`` of every ``<text>``, measured with matplotlib's
+    DejaVu Sans metrics at the text's font size (the first font the SVG asks for), in the
+    SVG's coordinates (y down). Rotated texts (``rotate(-90 cx cy)``, the y label) are turned
+    about their centre."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure = TextToPath()
+    boxes = []
+    for element in svg_root(svg).iter(f"{SVG}text"):
+        words = element.text or ""
+        size = float(element.get("font-size"))
+        weight = element.get("font-weight", "normal")
+        width, height, descent = measure.get_text_width_height_descent(
+            words, FontProperties(family="DejaVu Sans", size=size, weight=weight), ismath=False)
+        x, y = float(element.get("x")), float(element.get("y"))
+        anchor = element.get("text-anchor", "start")
+        x0 = x - {"start": 0.0, "middle": width / 2, "end": width}[anchor]
+        box = (x0, y - (height - descent), x0 + width, y + descent)
+        rotated = _ROTATE.match(element.get("transform", ""))
+        if rotated:
+            cx, cy = float(rotated.group(2)), float(rotated.group(3))
+            # rotate(-90) in y-down coordinates: (dx, dy) -> (dy, -dx)
+            box = (cx + box[1] - cy, cy - (box[2] - cx), cx + box[3] - cy, cy - (box[0] - cx))
+        boxes.append((words, box, element.get("fill", "black")))
+    return boxes
+
+
+def svg_text_problems(svg: str, tolerance: float = TOLERANCE_PX) -> list[str]:
+    """Every text that leaves the SVG's canvas or overlaps another text, one line each."""
+    root = svg_root(svg)
+    width, height = float(root.get("width")), float(root.get("height"))
+    boxes = svg_text_boxes(svg)
+    problems = [f"{words[:60]!r} leaves the {width:.0f}x{height:.0f} canvas: {box}"
+                for words, box, _ in boxes
+                if box[0] < -tolerance or box[1] < -tolerance or box[2] > width + tolerance
+                or box[3] > height + tolerance]
+    for (first, a, _), (second, b, _) in itertools.combinations(boxes, 2):
+        overlap_x = min(a[2], b[2]) - max(a[0], b[0])
+        overlap_y = min(a[3], b[3]) - max(a[1], b[1])
+        if overlap_x > tolerance and overlap_y > tolerance:
+            problems.append(f"{first[:60]!r} overlaps {second[:60]!r}")
+    return problems
+
+
+def assert_svg_texts_fit(svg: str, name: str = "figure") -> None:
+    problems = svg_text_problems(svg)
+    assert not problems, f"{name}: " + "; ".join(problems)
+
+
+def svg_says(svg: str, words: str, fill: str | None = None) -> bool:
+    """Whether some text of the SVG (of colour ``fill``, if given) contains ``words``."""
+    return any(words in text and (fill is None or colour == fill)
+               for text, _, colour in svg_text_boxes(svg))

@@ -351,3 +351,115 @@ def test_register_neurons_on_a_saliency_set_sees_its_resized_images(tree, monkey
         expected.append((height, width))
     assert sorted(shapes) == sorted(expected)
     assert any(h % 14 or w % 14 for w, h in (Image.open(r.path).size for r in index.records))
+
+
+# --- unfinished mask runs: analysed on the images they have, as box runs are (issue 20) --------
+
+
+def unfinished_copy(tree: Path, method: str, root: Path, keep: int) -> Path:
+    """A copy of a finished run as a run killed after ``keep`` images leaves it: no
+    metrics.json, and a torn last line (the write that was cut short)."""
+    source = run_of(tree, method)
+    folder = (root / "runs" / source.name).resolve()
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("analysis"))
+    (folder / "metrics.json").unlink()
+    lines = (folder / "predictions.jsonl").read_text().splitlines(keepends=True)
+    assert len(lines) > keep
+    (folder / "predictions.jsonl").write_text("".join(lines[:keep]) + lines[keep][:40])
+    return folder
+
+
+def unfinished_warning(folder: Path, images: int) -> str:
+    return (f"warning: {folder} is unfinished (no metrics.json); using the {images} images it "
+            "has predicted so far")
+
+
+def test_an_unfinished_mask_run_is_shown_on_the_images_it_has(tree, figures, tmp_path,
+                                                              capsys) -> None:
+    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=2)
+    assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
+                    "--output", str(tmp_path / "show")]) == 0
+    assert capsys.readouterr().err.splitlines() == [unfinished_warning(folder, 2)]
+    lines = lines_of(run_of(tree, "tokencut"))[:2]
+    assert len(figures) == 2  # the torn third line is no image
+    for fig, line in zip(figures, lines, strict=True):
+        mask_ax = [ax for ax in fig.axes if ax.get_images()][2]
+        assert np.array_equal(mask_ax.get_images()[0].get_array(),
+                              pycoco_mask(line).astype(np.float32))
+        assert f"IoU {line['sal_iou']:.3f}" in " ".join(mask_ax.get_title().split())
+    page = (tmp_path / "show" / "index.html").read_text()
+    assert page.count("<figure") == 2 and "differs" not in page
+
+
+def test_an_unfinished_mask_run_gets_its_attribution(tree, tmp_path, capsys) -> None:
+    folder = unfinished_copy(tree, "lost", tmp_path, keep=3)
+    assert analyze(["attribution", "--run", str(folder), "--device", "cpu", "--no-progress",
+                    "--num-workers", "0"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "unfinished" in line] == [unfinished_warning(folder, 3)]
+    lines = lines_of(run_of(tree, "lost"))[:3]
+    with open(folder / "analysis" / "attribution.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["image_id"] for row in rows] == [line["image_id"] for line in lines]
+    assert [float(row["iou"]) for row in rows] == [line["sal_iou"] for line in lines]
+    maps = TokenMaps.load(folder / "analysis" / "norms" / "tokens.npz")
+    assert maps.image_ids == [line["image_id"] for line in lines]  # only the images it has
+    with open(folder / "analysis" / "attribution_summary.csv", newline="") as handle:
+        everything = next(row for row in csv.DictReader(handle) if row["group"] == "all images")
+    assert int(everything["n_images"]) == 3
+    assert float(everything["mean_iou"]) == pytest.approx(
+        100 * np.mean([line["sal_iou"] for line in lines]))
+
+
+def edit_line(folder: Path, number: int, **values) -> None:
+    lines = (folder / "predictions.jsonl").read_text().splitlines(keepends=True)
+    lines[number - 1] = json.dumps({**json.loads(lines[number - 1]), **values}) + "\n"
+    (folder / "predictions.jsonl").write_text("".join(lines))
+
+
+@pytest.mark.parametrize("command", ["show", "attribution"])
+def test_an_unfinished_mask_run_still_has_every_line_checked(tree, tmp_path, capsys,
+                                                             command) -> None:
+    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=3)
+    edit_line(folder, 2, sal_iou=0.123456)  # no metrics.json to catch it: the line's counts do
+    assert analyze([command, "--run", str(folder), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and f"{folder / 'predictions.jsonl'}:2: 'sal_iou' is 0.123456" in err[0]
+    assert not (folder / "analysis").exists()
+
+
+def drop_last_line(folder: Path) -> str:
+    lines = (folder / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (folder / "predictions.jsonl").write_text("".join(lines[:-1]))
+    return f"{IMAGES - 1} images but metrics.json says {IMAGES}"
+
+
+def raise_metrics_iou(folder: Path) -> str:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["iou"] = round(metrics["iou"] + 1.0, 4)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return f"'iou' is {metrics['iou']} but the predictions give"
+
+
+@pytest.mark.parametrize("tamper", [drop_last_line, raise_metrics_iou])
+@pytest.mark.parametrize("command", ["show", "attribution"])
+def test_a_finished_mask_run_whose_files_disagree_is_still_refused(tree, tmp_path, capsys,
+                                                                   command, tamper) -> None:
+    source = run_of(tree, "tokencut")
+    folder = tmp_path / source.name
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("analysis"))
+    expected = tamper(folder)
+    assert analyze([command, "--run", str(folder), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and expected in err[0] and "unfinished" not in err[0]
+    assert not (folder / "analysis").exists()
+
+
+def test_an_unfinished_box_run_gives_the_same_warning(tmp_path, capsys) -> None:
+    from lostreg.reports.analysis.runs import load_run
+
+    folder = box_run(tmp_path)
+    (folder / "metrics.json").unlink()
+    info = load_run(folder)
+    assert capsys.readouterr().err.splitlines() == [unfinished_warning(folder, 1)]
+    assert [p["image_id"] for p in info.predictions] == ["00000"]

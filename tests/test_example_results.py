@@ -48,8 +48,12 @@ def test_example_figures_exist_for_every_run() -> None:
     box_runs = {row["run_id"] for row in rows if row["corloc"] != ""}
     mask_runs = {row["run_id"] for row in rows if row["iou"] != ""}
     assert box_runs and mask_runs and not box_runs & mask_runs  # a run is scored one way
-    assert {path.stem for path in (figures / "iou").glob("*.png")} == box_runs
-    assert {path.stem for path in (figures / "saliency_iou").glob("*.png")} == mask_runs
+    assert {path.name for path in (figures / "iou").iterdir()} == {f"{run}.svg" for run in box_runs}
+    assert {path.name for path in (figures / "saliency_iou").iterdir()} == {
+        f"{run}.svg" for run in mask_runs}
+    for histogram in [*(figures / "iou").iterdir(), *(figures / "saliency_iou").iterdir()]:
+        assert ">SMOKE (random weights): not a result</text>" in histogram.read_text(), (
+            histogram, REBUILD)
     for name in ("saliency_iou.png", "saliency_f_curves.png"):
         with Image.open(figures / name) as image:
             assert image.width > 400 and image.height > 200

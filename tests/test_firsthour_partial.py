@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from figure_checks import drawn_texts
+from figure_checks import drawn_texts, svg_says
 from run_folders import pair_hits, write_run
 
 from lostreg.backbones import BACKBONES, BackboneSpec
@@ -144,7 +144,7 @@ def test_a_partial_run_never_pairs_with_a_full_one(tmp_path) -> None:
 def test_figures_of_a_partial_run_say_so(tmp_path) -> None:
     board = lb.collect(partial_runs(tmp_path))
     partial = next(run for run in board.runs if run.run_id == "partial")
-    assert figure_says(lb.iou_figure(partial), "partial dataset: 12 of 5011 images")
-    assert not figure_says(lb.iou_figure(next(r for r in board.runs if r.run_id == "full")),
-                           "partial")
+    assert svg_says(lb.iou_svg(partial), "partial dataset: 12 of 5011 images")
+    assert not svg_says(lb.iou_svg(next(r for r in board.runs if r.run_id == "full")),
+                        "partial")
     assert figure_says(lb.register_bar_figure(board.comparison), "partial dataset")

@@ -51,7 +51,7 @@ def test_leaderboard_columns_corloc_and_ci(tmp_path: Path) -> None:
     assert (row["k"], row["gram_bias"], row["test_time_registers"]) == (100, 0.0, 0)
     assert list(board["dataset"]) == ["voc07", "voc12"]
     for name in ("comparison.csv", "comparison.md", "figures/corloc_registers.png",
-                 "figures/iou/a.png", "figures/iou/b.png"):
+                 "figures/iou/a.svg", "figures/iou/b.svg"):
         assert (out / name).is_file(), name
 
 
@@ -227,7 +227,7 @@ def test_paper_suite() -> None:
 def test_public_names_stay_importable() -> None:
     """run.py, the notebook and other tools import these from lostreg.reports.leaderboard."""
     for name in ("PAPER_SUITE", "build_leaderboard", "collect", "comparison_markdown",
-                 "figure_png", "iou_figure", "register_bar_figure", "settings_label", "RunData",
+                 "figure_png", "iou_svg", "register_bar_figure", "settings_label", "RunData",
                  "load_run", "load_published", "main", "build_parser", "LEADERBOARD_COLUMNS",
                  "COMPARISON_COLUMNS", "find_pairs", "base_timm_name"):
         assert getattr(lb, name) is not None, name

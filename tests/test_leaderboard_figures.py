@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from figure_checks import assert_text_layout_ok, figure_says, text_layout_problems
+from figure_checks import (
+    assert_svg_texts_fit,
+    assert_text_layout_ok,
+    figure_says,
+    svg_says,
+    text_layout_problems,
+)
 from matplotlib.figure import Figure
 from run_folders import pair_hits, write_run
 
@@ -69,15 +75,15 @@ def test_register_figure_without_pairs_still_says_smoke(tmp_path: Path) -> None:
     assert figure_says(figure, "SMOKE") and figure_says(figure, "no register pairs")
 
 
-def test_iou_figure_of_a_smoke_run_with_a_long_id_fits_and_says_smoke(tmp_path: Path) -> None:
+def test_iou_histogram_of_a_smoke_run_with_a_long_id_fits_and_says_smoke(tmp_path: Path) -> None:
     name = "smoke-coco20k-" + LONG_MODEL.replace(":", "_") + "-k-layer-2-l2-tau0.2-0123456789"
     board = lb.collect(write_run(tmp_path / "runs", name, [True, False, True], smoke=True).parent,
                        include_smoke=True, report=None)
-    figure = lb.iou_figure(board.runs[0])
-    assert_text_layout_ok(figure)
-    assert figure_says(figure, "SMOKE")
+    svg = lb.iou_svg(board.runs[0])
+    assert_svg_texts_fit(svg)
+    assert svg_says(svg, "SMOKE", fill="red") and svg_says(svg, "0123456789")
     real = lb.collect(write_run(tmp_path / "real", "real", [True]).parent, report=None)
-    assert not figure_says(lb.iou_figure(real.runs[0]), "SMOKE")
+    assert not svg_says(lb.iou_svg(real.runs[0]), "SMOKE")
 
 
 def test_the_checker_catches_overlap_and_text_off_the_canvas() -> None:

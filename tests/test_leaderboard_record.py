@@ -22,7 +22,6 @@ from lostreg.runs import summaries
 def quick_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     """PNGs as a function of what they show, without drawing (the record's tests count
     builds, not pixels; ``test_a_rebuild_writes_nothing...`` draws for real)."""
-    monkeypatch.setattr(drawing, "_draw_iou", lambda plot: repr(plot).encode())
     monkeypatch.setattr(drawing, "figure_png", lambda figure: b"figure")
 
 
@@ -103,8 +102,10 @@ CHANGES = {
     "a new unfinished folder": lambda runs, out: (runs / "pending").mkdir(),
     "an output edited": lambda runs, out: (out / "comparison.md").write_text("edited"),
     "an output removed": lambda runs, out: (out / "leaderboard.csv").unlink(),
-    "a figure linked": lambda runs, out: _link(out / "figures" / "iou" / "plain.png"),
-    "a stray figure": lambda runs, out: (out / "figures" / "iou" / "gone.png").write_bytes(b"x"),
+    "a figure linked": lambda runs, out: _link(out / "figures" / "iou" / "plain.svg"),
+    "a stray figure": lambda runs, out: (out / "figures" / "iou" / "gone.svg").write_bytes(b"x"),
+    "a figure of an older build": lambda runs, out: (out / "figures" / "iou" / "plain.png"
+                                                     ).write_bytes(b"x"),
     "a stray mask overview": lambda runs, out: (out / "figures" / "saliency_iou.png"
                                                ).write_bytes(b"x"),
     "the record damaged": lambda runs, out: _edit_record(out),

@@ -262,11 +262,11 @@ def test_comparison_outputs_and_their_csv(tmp_path: Path,
     assert pair["n_paired"] == 12 and pair["bootstrap_p"] <= 1
     text = (out / "comparison.md").read_text()
     assert "## Saliency (masks)" in text and "### Saliency: paired statistics" in text
-    for name in ("saliency_iou.png", "saliency_f_curves.png", "saliency_iou/base.png",
-                 "saliency_iou/reg.png"):
+    for name in ("saliency_iou.png", "saliency_f_curves.png", "saliency_iou/base.svg",
+                 "saliency_iou/reg.svg"):
         assert (out / "figures" / name).is_file(), name
     drawn = json.loads((out / "figures" / ".drawn.json").read_text())["figures"]
-    assert {"saliency_iou.png", "saliency_iou/base.png"} <= set(drawn)  # redrawn on change
+    assert {"saliency_iou.png", "saliency_iou/base.svg"} <= set(drawn)  # redrawn on change
     # a later build without the mask runs leaves no stale saliency figure behind
     for name in ("base", "reg"):
         for file in (runs / name).iterdir():
@@ -276,7 +276,7 @@ def test_comparison_outputs_and_their_csv(tmp_path: Path,
     lb.build_leaderboard(runs, out)
     assert not (out / "figures" / "saliency_iou.png").exists()
     assert not list((out / "figures" / "saliency_iou").iterdir())
-    assert sorted(p.name for p in (out / "figures" / "iou").iterdir()) == ["box.png"]
+    assert sorted(p.name for p in (out / "figures" / "iou").iterdir()) == ["box.svg"]
 
 
 def test_the_paired_bootstrap_refuses_what_it_cannot_pair() -> None:

@@ -16,8 +16,6 @@ import pytest
 from leaderboard_cases import write_cases
 
 from lostreg.evaluation import stats
-from lostreg.reports.leaderboard import figures as lbfig
-from lostreg.reports.leaderboard.figures import IouPlot
 from lostreg.runs import pvalues, summaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,27 +159,3 @@ def test_a_rebuild_imports_neither_torch_nor_scipy_and_gives_the_same_tables(
     first, kept = child(), runs / summaries.STORE_FOLDER / pvalues.FILE_NAME
     assert kept.is_file() and first[1] == ["scipy", "scipy.stats"]  # new pairs: SciPy
     assert child() == [first[0], []]  # nothing new: neither torch nor SciPy, same bytes
-
-
-# --- IoU figures drawn on one kept figure ------------------------------------------------------
-
-
-def _plot(name: str, top: int, smoke: bool = False, subset: str = "") -> IouPlot:
-    rng = np.random.default_rng(top)
-    counts = rng.multinomial(top, np.r_[np.full(10, 0.02), np.full(10, 0.08)])
-    return IouPlot(name, tuple(int(c) for c in counts), 41.25, subset, smoke)
-
-
-def test_iou_figures_on_one_kept_figure_are_fresh_figures_bytes() -> None:
-    """A sequence that repeats layouts (reused positions), changes the title's height, the y
-    labels (and their offset), SMOKE on and off, and empty and one-image histograms."""
-    run_id = "voc07-dinov2_vitl14_reg4-lost-00007-22841ea360"
-    plots = [_plot(run_id, 5011), _plot(run_id.replace("7", "8"), 5010),
-             _plot(run_id, 5011, smoke=True), _plot(run_id, 5012),
-             _plot(run_id * 3, 5011, subset="first 50 images"),
-             _plot("r", 40), _plot(run_id, 3_000_000), IouPlot("empty", (0,) * 20, 0.0, "", True),
-             IouPlot("one", (0,) * 19 + (1,), 100.0, "", False), _plot(run_id, 5013)]
-    canvas = lbfig.IouCanvas()
-    for plot in plots:
-        assert canvas.png(plot) == lbfig.figure_png(lbfig.iou_plot_figure(plot)), plot
-    assert len(canvas.layouts) < len(plots)  # some were drawn at a kept layout

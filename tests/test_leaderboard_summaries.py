@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from leaderboard_cases import FIXTURE_RUNS, GOLDEN, OUTPUTS, build, corloc_part, write_cases
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from run_folders import REG, edit_json, edit_line, pair_hits, write_run
 
 from lostreg.evaluation import stats
@@ -22,7 +20,7 @@ from lostreg.evaluation.registry import METRICS, MetricSpec
 from lostreg.evaluation.targets import LineField
 from lostreg.reports import leaderboard as lb
 from lostreg.reports.leaderboard import drawing
-from lostreg.reports.leaderboard import figures as lbfig
+from lostreg.reports.leaderboard.histogram_svg import histogram_svg
 from lostreg.runs import summaries
 from lostreg.runs.store import load_run, read_predictions
 
@@ -212,35 +210,25 @@ def test_paired_statistics_from_summaries_equal_the_joined_predictions(tmp_path:
         13, 6)
 
 
-def test_iou_figure_from_counts_is_the_histogram_of_every_image(tmp_path: Path) -> None:
-    """The IoU figure drawn from a summary's bin counts is, byte for byte, the one drawn
-    (as before summaries) from every image's IoU."""
+def test_iou_histogram_from_counts_is_the_histogram_of_every_image(tmp_path: Path) -> None:
+    """The IoU histogram drawn from a summary's bin counts shows, bar for bar, every image's
+    best IoU binned as before summaries, with the run's CorLoc computed from its hits."""
     runs = write_cases(tmp_path / "runs")
     board = lb.collect(runs, report=None)
     for run in board.runs[:3]:
         full = load_run(run.run_dir)
-        figure = Figure(figsize=(6.0, 3.8), layout="constrained")
-        axis = figure.add_subplot()
         ious = full.predictions["best_iou"].to_numpy(dtype=float)
-        axis.hist(ious, bins=np.linspace(0.0, 1.0, 21), color="#2171b5", edgecolor="white")
-        axis.axvline(0.5, color="red", linestyle="--", label="hit threshold 0.5")
-        title = (f"{lbfig.wrap(run.run_id, 5.2, fontsize=8)}\nCorLoc "
-                 f"{stats.corloc_percent(full.predictions['hit']):.1f} on {ious.size} images"
-                 + (f" ({lbfig.subset_words(lbfig.run_settings(full))}: not comparable with "
-                    "published figures)" if lbfig.subset_words(lbfig.run_settings(full))
-                    else ""))
-        axis.set_title(lbfig.wrap(title, 5.6, fontsize=8), fontsize=8)
-        axis.set_xlabel("best IoU with a ground-truth box")
-        axis.set_ylabel("images")
-        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-        axis.set_xlim(0, 1)
-        axis.legend(fontsize=8)
-        assert lb.figure_png(lb.iou_figure(run)) == lb.figure_png(figure), run.run_id
+        histogram = lb.iou_histogram(run)
+        assert histogram.counts == tuple(np.histogram(ious, np.linspace(0.0, 1.0, 21))[0])
+        assert f"CorLoc {stats.corloc_percent(full.predictions['hit']):.1f} on {ious.size} " \
+               "images" in histogram.title
+        assert histogram.threshold == 0.5 and histogram.smoke == bool(full.smoke)
+        assert lb.iou_svg(run) == histogram_svg(lb.iou_histogram(full)), run.run_id
 
 
 def _inodes(out: Path) -> dict[str, int]:
     return {p.relative_to(out).as_posix(): p.stat().st_ino
-            for p in sorted((out / "figures").rglob("*.png"))}
+            for p in sorted((out / "figures").rglob("*.*")) if p.suffix in (".png", ".svg")}
 
 
 def test_figures_are_redrawn_only_when_what_they_show_changed(tmp_path: Path) -> None:
@@ -258,32 +246,33 @@ def test_figures_are_redrawn_only_when_what_they_show_changed(tmp_path: Path) ->
     edit_json(runs / "alone" / "metrics.json", n_hits=2)
     build(runs, out)
     changed = {name for name, inode in _inodes(out).items() if first[name] != inode}
-    assert changed == {"figures/iou/alone.png"}
-    (out / "figures" / "iou" / "plain.png").write_bytes(b"edited")
+    assert changed == {"figures/iou/alone.svg"}
+    (out / "figures" / "iou" / "plain.svg").write_bytes(b"edited")
     (out / "figures" / "corloc_registers.png").unlink()
     build(runs, out)
-    assert (out / "figures" / "iou" / "plain.png").read_bytes() == pngs["figures/iou/plain.png"]
+    assert (out / "figures" / "iou" / "plain.svg").read_bytes() == pngs["figures/iou/plain.svg"]
     assert (out / "figures" / "corloc_registers.png").read_bytes() == pngs[
         "figures/corloc_registers.png"]
     (out / "figures" / drawing.MANIFEST).write_text("[" * 50_000)  # a damaged record
     before = _inodes(out)
     build(runs, out)
     assert all(before[name] != inode for name, inode in _inodes(out).items())  # all redrawn
-    assert (out / "figures" / "iou" / "reg.png").read_bytes() == pngs["figures/iou/reg.png"]
+    assert (out / "figures" / "iou" / "reg.svg").read_bytes() == pngs["figures/iou/reg.svg"]
 
 
-def test_many_figures_drawn_in_workers_are_the_same_bytes(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
-    runs = write_cases(tmp_path / "runs")
-    monkeypatch.setattr(drawing, "PARALLEL_FROM", 2)
-    build(runs, tmp_path / "workers")
-    monkeypatch.setattr(drawing, "PARALLEL_FROM", 10**9)
-    build(runs, tmp_path / "one")
-    a, b = _inodes(tmp_path / "workers"), _inodes(tmp_path / "one")
-    assert sorted(a) == sorted(b) and len(a) == 14
-    for name in a:
-        assert (tmp_path / "workers" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+def test_histograms_of_an_older_build_and_of_removed_runs_are_removed(tmp_path: Path) -> None:
+    """PNG histograms (lostreg before SVG) and those of runs no longer listed go; other files
+    in the folder are not touched."""
+    runs, out = write_cases(tmp_path / "runs"), tmp_path / "out"
+    build(runs, out)
+    folder = out / "figures" / "iou"
+    listed = sorted(path.name for path in folder.iterdir())
+    assert listed and all(name.endswith(".svg") for name in listed)
+    (folder / "old-run.svg").write_text("<svg/>")
+    (folder / listed[0].replace(".svg", ".png")).write_bytes(b"png of an older lostreg")
+    (folder / "notes.txt").write_text("mine")
+    build(runs, out)
+    assert sorted(path.name for path in folder.iterdir()) == sorted([*listed, "notes.txt"])
 
 
 def test_predictions_are_read_on_demand_and_must_be_what_was_summarised(tmp_path: Path

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from figure_checks import drawn_texts, text_problems
+from figure_checks import drawn_texts, svg_says, svg_text_problems, text_problems
 from mask_run_folders import REG, write_mask_run
 
 from lostreg.reports.leaderboard.figures import figure_png
@@ -26,7 +26,7 @@ from lostreg.reports.leaderboard.saliency_figures import (
     image_under_root,
     iou_distribution_figure,
     mask_changes,
-    mask_iou_figure,
+    mask_iou_svg,
     overlay_figure,
     pair_changes,
     pair_title,
@@ -78,6 +78,17 @@ def check(figure, name: str, smoke: bool = True) -> list:
     return texts
 
 
+def check_svg(svg: str, name: str, smoke: bool = True) -> None:
+    """``check`` for a histogram written as SVG (``histogram_svg``)."""
+    if os.environ.get("LOSTREG_FIGURES_OUT"):
+        out = Path(os.environ["LOSTREG_FIGURES_OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.svg").write_text(svg)
+    problems = svg_text_problems(svg)
+    assert not problems, f"{name}: " + "; ".join(problems)
+    assert svg_says(svg, "SMOKE", fill="red") == smoke, name
+
+
 def said(texts: list, words: str) -> bool:
     return any(words in " ".join(text.get_text().split()) for text, _ in texts)
 
@@ -92,7 +103,7 @@ def test_iou_distributions_are_readable_and_say_what_they_left_out(runs_name, re
         assert said(texts, f"DUT-OMRON: {MAX_RUNS} of 16 runs drawn")
     else:
         assert not said(texts, "runs drawn")
-    check(mask_iou_figure(runs[0]), f"mask_iou_{runs_name}")
+    check_svg(mask_iou_svg(runs[0]), f"mask_iou_{runs_name}")
 
 
 @pytest.mark.parametrize("runs_name", ["few", "many"])
@@ -157,4 +168,4 @@ def test_pretrained_runs_carry_no_smoke_mark(tmp_path: Path) -> None:
     runs = generated(tmp_path, 1, smoke=False)
     check(iou_distribution_figure(runs), "iou_pretrained", smoke=False)
     check(f_curve_figure(runs), "f_pretrained", smoke=False)
-    check(mask_iou_figure(runs[0]), "mask_iou_pretrained", smoke=False)
+    check_svg(mask_iou_svg(runs[0]), "mask_iou_pretrained", smoke=False)

@@ -79,7 +79,7 @@ def test_the_reports_read_every_real_mask_run(runs: Path) -> None:
     assert text in (out / "comparison.md").read_text(encoding="utf-8")
     for name in ("saliency_iou.png", "saliency_f_curves.png"):
         assert (out / "figures" / name).is_file()
-    assert len(list((out / "figures" / "saliency_iou").glob("*.png"))) == 8
+    assert len(list((out / "figures" / "saliency_iou").glob("*.svg"))) == 8
 
 
 def test_real_mask_runs_are_drawn_and_overlaid_on_their_images(runs: Path) -> None:

@@ -6,11 +6,15 @@ written before the method registry lack ``method``, ``method_params``, ``layer``
 ``normalize``; they are read with the defaults those runs used (LOST, its ``k_patches`` and
 ``gram_bias`` from the top level, the last block, no normalisation).
 
-A mask run (ECSSD, DUTS-TE, DUT-OMRON: ``lostreg.runs.store.run_target``) is read through the
-saliency reports' loader (``load_mask_run``: every line's ``sal_iou`` recomputed from its
-counts, its ``pred_mask_rle`` checked against them, the run's figures against its lines), so
-only a finished mask run is analysed. Its images were resized to a patch multiple (TokenCut's
-saliency protocol), so its patch grid is the resized image's, not the padded one.
+A run folder without ``metrics.json`` (killed, or still running) is analysed on the images
+it has, with one warning line (``load_run``; the decision is made once, for box and mask runs
+alike). A mask run (ECSSD, DUTS-TE, DUT-OMRON: ``lostreg.runs.store.run_target``) is read
+through the saliency reports' checks: every line's ``sal_iou`` recomputed from its counts, its
+``pred_mask_rle`` checked against them, and, for a finished run only, the run's figures in
+``metrics.json`` against its lines (``load_mask_run``: a finished run whose files disagree is
+refused; an unfinished one has no figures to disagree with). Its images were resized to a patch
+multiple (TokenCut's saliency protocol), so its patch grid is the resized image's, not the
+padded one.
 """
 
 from __future__ import annotations
@@ -188,17 +192,19 @@ def load_run(run_dir: str | Path) -> RunInfo:
     if missing:
         raise LostregError(f"{run_dir / 'config.json'}: missing {', '.join(missing)}")
     target = run_target(config)
-    if target == "mask":
-        _check_mask_run(run_dir, config)
+    # decided before the lines are read: metrics.json is written last, so a finished run's
+    # lines read after it are the ones its figures were computed from
+    finished = is_finished(run_dir)
     predictions = read_lines(run_dir)
+    if target == "mask":
+        _check_mask_run(run_dir, config, predictions, finished)
     predictions_path = run_dir / "predictions.jsonl"
     if not predictions:
         raise LostregError(f"{predictions_path}: no predictions")
     for number, line in enumerate(predictions, start=1):
         _check_prediction(predictions_path, number, line, mask=target == "mask")
-    if not is_finished(run_dir):
-        print(f"warning: {run_dir} is unfinished (no metrics.json); using its "
-              f"{len(predictions)} predictions", file=sys.stderr)
+    if not finished:
+        warn_unfinished(run_dir, len(predictions))
     info = RunInfo(run_dir, config, predictions, target)
     info.method  # noqa: B018 (validates method, parameters, layer and normalize now)
     return info
@@ -212,21 +218,33 @@ def run_kind(run_dir: str | Path) -> str:
     return run_target(read_config(Path(run_dir)))
 
 
-def _check_mask_run(run_dir: Path, config: dict) -> None:
-    """A mask run is analysed only finished, its files checked by the saliency reports'
-    loader (scores recomputed, masks against counts, figures against lines), and only under
-    the mask protocol this lostreg reproduces."""
-    from lostreg.reports.leaderboard.saliency_runs import load_mask_run
+def warn_unfinished(run_dir: Path, n_images: int) -> None:
+    """The one line an analysis of an unfinished run (box or mask) prints: results on the
+    images predicted so far are not the run's."""
+    print(f"warning: {run_dir} is unfinished (no metrics.json); using the {n_images} images "
+          "it has predicted so far", file=sys.stderr)
+
+
+def _check_mask_run(run_dir: Path, config: dict, lines: list[dict], finished: bool) -> None:
+    """A mask run is analysed only under the mask protocol this lostreg reproduces, with its
+    files checked by the saliency reports' checks: a finished run's by its loader (scores
+    recomputed, masks against counts, ``metrics.json``'s figures against the lines: files
+    that disagree are one line, never an analysis); an unfinished run's config and the very
+    ``lines`` the analysis reads one by one in the same way, only the figures, not written
+    yet, left out."""
+    from lostreg.reports.leaderboard.saliency_runs import (
+        check_unfinished_mask_run,
+        load_mask_run,
+    )
 
     if config.get("mask_protocol") != MASK_PROTOCOL:
         raise LostregError(f"{run_dir / 'config.json'}: mask_protocol "
                            f"{config.get('mask_protocol')!r} is not known to this lostreg "
                            f"(known: {MASK_PROTOCOL})")
-    if not is_finished(run_dir):
-        raise LostregError(f"{run_dir}: an unfinished mask run (no metrics.json); analyze reads "
-                           "finished mask runs, whose lines are checked against metrics.json: "
-                           "finish it with its lostreg.run command")
-    load_mask_run(run_dir)
+    if finished:
+        load_mask_run(run_dir)
+    else:
+        check_unfinished_mask_run(run_dir, config, lines)
 
 
 def weights_argument(config: dict) -> str:

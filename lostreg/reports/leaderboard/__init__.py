@@ -15,7 +15,7 @@ Outputs under ``--out`` (default ``results/``), each written atomically:
   trained-register twin and its test-time-register variant (same settings), with the exact
   McNemar test and a paired bootstrap interval of the difference; published figures
   (``lostreg/reports/leaderboard/published_corloc.csv``) as rows of their own with their protocol.
-- ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.png``, each redrawn only when
+- ``figures/corloc_registers.png`` and ``figures/iou/<run_id>.svg``, each redrawn only when
   what it shows changed (``figures/.drawn.json`` records what each was drawn from).
 - ``.build.json``: the build record (``record``): when the runs, the options, the published
   figures, the code and every output are as the last build left them, the command writes
@@ -23,7 +23,7 @@ Outputs under ``--out`` (default ``results/``), each written atomically:
 - Mask runs (saliency, ``saliency.py``): rows of their own in ``leaderboard.csv`` (``acc``,
   ``iou``, ``max_f``), ``comparison_saliency.csv``, the saliency part of ``comparison.md``,
   ``figures/saliency_iou.png``, ``figures/saliency_f_curves.png`` and each mask run's IoU
-  histogram in ``figures/saliency_iou/``.
+  histogram in ``figures/saliency_iou/`` (SVG).
 
 Runs are read through their summaries (``lostreg.runs.summaries``: each run's predictions
 checked and summarised once per content of its files), so a rebuild reads no prediction line
@@ -53,9 +53,9 @@ from lostreg.reports.cells import neutralise_formulas
 from lostreg.reports.leaderboard import drawing, record
 from lostreg.reports.leaderboard.drawing import FigureWriter
 from lostreg.reports.leaderboard.figures import (
-    IouPlot,
     figure_png,
-    iou_figure,
+    iou_histogram,
+    iou_svg,
     register_bar_figure,
 )
 from lostreg.reports.leaderboard.markdown import comparison_markdown
@@ -110,7 +110,7 @@ __all__ = [
     "SETTING_COLUMNS", "BuildSummary", "Leaderboard", "RunData", "RunInfo", "RunSummary",
     "ScanResult", "base_model_name", "base_timm_name", "build", "build_leaderboard",
     "build_parser", "build_summary", "collect", "comparison_frame",
-    "comparison_markdown", "figure_png", "find_pairs", "iou_figure", "is_smoke",
+    "comparison_markdown", "figure_png", "find_pairs", "iou_histogram", "iou_svg", "is_smoke",
     "leaderboard_frame", "leaderboard_row", "load_published", "load_run", "main", "method_key",
     "pair_row", "read_predictions", "register_bar_figure", "scan_runs", "settings_label",
     "single_row", "write_outputs",
@@ -174,7 +174,7 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> list[str]:
     drawn = FigureWriter(out_dir / "figures")
     drawn.figure("corloc_registers.png", board.comparison.to_csv(index=False),
                  lambda: register_bar_figure(board.comparison))
-    drawn.iou_figures([IouPlot.of(run) for run in board.runs])
+    drawn.histograms([(run.run_id, iou_histogram(run)) for run in board.runs], "iou")
     write_saliency_outputs(board.saliency, out_dir, drawn)
     drawn.close()
     names = ["leaderboard.csv", "comparison.csv", "comparison.md", f"figures/{drawing.MANIFEST}"]

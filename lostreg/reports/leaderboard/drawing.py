@@ -1,14 +1,14 @@
 """Writing the leaderboard's figures, each redrawn only when what it shows changed.
 
-Drawing a figure is the slow part of a leaderboard build (a quarter of a second per run's IoU
-histogram on two cores), and a rebuild where nothing changed must not pay it again. Each PNG
-is a pure function of its inputs (``figures.IouPlot``, the comparison rows) and of the code
-that draws it; ``figures/.drawn.json`` records, for each figure written, the sha256 of those
-inputs (with matplotlib's version and the drawing modules' source) and of the PNG bytes. A
-figure is kept when both still match, the file being a regular file (not a link) with those
-bytes; otherwise it is drawn again, so a changed run, changed code, an edited or deleted PNG
-or a damaged record all lead to a fresh drawing. Many figures to draw are drawn in worker
-processes (``lostreg.workers``); the bytes are the same either way.
+Drawing a matplotlib figure is the slow part of a leaderboard build, and a rebuild where
+nothing changed must not pay it again. Each figure is a pure function of its inputs (the
+comparison rows, a run's ``histogram_svg.Histogram``) and of the code that draws it;
+``figures/.drawn.json`` records, for each figure written, the sha256 of those inputs (with
+matplotlib's version and the drawing modules' source) and of the file's bytes. A figure is
+kept when both still match, the file being a regular file (not a link) with those bytes;
+otherwise it is drawn again, so a changed run, changed code, an edited or deleted figure or a
+damaged record all lead to a fresh drawing. The per-run histograms are SVG written directly
+(well under a millisecond each), so thousands of runs cost no matplotlib time at all.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,11 @@ from lostreg.io import (
     read_bounded,
 )
 from lostreg.reports.leaderboard import figures
-from lostreg.reports.leaderboard.figures import IouCanvas, IouPlot, figure_png
-from lostreg.workers import ordered_map
+from lostreg.reports.leaderboard.figures import figure_png
+from lostreg.reports.leaderboard.histogram_svg import Histogram, histogram_svg
 
 MANIFEST = ".drawn.json"
 MANIFEST_FORMAT = "lostreg-drawn-figures/1"
-PARALLEL_FROM = 8  # figures to draw before worker processes are worth starting
 
 
 @lru_cache(maxsize=1)
@@ -86,17 +86,6 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
-_CANVAS: IouCanvas | None = None  # one per process: each worker draws many IoU figures
-
-
-def _draw_iou(plot: IouPlot) -> bytes:
-    """``figure_png(iou_plot_figure(plot))``, from this process's ``IouCanvas``."""
-    global _CANVAS
-    if _CANVAS is None:
-        _CANVAS = IouCanvas()
-    return _CANVAS.png(plot)
-
-
 class FigureWriter:
     """Writes the figures of one output folder, keeping those whose record still holds."""
 
@@ -126,22 +115,19 @@ class FigureWriter:
         if not self._kept(name, key):
             self._write(name, key, figure_png(draw()))
 
-    def iou_figures(self, plots: Sequence[IouPlot], subfolder: str = "iou") -> None:
-        """Every run's IoU figure (``<subfolder>/<run id>.png``); the folder's other PNGs, of
-        runs no longer listed, are removed."""
-        todo = []
-        for plot in plots:
-            name = f"{subfolder}/{plot.run_id}.png"
-            key = source_key("iou", plot.__dict__)
+    def histograms(self, histograms: Sequence[tuple[str, Histogram]], subfolder: str) -> None:
+        """Every run's histogram (``<subfolder>/<run id>.svg``, from ``(run id, histogram)``
+        pairs); the folder's other figures, of runs no longer listed or drawn as PNG by an
+        older lostreg, are removed."""
+        for run_id, histogram in histograms:
+            name = f"{subfolder}/{run_id}.svg"
+            key = source_key("histogram", asdict(histogram))
             if not self._kept(name, key):
-                todo.append((name, key, plot))
-        pngs = ordered_map(_draw_iou, [plot for _, _, plot in todo], PARALLEL_FROM)
-        for (name, key, _), png in zip(todo, pngs, strict=True):
-            self._write(name, key, png)
-        listed = {f"{plot.run_id}.png" for plot in plots}
+                self._write(name, key, histogram_svg(histogram).encode("utf-8"))
+        listed = {f"{run_id}.svg" for run_id, _ in histograms}
         folder = self.folder / subfolder
-        for stale in folder.glob("*.png") if folder.is_dir() else ():
-            if stale.name not in listed:
+        for stale in folder.iterdir() if folder.is_dir() else ():
+            if stale.suffix in (".svg", ".png") and stale.name not in listed:
                 stale.unlink()
 
     def close(self) -> None:

@@ -8,23 +8,19 @@ runs (random weights) says SMOKE in red. ``tests/figure_checks.py`` holds these 
 from __future__ import annotations
 
 import io
-import textwrap
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from lostreg.reports.leaderboard.histogram_svg import Histogram, histogram_svg
+from lostreg.reports.leaderboard.labels import SMOKE_MARK, TICK_FONT, wrap
 from lostreg.reports.leaderboard.markdown import datasets_of
 from lostreg.reports.leaderboard.published import VARIANT_LABELS, VARIANTS
 from lostreg.reports.leaderboard.tables import DATASET_LABELS, run_settings, subset_words
 from lostreg.runs.store import RunData
 from lostreg.runs.summaries import IOU_BINS
 
-SMOKE_MARK = "SMOKE (random weights): not a result"
-TICK_FONT = 7  # points
-# a character's width in ems, generous (wide letters, underscores) so wrapped labels fit
-CHAR_EMS = 0.7
 BAR_COLORS = {"none": "#c6dbef", "trained": "#2171b5", "test-time": "#f16913",
               "trained+test-time": "#6a51a3"}
 
@@ -47,13 +43,6 @@ def _png(figure: Any) -> bytes:
 def mark_smoke(figure: Any) -> None:
     """The red SMOKE line every figure drawn from random-weight runs carries."""
     figure.suptitle(SMOKE_MARK, color="red", fontsize=10, fontweight="bold")
-
-
-def wrap(text: str, inches: float, fontsize: float = TICK_FONT) -> str:
-    """``text`` wrapped to lines that fit ``inches`` at ``fontsize`` (long names broken)."""
-    width = max(8, int(inches * 72 / (fontsize * CHAR_EMS)))
-    return "\n".join(textwrap.fill(part, width, break_long_words=True, break_on_hyphens=False)
-                     for part in text.split("\n"))
 
 
 MAX_GROUPS = 8  # baselines (each with its variants' bars) drawn per dataset panel
@@ -181,23 +170,6 @@ def register_bar_figure(comparison: pd.DataFrame, max_groups: int = MAX_GROUPS) 
     return figure
 
 
-@dataclass(frozen=True)
-class IouPlot:
-    """What a run's IoU figure shows, and nothing else: the figure is a function of it (the
-    leaderboard redraws a run's figure only when this changes, ``drawing``)."""
-
-    run_id: str
-    counts: tuple[int, ...]  # images per ``IOU_BINS`` bin of the best IoU
-    corloc: float
-    subset: str  # ``subset_words``: '' for a run on the whole split
-    smoke: bool
-
-    @classmethod
-    def of(cls, run: RunData) -> IouPlot:
-        return cls(run.run_id, tuple(int(c) for c in iou_counts(run)), run.summary["corloc"],
-                   subset_words(run_settings(run)), bool(run.smoke))
-
-
 def iou_counts(run: RunData) -> np.ndarray:
     """Images per ``IOU_BINS`` bin of the run's best IoU: from its summary, or counted from
     its predictions for a run built by hand."""
@@ -207,122 +179,17 @@ def iou_counts(run: RunData) -> np.ndarray:
     return np.histogram(run.predictions["best_iou"].to_numpy(dtype=float), IOU_BINS)[0]
 
 
-def iou_figure(run: RunData) -> Any:
-    """Histogram of each image's best IoU, with the 0.5 hit threshold."""
-    return iou_plot_figure(IouPlot.of(run))
+def iou_histogram(run: RunData) -> Histogram:
+    """What a box run's IoU histogram shows: each image's best IoU, the 0.5 hit threshold,
+    the run's CorLoc and images, and a subset's warning."""
+    counts = tuple(int(count) for count in iou_counts(run))
+    subset = subset_words(run_settings(run))
+    title = (f"{run.run_id}\nCorLoc {run.summary['corloc']:.1f} on {sum(counts)} images"
+             + (f" ({subset}: not comparable with published figures)" if subset else ""))
+    return Histogram(counts, title, "best IoU with a ground-truth box", bool(run.smoke),
+                     threshold=0.5, threshold_label="hit threshold 0.5")
 
 
-def iou_title(plot: IouPlot, counts: np.ndarray) -> str:
-    """The IoU figure's title: the run, its CorLoc and images, and a subset's warning."""
-    title = (f"{wrap(plot.run_id, 5.2, fontsize=8)}\nCorLoc {plot.corloc:.1f} on "
-             f"{int(counts.sum())} images"
-             + (f" ({plot.subset}: not comparable with published figures)" if plot.subset
-                else ""))
-    return wrap(title, 5.6, fontsize=8)
-
-
-def iou_plot_figure(plot: IouPlot) -> Any:
-    """``iou_figure`` from what it shows. The bars are drawn from the bin counts (each bin's
-    centre weighted by its count): the same bars, to the pixel, as a histogram of every
-    image's IoU (``tests/test_leaderboard_summaries.py``)."""
-    return _iou_figure(plot, layout="constrained")
-
-
-def _iou_figure(plot: IouPlot, layout: str | None) -> Any:
-    """The IoU figure of ``plot`` (``layout``: constrained, or None for ``IouCanvas``)."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    figure = Figure(figsize=(6.0, 3.8), layout=layout)
-    axis = figure.add_subplot()
-    counts = np.asarray(plot.counts, dtype=np.int64)
-    axis.hist((IOU_BINS[:-1] + IOU_BINS[1:]) / 2, bins=IOU_BINS, weights=counts,
-              color="#2171b5", edgecolor="white")
-    axis.axvline(0.5, color="red", linestyle="--", label="hit threshold 0.5")
-    axis.set_title(iou_title(plot, counts), fontsize=8)
-    axis.set_xlabel("best IoU with a ground-truth box")
-    axis.set_ylabel("images")
-    axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: whole images only
-    axis.set_xlim(0, 1)
-    axis.legend(fontsize=8)
-    if plot.smoke:
-        mark_smoke(figure)
-    return figure
-
-
-class IouCanvas:
-    """Many runs' IoU figures, each PNG byte for byte ``figure_png(iou_plot_figure(plot))``,
-    in under half the time: a leaderboard of 500 runs draws 500 of them (issue 20).
-
-    Half of a fresh figure's time is constrained layout, which draws the figure once more to
-    measure its texts. The layout only moves the axes (and the SMOKE line), and what it reads
-    of this figure is the title's height (its width is left out of the layout), the y tick
-    labels drawn (their widths set the left margin) with their offset, if any, and whether
-    SMOKE is shown; the rest (x ticks and labels, axis labels, the legend inside the axes) is
-    the same in every figure. So one figure is kept and updated for each plot (bar heights,
-    limits, title, SMOKE), and each layout key's positions, taken from a fresh figure the
-    first time the key is seen, are set on it before it is drawn once, without the layout
-    engine, by its own renderer (whose text metrics it keeps). The y tick labels are read
-    through ``Axis._update_ticks`` (what a draw itself uses): private to matplotlib, whose
-    version keys every figure (``drawing.drawing_code``); ``tests/test_leaderboard_speed.py``
-    holds the bytes equal to fresh figures'.
-    """
-
-    def __init__(self) -> None:
-        self.figure: Any = None
-        self.layouts: dict[tuple, tuple] = {}
-
-    def png(self, plot: IouPlot) -> bytes:
-        if self.figure is None:  # no layout engine: drawn once, where it is placed
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-            self.figure = _iou_figure(plot, layout=None)
-            FigureCanvasAgg(self.figure)
-        key = self._show(plot)
-        layout = self.layouts.get(key)
-        if layout is None:
-            fresh = iou_plot_figure(plot)
-            png = figure_png(fresh)  # drawn with constrained layout: the reference
-            self.layouts[key] = self._layout_of(fresh)
-            return png
-        self._place(layout)
-        return _png(self.figure)  # its own canvas: the renderer's text metrics are reused
-
-    def _show(self, plot: IouPlot) -> tuple:
-        """Update the kept figure to show ``plot``; returns its layout key."""
-        figure = self.figure
-        axis = figure.axes[0]
-        counts = np.asarray(plot.counts, dtype=np.int64)
-        for bar, count in zip(axis.patches, counts.tolist(), strict=True):
-            bar.set_height(count)
-        # what ``relim`` gives (a third of this step's time): the bars stand on 0 and the
-        # tallest ends at its count; their x extent, the bins, never changes
-        axis.dataLim.y1 = float(counts.max(initial=0))
-        axis.autoscale_view()
-        axis.title.set_text(iou_title(plot, counts))
-        if plot.smoke and figure._suptitle is None:
-            mark_smoke(figure)
-        if figure._suptitle is not None:
-            figure._suptitle.set_visible(plot.smoke)
-        renderer = figure.canvas.get_renderer()
-        labels = tuple(tick.label1.get_text() for tick in axis.yaxis._update_ticks())
-        offset = axis.yaxis.major.formatter.get_offset()  # e.g. 1e6 above the axis
-        return axis.title.get_window_extent(renderer).height, labels, offset, plot.smoke
-
-    @staticmethod
-    def _layout_of(figure: Any) -> tuple:
-        """Where constrained layout put the axes (both positions) and the SMOKE line."""
-        axis = figure.axes[0]
-        suptitle = figure._suptitle.get_position() if figure._suptitle is not None else None
-        return (axis.get_position(original=True).get_points().copy(),
-                axis.get_position(original=False).get_points().copy(), suptitle)
-
-    def _place(self, layout: tuple) -> None:
-        from matplotlib.transforms import Bbox
-
-        original, active, suptitle = layout
-        axis = self.figure.axes[0]
-        axis._set_position(Bbox(original), which="original")
-        axis._set_position(Bbox(active), which="active")
-        if suptitle is not None:
-            self.figure._suptitle.set_position(suptitle)
+def iou_svg(run: RunData) -> str:
+    """The run's IoU histogram (``figures/iou/<run id>.svg``), as SVG text."""
+    return histogram_svg(iou_histogram(run))

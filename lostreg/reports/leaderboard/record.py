@@ -186,8 +186,8 @@ def outputs_unchanged(recorded: Any, out_dir: Path) -> bool:
         return False
     for folder in PRUNED_FOLDERS:
         path = out_dir / folder
-        listed = ({f"{folder}/{png.name}" for png in path.glob("*.png")} if path.is_dir()
-                  else set())
+        listed = ({f"{folder}/{figure.name}" for figure in path.iterdir()
+                   if figure.suffix in (".svg", ".png")} if path.is_dir() else set())
         if not listed <= set(recorded):
             return False
     if any((out_dir / name).exists() and name not in recorded for name in PRUNED_FILES):

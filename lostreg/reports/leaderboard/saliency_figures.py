@@ -24,7 +24,9 @@ from lostreg.errors import LostregError
 from lostreg.evaluation import saliency as saliency_metric
 from lostreg.evaluation.rle import rle_problem
 from lostreg.fields import Fields
-from lostreg.reports.leaderboard.figures import SMOKE_MARK, empty_figure, mark_smoke, wrap
+from lostreg.reports.leaderboard.figures import empty_figure, mark_smoke
+from lostreg.reports.leaderboard.histogram_svg import Histogram, histogram_svg
+from lostreg.reports.leaderboard.labels import SMOKE_MARK, wrap
 from lostreg.reports.leaderboard.published import VARIANT_LABELS
 from lostreg.reports.leaderboard.saliency import (
     DEFINITION_LABELS,
@@ -35,8 +37,8 @@ from lostreg.reports.leaderboard.saliency import (
 )
 from lostreg.reports.leaderboard.saliency_runs import PREDICTIONS, MaskRun, read_masks
 from lostreg.reports.leaderboard.tables import method_params_label, subset_words
+from lostreg.runs.summaries import IOU_BINS
 
-IOU_BINS = np.linspace(0.0, 1.0, 21)
 MAX_RUNS = 12  # box plots per dataset panel
 MAX_CURVES = 8  # F curves per dataset panel
 MAX_PAIRS_SHOWN = 6  # register pairs whose most changed masks are drawn
@@ -126,34 +128,26 @@ def _selection_note(drawn: int, total: int, what: str) -> str:
 # --- IoU distributions ---------------------------------------------------------------------
 
 
-def mask_iou_figure(run: MaskRun) -> Any:
-    """One run's histogram of per-image IoU (TokenCut's definition); 0/0 images said, not
-    drawn."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.0, 3.8), layout="constrained")
-    axis = figure.add_subplot()
+def mask_iou_histogram(run: MaskRun) -> Histogram:
+    """What a mask run's IoU histogram shows: per-image IoU (TokenCut's definition); 0/0
+    images said in the title, not drawn."""
     ious = run.images["sal_iou"].to_numpy(dtype=float)
     defined = ious[~np.isnan(ious)]
-    axis.hist(defined, bins=IOU_BINS, color="#2171b5", edgecolor="white")
     iou = run.figures["tokencut"]["iou"]
     subset = subset_words(run.settings())
-    title = (f"{wrap(run.run_id, 5.2, fontsize=8)}\nIoU "
-             f"{'NaN (a 0/0 image)' if iou is None else f'{iou:.1f}'} "
+    title = (f"{run.run_id}\nIoU {'NaN (a 0/0 image)' if iou is None else f'{iou:.1f}'} "
              f"({DEFINITION_LABELS['tokencut']} definition) on {ious.size} images"
              + (f"; {ious.size - defined.size} with an empty GT and prediction (0/0) not "
                 "drawn" if defined.size < ious.size else "")
              + (f" ({subset}: not comparable with published figures)" if subset else ""))
-    axis.set_title(wrap(title, 5.6, fontsize=8), fontsize=8)
-    axis.set_xlabel("per-image IoU of the predicted mask (> 0.5) with the GT")
-    axis.set_ylabel("images")
-    from matplotlib.ticker import MaxNLocator  # matplotlib only when something is drawn
+    counts = tuple(int(count) for count in np.histogram(defined, IOU_BINS)[0])
+    return Histogram(counts, title, "per-image IoU of the predicted mask (> 0.5) with the GT",
+                     bool(run.smoke))
 
-    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlim(0, 1)
-    if run.smoke:
-        mark_smoke(figure)
-    return figure
+
+def mask_iou_svg(run: MaskRun) -> str:
+    """The mask run's IoU histogram (``figures/saliency_iou/<run id>.svg``), as SVG text."""
+    return histogram_svg(mask_iou_histogram(run))
 
 
 def iou_distribution_figure(runs: Sequence[MaskRun], limit: int = MAX_RUNS) -> Any:

@@ -1,6 +1,6 @@
 """What the leaderboard writes for mask runs: ``comparison_saliency.csv`` and the saliency
 figures (``figures/saliency_iou.png``, ``figures/saliency_f_curves.png``, each mask run's IoU
-histogram in ``figures/saliency_iou/``), through the leaderboard's ``FigureWriter``: a figure
+histogram in ``figures/saliency_iou/``, SVG), through the leaderboard's ``FigureWriter``: a figure
 is drawn again only when what it shows (its JSON inputs below) or the drawing code changed.
 The mask overlays are drawn by the notebook (they read images and masks again), not here."""
 
@@ -16,12 +16,12 @@ from lostreg.reports.leaderboard.saliency import SaliencyBoard, comparison_csv
 from lostreg.reports.leaderboard.saliency_figures import (
     f_curve_figure,
     iou_distribution_figure,
-    mask_iou_figure,
+    mask_iou_histogram,
 )
 from lostreg.reports.leaderboard.saliency_runs import MaskRun
 
 OVERVIEW = ("saliency_iou.png", "saliency_f_curves.png")
-HISTOGRAMS = "saliency_iou"  # figures/<this>/<run id>.png
+HISTOGRAMS = "saliency_iou"  # figures/<this>/<run id>.svg
 
 
 def _floats(values: Any) -> list[float | None]:
@@ -51,11 +51,5 @@ def write_saliency_outputs(board: SaliencyBoard | None, out_dir: str | Path,
     else:
         for name in OVERVIEW:
             (figures / name).unlink(missing_ok=True)
-    for run, shown in zip(board.runs, inputs, strict=True):
-        drawn.figure(f"{HISTOGRAMS}/{run.run_id}.png", shown,
-                     lambda run=run: mask_iou_figure(run))
-    listed = {f"{run.run_id}.png" for run in board.runs}
-    folder = figures / HISTOGRAMS
-    for stale in folder.glob("*.png") if folder.is_dir() else ():
-        if stale.name not in listed:
-            stale.unlink()
+    drawn.histograms([(run.run_id, mask_iou_histogram(run)) for run in board.runs],
+                     HISTOGRAMS)

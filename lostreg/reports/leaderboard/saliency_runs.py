@@ -12,7 +12,9 @@ decimals). The F curve, maxF and the MOVE/FOUND variants are checked for type, r
 agreement with each other (maxF is the curve's maximum, at its threshold), not recomputed:
 recomputing every definition's F table costs about 1.4 ms an image here (7 s for one
 DUTS-TE run, minutes for a suite), ``recompute_check`` does it where wanted (the tests do). A
-folder that fails is skipped with one line naming the file, line and key.
+folder that fails is skipped with one line naming the file, line and key. An unfinished folder
+(no ``metrics.json``) is never a ``MaskRun``; ``analyze`` reads one with its config and every
+line checked the same way, only the figures left out (``check_unfinished_mask_run``).
 
 Only what the reports need is kept (``MaskRun``): the run's figures under each definition, its
 F curve, and per image the scores and where its line is; the masks themselves are read again,
@@ -210,12 +212,13 @@ def _checked_line(record: Any, where: str) -> dict[str, Any]:
             "pred_share": predicted / pixels}
 
 
-def _read_images(path: Path) -> pd.DataFrame:
-    """Every line of a mask run's predictions, checked, in file order (a line number each)."""
-    if not path.is_file():
-        raise LostregError(f"{path}: missing (a finished run needs predictions.jsonl)")
+def checked_mask_lines(records: Iterable[Any], path: Path) -> pd.DataFrame:
+    """Mask-run lines (``path``'s, in file order), each checked and its scores recomputed from
+    its counts (``_checked_line``), no image twice, a line number each. What a run's own lines
+    must pass whether or not a ``metrics.json`` exists to hold them against: the finished
+    run's loader reads them from the file, ``analyze`` hands an unfinished run's lines in."""
     rows, seen = [], set()
-    for number, record in enumerate(read_jsonl(path), start=1):
+    for number, record in enumerate(records, start=1):
         row = _checked_line(record, f"{path}:{number}")
         if row["image_id"] in seen:
             raise LostregError(f"{path}:{number}: image_id {row['image_id']!r} appears more "
@@ -223,6 +226,13 @@ def _read_images(path: Path) -> pd.DataFrame:
         seen.add(row["image_id"])
         rows.append({**row, "line": number})
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+def _read_images(path: Path) -> pd.DataFrame:
+    """Every line of a mask run's predictions, checked, in file order (a line number each)."""
+    if not path.is_file():
+        raise LostregError(f"{path}: missing (a finished run needs predictions.jsonl)")
+    return checked_mask_lines(read_jsonl(path), path)
 
 
 # --- metrics.json -----------------------------------------------------------------------------
@@ -285,14 +295,17 @@ def _curve(metrics: Fields) -> tuple[np.ndarray, float | None, float]:
     return values, max_f, threshold
 
 
-def _protocol(config: dict, where: str) -> tuple[str, str]:
-    """``refine`` and ``mask_protocol`` of a mask run's config."""
+def _mask_config(config: dict, config_path: Path) -> tuple[RunInfo, str, str]:
+    """A mask run's ``config.json`` as the store parses every run's, with its ``refine`` and
+    ``mask_protocol``."""
+    where = str(config_path)
+    info = parse_config(config, where)
     fields = Fields(config, where)
     refine = fields.text("refine")
     if refine not in REFINES:
         raise LostregError(f"{where}: 'refine' must be one of {', '.join(REFINES)}, not "
                            f"{shown(refine)}")
-    return refine, fields.text("mask_protocol")
+    return info, refine, fields.text("mask_protocol")
 
 
 # --- one folder, and a folder of folders ------------------------------------------------------
@@ -324,8 +337,7 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
     metrics_data = read_json_object(metrics_path, missing)
     config = read_json_object(config_path, missing)
-    info = parse_config(config, str(config_path))
-    refine, mask_protocol = _protocol(config, str(config_path))
+    info, refine, mask_protocol = _mask_config(config, config_path)
     metrics = Fields(metrics_data, str(metrics_path))
     for key in CROSS_CHECKED:
         if key in metrics_data and key in config and metrics_data[key] != config[key]:
@@ -345,6 +357,16 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     return MaskRun(run_dir, config, info, is_smoke(config, metrics_data), finished_time(metrics),
                    run_seconds(metrics), refine, mask_protocol, figures, threshold,
                    means["iou_nan_images"], means["iou_empty_as_one"], curve, images)
+
+
+def check_unfinished_mask_run(run_dir: Path, config: dict, lines: Iterable[Any]) -> int:
+    """Check an unfinished mask run (no ``metrics.json`` yet: killed, or still running) as far
+    as it can be checked: its config as a finished run's, and ``lines`` (the predictions read
+    once by the caller, which analyses exactly these) one by one (``checked_mask_lines``).
+    Only the figures are left out, having nothing to be compared with; returns how many
+    images the lines hold."""
+    _mask_config(config, run_dir / CONFIG)
+    return len(checked_mask_lines(lines, run_dir / PREDICTIONS))
 
 
 def recompute_check(run: MaskRun) -> None:
