@@ -167,6 +167,26 @@ def test_a_bomb_without_an_annotated_size_is_one_line_at_index_time(tmp_path: Pa
         load_voc(tmp_path, 2007)
 
 
+@pytest.mark.parametrize("which", ["image", "mask"])
+def test_a_bomb_in_a_saliency_set_is_one_line_at_index_time(tmp_path: Path, which: str) -> None:
+    """A saliency set reads both sizes from the headers when it is indexed; PIL refuses to
+    open a bomb with ``DecompressionBombError``, which is no ``OSError`` (it was a traceback)."""
+    from lostreg.datasets.mask_demo import generate_mask_tree
+    from lostreg.datasets.saliency_sets import MASK_SUFFIX
+
+    images = generate_mask_tree(tmp_path / "data", "ecssd", 2)
+    first = sorted(images.iterdir())[0]
+    target = first if which == "image" else sorted(
+        (tmp_path / "data").rglob("*" + MASK_SUFFIX))[0]
+    bomb(target)
+    with pytest.raises(LostregError) as info:
+        load_dataset("ecssd", tmp_path / "data", download=False)
+    message = str(info.value)
+    assert message.startswith(f"{target}: cannot read the image header (Image size "
+                              "(400000000 pixels) exceeds limit"), message
+    assert "\n" not in message
+
+
 # --- row 19: no hashing of files no image can be -------------------------------------------------
 
 

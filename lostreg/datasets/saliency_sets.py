@@ -82,11 +82,12 @@ def present_layout(saliency_set: SaliencySet, root: Path) -> tuple[Path, Path] |
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` from the file's header (no decode); one line when unreadable."""
+    """``(width, height)`` from the file's header (no decode); one line when unreadable, or
+    when the header declares a decompression bomb (PIL refuses to open it: not an OSError)."""
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise LostregError(f"{path}: cannot read the image header ({exc})") from None
 
 
