@@ -9,6 +9,7 @@ type itself and raises :class:`LostregError` with the file, the key and the offe
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 from collections.abc import Sequence
@@ -135,6 +136,24 @@ def is_box(value: Any) -> bool:
             and value[0] <= value[2] and value[1] <= value[3])
 
 
+def _header(path: Path) -> list[str]:
+    """The column names of a CSV's first line as written (pandas renames a repeated name)."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return next(csv.reader(handle), [])
+
+
+def _refuse_repeated_columns(header: list[str], path: Path) -> None:
+    """One line for a column named twice: pandas would rename the second ``x.1`` and every
+    reader would take the first silently, whichever of the two the author meant. Unnamed
+    columns (a trailing comma) hold nothing a reader looks up, and may repeat."""
+    seen: set[str] = set()
+    for name in header:
+        if name and name in seen:
+            raise LostregError(f"{path}: header: column {shown(name)} is given twice (which "
+                               "one holds the values?)")
+        seen.add(name)
+
+
 def read_text_csv(path: Path, columns: Sequence[str]) -> Any:
     """A CSV read as text (``dtype=str``, empty cells kept as ``""``: every value is then
     checked by its reader, never converted by pandas' guesses), with ``columns`` required;
@@ -143,8 +162,10 @@ def read_text_csv(path: Path, columns: Sequence[str]) -> Any:
 
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        header = _header(path)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as exc:
         raise LostregError(f"{path}: not a readable CSV ({exc})") from None
+    _refuse_repeated_columns(header, path)
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise LostregError(f"{path}: missing column(s) {', '.join(missing)}")

@@ -113,6 +113,19 @@ def test_a_bad_published_cell_is_one_line_naming_file_row_and_column(
     assert "\n" not in str(info.value)
 
 
+def test_a_column_given_twice_in_the_published_csv_is_one_line(tmp_path: Path) -> None:
+    """pandas renames a repeated column ``corloc.1`` and the first was read, silently, whichever
+    the author meant (the second here holds another figure)."""
+    frame = read_text_csv(DEFAULT_PUBLISHED, PUBLISHED_COLUMNS)
+    frame.insert(len(frame.columns), "corloc", "12.5", allow_duplicates=True)
+    path = tmp_path / "published.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(LostregError) as info:
+        lb.load_published(path)
+    assert str(info.value) == (f"{path}: header: column 'corloc' is given twice (which one "
+                               "holds the values?)")
+
+
 @pytest.mark.parametrize("text", ["", "\n", "   \n\n"])
 def test_an_empty_published_csv_is_one_line(tmp_path: Path, text: str,
                                             capsys: pytest.CaptureFixture[str]) -> None:

@@ -63,6 +63,23 @@ def test_an_empty_protocol_csv_is_one_line(tmp_path: Path, text: str) -> None:
                                f"{', '.join(PROTOCOL_COLUMNS)})")
 
 
+def test_a_column_given_twice_is_one_line(tmp_path: Path) -> None:
+    """Two ``feature`` columns: pandas kept the first and renamed the second ``feature.1``, so
+    the table read without a word whichever the author meant; a trailing comma's unnamed
+    columns may still repeat."""
+    path = tmp_path / "protocol.csv"
+    frame = table()
+    frame.insert(len(frame.columns), "feature", ["v", "v", "v"], allow_duplicates=True)
+    path.write_text(frame.to_csv(index=False))
+    with pytest.raises(LostregError) as info:
+        read_protocol_csv(path)
+    assert str(info.value) == (f"{path}: header: column 'feature' is given twice (which one "
+                               "holds the values?)")
+    lines = table().to_csv(index=False).splitlines()
+    path.write_text("".join(line + ",,\n" for line in lines))
+    assert read_protocol_csv(path)["feature"].tolist() == table()["feature"].tolist()
+
+
 def test_a_cell_over_two_lines_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, run_id=["run0", "run\n1", "run2"])
     with pytest.raises(LostregError, match=r"row 3, column 'run_id': 'run\\n1' holds '\\n'"):
