@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -67,27 +68,59 @@ class LinkInRunFolder(LostregError):
                          "of that file in its place")
 
 
+class SharedFileInRunFolder(LostregError):
+    """A file lostreg appends to (or truncates, or locks) has other hard links: the same bytes
+    under another path (a ``cp -al`` backup of the runs), which every write would change too."""
+
+    def __init__(self, path: str | os.PathLike, links: int) -> None:
+        super().__init__(f"{path}: has {links} hard links (the same file under another path, "
+                         "e.g. a `cp -al` backup); lostreg never appends to a shared file (it "
+                         "would change the other path too): replace it with a copy of itself "
+                         "(cp --remove-destination)")
+
+
+def _refuse_shared(path: str | os.PathLike, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        raise SharedFileInRunFolder(path, st.st_nlink)
+
+
 def open_in_run_folder(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
     """``os.open`` that never follows a symbolic link at ``path`` itself (``O_NOFOLLOW``): a
-    link is ``LinkInRunFolder``, one line naming it. Every file a run appends to or locks
-    (predictions, their parts, ``quarantine.jsonl``, the cache index, ``run.lock``) is opened so;
-    files written whole are replaced atomically (``atomic_write_bytes``), which replaces a link
-    and never writes through it."""
+    link is ``LinkInRunFolder``, one line naming it; nor writes into a file with other hard
+    links (``SharedFileInRunFolder``). Every file a run appends to or locks (predictions, their
+    parts, ``quarantine.jsonl``, the cache index, ``run.lock``) is opened so; files written
+    whole are replaced atomically (``atomic_write_bytes``), which replaces a link and never
+    writes through it (nor into the file a hard link shares)."""
     try:
-        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP or (exc.errno == errno.EMLINK and os.path.islink(path)):
             raise LinkInRunFolder(path) from None
         raise
+    try:
+        _refuse_shared(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
-def refuse_links(paths: Iterable[str | os.PathLike]) -> None:
-    """``LinkInRunFolder`` for the first of ``paths`` that is a symbolic link: checked before a
-    run reads its folder, so a linked file is refused before anything is read or written (the
-    writes themselves refuse links too, see ``open_in_run_folder``)."""
-    for path in paths:
+def refuse_links(paths: Iterable[str | os.PathLike],
+                 appended: Iterable[str | os.PathLike] = ()) -> None:
+    """``LinkInRunFolder`` for the first of ``paths`` and ``appended`` that is a symbolic link,
+    ``SharedFileInRunFolder`` for the first of ``appended`` (the files written in place) with
+    other hard links: checked before a run reads its folder, so such a file is refused before
+    anything is read or written (the writes themselves refuse both too, see
+    ``open_in_run_folder``)."""
+    for path in [*paths, *appended]:
         if os.path.islink(path):
             raise LinkInRunFolder(path)
+    for path in appended:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        _refuse_shared(path, st)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -13,7 +13,13 @@ from tiny_runs import only_folder, tiny_command
 
 from lostreg.datasets.demo import generate_demo
 from lostreg.errors import error_line
-from lostreg.io import JsonlAppender, LinkInRunFolder, atomic_write_json, repair_jsonl
+from lostreg.io import (
+    JsonlAppender,
+    LinkInRunFolder,
+    SharedFileInRunFolder,
+    atomic_write_json,
+    repair_jsonl,
+)
 from lostreg.run import main
 from lostreg.runs.lock import RunLock
 
@@ -91,3 +97,57 @@ def test_every_appending_writer_refuses_a_link(tmp_path) -> None:
     link(tmp_path / "metrics.json", target)
     atomic_write_json(tmp_path / "metrics.json", {"a": 1})
     assert not (tmp_path / "metrics.json").is_symlink() and target.read_bytes() == OUTSIDE
+
+
+# --- hard links: the same file under another path (a `cp -al` backup of the runs) --------------
+
+SHARED = ("has 2 hard links (the same file under another path, e.g. a `cp -al` backup); lostreg "
+          "never appends to a shared file (it would change the other path too): replace it "
+          "with a copy of itself (cp --remove-destination)")
+
+
+@pytest.mark.parametrize("name", ["predictions.jsonl", "quarantine.jsonl",
+                                  "predictions.rank1.jsonl"])
+def test_a_hard_linked_appended_file_is_refused_and_its_other_name_untouched(
+        interrupted_run, tmp_path, capsys, name) -> None:
+    """A resume appended its lines to a predictions file that a backup shared (and cut a torn
+    line from it): the backup changed with the run. Refused before anything is written."""
+    path = interrupted_run / name
+    if not path.exists():
+        path.write_bytes(b"")
+    backup = tmp_path / "backup" / name
+    backup.parent.mkdir()
+    os.link(path, backup)
+    kept = backup.read_bytes()
+    before = {p.name: p.read_bytes() for p in interrupted_run.iterdir()}
+    assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {path}: {SHARED}", err
+    assert backup.read_bytes() == kept
+    assert {p.name: p.read_bytes() for p in interrupted_run.iterdir()} == before
+    path.unlink()  # the shared file replaced by a copy: the run finishes, the backup stays
+    path.write_bytes(kept)
+    assert main(tiny_command(tmp_path / "data", tmp_path / "runs")) == 0
+    assert backup.read_bytes() == kept and (interrupted_run / "metrics.json").is_file()
+
+
+def test_every_appending_writer_refuses_a_shared_file(tmp_path) -> None:
+    """Below the run's check (a link made after it): appends, the torn-line repair and the
+    lock's holder line would all write into the other path's file."""
+    shared = tmp_path / "backup.txt"
+    shared.write_bytes(OUTSIDE)
+    os.link(shared, tmp_path / "lines.jsonl")
+    with pytest.raises(SharedFileInRunFolder):
+        JsonlAppender(tmp_path / "lines.jsonl")
+    with pytest.raises(SharedFileInRunFolder):
+        repair_jsonl(tmp_path / "lines.jsonl")
+    os.link(shared, tmp_path / "run.lock")
+    with pytest.raises(SharedFileInRunFolder) as refused, RunLock(tmp_path):
+        pass
+    assert error_line(refused.value) == (f"error: {tmp_path / 'run.lock'}: "
+                                         + SHARED.replace("has 2", "has 3"))
+    assert shared.read_bytes() == OUTSIDE
+    # a file written whole replaces its name with a file of its own: the other keeps its bytes
+    os.link(shared, tmp_path / "metrics.json")
+    atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+    assert shared.read_bytes() == OUTSIDE

@@ -364,10 +364,15 @@ def is_finished(run: RunFolder) -> bool:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """Every file a run writes in its folder (``run.lock`` aside, which ``RunLock`` opens
-    without following a link): a link among them is refused, never written through."""
-    names = ("config.json", "metrics.json", QUARANTINE)
-    return [*(run_dir / name for name in names), *prediction_files(run_dir)]
+    """Every file a run replaces whole in its folder (``run.lock`` aside, which ``RunLock``
+    opens without following a link): a link among them is refused, never written through."""
+    return [run_dir / "config.json", run_dir / "metrics.json"]
+
+
+def appended_files(run_dir: Path) -> list[Path]:
+    """Every file a run appends to (or cuts back) in its folder: a symbolic link or a file
+    with other hard links among them is refused, never written into."""
+    return [run_dir / QUARANTINE, *prediction_files(run_dir)]
 
 
 def check_unique(runs: Sequence[RunFolder]) -> None:
@@ -388,7 +393,8 @@ def open_runs(runs: Sequence[RunFolder], records: Sequence[ImageRecord], root: P
     ``config_of``: the config.json this command writes for a run)."""
     for run in runs:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        refuse_links(run_files(run.run_dir))  # nothing read or written through a link
+        # nothing read or written through a link, nor appended to a file shared by another path
+        refuse_links(run_files(run.run_dir), appended_files(run.run_dir))
         expected = config_of(run) if write else {}
         previous = state.read_previous(run.run_dir) if write else state.Previous(None)
         state.check_same_run(run.run_dir, previous, expected)  # before anything is repaired
