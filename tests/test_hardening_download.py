@@ -85,6 +85,58 @@ def test_an_archive_without_the_split_file_is_kept(tmp_path, monkeypatch) -> Non
     assert archive.exists() and not (root / "VOC2007").exists()
 
 
+@pytest.mark.parametrize(("members", "says"), [
+    ({}, "has no file JPEGImages/000001.jpg"),  # no JPEGImages folder at all
+    ({"JPEGImages": b"a file"}, "has no file JPEGImages/000001.jpg"),
+    ({"JPEGImages/000001.jpg": b"jpg"}, "has no file Annotations/000001.xml"),
+])
+def test_an_archive_without_the_listed_images_is_kept(tmp_path, monkeypatch, members,
+                                                      says) -> None:
+    """A split file alone passed the check: the archive was deleted and "ready" reported,
+    and the run then found every image missing."""
+    root = tmp_path / "data"
+    voc = "VOCdevkit/VOC2007/"
+    data = tar(tmp_path / "voc.tar", {voc + "ImageSets/Main/trainval.txt": b"000001\n",
+                                      **{voc + name: body for name, body in members.items()}}
+               ).read_bytes()
+    archive = placed(root, "voc.tar", data)
+    manifest(tmp_path, monkeypatch, "voc07", [{"role": "archive", "file": "voc.tar",
+                                               "md5": hashlib.md5(data).hexdigest()}])
+    with pytest.raises(LostregError) as info:
+        prepare_voc(root, 2007, progress=False)
+    assert str(info.value) == (f"{archive}: VOCdevkit/VOC2007 {says}, which its trainval.txt "
+                               "lists, so this is not the dataset's archive; it is kept, nothing "
+                               "was installed")
+    assert archive.read_bytes() == data and not (root / "VOC2007").exists()
+
+
+def test_a_coco_images_archive_without_the_listed_images_is_kept(tmp_path, monkeypatch) -> None:
+    """train2014.zip has no published checksum: only the layout check stands between a wrong
+    zip and a deleted 13 GB download. Every image of the 20k list must be in it."""
+    root = tmp_path / "data"
+    (root / "COCO" / "annotations").mkdir(parents=True)
+    (root / "COCO" / "coco_20k_filenames.txt").write_text("train2014/a.jpg\ntrain2014/b.jpg\n")
+    (root / "COCO" / "annotations" / "instances_train2014.json").write_text("{}")
+    images = io.BytesIO()
+    with zipfile.ZipFile(images, "w") as zf:
+        zf.writestr("train2014/a.jpg", "jpg")
+        zf.writestr("train2014/c.jpg", "jpg")
+    archive = placed(root, "img.zip", images.getvalue())
+    manifest(tmp_path, monkeypatch, "coco20k", [
+        {"role": "list", "file": "coco_20k_filenames.txt"},
+        {"role": "annotations", "file": "ann.zip"}, {"role": "images", "file": "img.zip"}])
+    with pytest.raises(LostregError) as info:
+        prepare_coco20k(root, progress=False)
+    assert str(info.value) == (f"{archive}: train2014 has no file b.jpg, which "
+                               "coco_20k_filenames.txt lists, so this is not the dataset's "
+                               "archive; it is kept, nothing was installed")
+    assert archive.exists() and not (root / "COCO" / "images").exists()
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr("train2014/b.jpg", "jpg")
+    assert prepare_coco20k(root, progress=False) == root / "COCO"
+    assert (root / "COCO" / "images" / "train2014" / "b.jpg").is_file() and not archive.exists()
+
+
 def test_coco_archives_of_the_wrong_shape_are_kept(tmp_path, monkeypatch) -> None:
     root = tmp_path / "data"
     (root / "COCO").mkdir(parents=True)

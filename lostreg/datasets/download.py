@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from lostreg.datasets.voc import is_plain_file_name, voc_is_present, voc_year_folder
+from lostreg.datasets.voc import is_plain_file_name, read_split_ids, voc_is_present, voc_year_folder
 from lostreg.errors import LostregError
 from lostreg.io import JsonInputError, atomic_write_text, loads_bounded, sha256_file
 
@@ -319,17 +319,44 @@ def _install(archive: Path, inner: str, target: Path,
 
 
 def _voc_layout(folder: Path) -> str | None:
-    """What keeps an extracted ``VOCdevkit/VOC<year>`` from being a VOC folder (the test
-    ``voc_is_present`` makes), or None."""
+    """What keeps an extracted ``VOCdevkit/VOC<year>`` from being a VOC folder, or None: the
+    split file ``voc_is_present`` looks for, and the image and annotation of every image it
+    lists (as VOC names them: ``<id>.jpg``, ``<id>.xml``). A split file alone would report
+    "ready" and delete the archive, leaving a run to find every image missing."""
     if not folder.is_dir():
         return "is a file, not a folder"
-    if not (folder / "ImageSets" / "Main" / "trainval.txt").is_file():
+    split = folder / "ImageSets" / "Main" / "trainval.txt"
+    if not split.is_file():
         return "has no ImageSets/Main/trainval.txt file"
+    try:
+        ids = read_split_ids(split)
+    except LostregError as exc:
+        return f"has a trainval.txt that is no list of image ids ({str(exc).split(': ', 1)[-1]})"
+    for image_id in ids:
+        for sub, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+            if not (folder / sub / f"{image_id}{suffix}").is_file():
+                return f"has no file {sub}/{image_id}{suffix}, which its trainval.txt lists"
     return None
 
 
 def _a_folder(path: Path) -> str | None:
     return None if path.is_dir() else "is a file, not a folder"
+
+
+def _holds_listed_images(list_path: Path) -> Callable[[Path], str | None]:
+    """The layout check of an extracted ``train2014``: a folder holding every image of the
+    COCO 20k list (read when the check runs: the list is fetched first)."""
+    from lostreg.datasets.coco import read_coco20k_list
+
+    def layout(folder: Path) -> str | None:
+        if not folder.is_dir():
+            return "is a file, not a folder"
+        for name in read_coco20k_list(list_path):
+            if not (folder / name).is_file():
+                return f"has no file {name}, which {list_path.name} lists"
+        return None
+
+    return layout
 
 
 def _a_file(path: Path) -> str | None:
@@ -442,7 +469,7 @@ def prepare_coco20k(root: str | Path, progress: bool = True, keep_archive: bool 
     list_item = _item(files, "list")
     steps = (
         ("annotations", "annotations/instances_train2014.json", folder / ANNOTATION_REL, _a_file),
-        ("images", "train2014", folder / IMAGES_REL, _a_folder),
+        ("images", "train2014", folder / IMAGES_REL, _holds_listed_images(folder / LIST_NAME)),
     )
     with removed_if_failed(downloads, *(step[2].parent for step in steps)) as created:
         download_file(
