@@ -74,7 +74,7 @@ class SharedFileInRunFolder(LostregError):
 
     def __init__(self, path: str | os.PathLike, links: int) -> None:
         super().__init__(f"{path}: has {links} hard links (the same file under another path, "
-                         "e.g. a `cp -al` backup); lostreg never appends to a shared file (it "
+                         "e.g. a `cp -al` backup); lostreg never writes into a shared file (it "
                          "would change the other path too): replace it with a copy of itself "
                          "(cp --remove-destination)")
 

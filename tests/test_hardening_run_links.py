@@ -102,7 +102,7 @@ def test_every_appending_writer_refuses_a_link(tmp_path) -> None:
 # --- hard links: the same file under another path (a `cp -al` backup of the runs) --------------
 
 SHARED = ("has 2 hard links (the same file under another path, e.g. a `cp -al` backup); lostreg "
-          "never appends to a shared file (it would change the other path too): replace it "
+          "never writes into a shared file (it would change the other path too): replace it "
           "with a copy of itself (cp --remove-destination)")
 
 
