@@ -200,3 +200,29 @@ def test_a_build_that_reported_something_or_raced_a_change_is_not_recorded(
     monkeypatch.setattr(lb, "write_outputs", racing)
     builds.build(runs, out)
     assert not (out / record.RECORD).exists()
+
+
+@pytest.mark.usefixtures("quick_figures")
+@pytest.mark.parametrize("folder", ["figures", "figures/iou", "figures/saliency_iou"])
+def test_a_linked_figures_folder_is_one_line_and_nothing_outside_changes(
+        tmp_path: Path, folder: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A figures folder that was a link to a folder of the user's: the build wrote its figures
+    there and removed every other .svg and .png in it, as figures of runs no longer listed."""
+    runs = _runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "mine"
+    elsewhere.mkdir()
+    (elsewhere / "holiday.svg").write_bytes(b"<svg>mine</svg>")
+    (elsewhere / "notes.png").write_bytes(b"mine")
+    (out / folder).parent.mkdir(parents=True, exist_ok=True)
+    (out / folder).symlink_to(elsewhere, target_is_directory=True)
+    assert lb.main(["--runs", str(runs), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out / folder}: is a symbolic link; the leaderboard writes its figures there "
+        "and removes those of runs no longer listed, so it never follows a link out of "
+        "--output: remove the link")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["holiday.svg", "notes.png"]
+    assert not (out / record.RECORD).exists()
+    (out / folder).unlink()  # the link removed: the build goes through
+    assert lb.main(["--runs", str(runs), "--output", str(out)]) == 0
+    assert (out / "figures" / "iou" / "plain.svg").is_file()

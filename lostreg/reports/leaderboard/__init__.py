@@ -72,7 +72,7 @@ from lostreg.reports.leaderboard.saliency import (
     with_mask_rows,
 )
 from lostreg.reports.leaderboard.saliency_markdown import saliency_markdown
-from lostreg.reports.leaderboard.saliency_outputs import write_saliency_outputs
+from lostreg.reports.leaderboard.saliency_outputs import HISTOGRAMS, write_saliency_outputs
 from lostreg.reports.leaderboard.tables import (
     COMPARISON_COLUMNS,
     DATASET_LABELS,
@@ -163,6 +163,7 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> list[str]:
     figures whose content did not change are kept as they are (``drawing``). Returns every
     output file's name, relative to ``out_dir``."""
     out_dir = Path(out_dir)
+    drawn = FigureWriter(out_dir / "figures", ("iou", HISTOGRAMS))  # no link: checked first
     atomic_write_text(out_dir / "leaderboard.csv", _csv(board.table))
     comparison = board.comparison.copy()
     for column in comparison.columns:
@@ -171,7 +172,6 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> list[str]:
     atomic_write_text(out_dir / "comparison.csv", _csv(comparison))
     atomic_write_text(out_dir / "comparison.md",
                       comparison_markdown(board) + saliency_markdown(board.saliency))
-    drawn = FigureWriter(out_dir / "figures")
     drawn.figure("corloc_registers.png", board.comparison.to_csv(index=False),
                  lambda: register_bar_figure(board.comparison))
     drawn.histograms([(run.run_id, iou_histogram(run)) for run in board.runs], "iou")

@@ -86,10 +86,24 @@ def _file_sha256(path: Path) -> str | None:
         return None
 
 
-class FigureWriter:
-    """Writes the figures of one output folder, keeping those whose record still holds."""
+def refuse_linked_folder(path: Path) -> None:
+    """One line for a figures folder that is a symbolic link: the leaderboard writes there and
+    removes the figures of runs no longer listed, so through a link it would write, and delete
+    every other ``.svg``/``.png``, in a folder outside ``--output``."""
+    if path.is_symlink():
+        raise LostregError(f"{path}: is a symbolic link; the leaderboard writes its figures "
+                           "there and removes those of runs no longer listed, so it never "
+                           "follows a link out of --output: remove the link")
 
-    def __init__(self, folder: Path) -> None:
+
+class FigureWriter:
+    """Writes the figures of one output folder, keeping those whose record still holds.
+    ``folder`` and ``subfolders`` (where ``histograms`` will write) are checked first: none
+    may be a link (``refuse_linked_folder``)."""
+
+    def __init__(self, folder: Path, subfolders: Sequence[str] = ()) -> None:
+        for path in (folder, *(folder / name for name in subfolders)):
+            refuse_linked_folder(path)
         self.folder = folder
         self.old = _read_manifest(folder)
         self.new: dict[str, dict[str, str]] = {}
@@ -119,6 +133,7 @@ class FigureWriter:
         """Every run's histogram (``<subfolder>/<run id>.svg``, from ``(run id, histogram)``
         pairs); the folder's other figures, of runs no longer listed or drawn as PNG by an
         older lostreg, are removed."""
+        refuse_linked_folder(self.folder / subfolder)
         for run_id, histogram in histograms:
             name = f"{subfolder}/{run_id}.svg"
             key = source_key("histogram", asdict(histogram))
