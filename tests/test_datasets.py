@@ -493,6 +493,22 @@ def test_demo_regenerates_only_when_needed(tmp_path: Path) -> None:
     assert (foreign / "demo" / "mine.txt").is_file()
 
 
+def test_a_linked_demo_of_another_version_is_one_line_and_kept(tmp_path: Path) -> None:
+    """``ROOT/demo`` a link to a demo of an older generator: ``rmtree`` refused the link with
+    "OSError: Cannot call rmtree on a symbolic link", naming no file."""
+    real = generate_demo(tmp_path / "elsewhere")
+    (real / ".lostreg-demo").write_text("lostreg demo version 0 seed 1\n")  # older version
+    before = sorted(path.name for path in real.rglob("*"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(real, target_is_directory=True)
+    with pytest.raises(LostregError) as info:
+        generate_demo(tmp_path / "data")
+    assert str(info.value) == (f"{tmp_path / 'data' / 'demo'}: is a symbolic link to a demo of "
+                               "another version or seed; remove the link to regenerate the demo "
+                               "here")
+    assert sorted(path.name for path in real.rglob("*")) == before
+
+
 def test_demo_is_voc_readable(tmp_path: Path) -> None:
     folder = generate_demo(tmp_path)
     assert load_voc_folder(folder, "x").records == load_demo(tmp_path).records

@@ -221,6 +221,10 @@ def generate_demo(root: str | Path, seed: int = DEMO_SEED) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LostregError(f"{root}: cannot create the data root ({exc})") from None
+    if target.is_symlink():  # rmtree refuses a link ("OSError: Cannot call rmtree on a
+        # symbolic link", naming nothing), and what it points to is not ours to replace
+        raise LostregError(f"{target}: is a symbolic link to a demo of another version or "
+                           "seed; remove the link to regenerate the demo here")
     if target.exists():
         if not (target / _MARKER).is_file():
             raise LostregError(
