@@ -386,13 +386,23 @@ def recompute_check(run: MaskRun) -> None:
 
 
 def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
-                   report: Callable[[str], None] | None = None) -> ScanResult:
+                   report: Callable[[str], None] | None = None,
+                   store: SummaryStore | None = None) -> ScanResult:
     """Finished mask runs under ``runs_dir``, one per identity (the newest by ``finished``,
     then run id): ``scan_runs``'s rules with the mask runs' loader; each folder that cannot be
-    read is skipped with one line (``report``)."""
-    store = SummaryStore(Path(runs_dir), report)
-    return scan_runs(runs_dir, include_smoke, report, target="mask",
-                     load=lambda folder: load_mask_run(folder, store))
+    read is skipped with one line (``report``). ``store``: the summaries' store to use (the
+    leaderboard's ``--reread`` passes one that rereads every run), else a plain one."""
+    if store is None:
+        store = SummaryStore(Path(runs_dir), report)
+
+    def load(folder: Path) -> MaskRun:
+        try:
+            return load_mask_run(folder, store)
+        except LostregError:
+            store.unreadable_run(folder.name)
+            raise
+
+    return scan_runs(runs_dir, include_smoke, report, target="mask", load=load)
 
 
 # --- summaries: a mask run's lines read once per content of its files ----------------------
@@ -476,7 +486,7 @@ def mask_images(run_dir: Path, n_images: int, metrics: Fields,
     path = run_dir / PREDICTIONS
     if store is None or not path.is_file():
         return _read_images(path)  # says what is missing
-    stored = store.read(run_dir.name)
+    stored = store.lookup(run_dir.name)  # none under --reread: read as a first build
     key, stat = recorded_key(run_dir, stored), None
     if key is None:
         data, stat = read_settled(path)
