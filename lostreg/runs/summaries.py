@@ -24,7 +24,10 @@ Summaries live in ``<runs>/.summaries/<run folder>.json`` (a hidden folder: neve
 written atomically without following a link. Nothing read back is trusted: the file is read
 through the bounded JSON reader, its own sha256 (``digest``) and format are checked, its key
 must equal the run's files now, and its figures must agree with ``metrics.json`` and with
-themselves; any mismatch and the run is read and summarised again. A store that cannot be
+themselves; any mismatch and the run is read and summarised again. These checks catch damage
+and stale files, not a forgery: the digest has no secret, so a summary forged together with
+``metrics.json`` passes them; the leaderboard's ``--reread`` (``SummaryStore.reread``) reads
+every run as on a first build and names each stored summary that differs. A store that cannot be
 written (read-only runs folder) costs speed, never a result. The same store keeps mask runs'
 per-image tables (``reports.leaderboard.saliency_runs``, their own format) and, under a dot
 name no run folder has, the pairs' McNemar p-values (``lostreg.runs.pvalues``).

@@ -30,6 +30,18 @@ checked and summarised once per content of its files), so a rebuild reads no pre
 of a run that did not change. Text from the published CSV and from run files goes through
 ``lostreg.reports.cells`` (one line per cell, escaped for markdown, no CSV formulas).
 
+``--reread`` builds from the predictions themselves. A summary's checks (its own digest, its
+key, its counts against ``metrics.json``) catch damage and stale files, not a forgery: the
+digest has no secret, so a summary forged together with ``metrics.json`` passes them. After a
+disk problem, on a copied runs folder, or before publishing numbers, ``--reread`` reads and
+checks every run's predictions as a first build does (the same code: no stored summary is
+looked up), compares each stored summary with what the predictions give, names each that
+differs on stderr (damaged, stale, forged; one line each), counts them in the summary line,
+rewrites every summary and removes that of a run its files no longer give one for (a run
+skipped with its line: a forged ``metrics.json`` disagrees with its predictions); the build
+record is not consulted. With honest summaries the outputs are a normal build's, byte for
+byte; without the flag nothing of this runs (``benchmarks/bench_leaderboard.py``).
+
 Modules: ``published`` (the reference figures), ``tables`` (leaderboard and comparison rows),
 ``markdown``, ``figures`` and ``drawing`` (which figures to redraw), ``record`` (when nothing
 is to be rebuilt).
