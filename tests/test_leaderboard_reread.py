@@ -104,28 +104,27 @@ def test_with_honest_summaries_a_reread_build_writes_a_normal_build_s_bytes(
     reads, runs, lines = Reads(monkeypatch), _runs(tmp_path / "runs"), []
     normal = reads.build(runs, tmp_path / "normal", lines)
     assert sorted(reads.runs) == ALL and lines == []
-    before = _stored(runs)
+    written, before = _files(tmp_path / "normal"), _stored(runs)
     reads.build(runs, tmp_path / "normal", lines)
     assert reads.runs == []  # the record: nothing changed, nothing read
-    reread = reads.build(runs, tmp_path / "reread", lines, reread=True)
-    assert sorted(reads.runs) == ALL and lines == []  # every run read, nothing differed
+    # the record never skips a --reread build: every run read, nothing differed
+    reread = reads.build(runs, tmp_path / "normal", lines, reread=True)
+    assert sorted(reads.runs) == ALL and lines == []
     assert reread.reread == (4, 0) and normal.reread is None
-    assert _files(tmp_path / "reread") == _files(tmp_path / "normal")
+    assert _files(tmp_path / "normal") == written
     after = _stored(runs)
     for run in ALL:  # each summary written anew, with the same content
         assert after[run][0] == before[run][0] and after[run][1] != before[run][1]
-    # the record never skips a --reread build, and the outputs stay byte for byte
-    reads.build(runs, tmp_path / "reread", lines, reread=True)
-    assert sorted(reads.runs) == ALL and _files(tmp_path / "reread") == _files(
-        tmp_path / "normal")
     line = lb.summary_line(reread, Path("OUT"))
     assert line == lb.summary_line(normal, Path("OUT")) + (
         "; --reread: every run read from its predictions, 0 of 4 stored summaries differed "
         "from them")
-    # a copied runs folder (other inodes, the same contents): nothing differs
+    # a copied runs folder (other inodes, the same contents) into a new folder: nothing
+    # differs, and every output is drawn and written anew with a normal build's bytes
     shutil.copytree(runs, tmp_path / "copy")
     assert reads.build(tmp_path / "copy", tmp_path / "copied", lines, reread=True).reread == (
         4, 0) and lines == []
+    assert _files(tmp_path / "copied") == written
 
 
 # --- forgeries: a stored summary and, where needed, metrics.json, every check recomputed -----
