@@ -50,6 +50,7 @@ from lostreg.features.cache import (
     warn,
 )
 from lostreg.features.extract import FeatureRequest, extract, padded_size, preprocess
+from lostreg.version import RESULT_VERSION
 
 # --- environment ---------------------------------------------------------------------------
 
@@ -408,7 +409,7 @@ def feature_cache_key(info: Backbone | BackboneInfo, index: DatasetIndex,
         mean=info.mean, std=info.std, patch_size=info.spec.patch_size,
         pos_embed=info.spec.pos_embed_mode, dataset=index.name, split=index.split,
         feature=request.kind, precision=precision, storage=storage,
-        lostreg_version=lostreg.__version__)
+        lostreg_version=lostreg.__version__, result_version=RESULT_VERSION)
     if request.layer != -1:
         key["layer"] = request.layer
     if image_protocol(index.name) != "pad":  # resized inputs give other features

@@ -43,18 +43,20 @@ from lostreg.evaluation.rle import decode as decode_rle
 from lostreg.evaluation.rle import foreground, rle_problem
 from lostreg.evaluation.saliency_metric import counts_problem
 from lostreg.fields import Fields, is_int, is_number, shown
-from lostreg.io import MAX_JSON_BYTES, read_bounded, read_json_object, read_jsonl
+from lostreg.io import MAX_JSON_BYTES, read_bounded, read_jsonl
 from lostreg.reports.leaderboard.published import REFINES
 from lostreg.runs.store import (
     CONFIG,
     CROSS_CHECKED,
     METRICS,
     PREDICTIONS,
+    REWRITE_HINT,
     RunInfo,
     ScanResult,
     finished_time,
     is_smoke,
     parse_config,
+    read_run_files,
     run_seconds,
     scan_runs,
 )
@@ -333,10 +335,8 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     """Read one finished mask-run folder, check every value and that its files agree; its
     lines from ``store``'s summary of it when its files did not change (``mask_images``)."""
     run_dir = Path(run_dir)
-    missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
-    metrics_data = read_json_object(metrics_path, missing)
-    config = read_json_object(config_path, missing)
+    metrics_data, config = read_run_files(run_dir)
     info, refine, mask_protocol = _mask_config(config, config_path)
     metrics = Fields(metrics_data, str(metrics_path))
     for key in CROSS_CHECKED:
@@ -349,7 +349,7 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     images = mask_images(run_dir, n_images, metrics, store)
     if len(images) != n_images:
         raise LostregError(f"{run_dir / PREDICTIONS}: {len(images)} images but metrics.json "
-                           f"says {n_images}; rerun the run to rewrite it")
+                           f"says {n_images}; {REWRITE_HINT} metrics.json from its predictions")
     means = _run_means(images, metrics)
     curve, max_f, threshold = _curve(metrics)
     figures = {"tokencut": {"acc": means["acc"], "iou": means["iou"], "max_f": max_f},
