@@ -170,3 +170,14 @@ def test_a_run_writing_a_non_finite_header_warns_one_line(tmp_path, capsys) -> N
     assert line.startswith("warning: feature cache ") and "cannot write (ValueError: " in line
     assert "entries[0].size[1] is not finite" in line
     assert writer.failures == 1 and len(FeatureCache(tmp_path, KEY)) == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"grid": {(1, 2): 3}}, {"mixed": {1: "a", "b": 2}}])
+def test_kwargs_json_cannot_hold_are_one_line(kwargs: dict) -> None:
+    from lostreg.errors import LostregError
+
+    with pytest.raises(LostregError, match="cannot enter the feature cache key"):
+        cache_key(model="m", timm_name="t", model_kwargs=kwargs, weights="random",
+                  num_prefix_tokens=1, mean=(0.5,), std=(0.5,), patch_size=14,
+                  pos_embed="timm", dataset="voc07", split="trainval", feature="k",
+                  precision="fp32", storage="fp32", lostreg_version="0", result_version=2)

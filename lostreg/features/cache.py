@@ -153,9 +153,15 @@ def json_safe_kwargs(model_kwargs: dict) -> Any:
     """``model_kwargs`` as the key holds them: keys sorted, every value JSON can hold as it is,
     any other as its ``repr`` (a callable, a dtype, and a NaN or infinite float), so the key is
     deterministic and can be written strictly (``key.json``, the shard headers): a NaN kwarg
-    once made the strict ``key.json`` write raise a traceback."""
-    return json.loads(json.dumps(model_kwargs, sort_keys=True, default=repr),
-                      parse_constant=_non_finite_as_repr)
+    once made the strict ``key.json`` write raise a traceback. A dict whose keys JSON cannot
+    hold or sort (a tuple, keys of mixed types) is one line: no deterministic key exists."""
+    try:
+        text = json.dumps(model_kwargs, sort_keys=True, default=repr)
+    except (TypeError, ValueError) as exc:
+        raise LostregError(f"the model's kwargs cannot enter the feature cache key ({exc}); "
+                           "run without --cache-features, or give the kwargs string keys"
+                           ) from None
+    return json.loads(text, parse_constant=_non_finite_as_repr)
 
 
 def key_hash(key: dict[str, Any]) -> str:

@@ -402,7 +402,8 @@ class SourceStep:
 def feature_cache_key(info: Backbone | BackboneInfo, index: DatasetIndex,
                       request: FeatureRequest, precision: str, storage: str) -> dict:
     """Everything that decides one cached feature map (see ``lostreg.features.cache``); the layer
-    enters only when it is not the last block, so earlier caches keep their keys."""
+    enters only when it is not ``-1`` (the last block), so last-block keys have the fields they had
+    before ``--layer`` existed."""
     key = cache_key(
         model=info.spec.name, timm_name=info.spec.timm_name, model_kwargs=info.spec.model_kwargs,
         weights=info.weights.identity(), num_prefix_tokens=info.num_prefix_tokens,
