@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             ("cold build, CPU time of the process and its workers (s)",
              f"{cold['cpu_seconds']:.2f}"),
             ("cold build peak RSS (MiB)", f"{cold['peak_rss_mib']:.0f}"),
-            ("cold build, largest figure worker's peak RSS (MiB)",
+            ("cold build, largest worker's peak RSS (MiB)",
              f"{cold['workers_peak_rss_mib']:.0f}"),
             *phase_rows("cold", cold),
             ("rebuild, nothing changed (s)", f"{rebuild['seconds']:.2f}"),

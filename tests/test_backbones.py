@@ -245,3 +245,23 @@ def test_gated_hub_weights_say_how_to_get_them(monkeypatch, tmp_path) -> None:
                                            ".*--weights PATH") as info:
         resolve_hub_file("vit_small_patch16_dinov3.lvd1689m")
     assert "timm/vit_small_patch16_dinov3.lvd1689m" in str(info.value)
+
+
+def test_a_name_prefix_is_one_registry_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``timm:`` and ``py:`` names resolve through ``NAME_PREFIXES``; a new kind of name is one
+    ``register_name_prefix`` call, modifiers included."""
+    from lostreg.backbones import registry
+
+    assert {"timm:", "py:"} <= set(registry.NAME_PREFIXES)
+    monkeypatch.setattr(registry, "NAME_PREFIXES", dict(registry.NAME_PREFIXES))
+    seen = []
+
+    def resolve(name: str) -> registry.BackboneSpec:
+        seen.append(name)
+        return registry.BACKBONES["dinov2_vitl14"]
+
+    registry.register_name_prefix("toy:", resolve)
+    spec = registry.get_backbone_spec("toy:anything+ttr")
+    assert seen == ["toy:anything"] and spec.test_time_registers == 1
+    with pytest.raises(LostregError, match="unknown model 'toyx'"):
+        registry.get_backbone_spec("toyx")

@@ -21,6 +21,7 @@ from tiny_runs import TINY, only_folder, tiny_command
 
 from lostreg.datasets.demo import generate_demo
 from lostreg.errors import LostregError
+from lostreg.reports import leaderboard as lb
 from lostreg.run import main
 from lostreg.runs import state
 from lostreg.runs.store import REWRITE_HINT, load_run
@@ -114,6 +115,28 @@ def test_the_leaderboard_hint_is_true(finished, capsys) -> None:
     assert f"{REWRITE_HINT} config.json" in str(skipped.value)
     rerun(argv, capsys)
     assert load_run(folder).info.model == TINY.name
+
+
+@pytest.mark.parametrize("damage", [b"", b"{\"run_id\": ", b"[]", b"{\"corloc\": NaN}"])
+def test_the_leaderboard_hint_for_an_unreadable_metrics_json_is_true(finished, capsys,
+                                                                     damage) -> None:
+    """An unreadable metrics.json gets the same hint as an unreadable config.json (the rerun
+    rewrites both), in the line the leaderboard prints when it skips the folder; following it
+    puts the run back on the leaderboard."""
+    argv, folder = finished
+    runs = folder.parent
+    (folder / "metrics.json").write_bytes(damage)
+    skipped: list[str] = []
+    assert lb.collect(runs, include_smoke=True, report=skipped.append).runs == []
+    (line,) = skipped
+    assert str(folder / "metrics.json") in line
+    assert line.endswith(f"; {REWRITE_HINT} metrics.json from its predictions"), line
+    assert "\n" not in line
+    summary, _ = rerun(argv, capsys)
+    assert "| metrics.json rewritten from the predictions: " in summary
+    skipped.clear()
+    (board,) = lb.collect(runs, include_smoke=True, report=skipped.append).runs
+    assert skipped == [] and board.run_dir == folder
 
 
 # --- row 3: config.json -------------------------------------------------------------------------

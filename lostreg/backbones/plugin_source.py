@@ -48,7 +48,7 @@ from lostreg.backbones.plugin import (
     state_sha256,
     timm_architecture,
 )
-from lostreg.backbones.registry import BackboneSpec
+from lostreg.backbones.registry import BackboneSpec, register_name_prefix
 from lostreg.backbones.weights import (
     WeightsInfo,
     _check_dtypes,
@@ -390,3 +390,6 @@ def plugin_spec(name: str) -> BackboneSpec:
     return BackboneSpec(name, f"plugin:{name}", "plugin", 1, 0,
                         description=f"plug-in model {name}",
                         plugin=Plugin(source=name, source_sha256=digest, build=build))
+
+
+register_name_prefix("py:", plugin_spec)  # ``--model py:...`` resolves through the registry

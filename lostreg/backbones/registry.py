@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,11 +28,19 @@ from lostreg.backbones.pos_embed import POS_EMBED_MODES, effective_pos_embed_mod
 from lostreg.backbones.ttr import TestTimeRegisters, load_neuron_file, shipped_neurons
 from lostreg.errors import LostregError
 
-if TYPE_CHECKING:
-    from lostreg.backbones.plugin import Plugin
-
 ROPE_PERIODS = ("model", "bf16")
 MODIFIERS = ("ttr",)
+
+
+class PluginModel(Protocol):
+    """What a spec holds of a plug-in model (``lostreg.backbones.plugin.Plugin``): what
+    identifies it in the run folder, and for a ``py:`` model the loader that builds it. Named
+    here as a protocol so that the registry, which the plug-in code builds on, does not import
+    it back."""
+
+    build: Callable[..., Any] | None
+
+    def identity(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class BackboneSpec:
     pos_interp: str = "original"
     ttr: TestTimeRegisters | None = None
     rope_periods: str = "model"
-    plugin: Plugin | None = None  # a plug-in model (the user's own): what identifies it
+    plugin: PluginModel | None = None  # a plug-in model (the user's own): what identifies it
 
     @property
     def arch(self) -> str:
@@ -102,6 +111,14 @@ class BackboneSpec:
 
 BACKBONES: dict[str, BackboneSpec] = {}
 ALIASES: dict[str, str] = {}
+#: Name prefixes resolved by a function rather than an entry (``timm:<name>``, and ``py:`` for
+#: plug-in models, registered by ``lostreg.backbones.plugin_source``): name -> spec.
+NAME_PREFIXES: dict[str, Callable[[str], BackboneSpec]] = {}
+
+
+def register_name_prefix(prefix: str, resolve: Callable[[str], BackboneSpec]) -> None:
+    """Resolve every model name starting with ``prefix`` with ``resolve(name)``."""
+    NAME_PREFIXES[prefix] = resolve
 
 
 def register_backbone(spec: BackboneSpec, *aliases: str) -> BackboneSpec:
@@ -185,12 +202,9 @@ def get_backbone_spec(name: str, ttr_neurons: str | Path | None = None) -> Backb
 
 
 def _base_spec(name: str) -> BackboneSpec:
-    if name.startswith("py:"):
-        from lostreg.backbones.plugin_source import plugin_spec
-
-        return plugin_spec(name)
-    if name.startswith("timm:"):
-        return _timm_passthrough_spec(name, name[len("timm:"):])
+    for prefix, resolve in NAME_PREFIXES.items():
+        if name.startswith(prefix):
+            return resolve(name)
     key = ALIASES.get(name, name)
     if key in BACKBONES:
         return BACKBONES[key]
@@ -255,3 +269,6 @@ def _timm_passthrough_spec(name: str, timm_name: str) -> BackboneSpec:
         name, timm_name, "timm", int(patch[0]), family.num_registers(model),
         description=f"timm passthrough {timm_name}",
     )
+
+
+register_name_prefix("timm:", lambda name: _timm_passthrough_spec(name, name[len("timm:"):]))

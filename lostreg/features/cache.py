@@ -10,7 +10,18 @@ Layout under the cache root (``results/cache`` by default), one folder per *key*
 The key is everything that decides the features: model (short + timm name + model kwargs),
 weights identity (sha256 of the file, or ``random``), dataset + split (``no_hard`` and
 ``--limit`` do not change features: entries are per image id), feature kind, preprocessing
-(mean/std, patch size, position-embedding interpolation), ``--precision`` and the stored dtype.
+(mean/std, patch size, position-embedding interpolation), ``--precision`` and the stored dtype,
+and the code that computed them: the cache format, the package version and the **result
+version** (``lostreg.version.RESULT_VERSION``, bumped exactly when a change alters a
+prediction or figure, the features included). Features written by code of another result
+version are never reused: the key, hence the folder, differs. Folders of other keys (another
+format, package or result version) are left as they are, neither read nor reported nor
+removed, as any folder of another key is; their ``key.json`` says which code wrote them, and
+deleting such a folder only costs a recompute.
+
+A model kwarg that JSON cannot hold enters the key as its ``repr`` (a callable, a dtype; a
+NaN or an infinite float: ``nan``, ``inf``, ``-inf``), so every key is deterministic and
+``key.json`` and the shard headers, written strictly (``dumps_strict``), never hold NaN.
 
 A shard is ``MAGIC | header length (8 bytes, little endian) | sha256 (32 bytes) | JSON header |
 payload``. The sha256 covers every other byte of the file (magic, length, header, payload), so
@@ -55,7 +66,14 @@ import torch
 
 from lostreg.datasets.base import DEFAULT_MAX_PIXELS, max_image_file_bytes
 from lostreg.errors import LostregError, os_error_message
-from lostreg.io import JsonlAppender, atomic_write_bytes, atomic_write_json, loads_bounded, read_bounded
+from lostreg.io import (
+    JsonlAppender,
+    atomic_write_bytes,
+    atomic_write_json,
+    dumps_strict,
+    loads_bounded,
+    read_bounded,
+)
 
 # 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
 # new format gets a new folder; a shard of another format is refused by its magic.
@@ -99,13 +117,16 @@ def is_lossless(storage: str, precision: str) -> bool:
 def cache_key(*, model: str, timm_name: str, model_kwargs: dict, weights: str,
               num_prefix_tokens: int, mean: Sequence[float], std: Sequence[float],
               patch_size: int, pos_embed: str, dataset: str, split: str, feature: str,
-              precision: str, storage: str, lostreg_version: str) -> dict[str, Any]:
-    """Everything that decides the cached features (see the module docstring)."""
+              precision: str, storage: str, lostreg_version: str,
+              result_version: int) -> dict[str, Any]:
+    """Everything that decides the cached features (see the module docstring); the code's
+    ``result_version`` (``lostreg.version.RESULT_VERSION``) among them, so features of code
+    that computes other results are never read."""
     return {
         "format": FORMAT_VERSION,
         "model": model,
         "timm_name": timm_name,
-        "model_kwargs": json.loads(json.dumps(model_kwargs, sort_keys=True, default=repr)),
+        "model_kwargs": json_safe_kwargs(model_kwargs),
         "weights": weights,
         "num_prefix_tokens": int(num_prefix_tokens),
         "mean": [float(v) for v in mean],
@@ -118,11 +139,37 @@ def cache_key(*, model: str, timm_name: str, model_kwargs: dict, weights: str,
         "precision": precision,
         "dtype": storage,
         "lostreg_version": lostreg_version,
+        "result_version": int(result_version),
     }
 
 
+def _non_finite_as_repr(constant: str) -> str:
+    """``NaN``, ``Infinity`` or ``-Infinity`` (what ``json.dumps`` writes for a float that is
+    not finite) as the float's ``repr``: ``nan``, ``inf``, ``-inf``."""
+    return repr(float(constant))
+
+
+def json_safe_kwargs(model_kwargs: dict) -> Any:
+    """``model_kwargs`` as the key holds them: keys sorted, every value JSON can hold as it is,
+    any other as its ``repr`` (a callable, a dtype, and a NaN or infinite float), so the key is
+    deterministic and can be written strictly (``key.json``, the shard headers): a NaN kwarg
+    once made the strict ``key.json`` write raise a traceback. A dict whose keys JSON cannot
+    hold or sort (a tuple, keys of mixed types) is one line: no deterministic key exists."""
+    try:
+        text = json.dumps(model_kwargs, sort_keys=True, default=repr)
+    except (TypeError, ValueError) as exc:
+        raise LostregError(f"the model's kwargs cannot enter the feature cache key ({exc}); "
+                           "run without --cache-features, or give the kwargs string keys"
+                           ) from None
+    return json.loads(text, parse_constant=_non_finite_as_repr)
+
+
 def key_hash(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    """The sha256 of the key's JSON. Strict (``dumps_strict``: the same text as ``json.dumps``
+    for any key that can be written): a key holding NaN or infinity is refused here, with one
+    line naming the field, rather than when its ``key.json`` or a shard header is written."""
+    return hashlib.sha256(dumps_strict(key, "feature cache key", sort_keys=True).encode()
+                          ).hexdigest()
 
 
 class CacheProblem(Exception):
@@ -378,7 +425,8 @@ class FeatureCache:
         try:
             if not (self.dir / "key.json").exists():
                 atomic_write_json(self.dir / "key.json", self.key)
-            atomic_write_bytes(self.shard_dir / name, _shard_bytes(header, payload))
+            atomic_write_bytes(self.shard_dir / name,
+                               _shard_bytes(header, payload, self.shard_dir / name))
             try:
                 self._append_index(lines)
             except OSError:
@@ -410,9 +458,12 @@ class FeatureCache:
                 self._cannot_write(exc)
 
 
-def _shard_bytes(header: dict, payload: bytes) -> bytes:
-    """The file of one shard: the checksum covers every byte but its own."""
-    header_bytes = json.dumps(header, sort_keys=True).encode()
+def _shard_bytes(header: dict, payload: bytes, path: Path) -> bytes:
+    """The file of one shard: the checksum covers every byte but its own. The header is
+    written strictly (``dumps_strict``): a NaN or infinity in it (a size or grid a caller got
+    wrong) is refused here, a ``ValueError`` naming ``path`` and the field, since every later
+    read would refuse the header and recompute its images without saying why."""
+    header_bytes = dumps_strict(header, path, sort_keys=True).encode()
     # pad with spaces so the payload starts 64-byte aligned (tensors are views of it)
     header_bytes += b" " * (-(_HEADER_AT + len(header_bytes)) % 64)
     prefix = MAGIC + len(header_bytes).to_bytes(8, "little")

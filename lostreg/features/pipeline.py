@@ -50,6 +50,7 @@ from lostreg.features.cache import (
     warn,
 )
 from lostreg.features.extract import FeatureRequest, extract, padded_size, preprocess
+from lostreg.version import RESULT_VERSION
 
 # --- environment ---------------------------------------------------------------------------
 
@@ -401,14 +402,15 @@ class SourceStep:
 def feature_cache_key(info: Backbone | BackboneInfo, index: DatasetIndex,
                       request: FeatureRequest, precision: str, storage: str) -> dict:
     """Everything that decides one cached feature map (see ``lostreg.features.cache``); the layer
-    enters only when it is not the last block, so earlier caches keep their keys."""
+    enters only when it is not ``-1`` (the last block), so last-block keys have the fields they had
+    before ``--layer`` existed."""
     key = cache_key(
         model=info.spec.name, timm_name=info.spec.timm_name, model_kwargs=info.spec.model_kwargs,
         weights=info.weights.identity(), num_prefix_tokens=info.num_prefix_tokens,
         mean=info.mean, std=info.std, patch_size=info.spec.patch_size,
         pos_embed=info.spec.pos_embed_mode, dataset=index.name, split=index.split,
         feature=request.kind, precision=precision, storage=storage,
-        lostreg_version=lostreg.__version__)
+        lostreg_version=lostreg.__version__, result_version=RESULT_VERSION)
     if request.layer != -1:
         key["layer"] = request.layer
     if image_protocol(index.name) != "pad":  # resized inputs give other features

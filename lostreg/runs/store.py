@@ -300,17 +300,28 @@ class RunHeader:
                 "from its predictions")
 
 
+def read_run_files(run_dir: Path) -> tuple[dict, dict]:
+    """A finished run's ``metrics.json`` and ``config.json``, each a JSON object. Either one
+    missing or unreadable (truncated, ``[]``, NaN, too deep) is one line that ends with what
+    fixes it, the same for both: the run's own command validates the folder and rewrites an
+    unreadable ``config.json`` and a ``metrics.json`` that is not its predictions' (``lostreg
+    .runs.state``), so the line the leaderboard prints when it skips the folder is true."""
+    missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
+    read: dict[str, dict] = {}
+    for name, fix in ((METRICS, "metrics.json from its predictions"), (CONFIG, "config.json")):
+        try:
+            read[name] = read_json_object(run_dir / name, missing)
+        except LostregError as exc:
+            raise LostregError(f"{exc}; {REWRITE_HINT} {fix}") from None
+    return read[METRICS], read[CONFIG]
+
+
 def read_header(run_dir: str | Path) -> RunHeader:
     """Read and check a finished run's ``config.json`` and ``metrics.json`` (not its
     predictions): every value typed, the settings both repeat equal."""
     run_dir = Path(run_dir)
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
-    missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
-    metrics_data = read_json_object(metrics_path, missing)
-    try:
-        config = read_json_object(config_path, missing)
-    except LostregError as exc:  # the command that made the run rewrites an unreadable one
-        raise LostregError(f"{exc}; {REWRITE_HINT} config.json") from None
+    metrics_data, config = read_run_files(run_dir)
     info = parse_config(config, str(config_path))
     metrics = Fields(metrics_data, str(metrics_path))
     n_images, n_hits = metrics.integer("n_images", minimum=0), metrics.integer("n_hits", minimum=0)

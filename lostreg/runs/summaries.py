@@ -24,7 +24,10 @@ Summaries live in ``<runs>/.summaries/<run folder>.json`` (a hidden folder: neve
 written atomically without following a link. Nothing read back is trusted: the file is read
 through the bounded JSON reader, its own sha256 (``digest``) and format are checked, its key
 must equal the run's files now, and its figures must agree with ``metrics.json`` and with
-themselves; any mismatch and the run is read and summarised again. A store that cannot be
+themselves; any mismatch and the run is read and summarised again. These checks catch damage
+and stale files, not a forgery: the digest has no secret, so a summary forged together with
+``metrics.json`` passes them; the leaderboard's ``--reread`` (``SummaryStore.reread``) reads
+every run as on a first build and names each stored summary that differs. A store that cannot be
 written (read-only runs folder) costs speed, never a result. The same store keeps mask runs'
 per-image tables (``reports.leaderboard.saliency_runs``, their own format) and, under a dot
 name no run folder has, the pairs' McNemar p-values (``lostreg.runs.pvalues``).
@@ -525,6 +528,14 @@ class SummaryStore:
     written: int = 0
     reused: int = 0
     recomputed: list[str] = field(default_factory=list)
+    # ``--reread``: no stored summary is used (``lookup``), every run is summarised from its
+    # predictions as on a first build, and each stored summary is compared with the one its
+    # predictions give before it is replaced (``compared``; the runs whose summary differed,
+    # each named in one line, in ``differing``). The digest has no secret, so a summary
+    # forged consistently with a forged metrics.json passes every check: only this finds it.
+    reread: bool = False
+    compared: int = 0
+    differing: list[str] = field(default_factory=list)
 
     @property
     def folder(self) -> Path:
@@ -535,14 +546,67 @@ class SummaryStore:
 
     def read(self, name: str) -> Any:
         """The stored JSON of a run's summary, or None (absent, a link, unreadable)."""
+        return _load_stored(self.path(name)) if self.usable else None
+
+    def lookup(self, name: str) -> Any:
+        """The stored summary a build may use for run ``name``: ``read``'s, and none at all
+        under ``--reread`` (the run is then read as on a first build, by the same code)."""
+        return None if self.reread else self.read(name)
+
+    def _stored(self, name: str) -> bool:
+        """Whether anything is stored under run ``name``'s summary path (a usable store)."""
         path = self.path(name)
-        if not self.usable or path.is_symlink() or not path.is_file():
+        return not self.folder.is_symlink() and (path.is_symlink() or path.exists())
+
+    def _difference(self, name: str, payload: Mapping[str, Any]) -> str | None:
+        """How run ``name``'s stored summary differs from ``payload`` (what its files give
+        now), or None when it does not or nothing is stored. Where the files were read is
+        not compared (``predictions_stat``: a copied folder has new inodes)."""
+        if not self._stored(name):
             return None
+        self.compared += 1
+        stored = _load_stored(self.path(name))
+        if not isinstance(stored, dict):
+            return "cannot be read as a summary (damaged)"
+        body = {key: value for key, value in stored.items() if key != "digest"}
+        if stored.get("digest") != payload_digest(body):
+            return "does not match its own digest (damaged)"
+        if stored.get("files") != payload.get("files"):
+            return "summarises other contents of the run's files (stale)"
+        if _comparable(body) != _comparable(payload):
+            return "differs from what the predictions give (forged or damaged)"
+        return None
+
+    def _compare(self, name: str, payload: Mapping[str, Any]) -> None:
+        """``--reread``: name (one line) a stored summary that differs from ``payload``."""
+        reason = self._difference(name, payload)
+        if reason is None:
+            return
+        self.differing.append(name)
+        if self.report is not None:
+            self.report(f"{self.path(name)}: {reason}; this build uses what "
+                        f"{self.runs_dir / name / PREDICTIONS} gives")
+
+    def unreadable_run(self, name: str) -> None:
+        """A run whose files give no summary (its folder is skipped with its own line):
+        under ``--reread`` its stored summary, if any, is named and removed, since one
+        consistent with a forged metrics.json would be trusted again by the next build.
+        Outside ``--reread`` nothing is done (a stored summary was not used anyway)."""
+        if not self.reread or not self._stored(name):
+            return
+        path = self.path(name)
         try:
-            return loads_bounded(read_bounded(path, MAX_SUMMARY_BYTES, "run summary"),
-                                 str(path), max_bytes=None)
-        except (LostregError, JsonInputError):
-            return None
+            path.unlink()
+            done = "removed"
+        except OSError as exc:
+            done = f"could not be removed ({exc.strerror or exc})"
+        if name in self.differing:  # compared and named already, then the run failed
+            return
+        self.compared += 1
+        self.differing.append(name)
+        if self.report is not None:
+            self.report(f"{path}: a stored summary, but the run's files give none (the line "
+                        f"skipping {self.runs_dir / name} says why); {done}")
 
     def _disable(self, reason: str) -> None:
         self.usable = False
@@ -558,6 +622,8 @@ class SummaryStore:
         """Store run ``name``'s summary ``payload`` (its ``digest`` added) atomically: a temp
         file renamed over the old one, which replaces a link and never writes through it.
         Mask runs' summaries (``reports.leaderboard.saliency_runs``) come this way too."""
+        if self.reread:
+            self._compare(name, payload)
         if not self.usable:
             return
         if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
@@ -597,6 +663,25 @@ class SummaryStore:
                 continue
             if not (self.runs_dir / path.stem).is_dir() and not path.is_symlink():
                 path.unlink(missing_ok=True)
+
+
+def _load_stored(path: Path) -> Any:
+    """The JSON stored at ``path`` (bounded reader), or None (absent, a link, unreadable)."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        return loads_bounded(read_bounded(path, MAX_SUMMARY_BYTES, "run summary"), str(path),
+                             max_bytes=None)
+    except (LostregError, JsonInputError):
+        return None
+
+
+def _comparable(payload: Mapping[str, Any]) -> str:
+    """A summary's content as canonical JSON, without where its predictions were read
+    (``predictions_stat``) or its digest: equal for the same files' summaries."""
+    body = {key: value for key, value in payload.items()
+            if key not in ("digest", "predictions_stat")}
+    return json.dumps(body, sort_keys=True)
 
 
 STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
@@ -678,7 +763,7 @@ def prepare(run_dir: Path, store: SummaryStore, header: RunHeader | None = None
     path = run_dir / PREDICTIONS
     if not path.is_file():
         read_predictions(path)  # says what is missing, as load_run does
-    stored = store.read(run_dir.name)
+    stored = store.lookup(run_dir.name)
     key, stat = recorded_key(run_dir, stored), None
     if key is None:
         data, stat = read_settled(path)
@@ -760,21 +845,26 @@ def _stderr(line: str) -> None:
 
 
 def scan_summaries(runs_dir: str | Path, include_smoke: bool = False,
-                   report: Callable[[str], None] | None = _stderr
+                   report: Callable[[str], None] | None = _stderr, reread: bool = False
                    ) -> tuple[ScanResult, SummaryStore]:
     """``store.scan_runs`` over summaries: the same runs, skips and counts, each run read from
     its files only when they changed since it was last summarised; the new summaries are
-    computed together (their bootstrap totals at once), then stored."""
+    computed together (their bootstrap totals at once), then stored. ``reread``: every run
+    is read from its files, and each stored summary checked against them (``SummaryStore``)."""
     runs_dir = Path(runs_dir)
-    store = SummaryStore(runs_dir, report)
+    store = SummaryStore(runs_dir, report, reread=reread)
     ready = _ready_summaries(runs_dir, store) if runs_dir.is_dir() else {}
 
     def load(folder: Path) -> RunSummary:
         item = ready.get(folder)
-        if item is None:  # appeared since: read it now
-            item = load_summary(folder, store)[0]
-        if isinstance(item, LostregError):
-            raise item
+        try:
+            if item is None:  # appeared since: read it now
+                item = load_summary(folder, store)[0]
+            if isinstance(item, LostregError):
+                raise item
+        except LostregError:
+            store.unreadable_run(folder.name)
+            raise
         return item
 
     result = scan_runs(runs_dir, include_smoke, report, load=load)

@@ -17,18 +17,14 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import ticker
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import ticker  # noqa: E402
-from matplotlib.axis import Axis  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.text import Text  # noqa: E402
-
-from lostreg.io import atomic_write_bytes  # noqa: E402
+from lostreg.io import atomic_write_bytes
 
 SMOKE_MARK = "SMOKE RUN (random weights): not a result"
 SMOKE_COLOUR = "#bb0000"
@@ -37,11 +33,10 @@ MAX_TICKS = 6
 
 def save_figure(fig: Figure, path: str | Path, dpi: float | None = None) -> None:
     """Render ``fig`` to PNG bytes (at ``dpi``, default the figure's own) and write them
-    atomically, then free the figure. Figures from :func:`new_figure` are laid out at their
-    own dpi, which is the one to save them at: glyph widths do not scale exactly with dpi."""
+    atomically. Figures from :func:`new_figure` are laid out at their own dpi, which is the
+    one to save them at: glyph widths do not scale exactly with dpi."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi or fig.dpi)
-    plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -206,9 +201,13 @@ def finish_figure(fig: Figure, title: str | None = None, smoke: bool = False,
 
 def new_figure(nrows: int, ncols: int, panel_size: tuple[float, float], dpi: float = 110):
     """A constrained-layout grid of ``nrows x ncols`` axes, each about ``panel_size`` inches,
-    at the ``dpi`` it will be saved with."""
-    return plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows),
-                        squeeze=False, layout="constrained", dpi=dpi)
+    at the ``dpi`` it will be saved with. A plain ``Figure`` on an Agg canvas, not pyplot's:
+    nothing global keeps it alive (a long analysis or a notebook draws hundreds), and
+    importing this module leaves the caller's matplotlib backend alone."""
+    fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained",
+                 dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
 def panel_grid(n_panels: int, panel_size: tuple[float, float], dpi: float = 90) -> tuple:

@@ -30,6 +30,18 @@ checked and summarised once per content of its files), so a rebuild reads no pre
 of a run that did not change. Text from the published CSV and from run files goes through
 ``lostreg.reports.cells`` (one line per cell, escaped for markdown, no CSV formulas).
 
+``--reread`` builds from the predictions themselves. A summary's checks (its own digest, its
+key, its counts against ``metrics.json``) catch damage and stale files, not a forgery: the
+digest has no secret, so a summary forged together with ``metrics.json`` passes them. After a
+disk problem, on a copied runs folder, or before publishing numbers, ``--reread`` reads and
+checks every run's predictions as a first build does (the same code: no stored summary is
+looked up), compares each stored summary with what the predictions give, names each that
+differs on stderr (damaged, stale, forged; one line each), counts them in the summary line,
+rewrites every summary and removes that of a run its files no longer give one for (a run
+skipped with its line: a forged ``metrics.json`` disagrees with its predictions); the build
+record is not consulted. With honest summaries the outputs are a normal build's, byte for
+byte; without the flag nothing of this runs (``benchmarks/bench_leaderboard.py``).
+
 Modules: ``published`` (the reference figures), ``tables`` (leaderboard and comparison rows),
 ``markdown``, ``figures`` and ``drawing`` (which figures to redraw), ``record`` (when nothing
 is to be rebuilt).
@@ -102,7 +114,7 @@ from lostreg.runs.store import (  # the run-folder reader, re-exported for noteb
 
 # (model short name, dataset) runs that fill the comparison table with public weights
 from lostreg.runs.suites import PAPER_DATASETS, PAPER_MODELS, PAPER_SUITE
-from lostreg.runs.summaries import RunSummary, scan_summaries
+from lostreg.runs.summaries import RunSummary, SummaryStore, scan_summaries
 
 __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
@@ -130,6 +142,8 @@ class Leaderboard:
     smoke_excluded: int = 0  # smoke runs left out (no include_smoke)
     unfinished: int = 0  # run folders without metrics.json
     saliency: SaliencyBoard | None = None  # mask runs and the published saliency anchors
+    # ``reread``: (stored summaries compared with what the predictions give, those differing)
+    reread: tuple[int, int] | None = None
 
 
 def _stderr(line: str) -> None:
@@ -138,19 +152,28 @@ def _stderr(line: str) -> None:
 
 def collect(runs_dir: str | Path, include_smoke: bool = False,
             published: str | Path | None = None,
-            report: Callable[[str], None] | None = _stderr) -> Leaderboard:
+            report: Callable[[str], None] | None = _stderr,
+            reread: bool = False) -> Leaderboard:
     """Read every finished run and compute all tables; each folder that cannot be read is
     reported (one line, ``report``) and left out. Runs are read through their summaries
     (``lostreg.runs.summaries``: computed once per content of a run's files and stored under
-    ``<runs>/.summaries``); their predictions are read only if asked for."""
-    scan, store = scan_summaries(runs_dir, include_smoke, report)
+    ``<runs>/.summaries``); their predictions are read only if asked for. ``reread``: every
+    run's predictions are read and checked as on a first build, each stored summary that
+    differs from what they give is named (``report``) and every summary rewritten."""
+    scan, store = scan_summaries(runs_dir, include_smoke, report, reread=reread)
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
     store.save_p_values()  # the pairs' McNemar p-values, for the next build (no SciPy then)
-    masks = collect_saliency(runs_dir, include_smoke, published, report)
+    mask_store = SummaryStore(Path(runs_dir), report, reread=reread)
+    masks = collect_saliency(runs_dir, include_smoke, published, report, mask_store)
+    checked = None
+    if reread:
+        checked = (store.compared + mask_store.compared,
+                   len(store.differing) + len(mask_store.differing))
     return Leaderboard(scan.runs, with_mask_rows(leaderboard_frame(scan.runs), masks),
                        comparison, singles, figures, scan.skipped + masks.skipped,
-                       scan.smoke_excluded + masks.smoke_excluded, scan.unfinished, masks)
+                       scan.smoke_excluded + masks.smoke_excluded, scan.unfinished, masks,
+                       checked)
 
 
 def _csv(frame: pd.DataFrame) -> str:
@@ -206,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep random-weight smoke runs (flagged in the smoke column)")
     parser.add_argument("--published", type=Path, default=None,
                         help=f"published figures CSV (default: {DEFAULT_PUBLISHED})")
+    parser.add_argument("--reread", action="store_true",
+                        help="read and check every run's predictions again, as on a first "
+                             "build, instead of trusting <runs>/.summaries (after a disk "
+                             "problem, a copied runs folder, or before publishing numbers): "
+                             "each stored summary that differs from them is named on stderr "
+                             "and counted in the last line, every summary is rewritten, and "
+                             "the build is never skipped as unchanged; the outputs are the "
+                             "ones a normal build writes from honest summaries")
     return parser
 
 
@@ -217,7 +248,8 @@ def build_summary(board: Leaderboard) -> BuildSummary:
     pairs = (board.comparison["source"] == "ours") & board.comparison["model_reg"].notna()
     smoke = int(board.table["smoke"].astype(bool).sum()) if len(board.table) else 0
     return BuildSummary(len(board.table), smoke, int(pairs.sum()) + pair_count(board.saliency),
-                        board.smoke_excluded, len(board.skipped), board.unfinished)
+                        board.smoke_excluded, len(board.skipped), board.unfinished,
+                        board.reread)
 
 
 def summary_line(board: Leaderboard | BuildSummary, out: Path) -> str:
@@ -232,17 +264,25 @@ def summary_line(board: Leaderboard | BuildSummary, out: Path) -> str:
         line += f"; skipped {summary.skipped} unreadable run folder(s), reasons above"
     if summary.unfinished:
         line += f"; {summary.unfinished} unfinished run folder(s) (no metrics.json) not listed"
+    if summary.reread is not None:
+        compared, differing = summary.reread
+        line += (f"; --reread: every run read from its predictions, {differing} of {compared} "
+                 "stored summaries differed from them")
+        if differing:
+            line += " (named above)"
     return line
 
 
 def build(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False,
           published: str | Path | None = None,
-          report: Callable[[str], None] | None = _stderr) -> BuildSummary:
+          report: Callable[[str], None] | None = _stderr,
+          reread: bool = False) -> BuildSummary:
     """What ``python -m lostreg.leaderboard`` does: ``collect`` and ``write_outputs``, unless
     the build record (``record``) shows the runs, options, published figures, code and
     outputs all as the last build left them: then nothing is read or written (the same bytes
-    would be). A build that reported nothing is recorded for the next one. ``lostreg.timeline``
-    marks each step (the benchmark's phases)."""
+    would be). A build that reported nothing is recorded for the next one. ``reread``
+    (``--reread``): the record is not consulted and every run is read from its predictions
+    (``collect``). ``lostreg.timeline`` marks each step (the benchmark's phases)."""
     runs_dir, out_dir = Path(runs_dir), Path(out_dir)
     options = {"include_smoke": bool(include_smoke),
                "published": None if published is None else str(Path(published).resolve()),
@@ -250,7 +290,7 @@ def build(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False
                # process adds one)
                "methods": [list(item) for item in method_titles().items()]}
     published_file = DEFAULT_PUBLISHED if published is None else Path(published)
-    last = record.read_record(out_dir)
+    last = None if reread else record.read_record(out_dir)
     summary = None if last is None else record.recorded_summary(
         last, runs_dir, out_dir, options, published_file)
     timeline.mark("leaderboard: build record checked")
@@ -265,7 +305,7 @@ def build(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False
         if report is not None:
             report(line)
 
-    board = collect(runs_dir, include_smoke, published, say)
+    board = collect(runs_dir, include_smoke, published, say, reread=reread)
     timeline.mark("leaderboard: runs collected")
     written = write_outputs(board, out_dir)
     timeline.mark("leaderboard: outputs written")
@@ -281,7 +321,8 @@ def build(runs_dir: str | Path, out_dir: str | Path, include_smoke: bool = False
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = build(args.runs, args.out, args.include_smoke, args.published)
+        summary = build(args.runs, args.out, args.include_smoke, args.published,
+                        reread=args.reread)
     except (LostregError, OSError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2

@@ -22,7 +22,9 @@ the build read it leaves no record. Nothing read back is trusted: the record is 
 bounded JSON reader, its format and own sha256 (damage) must hold, and it counts only when the
 inputs and code taken now equal it and every output file (a regular file, not a link) hashes
 to it with no stray figure in the folders a build prunes. Anything else, and the leaderboard is
-built as usual (from the summaries: only changed runs are read). What the record says of the
+built as usual (from the summaries: only changed runs are read). A ``--reread`` build
+(``leaderboard.build``) never consults the record: it is built in full, from every run's
+predictions. What the record says of the
 build (the summary line's counts) is believed only with all of that equal: the checks catch a
 damaged or stale record, not a consistent forgery by someone who can write the outputs folder
 (and could as well write the outputs).
@@ -34,7 +36,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -72,6 +74,13 @@ class BuildSummary:
     smoke_excluded: int
     skipped: int
     unfinished: int
+    # a ``--reread`` build's (stored summaries compared with the predictions, of them those
+    # that differed); never recorded (``COUNTS``): a build the record skips reads nothing
+    reread: tuple[int, int] | None = None
+
+
+# what the record keeps of a build's summary
+COUNTS = ("runs", "smoke", "pairs", "smoke_excluded", "skipped", "unfinished")
 
 
 @lru_cache(maxsize=1)
@@ -224,8 +233,7 @@ def recorded_summary(data: dict[str, Any], runs_dir: Path, out_dir: Path,
                      options: dict[str, Any], published: Path | None) -> BuildSummary | None:
     """The recorded build's summary when inputs, code and outputs are all unchanged."""
     summary = data.get("summary")
-    fields = set(BuildSummary.__dataclass_fields__)
-    if (not isinstance(summary, dict) or set(summary) != fields
+    if (not isinstance(summary, dict) or set(summary) != set(COUNTS)
             or not all(type(v) is int and v >= 0 for v in summary.values())):
         return None
     if not inputs_unchanged(data.get("inputs"), runs_dir, options, published):
@@ -246,12 +254,12 @@ def forget(out_dir: Path) -> None:
 def write_record(out_dir: Path, inputs: dict[str, Any], outputs: dict[str, str],
                  summary: BuildSummary) -> None:
     payload = {"format": FORMAT, "inputs": inputs, "outputs": outputs,
-               "summary": asdict(summary)}
+               "summary": {name: getattr(summary, name) for name in COUNTS}}
     payload["digest"] = _digest(payload)
     atomic_write_text(out_dir / RECORD,
                       dumps_strict(payload, out_dir / RECORD, sort_keys=True) + "\n")
 
 
-__all__ = ["RECORD", "BuildSummary", "code_digest", "forget", "inputs_unchanged",
+__all__ = ["COUNTS", "RECORD", "BuildSummary", "code_digest", "forget", "inputs_unchanged",
            "outputs_unchanged", "read_record", "recorded_summary", "take_inputs",
            "take_outputs", "write_record"]

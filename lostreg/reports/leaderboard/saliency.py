@@ -47,6 +47,7 @@ from lostreg.reports.leaderboard.tables import (
     settings_label,
     sorted_rows,
 )
+from lostreg.runs.summaries import SummaryStore
 
 SALIENCY_DATASETS = ("ecssd", "duts_te", "dut_omron")  # the order published tables use
 DATASET_LABELS = {"ecssd": "ECSSD", "duts_te": "DUTS-TE", "dut_omron": "DUT-OMRON"}
@@ -255,9 +256,11 @@ def comparison_frame(runs: Sequence[MaskRun], published: pd.DataFrame) -> pd.Dat
 
 def collect_saliency(runs_dir: str | Path, include_smoke: bool = False,
                      published: str | Path | None = None,
-                     report: Callable[[str], None] | None = None) -> SaliencyBoard:
-    """Every finished mask run under ``runs_dir`` and the published anchors, in tables."""
-    scan = scan_mask_runs(runs_dir, include_smoke, report)
+                     report: Callable[[str], None] | None = None,
+                     store: SummaryStore | None = None) -> SaliencyBoard:
+    """Every finished mask run under ``runs_dir`` and the published anchors, in tables
+    (``store``: the summaries' store the runs are read through, see ``scan_mask_runs``)."""
+    scan = scan_mask_runs(runs_dir, include_smoke, report, store)
     anchors = load_published_saliency(published)
     return SaliencyBoard(scan.runs, leaderboard_rows(scan.runs),
                          comparison_frame(scan.runs, anchors), anchors, scan.skipped,

@@ -43,18 +43,20 @@ from lostreg.evaluation.rle import decode as decode_rle
 from lostreg.evaluation.rle import foreground, rle_problem
 from lostreg.evaluation.saliency_metric import counts_problem
 from lostreg.fields import Fields, is_int, is_number, shown
-from lostreg.io import MAX_JSON_BYTES, read_bounded, read_json_object, read_jsonl
+from lostreg.io import MAX_JSON_BYTES, read_bounded, read_jsonl
 from lostreg.reports.leaderboard.published import REFINES
 from lostreg.runs.store import (
     CONFIG,
     CROSS_CHECKED,
     METRICS,
     PREDICTIONS,
+    REWRITE_HINT,
     RunInfo,
     ScanResult,
     finished_time,
     is_smoke,
     parse_config,
+    read_run_files,
     run_seconds,
     scan_runs,
 )
@@ -333,10 +335,8 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     """Read one finished mask-run folder, check every value and that its files agree; its
     lines from ``store``'s summary of it when its files did not change (``mask_images``)."""
     run_dir = Path(run_dir)
-    missing = "missing (a finished run needs config.json and predictions.jsonl beside metrics.json)"
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
-    metrics_data = read_json_object(metrics_path, missing)
-    config = read_json_object(config_path, missing)
+    metrics_data, config = read_run_files(run_dir)
     info, refine, mask_protocol = _mask_config(config, config_path)
     metrics = Fields(metrics_data, str(metrics_path))
     for key in CROSS_CHECKED:
@@ -349,7 +349,7 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     images = mask_images(run_dir, n_images, metrics, store)
     if len(images) != n_images:
         raise LostregError(f"{run_dir / PREDICTIONS}: {len(images)} images but metrics.json "
-                           f"says {n_images}; rerun the run to rewrite it")
+                           f"says {n_images}; {REWRITE_HINT} metrics.json from its predictions")
     means = _run_means(images, metrics)
     curve, max_f, threshold = _curve(metrics)
     figures = {"tokencut": {"acc": means["acc"], "iou": means["iou"], "max_f": max_f},
@@ -386,13 +386,23 @@ def recompute_check(run: MaskRun) -> None:
 
 
 def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
-                   report: Callable[[str], None] | None = None) -> ScanResult:
+                   report: Callable[[str], None] | None = None,
+                   store: SummaryStore | None = None) -> ScanResult:
     """Finished mask runs under ``runs_dir``, one per identity (the newest by ``finished``,
     then run id): ``scan_runs``'s rules with the mask runs' loader; each folder that cannot be
-    read is skipped with one line (``report``)."""
-    store = SummaryStore(Path(runs_dir), report)
-    return scan_runs(runs_dir, include_smoke, report, target="mask",
-                     load=lambda folder: load_mask_run(folder, store))
+    read is skipped with one line (``report``). ``store``: the summaries' store to use (the
+    leaderboard's ``--reread`` passes one that rereads every run), else a plain one."""
+    if store is None:
+        store = SummaryStore(Path(runs_dir), report)
+
+    def load(folder: Path) -> MaskRun:
+        try:
+            return load_mask_run(folder, store)
+        except LostregError:
+            store.unreadable_run(folder.name)
+            raise
+
+    return scan_runs(runs_dir, include_smoke, report, target="mask", load=load)
 
 
 # --- summaries: a mask run's lines read once per content of its files ----------------------
@@ -476,7 +486,7 @@ def mask_images(run_dir: Path, n_images: int, metrics: Fields,
     path = run_dir / PREDICTIONS
     if store is None or not path.is_file():
         return _read_images(path)  # says what is missing
-    stored = store.read(run_dir.name)
+    stored = store.lookup(run_dir.name)  # none under --reread: read as a first build
     key, stat = recorded_key(run_dir, stored), None
     if key is None:
         data, stat = read_settled(path)
