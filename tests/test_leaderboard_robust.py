@@ -234,3 +234,15 @@ def test_an_iou_of_exactly_one_half_is_a_hit(tmp_path: Path) -> None:
     edit_line(run / "predictions.jsonl", 1, hit=False)
     with pytest.raises(LostregError, match=r"predictions.jsonl:1: 'hit' is false but .* 0.5000"):
         lb.load_run(run)
+
+
+def test_ctrl_c_during_a_build_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys) -> None:
+    from lostreg.reports import leaderboard as board
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(board, "build", interrupted)
+    assert board.main(["--runs", str(tmp_path), "--output", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("interrupted:"), err

@@ -326,6 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LostregError, OSError) as exc:
         print(error_line(exc), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every output is written atomically: what was there stays whole
+        print("interrupted: the outputs already written are whole; run the command again to "
+              "finish the build", file=sys.stderr)
+        return 130
     line = summary_line(summary, args.out)
     if summary.runs == 0 and (Path(args.runs) / "config.json").is_file():
         line += (f"; {args.runs} is one run's folder: --runs takes the folder that holds the "
