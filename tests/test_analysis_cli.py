@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from figure_checks import text_problems
 from PIL import Image
+from unfinished_marks import (
+    SMOKE,
+    finished_copy,
+    footer,
+    kept_figures,
+    mark,
+    read_json,
+    unfinished_copy,
+    without_mark_lines,
+    without_unfinished,
+)
 
 from lostreg import run as lostreg_run
 from lostreg.analyze import main
@@ -156,3 +169,84 @@ def test_analyses_refuse_other_weights_than_the_run(run_dir, tmp_path, capsys) -
                  str(checkpoint), "--num-workers", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "config.json" in err and "'random'" in err
+
+
+# --- an unfinished run's outputs say so, with its image count (issue 20 follow-up) -----------
+
+
+def test_an_unfinished_box_run_is_named_so_in_every_output(run_dir, tmp_path, monkeypatch,
+                                                          capsys) -> None:
+    folder = unfinished_copy(run_dir, tmp_path / "runs", keep=2)
+    expected = mark(2, 5)  # --limit 5: the run's total is known from its identity
+    assert main(["attribution", "--run", str(folder), "--num-workers", "0",
+                 "--no-progress"]) == 0
+    assert f"**{expected}.**" in (folder / "analysis" / "attribution.md").read_text()
+    saved = read_json(folder / "analysis" / "attribution.json")
+    assert saved["unfinished_run"] == {"images_predicted": 2, "split_images": 5,
+                                       "note": expected}
+    figures = kept_figures(monkeypatch)
+    assert main(["show", "--run", str(folder), "--device", "cpu", "--no-progress"]) == 0
+    page = (folder / "analysis" / "show" / "index.html").read_text()
+    assert f'<p class="warn">{html.escape(expected)}</p>' in page
+    assert len(figures) == 2 and all(footer(fig) == f"{SMOKE} {expected}" for fig in figures)
+    assert all(text_problems(fig) == [] for fig in figures)  # the longer footer still fits
+    assert capsys.readouterr().err.count("is unfinished") == 2  # one warning per command
+
+
+def test_a_finished_box_run_gets_only_what_it_got_before(run_dir, tmp_path, monkeypatch) -> None:
+    """The same run finished and unfinished with every line (the same images): the outputs
+    differ only by the unfinished mark, so a finished run's are what they were."""
+    finished = finished_copy(run_dir, tmp_path / "finished")
+    unfinished = unfinished_copy(run_dir, tmp_path / "unfinished")
+    figures = kept_figures(monkeypatch)
+    footers = []
+    for folder in (finished, unfinished):
+        figures.clear()  # the panels only (attribution's norms figures are not the run's)
+        assert main(["show", "--run", str(folder), "--device", "cpu", "--no-progress"]) == 0
+        footers += [footer(fig) for fig in figures]
+        assert main(["attribution", "--run", str(folder), "--num-workers", "0",
+                     "--no-progress"]) == 0
+    expected = mark(5, 5)
+    assert footers == [SMOKE] * 5 + [f"{SMOKE} {expected}"] * 5
+
+    def text(folder: Path, name: str) -> str:
+        return (folder / "analysis" / name).read_text().replace(str(folder), "<run>")
+
+    assert "UNFINISHED" not in text(finished, "attribution.md") + text(finished, "show/index.html")
+    assert without_mark_lines(text(unfinished, "attribution.md"), [expected]) \
+        == text(finished, "attribution.md")
+    assert without_mark_lines(text(unfinished, "show/index.html"), [html.escape(expected)],
+                              blank=False) \
+        == text(finished, "show/index.html")
+    assert "unfinished_run" not in text(finished, "attribution.json")
+    assert without_unfinished(json.loads(text(unfinished, "attribution.json"))) \
+        == json.loads(text(finished, "attribution.json"))
+    for name in ("attribution.csv", "attribution_summary.csv"):
+        assert text(unfinished, name) == text(finished, name)
+
+
+def test_several_runs_name_each_unfinished_run_by_its_label(run_dir, tmp_path, monkeypatch,
+                                                            capsys) -> None:
+    """hits.md and runs.json of ``attribution --hits-only``, and the side-by-side page and
+    panels of ``show``: the unfinished run's mark carries its label, the finished run none."""
+    unfinished = unfinished_copy(run_dir, tmp_path / "unfinished", keep=3)
+    finished = finished_copy(run_dir, tmp_path / "finished")
+    expected = mark(3, 5, "lost #1")  # the same settings twice: labelled by position
+    out = tmp_path / "compare"
+    assert main(["attribution", "--hits-only", "--run", str(unfinished), str(finished),
+                 "--output", str(out)]) == 0
+    hits = (out / "hits.md").read_text()
+    assert f"**{expected}.**" in hits and hits.count("UNFINISHED") == 1
+    records = read_json(out / "runs.json")
+    assert [record.get("unfinished_run") for record in records] == [
+        {"images_predicted": 3, "split_images": 5, "note": mark(3, 5)}, None]
+    figures = kept_figures(monkeypatch)
+    assert main(["show", "--run", str(unfinished), str(finished), "--device", "cpu",
+                 "--no-progress", "--output", str(out / "show")]) == 0
+    page = (out / "show" / "index.html").read_text()
+    assert f'<p class="warn">{html.escape(expected)}</p>' in page
+    assert page.count("UNFINISHED") == 1
+    assert len(figures) == 3 and all(footer(fig) == f"{SMOKE} {expected}" for fig in figures)
+    assert [record.get("unfinished_run", {}).get("images_predicted") for record in
+            read_json(out / "show" / "runs.json")] == [3, None]
+    capsys.readouterr()

@@ -35,6 +35,7 @@ from lostreg.errors import LostregError
 from lostreg.features.pipeline import resolve_device
 from lostreg.io import atomic_write_json, atomic_write_text
 from lostreg.reports.analysis.collect import NormsConfig, analyze_norms, load_norms
+from lostreg.reports.analysis.marks import SMOKE_MARK, markdown_mark
 from lostreg.reports.analysis.norms import box_patch_slice, outlier_mask, touches_mask
 from lostreg.reports.analysis.runs import (
     RunInfo,
@@ -47,6 +48,7 @@ from lostreg.reports.analysis.runs import (
     rebuild_backbone,
     run_labels,
     run_records,
+    unfinished_marks,
 )
 from lostreg.reports.analysis.store import TokenMaps
 
@@ -192,6 +194,13 @@ def md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def markdown_marks(smoke: bool, unfinished: list[str]) -> list[str]:
+    """The bold warning lines of a table about runs: the smoke mark if any run is a smoke run,
+    then each unfinished run's mark (``marks``: one wording for every output)."""
+    return [markdown_mark(md_escape(mark))
+            for mark in ([SMOKE_MARK] if smoke else []) + unfinished]
+
+
 def to_markdown(info: RunInfo, summary: list[dict], threshold: float | None, source: str) -> str:
     """The per-model table: one line per group, percentages with one decimal."""
     config = info.config
@@ -205,9 +214,8 @@ def to_markdown(info: RunInfo, summary: list[dict], threshold: float | None, sou
                     else f"{threshold:.4g}") + f" ({md_escape(source)}).")
     if all(p.get("seed") is None for p in info.predictions):
         lines += ["", "The method has no seed: the seed columns are empty."]
-    if info.smoke:
-        lines.append("")
-        lines.append("**SMOKE RUN (random weights): not a result.**")
+    for mark in markdown_marks(info.smoke, unfinished_marks([info])):
+        lines += ["", mark]
     lines += ["", "| group | images | hits | CorLoc % | seed is outlier % | seed touches "
               "outlier % | box covers outlier % | outlier tokens % |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -313,6 +321,7 @@ def attribute_run(
         "model": info.config["model"],
         "dataset": info.config["dataset"],
         "smoke_run": info.smoke,
+        **info.unfinished_fields(),
         "method": info.method.name,
         "method_params": info.method.params,
         "norms": str(norms_path),
@@ -409,8 +418,8 @@ def hits_markdown(infos: list[RunInfo], labels: list[str], summary: list[dict], 
              f"{n_images} images predicted by every run"
              + (f" ({left_out} more left out: not predicted by every run)." if left_out
                 else "."), ""]
-    if any(i.smoke for i in infos):
-        lines += ["**SMOKE RUN (random weights): not a result.**", ""]
+    for mark in markdown_marks(any(i.smoke for i in infos), unfinished_marks(infos, labels)):
+        lines += [mark, ""]
     lines += [f"- `hit_{label_slug(label)}`: {md_escape(label)} = run "
               f"`{md_escape(info.run_id)}` ({md_escape(info.method.describe())})"
               for label, info in zip(labels, infos, strict=True)]
@@ -441,7 +450,8 @@ def hits_table(run_dirs: list[str | Path], output: str | Path | None = None) -> 
     atomic_write_json(out / "runs.json", [
         {"label": label, "column": f"hit_{label_slug(label)}", "run_id": info.run_id,
          "run_dir": str(info.run_dir), "method": info.method.name,
-         "method_params": info.method.params, "smoke_run": info.smoke}
+         "method_params": info.method.params, "smoke_run": info.smoke,
+         **info.unfinished_fields()}
         for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
     return HitsTable(infos, labels, columns, rows, summary, left_out, out, markdown)
 

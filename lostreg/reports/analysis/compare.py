@@ -13,7 +13,7 @@ backbone share one forward per image.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from lostreg.features.extract import preprocess
 from lostreg.features.pipeline import AUTOCAST_DTYPES, resolve_device, set_numerics
 from lostreg.io import atomic_write_json
 from lostreg.reports.analysis import plots
+from lostreg.reports.analysis.marks import SMOKE_MARK
 from lostreg.reports.analysis.report import (
     DEFAULT_MAX_IMAGES,
     MethodResult,
@@ -47,6 +48,7 @@ from lostreg.reports.analysis.runs import (
     rebuild_backbone,
     run_labels,
     run_records,
+    unfinished_marks,
 )
 
 
@@ -112,26 +114,28 @@ def finish_panels(out_dir: Path, output: str | Path | None, entries: list[dict],
                   infos: list[RunInfo], **extra: Callable[[RunInfo], Any]) -> None:
     """After the side-by-side panels (box and mask runs alike): the panels of an earlier call
     that this one did not draw removed (only in the default folder), and ``runs.json``
-    naming each label's run; ``extra`` adds fields, each computed from a run."""
+    naming each label's run; ``extra`` adds fields, each computed from a run, and an
+    unfinished run its ``unfinished_run`` record."""
     if output is None:
         remove_stale_panels(out_dir, {entry["file"] for entry in entries})
     atomic_write_json(out_dir / "runs.json", [
         {"label": label, "run_id": info.run_id, "run_dir": str(info.run_dir),
          "method": info.method.name, "method_params": info.method.params,
-         **{key: field(info) for key, field in extra.items()}}
+         **{key: field(info) for key, field in extra.items()}, **info.unfinished_fields()}
         for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
 
 
 def render_compare_panel(path: Path, image: Image.Image, panels: list[tuple], title: str,
-                         smoke: bool) -> None:
+                         smoke: bool, footer: Sequence[str] = ()) -> None:
     """One image, one subplot per run: ``panels`` holds ``(label, prediction, result,
-    patch_size)``; GT green, box red dashed, mask cyan, seed *."""
+    patch_size)``; GT green, box red dashed, mask cyan, seed *; ``footer``: the unfinished
+    runs' marks."""
     fig, flat = plots.panel_grid(len(panels), (3.6, 3.3))
     for ax, (label, prediction, result, patch_size) in zip(flat, panels, strict=False):
         draw_image_with_result(ax, image, prediction, result.mask, patch_size)
         ax.set_title(panel_title(label, prediction, result), fontsize=8)
     plots.finish_figure(fig, title + "\nGT green, box red (dashed), patch mask cyan, seed *",
-                        smoke)
+                        smoke, footer=footer)
     plots.save_figure(fig, path)
 
 
@@ -148,7 +152,8 @@ def _build_backbones(infos: list[RunInfo], groups: dict[tuple, list[int]],
 
 
 def _notes(infos: list[RunInfo], labels: list[str]) -> list[str]:
-    notes = ["SMOKE RUN (random weights): not a result"] if any(i.smoke for i in infos) else []
+    notes = [SMOKE_MARK] if any(i.smoke for i in infos) else []
+    notes += unfinished_marks(infos, labels)
     for info, label in zip(infos, labels, strict=True):
         notes.append(f"{label}: run {info.run_id} ({info.config['model']}, "
                      f"{info.method.describe()})")
@@ -202,7 +207,8 @@ def show_compare(
         panels = [(label, p, r, info.patch_size)
                   for label, p, r, info in zip(labels, predictions, results, infos, strict=True)]
         render_compare_panel(out_dir / file_name, image, panels,
-                             f"{image_id} | {dataset} | {models}", any(i.smoke for i in infos))
+                             f"{image_id} | {dataset} | {models}", any(i.smoke for i in infos),
+                             unfinished_marks(infos, labels))
         verdicts = ", ".join(f"{label}: {'hit' if p['hit'] else 'miss'}"
                              for label, p in zip(labels, predictions, strict=True))
         caption = f"{image_id}: {verdicts}" + (

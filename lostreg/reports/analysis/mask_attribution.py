@@ -34,6 +34,7 @@ from lostreg.reports.analysis.attribution import (
     AttributionResult,
     attribute_and_compare,
     map_position,
+    markdown_marks,
     md_escape,
     outlier_columns,
     percent,
@@ -57,6 +58,7 @@ from lostreg.reports.analysis.runs import (
     load_run,
     load_runs,
     run_labels,
+    unfinished_marks,
 )
 from lostreg.reports.analysis.store import TokenMaps
 
@@ -155,8 +157,8 @@ def mask_markdown(info: RunInfo, summary: list[dict], threshold: float | None,
              md_escape(IOU_DEFINITION) + " Inside: " + md_escape(INSIDE_RULE) + "."]
     if all(p.get("seed") is None for p in info.predictions):
         lines += ["", "The method has no seed: the seed columns are empty."]
-    if info.smoke:
-        lines += ["", "**SMOKE RUN (random weights): not a result.**"]
+    for mark in markdown_marks(info.smoke, unfinished_marks([info])):
+        lines += ["", mark]
     lines += ["", "| group | images | IoU 0/0 | mean IoU % | seed is outlier % | seed touches "
               "outlier % | mask holds an outlier % | outliers inside masks % | outlier "
               "tokens % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -189,6 +191,7 @@ def attribute_mask_run(run_dir: str | Path | RunInfo, norms: str | Path | None =
                              markdown, {
         "run_id": info.run_id, "target": "mask", "model": info.config["model"],
         "dataset": info.config["dataset"], "smoke_run": info.smoke,
+        **info.unfinished_fields(),
         "method": info.method.name, "method_params": info.method.params,
         "refine": info.refine, "mask_protocol": info.config.get("mask_protocol"),
         "saliency_definition": "tokencut", "norms": str(norms_path), "layer": layer,
@@ -265,8 +268,8 @@ def iou_markdown(infos: list[RunInfo], labels: list[str], summary: list[dict], n
              + (f" ({left_out} more left out: not predicted by every run)" if left_out else "")
              + f"; {n_shared} with an IoU in every run (the shared mean's images).", "",
              md_escape(IOU_DEFINITION), ""]
-    if any(i.smoke for i in infos):
-        lines += ["**SMOKE RUN (random weights): not a result.**", ""]
+    for mark in markdown_marks(any(i.smoke for i in infos), unfinished_marks(infos, labels)):
+        lines += [mark, ""]
     lines += [f"- `iou_{label_slug(label)}`: {md_escape(label)} = run "
               f"`{md_escape(info.run_id)}` ({md_escape(info.method.describe())}, refine "
               f"{md_escape(info.refine)})" for label, info in zip(labels, infos, strict=True)]
@@ -303,7 +306,8 @@ def iou_table(run_dirs: list[str | Path], output: str | Path | None = None) -> I
     atomic_write_json(out / "runs.json", [
         {"label": label, "column": f"iou_{label_slug(label)}", "run_id": info.run_id,
          "run_dir": str(info.run_dir), "method": info.method.name,
-         "method_params": info.method.params, "refine": info.refine, "smoke_run": info.smoke}
+         "method_params": info.method.params, "refine": info.refine, "smoke_run": info.smoke,
+         **info.unfinished_fields()}
         for label, info in zip(labels, infos, strict=True)], undefined_as_null=True)
     return IouTable(infos, labels, columns, rows, summary, left_out, out, markdown)
 

@@ -19,6 +19,7 @@ The GT is read with the dataset's reader and checked against each run's counts
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from lostreg.evaluation.saliency_protocol import upsample_patch_mask
 from lostreg.features.pipeline import AUTOCAST_DTYPES, resolve_device, set_numerics
 from lostreg.reports.analysis import plots
 from lostreg.reports.analysis.compare import finish_panels, select_common_images
+from lostreg.reports.analysis.marks import SMOKE_MARK
 from lostreg.reports.analysis.masks import (
     GT_COLOUR,
     IOU_DEFINITION,
@@ -62,6 +64,7 @@ from lostreg.reports.analysis.runs import (
     rebuild_backbone,
     run_labels,
     run_records,
+    unfinished_marks,
 )
 from lostreg.runs.mask_lines import refined
 
@@ -122,8 +125,9 @@ def _draw_maps(fig, axes: list, maps: ImageMaps, prediction: dict, threshold: fl
 
 def mask_panel_figure(picture: np.ndarray, gt: np.ndarray, mask: np.ndarray, prediction: dict,
                       maps: ImageMaps, threshold: float | None, title: str, smoke: bool,
-                      method_title: str):
-    """One image's panel figure (see the module docstring); the caller saves it."""
+                      method_title: str, footer: Sequence[str] = ()):
+    """One image's panel figure (see the module docstring); the caller saves it. ``footer``:
+    the run's unfinished mark, under the smoke mark."""
     from matplotlib.colors import ListedColormap
 
     n_panels = 3 + len(_map_panels(maps, method_title))
@@ -146,7 +150,7 @@ def mask_panel_figure(picture: np.ndarray, gt: np.ndarray, mask: np.ndarray, pre
         ax.set_xticks([])
         ax.set_yticks([])
     _draw_maps(fig, flat[3:n_panels], maps, prediction, threshold, method_title)
-    plots.finish_figure(fig, title, smoke)
+    plots.finish_figure(fig, title, smoke, footer=footer)
     return fig
 
 
@@ -175,7 +179,7 @@ def _panel_notes(info: RunInfo, precision: str, threshold: float | None, source:
              "stretched over the original image",
              f"outlier threshold: {'none' if threshold is None else f'{threshold:.4g}'} "
              f"({source})"]
-    return (["SMOKE RUN (random weights): not a result"] if info.smoke else []) + notes
+    return ([SMOKE_MARK] if info.smoke else []) + unfinished_marks([info]) + notes
 
 
 def show_mask_run(run_dir: str | Path | RunInfo, image_ids: list[str] | None = None,
@@ -220,7 +224,7 @@ def show_mask_run(run_dir: str | Path | RunInfo, image_ids: list[str] | None = N
         file_name = f"{number:03d}-{safe_file_name(image_id)}.png"
         figure = mask_panel_figure(np.asarray(image), gt, mask, prediction, maps, used,
                                    f"{info.config['model']} | {caption}", info.smoke,
-                                   method_title)
+                                   method_title, unfinished_marks([info]))
         plots.save_figure(figure, out_dir / file_name)
         entries.append({"file": file_name, "caption": caption, "anchor": f"img{number}",
                         "image_id": image_id, "recomputed_matches_run": agree})
@@ -238,9 +242,10 @@ def show_mask_run(run_dir: str | Path | RunInfo, image_ids: list[str] | None = N
 
 
 def compare_mask_figure(picture: np.ndarray, gt: np.ndarray, panels: list[tuple], title: str,
-                        smoke: bool):
+                        smoke: bool, footer: Sequence[str] = ()):
     """The GT, then one subplot per run: ``panels`` holds ``(label, prediction, mask, grid)``;
-    each run's stored mask cyan, the GT's outline green, the seed *."""
+    each run's stored mask cyan, the GT's outline green, the seed *; ``footer``: the unfinished
+    runs' marks."""
     fig, flat = plots.panel_grid(1 + len(panels), (3.6, 3.3))
     height, width = gt.shape
     flat[0].imshow(gt, cmap="gray", vmin=0, vmax=255, extent=(0, width, height, 0),
@@ -251,7 +256,8 @@ def compare_mask_figure(picture: np.ndarray, gt: np.ndarray, panels: list[tuple]
     for ax, (label, prediction, mask, grid) in zip(flat[1:], panels, strict=False):
         draw_masks(ax, picture, gt, mask, seed_xy(prediction, grid, mask.shape))
         ax.set_title(f"{label}\n{iou_text(prediction)}", fontsize=8)
-    plots.finish_figure(fig, title + "\nGT outline green, stored mask cyan, seed *", smoke)
+    plots.finish_figure(fig, title + "\nGT outline green, stored mask cyan, seed *", smoke,
+                        footer=footer)
     return fig
 
 
@@ -285,7 +291,7 @@ def show_mask_compare(run_dirs: list[str | Path], image_ids: list[str] | None = 
             panels.append((label, prediction, mask, info.grid(prediction)))
         file_name = f"{number:03d}-{safe_file_name(image_id)}.png"
         figure = compare_mask_figure(picture, gt, panels, f"{image_id} | {dataset} | {models}",
-                                     smoke)
+                                     smoke, unfinished_marks(infos, labels))
         plots.save_figure(figure, out_dir / file_name)
         ious = ", ".join(f"{label}: {iou_text(p)}" for label, p, _, _ in panels)
         entries.append({"file": file_name, "caption": f"{image_id}: {ious}",
@@ -293,7 +299,7 @@ def show_mask_compare(run_dirs: list[str | Path], image_ids: list[str] | None = 
         bar.update(1)
     bar.close()
     finish_panels(out_dir, output, entries, labels, infos, refine=lambda info: info.refine)
-    notes = (["SMOKE RUN (random weights): not a result"] if smoke else []) + [
+    notes = ([SMOKE_MARK] if smoke else []) + unfinished_marks(infos, labels) + [
         IOU_DEFINITION, f"GT outline {GT_COLOUR}; each run's stored mask (pred_mask_rle) cyan"]
     notes += [f"{label}: run {info.run_id} ({info.config['model']}, {info.method.describe()}, "
               f"refine {info.refine})" for label, info in zip(labels, infos, strict=True)]

@@ -4,7 +4,8 @@ Every figure goes through :func:`finish_figure`, which is what keeps them readab
 labels: long titles (model names, image ids) are wrapped to the width they have instead of
 running off the canvas, the layout is ``constrained`` (it makes room for titles, colorbars and
 the footer), and a figure made from random weights carries a red ``SMOKE RUN`` footer, so a
-smoke figure copied out of its folder still says what it is. Axes use plain tick labels
+smoke figure copied out of its folder still says what it is (a figure of an unfinished run, the
+red ``UNFINISHED RUN`` words of ``marks`` in the same footer). Axes use plain tick labels
 (:class:`PlainFormatter`): no offset notation such as ``1e-6+1.428e-2``, no ``4×10^0`` minor
 labels crowding a log axis.
 """
@@ -25,8 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from lostreg.io import atomic_write_bytes
+from lostreg.reports.analysis.marks import SMOKE_MARK
 
-SMOKE_MARK = "SMOKE RUN (random weights): not a result"
 SMOKE_COLOUR = "#bb0000"
 MAX_TICKS = 6
 
@@ -162,8 +163,11 @@ def wrap_to_width(text: Text, max_width_px: float, renderer) -> bool:
 
 
 def finish_figure(fig: Figure, title: str | None = None, smoke: bool = False,
-                  title_size: float = 9) -> None:
+                  title_size: float = 9, footer: Sequence[str] = ()) -> None:
     """Title, smoke footer and text fitting: call last, on a figure with constrained layout.
+
+    ``footer``: more warnings drawn under the smoke mark, in the same red (an unfinished run's
+    mark, ``marks.unfinished_mark``); none leaves the figure as it always was.
 
     Axes titles are wrapped to their axes' width and the title to the figure's after a layout
     pass (sizes are only known then); when something was wrapped, the layout runs again and
@@ -174,9 +178,10 @@ def finish_figure(fig: Figure, title: str | None = None, smoke: bool = False,
     headings = []
     if title:
         headings.append(fig.suptitle(title, fontsize=title_size))
-    if smoke:
-        headings.append(fig.supxlabel(SMOKE_MARK, color=SMOKE_COLOUR, fontweight="bold",
-                                      fontsize=title_size))
+    warnings = ([SMOKE_MARK] if smoke else []) + list(footer)
+    if warnings:
+        headings.append(fig.supxlabel("\n".join(warnings), color=SMOKE_COLOUR,
+                                      fontweight="bold", fontsize=title_size))
     renderer = fig.canvas.get_renderer()
     engine = fig.get_layout_engine()
 

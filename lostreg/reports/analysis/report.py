@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -40,6 +41,7 @@ from lostreg.io import atomic_write_text
 from lostreg.methods.lost import lost
 from lostreg.reports.analysis import plots
 from lostreg.reports.analysis.collect import load_norms
+from lostreg.reports.analysis.marks import SMOKE_MARK, is_warning
 from lostreg.reports.analysis.norms import outlier_mask, patch_token_norms
 from lostreg.reports.analysis.runs import (
     RunInfo,
@@ -48,6 +50,7 @@ from lostreg.reports.analysis.runs import (
     prediction_seed,
     rebuild_backbone,
     run_records,
+    unfinished_marks,
 )
 from lostreg.reports.analysis.tokens import panel_readout
 from lostreg.runs.config import PRECISIONS
@@ -251,8 +254,9 @@ def _map_panels(maps: ImageMaps, method_title: str) -> list[tuple]:
 
 def render_panel(path: Path, image: Image.Image, prediction: dict, maps: ImageMaps,
                  patch_size: int, threshold: float | None, title: str, smoke: bool = False,
-                 method_title: str = "LOST") -> None:
-    """Write one image's panel PNG (see the module docstring for what it shows)."""
+                 method_title: str = "LOST", footer: Sequence[str] = ()) -> None:
+    """Write one image's panel PNG (see the module docstring for what it shows); ``footer``:
+    the run's unfinished mark, under the smoke mark."""
     rows, cols = maps.grid
     extent = (0, cols * patch_size, rows * patch_size, 0)
     panels = _map_panels(maps, method_title)
@@ -280,7 +284,7 @@ def render_panel(path: Path, image: Image.Image, prediction: dict, maps: ImageMa
                         facecolors="none", edgecolors="cyan", s=30, linewidths=1.0,
                         label=f"norm > {threshold:.3g}")
         norm_ax.legend(loc="lower right", fontsize=6)
-    plots.finish_figure(fig, title, smoke)
+    plots.finish_figure(fig, title, smoke, footer=footer)
     plots.save_figure(fig, path)
 
 
@@ -298,14 +302,15 @@ def safe_file_name(image_id: str) -> str:
 
 
 def write_index(path: Path, heading: str, notes: list[str], entries: list[dict]) -> None:
-    """A static page listing the panels (relative links, every text escaped)."""
+    """A static page listing the panels (relative links, every text escaped); the smoke and
+    unfinished marks among ``notes`` are shown as warnings."""
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{esc(heading)}</title>",
              "<style>body{font-family:sans-serif;margin:1.5em}figure{margin:0 0 2em 0}"
              "img{max-width:100%;border:1px solid #ccc}.warn{color:#b00}</style>",
              "</head><body>", f"<h1>{esc(heading)}</h1>"]
-    parts += [f'<p class="warn">{esc(note)}</p>' if note.startswith("SMOKE")
+    parts += [f'<p class="warn">{esc(note)}</p>' if is_warning(note)
               else f"<p>{esc(note)}</p>" for note in notes]
     parts.append("<ul>")
     parts += [f'<li><a href="#{esc(e["anchor"])}">{esc(e["caption"])}</a></li>' for e in entries]
@@ -427,7 +432,7 @@ def show_run(
         file_name = f"{number:03d}-{safe_file_name(image_id)}.png"
         render_panel(out_dir / file_name, image, prediction, maps, info.patch_size,
                      used_threshold, f"{config['model']} | {caption}", info.smoke,
-                     method.spec.title or method.name)
+                     method.spec.title or method.name, unfinished_marks([info]))
         entries.append({"file": file_name, "caption": caption, "anchor": f"img{number}",
                         "image_id": image_id, "recomputed_matches_run": agree})
         bar.update(1)
@@ -436,8 +441,7 @@ def show_run(
              f"{config['dataset']}, {method.describe()}, precision {precision}",
              f"outlier threshold: {'none' if used_threshold is None else f'{used_threshold:.4g}'}"
              f" ({threshold_note})"]
-    if info.smoke:
-        notes.insert(0, "SMOKE RUN (random weights): not a result")
+    notes = ([SMOKE_MARK] if info.smoke else []) + unfinished_marks([info]) + notes
     if output is None:  # our own folder: drop panels of earlier calls that are not listed
         remove_stale_panels(out_dir, {entry["file"] for entry in entries})
     index = out_dir / "index.html"

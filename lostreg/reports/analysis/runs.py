@@ -8,13 +8,14 @@ written before the method registry lack ``method``, ``method_params``, ``layer``
 
 A run folder without ``metrics.json`` (killed, or still running) is analysed on the images
 it has, with one warning line (``load_run``; the decision is made once, for box and mask runs
-alike). A mask run (ECSSD, DUTS-TE, DUT-OMRON: ``lostreg.runs.store.run_target``) is read
-through the saliency reports' checks: every line's ``sal_iou`` recomputed from its counts, its
-``pred_mask_rle`` checked against them, and, for a finished run only, the run's figures in
-``metrics.json`` against its lines (``load_mask_run``: a finished run whose files disagree is
-refused; an unfinished one has no figures to disagree with). Its images were resized to a patch
-multiple (TokenCut's saliency protocol), so its patch grid is the resized image's, not the
-padded one.
+alike), and every output written from it says so, with the images it had then and the run's
+total when its identity tells (``RunInfo.unfinished_mark``, wording in ``marks``). A mask run
+(ECSSD, DUTS-TE, DUT-OMRON: ``lostreg.runs.store.run_target``) is read through the saliency
+reports' checks: every line's ``sal_iou`` recomputed from its counts, its ``pred_mask_rle``
+checked against them, and, for a finished run only, the run's figures in ``metrics.json``
+against its lines (``load_mask_run``: a finished run whose files disagree is refused; an
+unfinished one has no figures to disagree with). Its images were resized to a patch multiple
+(TokenCut's saliency protocol), so its patch grid is the resized image's, not the padded one.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from typing import Any
 import torch
 
 from lostreg.backbones import Backbone, create_backbone
-from lostreg.datasets import load_dataset
+from lostreg.datasets import DATASETS, load_dataset
 from lostreg.datasets.base import DatasetIndex, ImageRecord
 from lostreg.errors import LostregError
 from lostreg.evaluation.saliency_protocol import MASK_PROTOCOL, feature_grid
 from lostreg.features.extract import FeatureRequest, padded_size
+from lostreg.fields import Fields
 from lostreg.methods import MethodSpec, get_method, list_methods
+from lostreg.reports.analysis import marks
 from lostreg.runs.legacy import config_value
 from lostreg.runs.store import is_finished, read_config, read_lines, run_target
 
@@ -103,12 +106,15 @@ def method_of(config: dict, config_path: Path) -> RunMethod:
 @dataclass
 class RunInfo:
     """A run folder's ``config.json`` and ``predictions.jsonl`` (dataset order); ``target``
-    is the ground-truth kind it was scored on (``boxes``, or ``mask`` for a saliency run)."""
+    is the ground-truth kind it was scored on (``boxes``, or ``mask`` for a saliency run);
+    ``finished``: whether ``metrics.json`` was there when it was read (an unfinished run's
+    outputs say so, ``unfinished_mark``)."""
 
     run_dir: Path
     config: dict
     predictions: list[dict]
     target: str = "boxes"
+    finished: bool = True
 
     @property
     def is_mask(self) -> bool:
@@ -140,6 +146,28 @@ class RunInfo:
     @cached_property
     def method(self) -> RunMethod:
         return method_of(self.config, self.run_dir / "config.json")
+
+    @cached_property
+    def split_images(self) -> int | None:
+        """How many images the run predicts once finished, from its ``config.json`` (see
+        ``split_images``); None when it does not tell."""
+        return split_images(self.config, self.run_dir / "config.json")
+
+    def unfinished_mark(self, label: str = "") -> str:
+        """The words every output of an unfinished run carries (``marks.unfinished_mark``:
+        how many images it had predicted, of how many); '' for a finished run."""
+        if self.finished:
+            return ""
+        return marks.unfinished_mark(len(self.predictions), self.split_images, label)
+
+    def unfinished_fields(self) -> dict[str, Any]:
+        """``{"unfinished_run": {...}}`` for a JSON output of an unfinished run (counts and
+        words, ``marks.unfinished_record``); nothing for a finished one, whose files stay as
+        they were."""
+        if self.finished:
+            return {}
+        return {"unfinished_run": marks.unfinished_record(len(self.predictions),
+                                                          self.split_images)}
 
     @property
     def image_protocol(self) -> str:
@@ -205,9 +233,35 @@ def load_run(run_dir: str | Path) -> RunInfo:
         _check_prediction(predictions_path, number, line, mask=target == "mask")
     if not finished:
         warn_unfinished(run_dir, len(predictions))
-    info = RunInfo(run_dir, config, predictions, target)
+    info = RunInfo(run_dir, config, predictions, target, finished)
     info.method  # noqa: B018 (validates method, parameters, layer and normalize now)
+    if not finished:  # the counts its marks give, validated now (a finished run needs none)
+        info.split_images  # noqa: B018
     return info
+
+
+def split_images(config: dict, config_path: Path) -> int | None:
+    """How many images a run predicts once finished, from ``config.json``'s identity: its
+    ``--limit`` (a limit beyond the split is refused by the run, so it is the count), else
+    a partial dataset's recorded count, else the benchmark's count of a registered split
+    (every run on it was checked to list exactly that many), except under ``--no-hard``
+    (smaller by design, and not recorded). None when the identity does not tell (a folder
+    without one, an unregistered dataset such as ``demo``): the marks then give the
+    predicted count alone, never a guess."""
+    identity = config.get("identity")
+    if not isinstance(identity, dict):
+        return None
+    fields = Fields(identity, f"{config_path} (identity)")
+    limit = fields.integer("limit", None, minimum=1, optional=True)
+    if limit is not None:
+        return limit
+    partial = fields.integer("dataset_images", None, minimum=1, optional=True)
+    if partial is not None:
+        return partial
+    spec = DATASETS.get(str(identity.get("dataset", config.get("dataset"))))
+    if spec is None or identity.get("no_hard") is not False:
+        return None
+    return spec.expected_images
 
 
 def run_kind(run_dir: str | Path) -> str:
@@ -216,6 +270,14 @@ def run_kind(run_dir: str | Path) -> str:
     if not Path(run_dir).is_dir():
         raise LostregError(f"{run_dir}: run folder not found")
     return run_target(read_config(Path(run_dir)))
+
+
+def unfinished_marks(infos: list[RunInfo], labels: list[str] | None = None) -> list[str]:
+    """The unfinished marks of several runs (one per unfinished run, named by its label when
+    ``labels`` are given), in run order; [] when every run is finished."""
+    names = labels if labels is not None else [""] * len(infos)
+    return [info.unfinished_mark(label) for info, label in zip(infos, names, strict=True)
+            if not info.finished]
 
 
 def warn_unfinished(run_dir: Path, n_images: int) -> None:
