@@ -8,6 +8,7 @@ where."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import shutil
@@ -18,10 +19,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import unfinished_marks
 from figure_checks import drawn_texts, text_problems
 from mask_run_folders import write_mask_run
 from PIL import Image
 from pycocotools import mask as mask_utils
+from unfinished_marks import (
+    SMOKE,
+    finished_copy,
+    footer,
+    mark,
+    read_json,
+    without_mark_lines,
+    without_unfinished,
+)
 
 from lostreg.analyze import main as analyze
 from lostreg.backbones import BACKBONES, BackboneSpec, create_backbone
@@ -463,3 +474,80 @@ def test_an_unfinished_box_run_gives_the_same_warning(tmp_path, capsys) -> None:
     info = load_run(folder)
     assert capsys.readouterr().err.splitlines() == [unfinished_warning(folder, 1)]
     assert [p["image_id"] for p in info.predictions] == ["00000"]
+
+
+# --- an unfinished mask run's outputs say so, with its image count (issue 20 follow-up) ------
+
+
+def test_an_unfinished_mask_run_is_named_so_in_every_output(tree, figures, tmp_path,
+                                                           capsys) -> None:
+    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=2)
+    expected = mark(2, IMAGES)  # a partial dataset of 4 images: recorded in its identity
+    assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress"]) == 0
+    page = (folder / "analysis" / "show" / "index.html").read_text()
+    assert f'<p class="warn">{html.escape(expected)}</p>' in page
+    assert len(figures) == 2 and all(footer(fig) == f"{SMOKE} {expected}" for fig in figures)
+    assert all(text_problems(fig) == [] for fig in figures)
+    assert analyze(["attribution", "--run", str(folder), "--device", "cpu", "--no-progress",
+                    "--num-workers", "0"]) == 0
+    assert f"**{expected}.**" in (folder / "analysis" / "attribution.md").read_text()
+    assert read_json(folder / "analysis" / "attribution.json")["unfinished_run"] == {
+        "images_predicted": 2, "split_images": IMAGES, "note": expected}
+    capsys.readouterr()
+
+
+def test_a_finished_mask_run_gets_only_what_it_got_before(tree, figures, tmp_path) -> None:
+    """The same mask run finished and unfinished with every line: its outputs differ only by
+    the unfinished mark."""
+    finished = finished_copy(run_of(tree, "lost"), tmp_path / "finished")
+    unfinished = unfinished_marks.unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished")
+    footers = []
+    norms = []  # the token maps computed for the first are reused for the second
+    for folder in (finished, unfinished):
+        figures.clear()
+        assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
+                        "--max-images", "2"]) == 0
+        footers += [footer(fig) for fig in figures]
+        assert analyze(["attribution", "--run", str(folder), "--device", "cpu",
+                        "--no-progress", "--num-workers", "0", *norms]) == 0
+        norms = ["--norms", str(finished / "analysis" / "norms" / "norms.json")]
+    expected = mark(IMAGES, IMAGES)
+    assert footers == [SMOKE] * 2 + [f"{SMOKE} {expected}"] * 2
+
+    def text(folder: Path, name: str) -> str:
+        written = (folder / "analysis" / name).read_text()
+        return written.replace(str(finished), "<run>").replace(str(unfinished), "<run>")
+
+    assert "UNFINISHED" not in text(finished, "attribution.md") + text(finished, "show/index.html")
+    assert without_mark_lines(text(unfinished, "attribution.md"), [expected]) \
+        == text(finished, "attribution.md")
+    assert without_mark_lines(text(unfinished, "show/index.html"), [html.escape(expected)],
+                              blank=False) == text(finished, "show/index.html")
+    assert "unfinished_run" not in text(finished, "attribution.json")
+    assert without_unfinished(json.loads(text(unfinished, "attribution.json"))) \
+        == json.loads(text(finished, "attribution.json"))
+    for name in ("attribution.csv", "attribution_summary.csv"):
+        assert text(unfinished, name) == text(finished, name)
+
+
+def test_several_mask_runs_name_each_unfinished_run_by_its_label(tree, figures, tmp_path,
+                                                                 capsys) -> None:
+    unfinished = unfinished_copy(tree, "tokencut", tmp_path, keep=3)
+    finished = finished_copy(run_of(tree, "lost"), tmp_path / "finished")
+    expected = mark(3, IMAGES, "tokencut")
+    out = tmp_path / "compare"
+    assert analyze(["attribution", "--hits-only", "--run", str(unfinished), str(finished),
+                    "--output", str(out)]) == 0
+    table = (out / "ious.md").read_text()
+    assert f"**{expected}.**" in table and table.count("UNFINISHED") == 1
+    assert [record.get("unfinished_run") for record in read_json(out / "runs.json")] == [
+        {"images_predicted": 3, "split_images": IMAGES, "note": mark(3, IMAGES)}, None]
+    assert analyze(["show", "--run", str(unfinished), str(finished), "--no-progress",
+                    "--output", str(out / "show")]) == 0
+    page = (out / "show" / "index.html").read_text()
+    assert f'<p class="warn">{html.escape(expected)}</p>' in page
+    assert page.count("UNFINISHED") == 1
+    assert len(figures) == 3 and all(footer(fig) == f"{SMOKE} {expected}" for fig in figures)
+    assert [record.get("unfinished_run", {}).get("images_predicted") for record in
+            read_json(out / "show" / "runs.json")] == [3, None]
+    capsys.readouterr()
