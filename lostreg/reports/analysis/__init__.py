@@ -17,6 +17,8 @@
 * :mod:`~lostreg.reports.analysis.mask_report` and
   :mod:`~lostreg.reports.analysis.mask_attribution`: ``show`` and ``attribution`` on mask runs;
 * :mod:`~lostreg.reports.analysis.plots`: figure helpers (text that fits, plain ticks, smoke mark).
+* :mod:`~lostreg.reports.analysis.marks`: the words every output carries about its run (smoke,
+  unfinished).
 
 CLI: ``python -m lostreg.analyze <norms|attribution|show>``.
 """
