@@ -254,3 +254,54 @@ def test_several_runs_refuse_what_cannot_be_compared(tmp_path, capsys) -> None:
                                                  "method_params": {"k_patches": 0}})
     assert main(["attribution", "--run", str(bad), str(run), "--hits-only"]) == 2
     assert "bad/config.json: --k-patches 0: must be at least 1" in capsys.readouterr().err
+
+
+# --- how many images an unfinished run's marks count it out of (issue 20 follow-up) ----------
+
+
+def identity(**values) -> dict:
+    return {"identity": {"dataset": "voc07", "no_hard": False, "limit": None, **values}}
+
+
+@pytest.mark.parametrize(("config", "total"), [
+    (identity(), 5011),                                # the benchmark split, checked complete
+    (identity(dataset="coco20k"), 19817),
+    (identity(dataset="ecssd"), 1000),
+    (identity(limit=12), 12),                          # --limit: exactly the first 12
+    (identity(dataset_images=40), 40),                 # a partial dataset, recorded
+    (identity(dataset_images=40, limit=7), 7),
+    (identity(no_hard=True), None),                    # --no-hard: smaller, not recorded
+    (identity(no_hard=True, limit=9), 9),
+    (identity(dataset="demo"), None),                  # no benchmark count
+    ({"dataset": "voc07"}, None),                      # no identity: never a guess
+])
+def test_the_total_of_an_unfinished_run_comes_from_its_identity(config, total, tmp_path) -> None:
+    from lostreg.reports.analysis.runs import split_images
+
+    assert split_images(config, tmp_path / "config.json") == total
+
+
+@pytest.mark.parametrize("values", [{"limit": "12"}, {"dataset_images": -3},
+                                    {"dataset_images": True}])
+def test_a_bad_count_in_an_unfinished_run_identity_is_one_line(values, tmp_path,
+                                                                capsys) -> None:
+    run = make_run(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **identity(**values)}))
+    (run / "metrics.json").unlink()
+    assert main(["attribution", "--run", str(run), "--norms", str(make_norms(tmp_path))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: {run / 'config.json'} (identity): '")
+    assert not (run / "analysis").exists()
+
+
+def test_an_unfinished_run_without_a_known_total_gives_its_count_alone(tmp_path) -> None:
+    run = make_run(tmp_path, drop="E")  # a hand-made folder: no identity
+    (run / "metrics.json").unlink()
+    attribute_run(run, make_norms(tmp_path))
+    words = ("UNFINISHED RUN: 4 images predicted when analysed (no metrics.json yet); not the "
+             "run's result")
+    assert f"**{words}.**" in (run / "analysis" / "attribution.md").read_text()
+    saved = json.loads((run / "analysis" / "attribution.json").read_text())
+    assert saved["unfinished_run"] == {"images_predicted": 4, "split_images": None,
+                                       "note": words}
