@@ -14,10 +14,11 @@ weights identity (sha256 of the file, or ``random``), dataset + split (``no_hard
 and the code that computed them: the cache format, the package version and the **result
 version** (``lostreg.version.RESULT_VERSION``, bumped exactly when a change alters a
 prediction or figure, the features included). Features written by code of another result
-version are never reused: the key, hence the folder, differs. Folders of other keys (another
-format, package or result version) are left as they are, neither read nor reported nor
-removed, as any folder of another key is; their ``key.json`` says which code wrote them, and
-deleting such a folder only costs a recompute.
+version are never reused: the key, hence the folder, differs (the key and the folder name it
+gives are in ``lostreg.features.cache_key``). A run never reads nor removes folders of other
+keys; when some were written by another format, package or result version (*stale*: no code of
+this version reads them again), it says so in one note line, and ``python -m lostreg.cache
+DIR`` lists every folder and removes the stale ones (``lostreg.features.cache_admin``).
 
 A model kwarg that JSON cannot hold enters the key as its ``repr`` (a callable, a dtype; a
 NaN or an infinite float: ``nan``, ``inf``, ``-inf``), so every key is deterministic and
@@ -49,7 +50,6 @@ an image wins over an earlier one.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import sys
@@ -66,6 +66,14 @@ import torch
 
 from lostreg.datasets.base import DEFAULT_MAX_PIXELS, max_image_file_bytes
 from lostreg.errors import LostregError, os_error_message
+from lostreg.features.cache_key import (  # noqa: F401 - the key's names, imported from here too
+    FORMAT_VERSION,
+    cache_key,
+    folder_name,
+    json_safe_kwargs,
+    key_hash,
+    safe_name,
+)
 from lostreg.io import (
     JsonlAppender,
     atomic_write_bytes,
@@ -75,9 +83,6 @@ from lostreg.io import (
     read_bounded,
 )
 
-# 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
-# new format gets a new folder; a shard of another format is refused by its magic.
-FORMAT_VERSION = 2
 MAGIC = b"LRFEATS\x02"
 _OLD_MAGICS = {b"LRFEATS\x01": 1}
 _DIGEST_AT = len(MAGIC) + 8  # the sha256 follows the header length
@@ -112,64 +117,6 @@ def storage_dtype(cache_dtype: str, precision: str) -> str:
 def is_lossless(storage: str, precision: str) -> bool:
     """Whether features of a ``precision`` run survive storage in ``storage`` bit for bit."""
     return storage == "fp32" or storage == precision
-
-
-def cache_key(*, model: str, timm_name: str, model_kwargs: dict, weights: str,
-              num_prefix_tokens: int, mean: Sequence[float], std: Sequence[float],
-              patch_size: int, pos_embed: str, dataset: str, split: str, feature: str,
-              precision: str, storage: str, lostreg_version: str,
-              result_version: int) -> dict[str, Any]:
-    """Everything that decides the cached features (see the module docstring); the code's
-    ``result_version`` (``lostreg.version.RESULT_VERSION``) among them, so features of code
-    that computes other results are never read."""
-    return {
-        "format": FORMAT_VERSION,
-        "model": model,
-        "timm_name": timm_name,
-        "model_kwargs": json_safe_kwargs(model_kwargs),
-        "weights": weights,
-        "num_prefix_tokens": int(num_prefix_tokens),
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
-        "patch_size": int(patch_size),
-        "pos_embed": pos_embed,
-        "dataset": dataset,
-        "split": split,
-        "feature": feature,
-        "precision": precision,
-        "dtype": storage,
-        "lostreg_version": lostreg_version,
-        "result_version": int(result_version),
-    }
-
-
-def _non_finite_as_repr(constant: str) -> str:
-    """``NaN``, ``Infinity`` or ``-Infinity`` (what ``json.dumps`` writes for a float that is
-    not finite) as the float's ``repr``: ``nan``, ``inf``, ``-inf``."""
-    return repr(float(constant))
-
-
-def json_safe_kwargs(model_kwargs: dict) -> Any:
-    """``model_kwargs`` as the key holds them: keys sorted, every value JSON can hold as it is,
-    any other as its ``repr`` (a callable, a dtype, and a NaN or infinite float), so the key is
-    deterministic and can be written strictly (``key.json``, the shard headers): a NaN kwarg
-    once made the strict ``key.json`` write raise a traceback. A dict whose keys JSON cannot
-    hold or sort (a tuple, keys of mixed types) is one line: no deterministic key exists."""
-    try:
-        text = json.dumps(model_kwargs, sort_keys=True, default=repr)
-    except (TypeError, ValueError) as exc:
-        raise LostregError(f"the model's kwargs cannot enter the feature cache key ({exc}); "
-                           "run without --cache-features, or give the kwargs string keys"
-                           ) from None
-    return json.loads(text, parse_constant=_non_finite_as_repr)
-
-
-def key_hash(key: dict[str, Any]) -> str:
-    """The sha256 of the key's JSON. Strict (``dumps_strict``: the same text as ``json.dumps``
-    for any key that can be written): a key holding NaN or infinity is refused here, with one
-    line naming the field, rather than when its ``key.json`` or a shard header is written."""
-    return hashlib.sha256(dumps_strict(key, "feature cache key", sort_keys=True).encode()
-                          ).hexdigest()
 
 
 class CacheProblem(Exception):
@@ -231,10 +178,6 @@ def _index_entry(line: object) -> tuple[str, CacheEntry]:
     return image_id, CacheEntry(shard, row, fingerprint)
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
@@ -245,12 +188,10 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike, key: dict[str, Any], writer_tag: str = "") -> None:
         self.key = key
         self.hash = key_hash(key)
-        arch = str(key["timm_name"]).split(".")[0]
-        name = f"{key['dataset']}-{key['split']}-{arch}-{key['feature']}-{self.hash[:12]}"
-        self.dir = Path(root) / _safe(name)
+        self.dir = Path(root) / folder_name(key, self.hash)
         self.shard_dir = self.dir / "shards"
         self.index_dir = self.dir / "index"
-        self.writer_tag = _safe(writer_tag)
+        self.writer_tag = safe_name(writer_tag)
         self._appender: JsonlAppender | None = None
         self._lock = threading.Lock()
         self._index: dict[str, CacheEntry] = {}
