@@ -23,6 +23,8 @@ COMMANDS = {
     "verify": ("lostreg.verify", "compare our LOST with the official predictions"),
     "protocol": ("lostreg.protocol", "LOST over a grid of protocols: published figures, best-of "
                  "and its held-out estimate"),
+    "cache": ("lostreg.cache", "list the feature cache's folders; --delete-stale frees those of "
+              "other lostreg versions"),
 }
 
 

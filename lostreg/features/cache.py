@@ -67,6 +67,7 @@ import torch
 from lostreg.datasets.base import DEFAULT_MAX_PIXELS, max_image_file_bytes
 from lostreg.errors import LostregError, os_error_message
 from lostreg.features.cache_key import (  # noqa: F401 - the key's names, imported from here too
+    DEFAULT_CACHE_DIR,
     FORMAT_VERSION,
     cache_key,
     folder_name,
@@ -89,7 +90,6 @@ _DIGEST_AT = len(MAGIC) + 8  # the sha256 follows the header length
 _HEADER_AT = _DIGEST_AT + 32
 _SHARD_NAME = re.compile(r"^[0-9]{20}-[0-9a-f]{12}\.feats$")
 FINGERPRINT_PREFIX = "sha256:"
-DEFAULT_CACHE_DIR = Path("results/cache")
 CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,

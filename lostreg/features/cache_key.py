@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lostreg.errors import LostregError
@@ -22,6 +23,8 @@ from lostreg.io import dumps_strict
 # 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
 # new format gets a new folder; a shard of another format is refused by its magic.
 FORMAT_VERSION = 2
+#: ``--cache-features`` without a folder, and ``python -m lostreg.cache`` without one.
+DEFAULT_CACHE_DIR = Path("results/cache")
 
 
 def cache_key(*, model: str, timm_name: str, model_kwargs: dict, weights: str,

@@ -31,6 +31,7 @@ from lostreg.datasets import get_dataset, load_dataset
 from lostreg.datasets.base import DatasetIndex
 from lostreg.errors import LostregError
 from lostreg.features.cache import is_lossless, storage_dtype
+from lostreg.features.cache_admin import stale_note
 from lostreg.features.pipeline import (
     LazyBackbone,
     decode_workers,
@@ -286,6 +287,9 @@ def _run_models(base: RunConfig, by_model: dict[str, list[str]],
     if base.cache_features is not None and ctx.is_main:  # where features come from and go
         print(f"note: feature cache in {os.path.abspath(base.cache_features)} (features of "
               "images already there are read from it, the others stored)", file=sys.stderr)
+        stale = stale_note(base.cache_features)  # folders an upgrade left: one line, if any
+        if stale:
+            print(stale, file=sys.stderr)
     indexes: dict[str, DatasetIndex] = {}
     if index is not None:
         indexes = {dataset: index for datasets in by_model.values() for dataset in datasets}
