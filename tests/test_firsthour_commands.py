@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lostreg import analyze, cli, run, verify
+from lostreg import cache as cache_command
 from lostreg.datasets import __main__ as datasets_main
 from lostreg.reports import leaderboard
 from lostreg.reports.protocol import cli as protocol_cli
@@ -39,6 +40,7 @@ PARSERS = {
     "verify": verify.build_parser,
     "analyze": analyze.build_parser,
     "datasets": datasets_main._parser,
+    "cache": cache_command.build_parser,
 }
 # list options that take paths: a path may hold a comma, so these stay space separated
 PATH_LISTS = {"run", "norms"}
@@ -124,7 +126,7 @@ def test_usage_lines_name_commands_that_exist() -> None:
             assert match, (name, usage)
             importlib.import_module(match.group(1))  # a module python -m can run
             assert not re.search(r"lostreg-(?!run\b)\w+", parser.format_help()), name
-    for command in ("run", "datasets", "leaderboard", "analyze", "verify", "protocol"):
+    for command in ("run", "datasets", "leaderboard", "analyze", "verify", "protocol", "cache"):
         assert command in cli.COMMANDS
     assert scripts == {"lostreg", "lostreg-run"}
 
