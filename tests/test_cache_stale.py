@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ from lostreg.run import main as run_main
 from lostreg.runs import state
 
 N = version.RESULT_VERSION
+REPO = Path(__file__).resolve().parents[1]
 LIMIT = 3
 
 
@@ -404,3 +407,18 @@ def test_the_command_is_listed_and_documents_itself(capsys) -> None:
         assert word in text
     assert key_hash(key())[:12] in admin.folder_name(key())  # the name the pattern expects
     assert admin.FOLDER_PATTERN.match(admin.folder_name(key()))
+
+
+def test_the_listing_imports_no_torch(tmp_path) -> None:
+    """``python -m lostreg.cache`` reads key files only: it does not wait seconds for torch
+    (the key and its folder name live in the torch-free ``cache_key``)."""
+    write_cache(tmp_path, key(N + 1))
+    code = ("import runpy, sys; sys.argv = ['lostreg.cache', sys.argv[1]]\n"
+            "try:\n    runpy.run_module('lostreg.cache', run_name='__main__')\n"
+            "except SystemExit as end:\n    assert end.code == 0, end.code\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
+    assert "stale: 1 folder" in done.stdout
