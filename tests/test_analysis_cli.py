@@ -254,3 +254,14 @@ def test_several_runs_name_each_unfinished_run_by_its_label(run_dir, tmp_path, m
     assert [record.get("unfinished_run", {}).get("images_predicted") for record in
             read_json(out / "show" / "runs.json")] == [3, None]
     capsys.readouterr()
+
+
+def test_attribution_of_several_runs_warns_once_per_unfinished_run(run_dir, tmp_path,
+                                                                   capsys) -> None:
+    """Each run is read for its own table and again for the comparison: one warning each."""
+    unfinished = unfinished_copy(run_dir, tmp_path / "unfinished", keep=3)
+    finished = finished_copy(run_dir, tmp_path / "finished")
+    capsys.readouterr()
+    assert main(["attribution", "--run", str(unfinished), str(finished), "--num-workers", "0",
+                 "--no-progress", "--output", str(tmp_path / "compare")]) == 0
+    assert capsys.readouterr().err.count("is unfinished") == 1

@@ -280,9 +280,21 @@ def unfinished_marks(infos: list[RunInfo], labels: list[str] | None = None) -> l
             if not info.finished]
 
 
+_WARNED: set[tuple[Path, int]] = set()  # (run, images) already warned about by this command
+
+
+def forget_warnings() -> None:
+    """Start a command: each command says once of each unfinished run that it is unfinished."""
+    _WARNED.clear()
+
+
 def warn_unfinished(run_dir: Path, n_images: int) -> None:
     """The one line an analysis of an unfinished run (box or mask) prints: results on the
-    images predicted so far are not the run's."""
+    images predicted so far are not the run's. Once per run and image count: a command that
+    reads a run twice (``attribution`` of several runs) says it once."""
+    if (run_dir, n_images) in _WARNED:
+        return
+    _WARNED.add((run_dir, n_images))
     print(f"warning: {run_dir} is unfinished (no metrics.json); using the {n_images} images "
           "it has predicted so far", file=sys.stderr)
 
