@@ -32,7 +32,7 @@ def cache_key(*, model: str, timm_name: str, model_kwargs: dict, weights: str,
               patch_size: int, pos_embed: str, dataset: str, split: str, feature: str,
               precision: str, storage: str, lostreg_version: str,
               result_version: int) -> dict[str, Any]:
-    """Everything that decides the cached features (see the module docstring); the code's
+    """Everything that decides the cached features (see ``lostreg.features.cache``); the code's
     ``result_version`` (``lostreg.version.RESULT_VERSION``) among them, so features of code
     that computes other results are never read."""
     return {
