@@ -12,14 +12,13 @@ from figure_checks import text_problems
 from PIL import Image
 from unfinished_marks import (
     SMOKE,
+    assert_only_the_mark_differs,
     finished_copy,
     footer,
     kept_figures,
     mark,
     read_json,
     unfinished_copy,
-    without_mark_lines,
-    without_unfinished,
 )
 
 from lostreg import run as lostreg_run
@@ -196,37 +195,9 @@ def test_an_unfinished_box_run_is_named_so_in_every_output(run_dir, tmp_path, mo
 def test_a_finished_box_run_gets_only_what_it_got_before(run_dir, tmp_path, monkeypatch) -> None:
     """The same run finished and unfinished with every line (the same images): the outputs
     differ only by the unfinished mark, so a finished run's are what they were."""
-    finished = finished_copy(run_dir, tmp_path / "finished")
-    unfinished = unfinished_copy(run_dir, tmp_path / "unfinished")
-    figures = kept_figures(monkeypatch)
-    footers = []
-    norms = []  # the token maps computed for the first are reused for the second
-    for folder in (finished, unfinished):
-        figures.clear()  # the panels only (attribution's norms figures are not the run's)
-        assert main(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
-                     "--max-images", "2"]) == 0
-        footers += [footer(fig) for fig in figures]
-        assert main(["attribution", "--run", str(folder), "--num-workers", "0",
-                     "--no-progress", *norms]) == 0
-        norms = ["--norms", str(finished / "analysis" / "norms" / "norms.json")]
-    expected = mark(5, 5)
-    assert footers == [SMOKE] * 2 + [f"{SMOKE} {expected}"] * 2
-
-    def text(folder: Path, name: str) -> str:
-        written = (folder / "analysis" / name).read_text()
-        return written.replace(str(finished), "<run>").replace(str(unfinished), "<run>")
-
-    assert "UNFINISHED" not in text(finished, "attribution.md") + text(finished, "show/index.html")
-    assert without_mark_lines(text(unfinished, "attribution.md"), [expected]) \
-        == text(finished, "attribution.md")
-    assert without_mark_lines(text(unfinished, "show/index.html"), [html.escape(expected)],
-                              blank=False) \
-        == text(finished, "show/index.html")
-    assert "unfinished_run" not in text(finished, "attribution.json")
-    assert without_unfinished(json.loads(text(unfinished, "attribution.json"))) \
-        == json.loads(text(finished, "attribution.json"))
-    for name in ("attribution.csv", "attribution_summary.csv"):
-        assert text(unfinished, name) == text(finished, name)
+    assert_only_the_mark_differs(main, finished_copy(run_dir, tmp_path / "finished"),
+                                 unfinished_copy(run_dir, tmp_path / "unfinished"),
+                                 kept_figures(monkeypatch), mark(5, 5))
 
 
 def test_several_runs_name_each_unfinished_run_by_its_label(run_dir, tmp_path, monkeypatch,

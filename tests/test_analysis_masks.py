@@ -26,12 +26,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from unfinished_marks import (
     SMOKE,
+    assert_only_the_mark_differs,
     finished_copy,
     footer,
+    kept_figures,
     mark,
     read_json,
-    without_mark_lines,
-    without_unfinished,
 )
 
 from lostreg.analyze import main as analyze
@@ -40,7 +40,6 @@ from lostreg.datasets.mask_demo import generate_mask_tree
 from lostreg.errors import LostregError
 from lostreg.evaluation.saliency_protocol import feature_grid, resize_to_patch_multiple
 from lostreg.features.extract import preprocess
-from lostreg.reports.analysis import plots
 from lostreg.reports.analysis.mask_attribution import attribute_mask_run, iou_table
 from lostreg.reports.analysis.mask_report import show_mask_compare, show_mask_run
 from lostreg.reports.analysis.norms import patch_token_norms
@@ -105,14 +104,7 @@ def tokencut_iou(mask: np.ndarray, gt: np.ndarray) -> float:
 @pytest.fixture
 def figures(monkeypatch) -> list:
     """The figures the panels save, kept open for inspection (a stub file is written)."""
-    kept: list = []
-
-    def keep(fig, path, dpi=None):
-        kept.append(fig)
-        Path(path).write_bytes(b"png")
-
-    monkeypatch.setattr(plots, "save_figure", keep)
-    return kept
+    return kept_figures(monkeypatch)
 
 
 def test_show_draws_the_stored_mask_the_gt_and_the_iou(tree, figures, tmp_path) -> None:
@@ -499,35 +491,10 @@ def test_an_unfinished_mask_run_is_named_so_in_every_output(tree, figures, tmp_p
 def test_a_finished_mask_run_gets_only_what_it_got_before(tree, figures, tmp_path) -> None:
     """The same mask run finished and unfinished with every line: its outputs differ only by
     the unfinished mark."""
-    finished = finished_copy(run_of(tree, "lost"), tmp_path / "finished")
-    unfinished = unfinished_marks.unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished")
-    footers = []
-    norms = []  # the token maps computed for the first are reused for the second
-    for folder in (finished, unfinished):
-        figures.clear()
-        assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
-                        "--max-images", "2"]) == 0
-        footers += [footer(fig) for fig in figures]
-        assert analyze(["attribution", "--run", str(folder), "--device", "cpu",
-                        "--no-progress", "--num-workers", "0", *norms]) == 0
-        norms = ["--norms", str(finished / "analysis" / "norms" / "norms.json")]
-    expected = mark(IMAGES, IMAGES)
-    assert footers == [SMOKE] * 2 + [f"{SMOKE} {expected}"] * 2
-
-    def text(folder: Path, name: str) -> str:
-        written = (folder / "analysis" / name).read_text()
-        return written.replace(str(finished), "<run>").replace(str(unfinished), "<run>")
-
-    assert "UNFINISHED" not in text(finished, "attribution.md") + text(finished, "show/index.html")
-    assert without_mark_lines(text(unfinished, "attribution.md"), [expected]) \
-        == text(finished, "attribution.md")
-    assert without_mark_lines(text(unfinished, "show/index.html"), [html.escape(expected)],
-                              blank=False) == text(finished, "show/index.html")
-    assert "unfinished_run" not in text(finished, "attribution.json")
-    assert without_unfinished(json.loads(text(unfinished, "attribution.json"))) \
-        == json.loads(text(finished, "attribution.json"))
-    for name in ("attribution.csv", "attribution_summary.csv"):
-        assert text(unfinished, name) == text(finished, name)
+    assert_only_the_mark_differs(
+        analyze, finished_copy(run_of(tree, "lost"), tmp_path / "finished"),
+        unfinished_marks.unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished"),
+        figures, mark(IMAGES, IMAGES), attribution_args=["--device", "cpu"])
 
 
 def test_several_mask_runs_name_each_unfinished_run_by_its_label(tree, figures, tmp_path,

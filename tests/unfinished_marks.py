@@ -4,8 +4,10 @@ the files of a finished run compared with those of the same run unfinished."""
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from figure_checks import drawn_texts
@@ -86,3 +88,37 @@ def without_unfinished(payload):
 
 def read_json(path: Path):
     return json.loads(path.read_text())
+
+
+def assert_only_the_mark_differs(analyze: Callable[[list[str]], int], finished: Path,
+                                 unfinished: Path, figures: list, expected: str,
+                                 attribution_args: Sequence[str] = ()) -> None:
+    """``show`` and ``attribution`` of the same run finished and unfinished with every line
+    (the same images): the outputs differ only by the unfinished mark (``expected``), so a
+    finished run's are what they were. ``figures``: ``kept_figures``' list."""
+    footers: list[str] = []
+    norms: list[str] = []  # the token maps computed for the first are reused for the second
+    for folder in (finished, unfinished):
+        figures.clear()  # the panels only (attribution's norms figures are not the run's)
+        assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
+                        "--max-images", "2"]) == 0
+        footers += [footer(fig) for fig in figures]
+        assert analyze(["attribution", "--run", str(folder), *attribution_args,
+                        "--no-progress", "--num-workers", "0", *norms]) == 0
+        norms = ["--norms", str(finished / "analysis" / "norms" / "norms.json")]
+    assert footers == [SMOKE] * 2 + [f"{SMOKE} {expected}"] * 2
+
+    def text(folder: Path, name: str) -> str:
+        written = (folder / "analysis" / name).read_text()
+        return written.replace(str(finished), "<run>").replace(str(unfinished), "<run>")
+
+    assert "UNFINISHED" not in text(finished, "attribution.md") + text(finished, "show/index.html")
+    assert without_mark_lines(text(unfinished, "attribution.md"), [expected]) \
+        == text(finished, "attribution.md")
+    assert without_mark_lines(text(unfinished, "show/index.html"), [html.escape(expected)],
+                              blank=False) == text(finished, "show/index.html")
+    assert "unfinished_run" not in text(finished, "attribution.json")
+    assert without_unfinished(json.loads(text(unfinished, "attribution.json"))) \
+        == json.loads(text(finished, "attribution.json"))
+    for name in ("attribution.csv", "attribution_summary.csv"):
+        assert text(unfinished, name) == text(finished, name)
