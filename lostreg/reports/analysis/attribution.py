@@ -291,50 +291,67 @@ def token_maps_for(info: RunInfo, norms: str | Path | None, threshold: float | N
     return maps, layer, used, source, Path(norms_path)
 
 
-def attribute_run(
-    run_dir: str | Path | RunInfo,
-    norms: str | Path | None = None,
-    threshold: float | None = None,
-    device: str = "auto",
-    data_root: str | Path | None = None,
-    batch_size: int = 16,
-    num_workers: int | None = None,
-    progress: bool = False,
-    recompute: bool = False,
-    weights: str | None = None,
-) -> AttributionResult:
-    """Join a run's predictions with token outlier maps and write the tables under
-    ``<run>/analysis/``: ``attribution.csv`` (per image), ``attribution_summary.csv``,
-    ``attribution.md`` and ``attribution.json``."""
+@dataclass(frozen=True)
+class AttributionKind:
+    """What a box run's attribution and a mask run's differ in (``BOX`` here, ``MASK`` in
+    ``mask_attribution``); loading the run, its token maps and writing the four files are
+    ``run_attribution``'s, the same for both."""
+
+    name: str  # "box" or "mask": the runs it takes
+    rows: Callable[[RunInfo, TokenMaps, int, float | None], list[dict]]
+    summarize: Callable[[list[dict]], list[dict]]
+    markdown: Callable[[RunInfo, list[dict], float | None, str], str]
+    image_columns: Sequence[str]
+    summary_columns: Sequence[str]
+    definitions: dict[str, str]
+    facts: Callable[[RunInfo], dict] = lambda info: {}  # its own facts in attribution.json
+
+
+def run_attribution(run_dir: str | Path | RunInfo, kind: AttributionKind,
+              norms: str | Path | None = None, threshold: float | None = None,
+              device: str = "auto", data_root: str | Path | None = None, batch_size: int = 16,
+              num_workers: int | None = None, progress: bool = False, recompute: bool = False,
+              weights: str | None = None) -> AttributionResult:
+    """Join a run's predictions (boxes or stored masks, as ``kind`` says) with token outlier
+    maps and write the tables under ``<run>/analysis/``: ``attribution.csv`` (per image),
+    ``attribution_summary.csv``, ``attribution.md`` and ``attribution.json``."""
     info = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
-    if info.is_mask:
-        raise LostregError(f"{info.run_dir}: a mask run; its attribution is "
-                           "mask_attribution.attribute_mask_run's")
+    if ("mask" if info.is_mask else "box") != kind.name:
+        raise LostregError(f"{info.run_dir}: not a {kind.name} run; `python -m lostreg.analyze "
+                           "attribution` picks each run's kind itself")
     maps, layer, used, source, norms_path = token_maps_for(
         info, norms, threshold, device, data_root, batch_size, num_workers, progress, recompute,
         weights)
-    rows = attribution_rows(info, maps, layer, used)
-    summary = summarize(rows)
-    markdown = to_markdown(info, summary, used, source)
-    return write_attribution(info, rows, IMAGE_COLUMNS, summary, SUMMARY_COLUMNS, markdown, {
-        "run_id": info.run_id,
-        "model": info.config["model"],
-        "dataset": info.config["dataset"],
-        "smoke_run": info.smoke,
-        **info.unfinished_fields(),
-        "method": info.method.name,
-        "method_params": info.method.params,
-        "norms": str(norms_path),
-        "layer": layer,
-        "threshold": used,
-        "threshold_source": source,
-        "definitions": {
-            "seed_is_outlier": "the seed patch's token norm > threshold",
-            "seed_touches_outlier": "the seed or one of its 4 grid neighbours is an outlier",
-            "box_has_outlier": "an outlier token lies on a patch the predicted box covers",
-            "has_outliers": "the image has at least one outlier token",
-        },
-    })
+    rows = kind.rows(info, maps, layer, used)
+    summary = kind.summarize(rows)
+    return write_attribution(
+        info, rows, kind.image_columns, summary, kind.summary_columns,
+        kind.markdown(info, summary, used, source), {
+            "run_id": info.run_id, "model": info.config["model"],
+            "dataset": info.config["dataset"], "smoke_run": info.smoke,
+            **info.unfinished_fields(), "method": info.method.name,
+            "method_params": info.method.params, **kind.facts(info),
+            "norms": str(norms_path), "layer": layer, "threshold": used,
+            "threshold_source": source, "definitions": kind.definitions})
+
+
+BOX = AttributionKind("box", attribution_rows, summarize, to_markdown, IMAGE_COLUMNS,
+                      SUMMARY_COLUMNS, {
+    "seed_is_outlier": "the seed patch's token norm > threshold",
+    "seed_touches_outlier": "the seed or one of its 4 grid neighbours is an outlier",
+    "box_has_outlier": "an outlier token lies on a patch the predicted box covers",
+    "has_outliers": "the image has at least one outlier token",
+})
+
+
+def attribute_run(run_dir: str | Path | RunInfo, norms: str | Path | None = None,
+                  threshold: float | None = None, device: str = "auto",
+                  data_root: str | Path | None = None, batch_size: int = 16,
+                  num_workers: int | None = None, progress: bool = False,
+                  recompute: bool = False, weights: str | None = None) -> AttributionResult:
+    """``run_attribution`` of a box run."""
+    return run_attribution(run_dir, BOX, norms, threshold, device, data_root, batch_size, num_workers,
+                     progress, recompute, weights)
 
 
 def write_attribution(info: RunInfo, rows: list[dict], image_columns: Sequence[str],

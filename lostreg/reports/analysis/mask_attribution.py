@@ -31,6 +31,7 @@ from lostreg.errors import LostregError
 from lostreg.io import atomic_write_json, atomic_write_text
 from lostreg.reports.analysis.attribution import (
     GROUPS,
+    AttributionKind,
     AttributionResult,
     attribute_and_compare,
     map_position,
@@ -38,9 +39,8 @@ from lostreg.reports.analysis.attribution import (
     md_escape,
     outlier_columns,
     percent,
+    run_attribution,
     to_csv,
-    token_maps_for,
-    write_attribution,
 )
 from lostreg.reports.analysis.masks import (
     INSIDE_RULE,
@@ -55,7 +55,6 @@ from lostreg.reports.analysis.runs import (
     common_predictions,
     compare_dir,
     label_slug,
-    load_run,
     load_runs,
     run_labels,
     unfinished_marks,
@@ -169,34 +168,22 @@ def mask_markdown(info: RunInfo, summary: list[dict], threshold: float | None,
     return "\n".join(lines) + "\n"
 
 
+MASK = AttributionKind(
+    "mask", mask_attribution_rows, summarize_masks, mask_markdown, MASK_IMAGE_COLUMNS,
+    MASK_SUMMARY_COLUMNS, DEFINITIONS,
+    lambda info: {"target": "mask", "refine": info.refine,
+                  "mask_protocol": info.config.get("mask_protocol"),
+                  "saliency_definition": "tokencut"})
+
+
 def attribute_mask_run(run_dir: str | Path | RunInfo, norms: str | Path | None = None,
                        threshold: float | None = None, device: str = "auto",
                        data_root: str | Path | None = None, batch_size: int = 16,
                        num_workers: int | None = None, progress: bool = False,
                        recompute: bool = False, weights: str | None = None) -> AttributionResult:
-    """Join a mask run's stored masks with token outlier maps and write the tables under
-    ``<run>/analysis/``: ``attribution.csv`` (per image), ``attribution_summary.csv``,
-    ``attribution.md`` and ``attribution.json``."""
-    info = run_dir if isinstance(run_dir, RunInfo) else load_run(run_dir)
-    if not info.is_mask:
-        raise LostregError(f"{info.run_dir}: a box run; its attribution is "
-                           "attribution.attribute_run's")
-    maps, layer, used, source, norms_path = token_maps_for(
-        info, norms, threshold, device, data_root, batch_size, num_workers, progress, recompute,
-        weights)
-    rows = mask_attribution_rows(info, maps, layer, used)
-    summary = summarize_masks(rows)
-    markdown = mask_markdown(info, summary, used, source)
-    return write_attribution(info, rows, MASK_IMAGE_COLUMNS, summary, MASK_SUMMARY_COLUMNS,
-                             markdown, {
-        "run_id": info.run_id, "target": "mask", "model": info.config["model"],
-        "dataset": info.config["dataset"], "smoke_run": info.smoke,
-        **info.unfinished_fields(),
-        "method": info.method.name, "method_params": info.method.params,
-        "refine": info.refine, "mask_protocol": info.config.get("mask_protocol"),
-        "saliency_definition": "tokencut", "norms": str(norms_path), "layer": layer,
-        "threshold": used, "threshold_source": source, "definitions": DEFINITIONS,
-    })
+    """``run_attribution`` of a mask run."""
+    return run_attribution(run_dir, MASK, norms, threshold, device, data_root, batch_size,
+                     num_workers, progress, recompute, weights)
 
 
 # --- several mask runs: each run's IoU per image ----------------------------------------------
