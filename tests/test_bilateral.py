@@ -178,13 +178,8 @@ def test_splat_of_the_constant_confidence_is_the_sequential_sum(scenes) -> None:
                           np.bincount(grid.vertex, weights=weights, minlength=grid.nvertices))
 
 
-def test_refined_prediction_and_bad_input() -> None:
+def test_bad_input_is_one_line() -> None:
     image, target = make_inputs(1, 30, 40, seed=3)[0]
-    out = B.bilateral_refine(image, target)
-    assert B.refined_prediction(out) is out.soft
-    assert np.array_equal(B.refined_prediction(out, "binary"), out.binary.astype(np.float64))
-    with pytest.raises(LostregError, match="scoring"):
-        B.refined_prediction(out, "hard")
     for bad_image, bad_target, message in (
             (image.astype(np.float32), target, "uint8"),
             (image, target[:-1], "does not match"),

@@ -50,8 +50,9 @@ What the reference does, and what ``bilateral_refine`` reproduces:
 
 TokenCut's saliency figures "+ BS" score the **soft** output (``mask_bfs.append(
 output_solver)`` in ``get_saliency.py``); the binary mask is only drawn (and negated for the
-drawing when its IoU with the TokenCut mask is < 0.5). ``refined_prediction(out, "soft")`` is
-that default; ``"binary"`` scores the post-processed mask instead (the corrected variant).
+drawing when its IoU with the TokenCut mask is < 0.5). ``--refine bilateral`` scores that soft
+output; ``--refine bilateral-binary`` scores the post-processed mask instead, the corrected
+variant (``lostreg.runs.mask_lines.refined``).
 
 Speed (``benchmarks/bench_bilateral.py``): the same arithmetic without the reference's
 per-call sparse-matrix algebra and Python loops. Vertex ids come from two presence tables
@@ -116,7 +117,6 @@ COLOUR_BLOCK = 8192  # pixels per block of the colour-cell arithmetic
 HASH_BASE = 255  # the reference's MAX_VAL: hash = sum(coord_d * 255**d)
 DIM = 5  # x, y, luma, u, v
 COMPONENT_RULES = ("reference", "largest")
-SCORED = ("soft", "binary")
 LOOKUP_TABLE_FACTOR = 8  # vertex ids by table when the compact key range <= 8x the pixels
 
 
@@ -514,15 +514,6 @@ def bilateral_refine(image: np.ndarray, target: np.ndarray,
                      component_rule: str = "reference") -> BilateralOutput:
     """Refine ``target`` (HxW, bool or float, e.g. TokenCut's upsampled 0/1 mask) on the RGB
     ``image`` (uint8 HxWx3, same size) as TokenCut's ``bilateral_solver_output`` does."""
-    check_image(image)
-    check_target(target, image.shape[:2])
-    soft, iterations = solve(prepare_solver(image, params), target)
+    soft, iterations = solve(prepare_solver(image, params), target)  # each checks its input
     return BilateralOutput(soft, post_process(soft, component_rule), iterations)
 
-
-def refined_prediction(output: BilateralOutput, scored: str = "soft") -> np.ndarray:
-    """What a saliency metric scores after ``--refine bilateral``: the soft output as
-    TokenCut's "+ BS" figures did (default), or the post-processed binary mask (float64 0/1)."""
-    if scored not in SCORED:
-        raise LostregError(f"bilateral scoring {scored!r}: expected one of {', '.join(SCORED)}")
-    return output.soft if scored == "soft" else output.binary.astype(np.float64)
