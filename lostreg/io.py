@@ -397,14 +397,37 @@ def read_jsonl(path: str | os.PathLike,
     if not path.exists():
         return
     with open(path, "rb") as handle:
-        for number, raw in enumerate(iter(lambda: handle.readline(max_line_bytes + 1), b""),
-                                     start=1):
-            where = f"{path}: line {number}"
-            if len(raw) > max_line_bytes:
-                raise JsonInputError(where, f"longer than {max_line_bytes:,} bytes")
-            if not raw.endswith(b"\n"):
-                break  # torn write: the record was never durable
-            yield loads_bounded(raw, where, max_bytes=None)
+        lines = iter(lambda: handle.readline(max_line_bytes + 1), b"")
+        yield from _jsonl_lines(lines, path, max_line_bytes)
+
+
+def jsonl_records(data: bytes, path: str | os.PathLike,
+                  max_line_bytes: int = MAX_JSONL_LINE_BYTES) -> Iterator[Any]:
+    """``read_jsonl`` of bytes already read from ``path`` (named in errors): the same records
+    and the same errors, so a caller that hashed these bytes parses exactly what it hashed,
+    and the file is read once."""
+    def lines() -> Iterator[bytes]:
+        start = 0
+        while start < len(data):
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end + 1
+            # as ``readline(max_line_bytes + 1)`` gives it: a longer line is cut there
+            yield data[start:min(end, start + max_line_bytes + 1)]
+            start = end
+
+    yield from _jsonl_lines(lines(), Path(path), max_line_bytes)
+
+
+def _jsonl_lines(lines: Iterable[bytes], path: Path, max_line_bytes: int) -> Iterator[Any]:
+    """The records of a JSON-lines file's lines (each at most ``max_line_bytes + 1`` bytes, a
+    longer one cut there): a line too long is refused, a torn last line skipped."""
+    for number, raw in enumerate(lines, start=1):
+        where = f"{path}: line {number}"
+        if len(raw) > max_line_bytes:
+            raise JsonInputError(where, f"longer than {max_line_bytes:,} bytes")
+        if not raw.endswith(b"\n"):
+            break  # torn write: the record was never durable
+        yield loads_bounded(raw, where, max_bytes=None)
 
 
 def repair_jsonl(path: str | os.PathLike) -> int:

@@ -26,9 +26,9 @@ class Reads:
         self.runs: list[str] = []
         real = saliency_runs._read_images
 
-        def counting(path: Path) -> pd.DataFrame:
+        def counting(path: Path, data: bytes | None = None) -> pd.DataFrame:
             self.runs.append(path.parent.name)
-            return real(path)
+            return real(path, data)
 
         monkeypatch.setattr(saliency_runs, "_read_images", counting)
 

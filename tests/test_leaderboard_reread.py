@@ -72,9 +72,9 @@ class Reads:
             self.runs.append(header.run_dir.name)
             return real_box(header, key, data)
 
-        def mask(path: Path):
+        def mask(path: Path, data: bytes | None = None):
             self.runs.append(path.parent.name)
-            return real_mask(path)
+            return real_mask(path, data)
 
         monkeypatch.setattr(summaries, "summarise", box)
         monkeypatch.setattr(saliency_runs, "_read_images", mask)

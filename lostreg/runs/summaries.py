@@ -600,8 +600,6 @@ class SummaryStore:
             done = "removed"
         except OSError as exc:
             done = f"could not be removed ({exc.strerror or exc})"
-        if name in self.differing:  # compared and named already, then the run failed
-            return
         self.compared += 1
         self.differing.append(name)
         if self.report is not None:
@@ -754,6 +752,38 @@ def recorded_key(run_dir: Path, stored: Any) -> dict[str, str] | None:
     return {**run_file_key(run_dir, b""), PREDICTIONS: stored["files"].get(PREDICTIONS)}
 
 
+@dataclass
+class CurrentKey:
+    """The key of a run's files as they are now, and the predictions' bytes when they had to
+    be read for it (with their stat when it proves them later, ``read_settled``): a caller
+    that must read the lines parses these bytes, so what it summarises is what was hashed."""
+
+    key: dict[str, str]
+    data: bytes | None = None
+    stat: list[int] | None = None
+
+    def read(self, run_dir: Path) -> CurrentKey:
+        """This key with the predictions' bytes: itself when they were read for it, else the
+        file read now (a key known by the stat: its stored summary failed a check), its
+        predictions hash taken from these bytes and the other files' hashes kept."""
+        if self.data is not None:
+            return self
+        data, stat = read_settled(run_dir / PREDICTIONS)
+        return CurrentKey({**self.key, PREDICTIONS: hashlib.sha256(data).hexdigest()}, data,
+                          stat)
+
+
+def current_key(run_dir: Path, stored: Any) -> CurrentKey:
+    """A run's key now: from the stat ``stored`` (its stored summary, or None) recorded when
+    its predictions file still has it (not read then), else hashed from the file's bytes,
+    read once. ``config.json`` and ``metrics.json`` are hashed once either way."""
+    key = recorded_key(run_dir, stored)
+    if key is not None:
+        return CurrentKey(key)
+    data, stat = read_settled(run_dir / PREDICTIONS)
+    return CurrentKey(run_file_key(run_dir, data), data, stat)
+
+
 def prepare(run_dir: Path, store: SummaryStore, header: RunHeader | None = None
             ) -> RunSummary | Pending:
     """A finished run's stored summary when it passes every check, else what summarising it
@@ -764,10 +794,8 @@ def prepare(run_dir: Path, store: SummaryStore, header: RunHeader | None = None
     if not path.is_file():
         read_predictions(path)  # says what is missing, as load_run does
     stored = store.lookup(run_dir.name)
-    key, stat = recorded_key(run_dir, stored), None
-    if key is None:
-        data, stat = read_settled(path)
-        key = run_file_key(run_dir, data)
+    current = current_key(run_dir, stored)
+    key, stat = current.key, current.stat
     summary = summary_from_payload(stored, header, key) if stored is not None else None
     if summary is None:
         return Pending(run_dir, header, key)

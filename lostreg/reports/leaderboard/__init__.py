@@ -114,7 +114,7 @@ from lostreg.runs.store import (  # the run-folder reader, re-exported for noteb
 
 # (model short name, dataset) runs that fill the comparison table with public weights
 from lostreg.runs.suites import PAPER_DATASETS, PAPER_MODELS, PAPER_SUITE
-from lostreg.runs.summaries import RunSummary, SummaryStore, scan_summaries
+from lostreg.runs.summaries import RunSummary, scan_summaries
 
 __all__ = [
     "COMPARISON_COLUMNS", "DATASET_LABELS", "DEFAULT_PUBLISHED", "FAMILY_LABELS",
@@ -164,12 +164,10 @@ def collect(runs_dir: str | Path, include_smoke: bool = False,
     figures = load_published(published)
     comparison, singles = comparison_frame(scan.runs, figures)
     store.save_p_values()  # the pairs' McNemar p-values, for the next build (no SciPy then)
-    mask_store = SummaryStore(Path(runs_dir), report, reread=reread)
-    masks = collect_saliency(runs_dir, include_smoke, published, report, mask_store)
-    checked = None
-    if reread:
-        checked = (store.compared + mask_store.compared,
-                   len(store.differing) + len(mask_store.differing))
+    # the box scan's store: one store per build, so a store that cannot be written is said
+    # once and ``--reread`` counts every run in one place
+    masks = collect_saliency(runs_dir, include_smoke, published, report, store)
+    checked = (store.compared, len(store.differing)) if reread else None
     return Leaderboard(scan.runs, with_mask_rows(leaderboard_frame(scan.runs), masks),
                        comparison, singles, figures, scan.skipped + masks.skipped,
                        scan.smoke_excluded + masks.smoke_excluded, scan.unfinished, masks,

@@ -24,10 +24,8 @@ never sit in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -43,7 +41,7 @@ from lostreg.evaluation.rle import decode as decode_rle
 from lostreg.evaluation.rle import foreground, rle_problem
 from lostreg.evaluation.saliency_metric import counts_problem
 from lostreg.fields import Fields, is_int, is_number, shown
-from lostreg.io import MAX_JSON_BYTES, read_bounded, read_jsonl
+from lostreg.io import jsonl_records, read_jsonl
 from lostreg.reports.leaderboard.published import REFINES
 from lostreg.runs.store import (
     CONFIG,
@@ -62,14 +60,10 @@ from lostreg.runs.store import (
 )
 from lostreg.runs.summaries import (
     SummaryStore,
+    current_key,
     decode_vector,
     encode_vector,
-    file_stat,
     payload_digest,
-    read_settled,
-    recorded_key,
-    run_file_key,
-    settled,
 )
 
 F_CURVE_POINTS = len(saliency.TOKENCUT_THRESHOLDS)  # 255
@@ -230,8 +224,12 @@ def checked_mask_lines(records: Iterable[Any], path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
 
 
-def _read_images(path: Path) -> pd.DataFrame:
-    """Every line of a mask run's predictions, checked, in file order (a line number each)."""
+def _read_images(path: Path, data: bytes | None = None) -> pd.DataFrame:
+    """Every line of a mask run's predictions, checked, in file order (a line number each):
+    parsed from ``data`` (the file's bytes, read and hashed by the caller) when given, so the
+    table is the hashed content's, else read from the file."""
+    if data is not None:
+        return checked_mask_lines(jsonl_records(data, path), path)
     if not path.is_file():
         raise LostregError(f"{path}: missing (a finished run needs predictions.jsonl)")
     return checked_mask_lines(read_jsonl(path), path)
@@ -333,7 +331,10 @@ def _run_means(images: pd.DataFrame, metrics: Fields) -> dict[str, Any]:
 
 def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> MaskRun:
     """Read one finished mask-run folder, check every value and that its files agree; its
-    lines from ``store``'s summary of it when its files did not change (``mask_images``)."""
+    lines from ``store``'s summary of it when its files did not change (``mask_images``).
+    A summary is stored only once every check has passed, as for box runs: a run skipped
+    (its metrics.json disagrees) leaves none, so no build rewrites one and ``--reread``
+    counts it once (``SummaryStore.unreadable_run``)."""
     run_dir = Path(run_dir)
     metrics_path, config_path = run_dir / METRICS, run_dir / CONFIG
     metrics_data, config = read_run_files(run_dir)
@@ -346,7 +347,8 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     if metrics.text("saliency_definition") != "tokencut":
         raise metrics.fail("saliency_definition", "'tokencut' (the contract's default)")
     n_images = metrics.integer("n_images", minimum=1)
-    images = mask_images(run_dir, n_images, metrics, store)
+    read = mask_images(run_dir, n_images, metrics, store)
+    images = read.images
     if len(images) != n_images:
         raise LostregError(f"{run_dir / PREDICTIONS}: {len(images)} images but metrics.json "
                            f"says {n_images}; {REWRITE_HINT} metrics.json from its predictions")
@@ -354,6 +356,8 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     curve, max_f, threshold = _curve(metrics)
     figures = {"tokencut": {"acc": means["acc"], "iou": means["iou"], "max_f": max_f},
                **_variant_figures(metrics_data, str(metrics_path))}
+    if store is not None and read.payload is not None:
+        store.write_payload(run_dir.name, read.payload)  # every check passed: only now
     return MaskRun(run_dir, config, info, is_smoke(config, metrics_data), finished_time(metrics),
                    run_seconds(metrics), refine, mask_protocol, figures, threshold,
                    means["iou_nan_images"], means["iou_empty_as_one"], curve, images)
@@ -415,8 +419,8 @@ def scan_mask_runs(runs_dir: str | Path, include_smoke: bool = False,
 # digest and key must hold, every column must have the run's image count and its types, and
 # the run's Acc, IoU and 0/0 count recomputed from the stored columns must be what
 # ``metrics.json`` states (``_run_means``, the check the lines themselves pass); anything else
-# and the lines are read again. The lines are kept only when the file did not change between
-# its hashing and its reading (``_unchanged``), so the table is the hashed lines'.
+# and the lines are read again. They are parsed from the very bytes that were hashed for the
+# key (``summaries.current_key``: the file read once), so the table is the hashed lines'.
 
 MASK_SUMMARY_FORMAT = "lostreg-mask-summary/1"
 _FLOAT_COLUMNS = ("sal_iou", "sal_acc", "gt_share", "pred_share")
@@ -478,53 +482,41 @@ def _stored_images(stored: Any, key: dict[str, str], n_images: int,
     return images
 
 
+@dataclass
+class MaskImages:
+    """A mask run's per-image table, and the summary to store for it (``payload``: None when
+    the stored one stands as it is) once every check of the run has passed: a run skipped for
+    its metrics.json stores nothing (``load_mask_run``)."""
+
+    images: pd.DataFrame
+    payload: dict[str, Any] | None = None
+
+
 def mask_images(run_dir: Path, n_images: int, metrics: Fields,
-                store: SummaryStore | None) -> pd.DataFrame:
-    """A mask run's checked per-image table: from ``store``'s summary when the run's files
-    are the summarised ones (its predictions by the stat recorded, else by hash), else read
-    from its lines (and stored)."""
+                store: SummaryStore | None) -> MaskImages:
+    """A mask run's per-image table: from ``store``'s summary when the run's files are the
+    summarised ones (its predictions by the stat recorded, else by hash), else parsed from
+    the very bytes its key hashed (the file read once), with the summary to store."""
     path = run_dir / PREDICTIONS
     if store is None or not path.is_file():
-        return _read_images(path)  # says what is missing
+        return MaskImages(_read_images(path))  # says what is missing
     stored = store.lookup(run_dir.name)  # none under --reread: read as a first build
-    key, stat = recorded_key(run_dir, stored), None
-    if key is None:
-        data, stat = read_settled(path)
-        key = run_file_key(run_dir, data)
-    images = _stored_images(stored, key, n_images, metrics)
+    current = current_key(run_dir, stored)
+    images = _stored_images(stored, current.key, n_images, metrics)
     if images is not None:
         store.reused += 1
-        if stat is not None and stat != stored.get("predictions_stat"):
-            # hashed now and settled: later builds know it by its stat
-            payload = {name: value for name, value in stored.items() if name != "digest"}
-            store.write_payload(run_dir.name, {**payload, "predictions_stat": stat})
-        return images
-    start = time.time_ns()
-    before = file_stat(path)
-    key = run_file_key(run_dir, read_bounded(path, MAX_JSON_BYTES, "predictions file"))
-    images = _read_images(path)
+        if current.stat is None or current.stat == stored.get("predictions_stat"):
+            return MaskImages(images)
+        # hashed now and settled: later builds know it by its stat
+        payload = {name: value for name, value in stored.items() if name != "digest"}
+        return MaskImages(images, {**payload, "predictions_stat": current.stat})
+    current = current.read(run_dir)  # the bytes the key hashed, read once
+    images = _read_images(path, current.data)
     store.recomputed.append(run_dir.name)
-    if _unchanged(path, before, start, key):
-        store.write_payload(run_dir.name, {
-            "format": MASK_SUMMARY_FORMAT, "files": key,
-            "predictions_stat": before if settled(before, start) else None,
-            "n_images": len(images), "images": _images_payload(images)})
-    return images
-
-
-def _unchanged(path: Path, before: list[int], start: int, key: dict[str, str]) -> bool:
-    """Whether the file hashed and read since ``before`` was taken (at ``start``) is still
-    the hashed one: the same stat, and the same sha256 when its stat alone proves nothing
-    (it changed in the ``RACY_NS`` before): the lines just read are then the hashed ones."""
-    try:
-        if file_stat(path) != before:
-            return False
-        if settled(before, start):
-            return True
-        data = read_bounded(path, MAX_JSON_BYTES, "predictions file")
-    except (OSError, LostregError):
-        return False
-    return hashlib.sha256(data).hexdigest() == key[PREDICTIONS]
+    return MaskImages(images, {
+        "format": MASK_SUMMARY_FORMAT, "files": current.key,
+        "predictions_stat": current.stat, "n_images": len(images),
+        "images": _images_payload(images)})
 
 
 # --- masks, read again for the figures ------------------------------------------------------
