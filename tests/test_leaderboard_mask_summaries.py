@@ -4,7 +4,11 @@ changed run is read again, and a damaged or forged summary is never trusted."""
 
 from __future__ import annotations
 
+import builtins
+import hashlib
+import io
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -124,3 +128,64 @@ def test_a_mask_summary_is_no_box_summary_and_the_box_reader_ignores_it(tmp_path
     result, store = summaries.scan_summaries(runs, report=None)
     assert result.runs == [] and result.other_targets == 2
     assert (runs / summaries.STORE_FOLDER / "mask.json").is_file()  # not pruned
+
+
+def test_a_run_skipped_for_its_metrics_stores_no_summary_and_none_is_rewritten(
+        tmp_path: Path) -> None:
+    """Review finding: the summary was stored before ``_run_means`` held the lines against
+    metrics.json, so a skipped run had one, written anew (a new inode) by every build."""
+    runs = _runs(tmp_path / "runs")
+    edit_json(runs / "mask" / "metrics.json", acc=12.5)  # not what the lines give
+    stored = runs / summaries.STORE_FOLDER
+    lines: list[str] = []
+    assert [run.run_id for run in scan_mask_runs(runs, report=lines.append).runs] == ["mask-reg"]
+    assert len(lines) == 1 and "'acc' is 12.5" in lines[0], lines
+    assert sorted(path.name for path in stored.iterdir()) == ["mask-reg.json"]
+    before = (stored / "mask-reg.json").stat()
+    assert len(scan_mask_runs(runs, report=lines.append).runs) == 1
+    assert sorted(path.name for path in stored.iterdir()) == ["mask-reg.json"]
+    after = (stored / "mask-reg.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+class PredictionOpens:
+    """Counts every opening of a ``predictions.jsonl`` (``open`` however it is reached)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real_open, real_os_open = builtins.open, os.open
+
+        def counted(path: object) -> None:
+            if isinstance(path, (str, os.PathLike)) and Path(path).name == "predictions.jsonl":
+                self.count += 1
+
+        def opening(file, *args, **kwargs):
+            counted(file)
+            return real_open(file, *args, **kwargs)
+
+        def os_opening(path, *args, **kwargs):
+            counted(path)
+            return real_os_open(path, *args, **kwargs)
+
+        for module, name, patched in ((builtins, "open", opening), (io, "open", opening),
+                                      (os, "open", os_opening)):
+            monkeypatch.setattr(module, name, patched)
+
+
+def test_a_cold_mask_run_reads_its_predictions_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding: a cold run's predictions were read three times (hashed, hashed again,
+    parsed) and a fourth to check they had not changed; now the hashed bytes are parsed."""
+    runs = tmp_path / "runs"
+    write_mask_run(runs, "mask", SHIFTS, empty_images=2)
+    expected = load_mask_run(runs / "mask").images  # no store: read from the file
+    opens = PredictionOpens(monkeypatch)
+    images = scan_mask_runs(runs).runs[0].images
+    assert opens.count == 1
+    pd.testing.assert_frame_equal(images, expected)
+    stored = json.loads((runs / summaries.STORE_FOLDER / "mask.json").read_text())
+    data = (runs / "mask" / "predictions.jsonl").read_bytes()
+    assert stored["files"]["predictions.jsonl"] == hashlib.sha256(data).hexdigest()
+    opens.count = 0
+    scan_mask_runs(runs)  # warm: known by its stat, or read once for its hash
+    assert opens.count <= 1

@@ -293,3 +293,51 @@ def test_a_stale_or_damaged_summary_is_named_with_what_is_wrong(tmp_path: Path,
                      f"{runs / 'box-reg' / 'predictions.jsonl'} gives"]
     assert summary.reread == (4, 1) and summary.skipped == 0
     assert summaries.scan_summaries(runs, report=None)[1].recomputed == []  # rewritten
+
+
+def test_a_run_skipped_for_its_metrics_is_counted_once_by_reread(tmp_path: Path) -> None:
+    """Review finding: a mask run whose metrics.json disagrees with its lines had its summary
+    stored anyway, so ``--reread`` compared it on writing and again on skipping it: "1 of 5"
+    for 4 runs. Its honest summary of older files is now the one stale summary."""
+    runs = _runs(tmp_path / "runs")
+    lb.build(runs, tmp_path / "first", report=None)
+    stored = runs / summaries.STORE_FOLDER / "mask.json"
+    honest = stored.stat()
+    edit_json(runs / "mask" / "metrics.json", acc=12.5)
+    for out in ("second", "third"):  # skipped by each build, its summary left as it was
+        lines: list[str] = []
+        assert lb.build(runs, tmp_path / out, report=lines.append).skipped == 1
+        assert len(lines) == 1 and lines[0].startswith(f"skipped {runs / 'mask'}"), lines
+        assert (stored.stat().st_ino, stored.stat().st_mtime_ns) == (
+            honest.st_ino, honest.st_mtime_ns)
+    lines = []
+    summary = lb.build(runs, tmp_path / "reread", report=lines.append, reread=True)
+    assert summary.reread == (4, 1) and not stored.exists()
+    assert lb.summary_line(summary, Path("OUT")).endswith(
+        "; --reread: every run read from its predictions, 1 of 4 stored summaries differed "
+        "from them (named above)")
+    assert [line for line in lines if line.startswith(f"{stored}: ")] == [
+        f"{stored}: a stored summary, but the run's files give none (the line skipping "
+        f"{runs / 'mask'} says why); removed"]
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_store_that_is_no_folder_is_said_once(tmp_path: Path, kind: str) -> None:
+    """Review finding: mask runs had a second store over the same folder, so a ``.summaries``
+    that is a file or a link was said twice; one store per build says it once."""
+    runs = _runs(tmp_path / "runs")
+    folder = runs / summaries.STORE_FOLDER
+    if kind == "file":
+        folder.write_text("not a folder")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        folder.symlink_to(tmp_path / "elsewhere")
+    lines: list[str] = []
+    summary = lb.build(runs, tmp_path / "out", report=lines.append)
+    assert summary.runs == 4 and summary.skipped == 0
+    said = [line for line in lines if "run summaries not stored" in line]
+    assert len(said) == 1 and said[0].startswith(f"{folder}: "), lines
+    if kind == "file":
+        assert folder.read_text() == "not a folder"
+    else:
+        assert list((tmp_path / "elsewhere").iterdir()) == []
