@@ -209,6 +209,24 @@ def test_a_linked_key_file_is_not_followed(tmp_path) -> None:
                                                        "(never followed)")
 
 
+def test_a_linked_key_file_is_rewritten_by_the_cache_too(tmp_path, capsys) -> None:
+    """The cache reading its own folder refuses the link as the listing does (one reader,
+    ``read_key_file``): even a link to the very same key is damaged, and is replaced by a
+    regular file while the file it named stays as it was."""
+    elsewhere = write_cache(tmp_path / "elsewhere", key())
+    target_bytes = (elsewhere / "key.json").read_bytes()
+    folder = write_cache(tmp_path / "cache", key())
+    (folder / "key.json").unlink()
+    (folder / "key.json").symlink_to(elsewhere / "key.json")
+    capsys.readouterr()
+    again = FeatureCache(tmp_path / "cache", key())
+    assert len(again) == 2  # the index is still read; shards are checked against the hash
+    assert "does not match its folder; rewriting" in capsys.readouterr().err
+    assert not (folder / "key.json").is_symlink()
+    assert json.loads((folder / "key.json").read_text()) == key()
+    assert (elsewhere / "key.json").read_bytes() == target_bytes
+
+
 def test_a_missing_root_or_a_file_is_one_error_line(tmp_path, capsys) -> None:
     assert cache_main([str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err

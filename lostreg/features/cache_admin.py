@@ -51,8 +51,7 @@ import lostreg
 from lostreg import version
 from lostreg.errors import LostregError, os_error_message
 from lostreg.features import cache_key as cache_key_module
-from lostreg.features.cache_key import folder_name
-from lostreg.io import loads_bounded, read_bounded
+from lostreg.features.cache_key import folder_name, read_key_file
 
 CURRENT, STALE, UNREADABLE = "current", "stale", "unreadable"
 STATUSES = (CURRENT, STALE, UNREADABLE)
@@ -60,7 +59,6 @@ STATUSES = (CURRENT, STALE, UNREADABLE)
 FOLDER_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{12}$")
 #: A folder being removed (``remove_folder``): its old name, then a random tag.
 TRASH_PATTERN = re.compile(r"^\.deleting-(?P<name>[A-Za-z0-9_.-]+-[0-9a-f]{12})\.[0-9a-f]{8}$")
-MAX_KEY_BYTES = 1 << 20  # key.json is about 1 KB
 #: The fields a key must hold, with their types, to name its folder and its code versions.
 KEY_FIELDS: dict[str, type] = {"format": int, "lostreg_version": str, "timm_name": str,
                                "dataset": str, "split": str, "feature": str}
@@ -126,22 +124,11 @@ def stale_because(key: dict[str, Any]) -> str:
 
 def read_key(folder: Path, name: str) -> tuple[dict[str, Any] | None, str]:
     """``folder``'s key and "" when ``key.json`` is a readable cache key that names ``name``;
-    else None and one line naming the file and what is wrong. Read with the bounded reader,
-    never through a link, never from anything but a regular file (a FIFO would block)."""
+    else None and one line naming the file and what is wrong (``read_key_file``)."""
     key_file = folder / "key.json"
     try:
-        st = os.lstat(key_file)
-    except OSError as exc:
-        what = "missing" if isinstance(exc, FileNotFoundError) else os_error_message(exc)
-        return None, f"{key_file}: {what}"
-    if stat.S_ISLNK(st.st_mode):
-        return None, f"{key_file}: a symbolic link (never followed)"
-    if not stat.S_ISREG(st.st_mode):
-        return None, f"{key_file}: not a regular file"
-    try:
-        key = loads_bounded(read_bounded(key_file, MAX_KEY_BYTES, "cache key file"),
-                            str(key_file), max_bytes=None)
-    except LostregError as exc:  # unreadable, too large, not JSON, too deep
+        key = read_key_file(key_file)
+    except LostregError as exc:  # missing, a link, not a file, unreadable, too large, not JSON
         return None, str(exc)
     problem = key_problem(key)
     if problem is not None:
