@@ -157,12 +157,15 @@ def test_a_key_of_another_format_is_stale(tmp_path, monkeypatch) -> None:
                                                     f"{cache_key_module.FORMAT_VERSION})")
 
 
-def test_a_key_written_before_result_versions_is_stale(tmp_path) -> None:
+def test_a_key_written_before_result_versions_is_stale(tmp_path, capsys) -> None:
     old = key()
     del old["result_version"]  # keys before result versions existed (result version 1)
     write_cache(tmp_path, old)
-    (folder,) = admin.scan(tmp_path).folders
+    found = admin.scan(tmp_path)
+    (folder,) = found.folders
     assert (folder.status, folder.why) == ("stale", f"result version 1 (this code: {N})")
+    assert admin.key_versions(old)["result_version"] == 1
+    assert rows(listing(tmp_path, capsys)[1])[folder.path.name][-2] == "1"  # result column
 
 
 def test_this_codes_result_version_decides(tmp_path, monkeypatch) -> None:

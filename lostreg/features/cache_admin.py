@@ -66,6 +66,8 @@ KEY_FIELDS: dict[str, type] = {"format": int, "lostreg_version": str, "timm_name
 #: before result versions existed (result version 1).
 VERSION_FIELDS = (("format", "format"), ("lostreg_version", "lostreg"),
                   ("result_version", "result version"))
+#: What an absent version field means: a key written before result versions existed.
+_ABSENT_VERSIONS = {"result_version": 1}
 
 
 def code_versions() -> dict[str, Any]:
@@ -99,6 +101,12 @@ class CacheScan:
         return [folder for folder in self.folders if folder.status == status]
 
 
+def key_versions(key: dict[str, Any]) -> dict[str, Any]:
+    """The versions of the code that wrote ``key`` (``VERSION_FIELDS``' names), the one place
+    that reads an absent ``result_version`` as result version 1."""
+    return {name: key.get(name, _ABSENT_VERSIONS.get(name)) for name, _ in VERSION_FIELDS}
+
+
 def key_problem(key: object) -> str | None:
     """What keeps ``key`` (parsed ``key.json``) from being a cache key, or None."""
     if not isinstance(key, dict):
@@ -106,18 +114,15 @@ def key_problem(key: object) -> str | None:
     for name, kind in KEY_FIELDS.items():
         if not isinstance(key.get(name), kind) or isinstance(key.get(name), bool):
             return f"no {kind.__name__} {name!r}: not a cache key"
-    result = key.get("result_version", 1)
+    result = key_versions(key)["result_version"]
     if not isinstance(result, int) or isinstance(result, bool):
         return "'result_version' is not a whole number: not a cache key"
     return None
 
 
 def stale_because(key: dict[str, Any]) -> str:
-    """Which of ``key``'s code versions differ from this code's (empty: none, it is current);
-    a key without ``result_version`` was written by result version 1."""
-    code = code_versions()
-    found = {name: key.get(name, 1 if name == "result_version" else None)
-             for name, _ in VERSION_FIELDS}
+    """Which of ``key``'s code versions differ from this code's (empty: none, it is current)."""
+    code, found = code_versions(), key_versions(key)
     return ", ".join(f"{label} {found[name]} (this code: {code[name]})"
                      for name, label in VERSION_FIELDS if found[name] != code[name])
 
