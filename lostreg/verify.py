@@ -289,9 +289,8 @@ def compare(ours: Sequence[dict], official: dict[str, list[int]], full_set: bool
 
 def _row(line: dict, box: list[int] | None, theirs: list[int] | None, iou: float | None,
          their_best: float | None) -> dict:
-    status = "different" if theirs is not None else "missing_in_official"
-    if box is None:
-        status = "no_box_nonfinite_features" if theirs is not None else status
+    status = ("missing_in_official" if theirs is None
+              else "no_box_nonfinite_features" if box is None else "different")
     return {
         "image_id": line["image_id"],
         "status": status,

@@ -46,25 +46,30 @@ def _describe(text: Text) -> str:
     return repr(text.get_text()[:60])
 
 
+def box_problems(boxes: list[tuple[str, tuple[float, float, float, float]]], width: float,
+                 height: float, tolerance: float = TOLERANCE_PX) -> list[str]:
+    """Every ``(name, (x0, y0, x1, y1))`` box that leaves a ``width x height`` canvas or
+    overlaps another box, one line each: the check of matplotlib figures and SVGs alike."""
+    problems = [f"{name} leaves the {width:.0f}x{height:.0f} canvas: "
+                f"x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f}"
+                for name, (x0, y0, x1, y1) in boxes
+                if x0 < -tolerance or y0 < -tolerance or x1 > width + tolerance
+                or y1 > height + tolerance]
+    for (first, a), (second, b) in itertools.combinations(boxes, 2):
+        overlap_x = min(a[2], b[2]) - max(a[0], b[0])
+        overlap_y = min(a[3], b[3]) - max(a[1], b[1])
+        if overlap_x > tolerance and overlap_y > tolerance:
+            problems.append(f"{first} overlaps {second} ({overlap_x:.0f}x{overlap_y:.0f} px)")
+    return problems
+
+
 def text_problems(fig: Figure, tolerance: float = TOLERANCE_PX,
                   texts: list[tuple[Text, object]] | None = None) -> list[str]:
     """Every drawn text that leaves the canvas or overlaps another drawn text, one line each
     (empty when the figure is clean); ``texts``: :func:`drawn_texts` if already taken."""
-    width, height = fig.bbox.width, fig.bbox.height
     texts = drawn_texts(fig) if texts is None else texts
-    problems = []
-    for text, box in texts:
-        if (box.x0 < -tolerance or box.y0 < -tolerance or box.x1 > width + tolerance
-                or box.y1 > height + tolerance):
-            problems.append(f"{_describe(text)} leaves the {width:.0f}x{height:.0f} canvas: "
-                            f"x {box.x0:.0f}..{box.x1:.0f}, y {box.y0:.0f}..{box.y1:.0f}")
-    for (first, a), (second, b) in itertools.combinations(texts, 2):
-        overlap_x = min(a.x1, b.x1) - max(a.x0, b.x0)
-        overlap_y = min(a.y1, b.y1) - max(a.y0, b.y0)
-        if overlap_x > tolerance and overlap_y > tolerance:
-            problems.append(f"{_describe(first)} overlaps {_describe(second)} "
-                            f"({overlap_x:.0f}x{overlap_y:.0f} px)")
-    return problems
+    return box_problems([(_describe(text), (box.x0, box.y0, box.x1, box.y1))
+                         for text, box in texts], fig.bbox.width, fig.bbox.height, tolerance)
 
 
 def assert_texts_fit(fig: Figure, name: str = "figure") -> None:
@@ -144,18 +149,8 @@ def svg_text_boxes(svg: str) -> list[tuple[str, tuple[float, float, float, float
 def svg_text_problems(svg: str, tolerance: float = TOLERANCE_PX) -> list[str]:
     """Every text that leaves the SVG's canvas or overlaps another text, one line each."""
     root = svg_root(svg)
-    width, height = float(root.get("width")), float(root.get("height"))
-    boxes = svg_text_boxes(svg)
-    problems = [f"{words[:60]!r} leaves the {width:.0f}x{height:.0f} canvas: {box}"
-                for words, box, _ in boxes
-                if box[0] < -tolerance or box[1] < -tolerance or box[2] > width + tolerance
-                or box[3] > height + tolerance]
-    for (first, a, _), (second, b, _) in itertools.combinations(boxes, 2):
-        overlap_x = min(a[2], b[2]) - max(a[0], b[0])
-        overlap_y = min(a[3], b[3]) - max(a[1], b[1])
-        if overlap_x > tolerance and overlap_y > tolerance:
-            problems.append(f"{first[:60]!r} overlaps {second[:60]!r}")
-    return problems
+    return box_problems([(repr(words[:60]), box) for words, box, _ in svg_text_boxes(svg)],
+                        float(root.get("width")), float(root.get("height")), tolerance)
 
 
 def assert_svg_texts_fit(svg: str, name: str = "figure") -> None:

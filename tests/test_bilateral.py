@@ -204,28 +204,23 @@ def border_colours(sigma_luma: int, sigma_chroma: int) -> np.ndarray:
 
 def test_colour_cells_are_the_references_bit_for_bit() -> None:
     """The exact-integer cells with the reference's fallback near borders agree with the
-    reference's ``tensordot`` cells on every border colour and on a random sample (all 2^24
-    colours: ``benchmarks/check_yuv_cells.py``). Without the fallback some border colours
-    would differ: the reference truncates them to the lower cell."""
+    reference's ``tensordot`` cells on every border colour and on a random sample, at three
+    sigma pairs (all 2^24 colours: ``benchmarks/check_yuv_cells.py``, whose comparison this
+    runs). Without the fallback some border colours would differ: the reference truncates
+    them to the lower cell."""
+    from benchmarks.check_yuv_cells import check_sigmas, colour_image
+
     assert np.array_equal(B.YUV_MICRO / 1e6, B.RGB_TO_YUV)
     sample = np.random.default_rng(0).choice(1 << 24, 1 << 16, replace=False)
-    codes = np.concatenate([border_colours(16, 8), sample])
-    image = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=-1)
-    image = image.astype(np.uint8).reshape(1, -1, 3)
-    luma, chroma = reference_colour_cells(image, 16, 8)
-    expected = np.concatenate([luma[..., None], chroma], axis=-1).reshape(-1, 3).T
-    _, _, ours = B.cell_channels(image, B.TOKENCUT_PARAMS)
-    assert np.array_equal(ours, expected)
-    exact = B.YUV_MICRO @ image.reshape(-1, 3).T.astype(np.float64) + B.YUV_OFFSET_MICRO[:, None]
-    plain_floor = exact // (1e6 * np.array([16.0, 8.0, 8.0]))[:, None]
-    assert np.count_nonzero(plain_floor != expected) > 0  # the fallback is needed
-    for sigma_luma, sigma_chroma in ((10.0, 3.0), (0.7, 0.3)):  # the band rule, other sigmas
-        params = B.BilateralParams(sigma_luma=sigma_luma, sigma_chroma=sigma_chroma)
-        luma, chroma = reference_colour_cells(image, sigma_luma, sigma_chroma)
-        expected = np.concatenate([luma[..., None], chroma], axis=-1).reshape(-1, 3).T
-        assert np.array_equal(B.cell_channels(image, params)[2], expected)
+    codes = np.concatenate([border_colours(16, 8), sample]).astype(np.uint32)
+    for sigma_luma, sigma_chroma in ((16.0, 8.0), (10.0, 3.0), (0.7, 0.3)):
+        result = check_sigmas(codes, sigma_luma, sigma_chroma, chunk=len(codes))
+        assert result["cell_mismatches"] == 0, result
+        if (sigma_luma, sigma_chroma) == (16.0, 8.0):
+            assert result["reference_rounded_down"] > 0  # the fallback is needed
+    image = colour_image(codes, len(codes))
     bad = B.BilateralParams(sigma_luma=-4.0)  # no band rule: the reference's own expression
-    luma, chroma = reference_colour_cells(image, -4.0, 8)
+    luma, _ = reference_colour_cells(image, -4.0, 8)
     assert np.array_equal(B.cell_channels(image, bad)[2][0], luma.reshape(-1))
 
 

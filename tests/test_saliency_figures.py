@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from figure_checks import drawn_texts, svg_says, svg_text_problems, text_problems
+from figure_checks import assert_svg_texts_fit, drawn_texts, svg_says, text_problems
 from mask_run_folders import REG, write_mask_run
 
 from lostreg.reports.leaderboard.figures import figure_png
@@ -84,8 +84,7 @@ def check_svg(svg: str, name: str, smoke: bool = True) -> None:
         out = Path(os.environ["LOSTREG_FIGURES_OUT"])
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{name}.svg").write_text(svg)
-    problems = svg_text_problems(svg)
-    assert not problems, f"{name}: " + "; ".join(problems)
+    assert_svg_texts_fit(svg, name)
     assert svg_says(svg, "SMOKE", fill="red") == smoke, name
 
 

@@ -84,7 +84,7 @@ from lostreg.reports.leaderboard.saliency import (
     with_mask_rows,
 )
 from lostreg.reports.leaderboard.saliency_markdown import saliency_markdown
-from lostreg.reports.leaderboard.saliency_outputs import HISTOGRAMS, write_saliency_outputs
+from lostreg.reports.leaderboard.saliency_outputs import write_saliency_outputs
 from lostreg.reports.leaderboard.tables import (
     COMPARISON_COLUMNS,
     DATASET_LABELS,
@@ -186,7 +186,7 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> list[str]:
     figures whose content did not change are kept as they are (``drawing``). Returns every
     output file's name, relative to ``out_dir``."""
     out_dir = Path(out_dir)
-    drawn = FigureWriter(out_dir / "figures", ("iou", HISTOGRAMS))  # no link: checked first
+    drawn = FigureWriter(out_dir / "figures", (drawing.BOX_HISTOGRAMS, drawing.MASK_HISTOGRAMS))
     atomic_write_text(out_dir / "leaderboard.csv", _csv(board.table))
     comparison = board.comparison.copy()
     for column in comparison.columns:
@@ -197,7 +197,8 @@ def write_outputs(board: Leaderboard, out_dir: str | Path) -> list[str]:
                       comparison_markdown(board) + saliency_markdown(board.saliency))
     drawn.figure("corloc_registers.png", board.comparison.to_csv(index=False),
                  lambda: register_bar_figure(board.comparison))
-    drawn.histograms([(run.run_id, iou_histogram(run)) for run in board.runs], "iou")
+    drawn.histograms([(run.run_id, iou_histogram(run)) for run in board.runs],
+                     drawing.BOX_HISTOGRAMS)
     write_saliency_outputs(board.saliency, out_dir, drawn)
     drawn.close()
     names = ["leaderboard.csv", "comparison.csv", "comparison.md", f"figures/{drawing.MANIFEST}"]

@@ -34,6 +34,10 @@ from lostreg.reports.leaderboard.figures import figure_png
 from lostreg.reports.leaderboard.histogram_svg import Histogram, histogram_svg
 
 MANIFEST = ".drawn.json"
+BOX_HISTOGRAMS = "iou"  # figures/<this>/<run id>.svg: each box run's IoU histogram
+MASK_HISTOGRAMS = "saliency_iou"  # the same for mask runs
+MASK_OVERVIEW = ("saliency_iou.png", "saliency_f_curves.png")  # removed when no mask run is left
+PRUNED_SUFFIXES = (".svg", ".png")  # a histogram folder's files of runs no longer listed go
 MANIFEST_FORMAT = "lostreg-drawn-figures/1"
 
 
@@ -133,7 +137,6 @@ class FigureWriter:
         """Every run's histogram (``<subfolder>/<run id>.svg``, from ``(run id, histogram)``
         pairs); the folder's other figures, of runs no longer listed or drawn as PNG by an
         older lostreg, are removed."""
-        refuse_linked_folder(self.folder / subfolder)
         for run_id, histogram in histograms:
             name = f"{subfolder}/{run_id}.svg"
             key = source_key("histogram", asdict(histogram))
@@ -142,7 +145,7 @@ class FigureWriter:
         listed = {f"{run_id}.svg" for run_id, _ in histograms}
         folder = self.folder / subfolder
         for stale in folder.iterdir() if folder.is_dir() else ():
-            if stale.suffix in (".svg", ".png") and stale.name not in listed:
+            if stale.suffix in PRUNED_SUFFIXES and stale.name not in listed:
                 stale.unlink()
 
     def close(self) -> None:

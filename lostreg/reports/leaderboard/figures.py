@@ -30,11 +30,6 @@ def figure_png(figure: Any) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(figure)
-    return _png(figure)
-
-
-def _png(figure: Any) -> bytes:
-    """``figure_png`` of a figure that has its Agg canvas (and renderer) already."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     return buffer.getvalue()

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from lostreg.reports.leaderboard.labels import SMOKE_MARK, wrap
+from lostreg.reports.leaderboard.labels import CHAR_EMS, SMOKE_MARK, wrap
 from lostreg.runs.summaries import IOU_BINS
 
 FONT = "DejaVu Sans, Verdana, Arial, sans-serif"
@@ -71,8 +71,9 @@ def _title_lines(histogram: Histogram) -> list[str]:
 
 def _y_axis(counts: tuple[int, ...]) -> tuple[int, list[int], float]:
     """The axis top, its ticks, and the left margin their labels need."""
-    step = y_step(max(max(counts, default=0), 1))
-    top = step * math.ceil(max(max(counts, default=0), 1) / step)
+    tallest = max(max(counts, default=0), 1)
+    step = y_step(tallest)
+    top = step * math.ceil(tallest / step)
     ticks = list(range(0, top + 1, step))
     widest = max(len(f"{tick:,}") for tick in ticks)
     return top, ticks, MARGIN + LABEL_PX * 1.3 + widest * TICK_PX * CHAR_PX + 10
@@ -120,7 +121,7 @@ def _threshold(histogram: Histogram, left: float, top_px: float, width: float) -
     if histogram.threshold is None:
         return []
     x = left + width * histogram.threshold
-    legend_width = len(histogram.threshold_label) * TICK_PX * 0.7 + 40
+    legend_width = len(histogram.threshold_label) * TICK_PX * CHAR_EMS + 40
     legend_x = left + width - legend_width - 6
     return [
         f'<line x1="{x:.2f}" y1="{top_px:.2f}" x2="{x:.2f}" y2="{top_px + PLOT_HEIGHT:.2f}" '

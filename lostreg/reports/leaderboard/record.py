@@ -33,7 +33,6 @@ damaged or stale record, not a consistent forgery by someone who can write the o
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from dataclasses import dataclass
@@ -51,17 +50,23 @@ from lostreg.io import (
     loads_bounded,
     read_bounded,
 )
+from lostreg.reports.leaderboard.drawing import (
+    BOX_HISTOGRAMS,
+    MASK_HISTOGRAMS,
+    MASK_OVERVIEW,
+    PRUNED_SUFFIXES,
+)
 from lostreg.runs.store import CONFIG, METRICS, PREDICTIONS
-from lostreg.runs.summaries import file_stat, settled
+from lostreg.runs.summaries import file_stat, payload_digest, settled
 
 RECORD = ".build.json"
 FORMAT = "lostreg-leaderboard-build/1"
 LIBRARIES = ("numpy", "pandas", "scipy", "matplotlib")
 MAX_RECORD_BYTES = 64 << 20
 # folders a build prunes of figures of runs no longer listed, and figures it removes when no
-# mask run is left: any PNG there that the record does not list means a build would differ
-PRUNED_FOLDERS = ("figures/iou", "figures/saliency_iou")
-PRUNED_FILES = ("figures/saliency_iou.png", "figures/saliency_f_curves.png")
+# mask run is left: any such figure there that the record does not list means a build would differ
+PRUNED_FOLDERS = tuple(f"figures/{name}" for name in (BOX_HISTOGRAMS, MASK_HISTOGRAMS))
+PRUNED_FILES = tuple(f"figures/{name}" for name in MASK_OVERVIEW)
 
 
 @dataclass(frozen=True)
@@ -196,7 +201,7 @@ def outputs_unchanged(recorded: Any, out_dir: Path) -> bool:
     for folder in PRUNED_FOLDERS:
         path = out_dir / folder
         listed = ({f"{folder}/{figure.name}" for figure in path.iterdir()
-                   if figure.suffix in (".svg", ".png")} if path.is_dir() else set())
+                   if figure.suffix in PRUNED_SUFFIXES} if path.is_dir() else set())
         if not listed <= set(recorded):
             return False
     if any((out_dir / name).exists() and name not in recorded for name in PRUNED_FILES):
@@ -205,10 +210,6 @@ def outputs_unchanged(recorded: Any, out_dir: Path) -> bool:
         return take_outputs(out_dir, list(recorded)) == recorded
     except OSError:
         return False
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def read_record(out_dir: Path) -> dict[str, Any] | None:
@@ -224,7 +225,7 @@ def read_record(out_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return None
     payload = {key: value for key, value in data.items() if key != "digest"}
-    if data.get("digest") != _digest(payload):
+    if data.get("digest") != payload_digest(payload):
         return None
     return data
 
@@ -255,7 +256,7 @@ def write_record(out_dir: Path, inputs: dict[str, Any], outputs: dict[str, str],
                  summary: BuildSummary) -> None:
     payload = {"format": FORMAT, "inputs": inputs, "outputs": outputs,
                "summary": {name: getattr(summary, name) for name in COUNTS}}
-    payload["digest"] = _digest(payload)
+    payload["digest"] = payload_digest(payload)
     atomic_write_text(out_dir / RECORD,
                       dumps_strict(payload, out_dir / RECORD, sort_keys=True) + "\n")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lostreg.io import atomic_write_text
-from lostreg.reports.leaderboard.drawing import FigureWriter
+from lostreg.reports.leaderboard.drawing import MASK_HISTOGRAMS, MASK_OVERVIEW, FigureWriter
 from lostreg.reports.leaderboard.saliency import SaliencyBoard, comparison_csv
 from lostreg.reports.leaderboard.saliency_figures import (
     f_curve_figure,
@@ -19,9 +19,6 @@ from lostreg.reports.leaderboard.saliency_figures import (
     mask_iou_histogram,
 )
 from lostreg.reports.leaderboard.saliency_runs import MaskRun
-
-OVERVIEW = ("saliency_iou.png", "saliency_f_curves.png")
-HISTOGRAMS = "saliency_iou"  # figures/<this>/<run id>.svg
 
 
 def _floats(values: Any) -> list[float | None]:
@@ -46,10 +43,10 @@ def write_saliency_outputs(board: SaliencyBoard | None, out_dir: str | Path,
     figures = out_dir / "figures"
     inputs = [figure_inputs(run) for run in board.runs]
     if board.runs:
-        drawn.figure(OVERVIEW[0], inputs, lambda: iou_distribution_figure(board.runs))
-        drawn.figure(OVERVIEW[1], inputs, lambda: f_curve_figure(board.runs))
+        drawn.figure(MASK_OVERVIEW[0], inputs, lambda: iou_distribution_figure(board.runs))
+        drawn.figure(MASK_OVERVIEW[1], inputs, lambda: f_curve_figure(board.runs))
     else:
-        for name in OVERVIEW:
+        for name in MASK_OVERVIEW:
             (figures / name).unlink(missing_ok=True)
     drawn.histograms([(run.run_id, mask_iou_histogram(run)) for run in board.runs],
-                     HISTOGRAMS)
+                     MASK_HISTOGRAMS)
