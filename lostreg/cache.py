@@ -21,6 +21,7 @@ from lostreg.errors import LostregError, error_line
 from lostreg.features.cache_admin import (
     STALE,
     STATUSES,
+    VERSION_FIELDS,
     CacheFolder,
     CacheScan,
     code_versions,
@@ -29,6 +30,7 @@ from lostreg.features.cache_admin import (
     disk_usage,
     human_size,
     index_lines,
+    key_versions,
     scan,
 )
 from lostreg.features.cache_key import DEFAULT_CACHE_DIR
@@ -65,9 +67,15 @@ def _key_cells(key: dict[str, Any] | None) -> list[str]:
         return ["-"] * 9
     feature = str(key["feature"]) + (f"@L{key['layer']}" if "layer" in key else "")
     model = key.get("model") or str(key["timm_name"]).split(".")[0]
+    versions = key_versions(key)
     return [str(key["dataset"]), str(key["split"]), str(model), feature,
-            str(key.get("precision", "-")), str(key.get("dtype", "-")), str(key["format"]),
-            str(key["lostreg_version"]), str(key.get("result_version", 1))]
+            str(key.get("precision", "-")), str(key.get("dtype", "-")),
+            *(str(versions[name]) for name, _ in VERSION_FIELDS)]
+
+
+def _skipped(link: Path) -> str:
+    """The line for a link under the cache root, listed and deleting alike."""
+    return f"skipped: {link} is a symbolic link (never followed)"
 
 
 def _row(folder: CacheFolder) -> tuple[list[str], int]:
@@ -105,7 +113,7 @@ def listing(found: CacheScan) -> list[str]:
         lines.append(line)
         if number in notes:
             lines.append(notes[number])
-    lines += [f"skipped: {path} is a symbolic link (never followed)" for path in found.links]
+    lines += [_skipped(path) for path in found.links]
     if found.others:
         lines.append(f"{found.others} other entr{'y' if found.others == 1 else 'ies'} under "
                      f"{found.root} (not named like cache folders): left alone")
@@ -134,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in failures:
         print(f"error: {line}", file=sys.stderr)
     for path in found.links:
-        print(f"skipped: {path} is a symbolic link (never followed)")
+        print(_skipped(path))
     kept = len(found.folders) - removed - len(failures)
     print(f"removed {removed} stale folder{'' if removed == 1 else 's'}, freed "
           f"{human_size(freed)}; {kept} current or unreadable folder{'' if kept == 1 else 's'} "

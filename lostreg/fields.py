@@ -160,12 +160,11 @@ def read_text_csv(path: Path, columns: Sequence[str]) -> Any:
     one line naming the file otherwise. Returns a ``pandas.DataFrame``."""
     import pandas as pd
 
-    try:
+    try:  # the header first: a column named twice is refused before the file is parsed
+        _refuse_repeated_columns(_header(path), path)
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        header = _header(path)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, csv.Error) as exc:
         raise LostregError(f"{path}: not a readable CSV ({exc})") from None
-    _refuse_repeated_columns(header, path)
     missing = [column for column in columns if column not in frame.columns]
     if missing:
         raise LostregError(f"{path}: missing column(s) {', '.join(missing)}")

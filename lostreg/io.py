@@ -112,14 +112,21 @@ def refuse_links(paths: Iterable[str | os.PathLike],
     other hard links: checked before a run reads its folder, so such a file is refused before
     anything is read or written (the writes themselves refuse both too, see
     ``open_in_run_folder``)."""
-    for path in [*paths, *appended]:
-        if os.path.islink(path):
-            raise LinkInRunFolder(path)
-    for path in appended:
+    checked = [(path, False) for path in paths] + [(path, True) for path in appended]
+    found: list[tuple[str | os.PathLike, bool, os.stat_result | OSError]] = []
+    for path, is_appended in checked:  # one lstat per file, both checks read it
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+            found.append((path, is_appended, os.lstat(path)))
+        except OSError as exc:
+            found.append((path, is_appended, exc))
+    for path, _, st in found:  # every link first (as os.path.islink: no file, no link)
+        if isinstance(st, os.stat_result) and stat.S_ISLNK(st.st_mode):
+            raise LinkInRunFolder(path)
+    for path, is_appended, st in found:
+        if not is_appended or isinstance(st, FileNotFoundError):
             continue
+        if isinstance(st, OSError):  # a file there that cannot be examined
+            raise st
         _refuse_shared(path, st)
 
 

@@ -157,12 +157,15 @@ def test_a_key_of_another_format_is_stale(tmp_path, monkeypatch) -> None:
                                                     f"{cache_key_module.FORMAT_VERSION})")
 
 
-def test_a_key_written_before_result_versions_is_stale(tmp_path) -> None:
+def test_a_key_written_before_result_versions_is_stale(tmp_path, capsys) -> None:
     old = key()
     del old["result_version"]  # keys before result versions existed (result version 1)
     write_cache(tmp_path, old)
-    (folder,) = admin.scan(tmp_path).folders
+    found = admin.scan(tmp_path)
+    (folder,) = found.folders
     assert (folder.status, folder.why) == ("stale", f"result version 1 (this code: {N})")
+    assert admin.key_versions(old)["result_version"] == 1
+    assert rows(listing(tmp_path, capsys)[1])[folder.path.name][-2] == "1"  # result column
 
 
 def test_this_codes_result_version_decides(tmp_path, monkeypatch) -> None:
@@ -207,6 +210,24 @@ def test_a_linked_key_file_is_not_followed(tmp_path) -> None:
     (found,) = admin.scan(tmp_path / "cache").folders
     assert (found.status, found.why) == ("unreadable", f"{folder / 'key.json'}: a symbolic link "
                                                        "(never followed)")
+
+
+def test_a_linked_key_file_is_rewritten_by_the_cache_too(tmp_path, capsys) -> None:
+    """The cache reading its own folder refuses the link as the listing does (one reader,
+    ``read_key_file``): even a link to the very same key is damaged, and is replaced by a
+    regular file while the file it named stays as it was."""
+    elsewhere = write_cache(tmp_path / "elsewhere", key())
+    target_bytes = (elsewhere / "key.json").read_bytes()
+    folder = write_cache(tmp_path / "cache", key())
+    (folder / "key.json").unlink()
+    (folder / "key.json").symlink_to(elsewhere / "key.json")
+    capsys.readouterr()
+    again = FeatureCache(tmp_path / "cache", key())
+    assert len(again) == 2  # the index is still read; shards are checked against the hash
+    assert "does not match its folder; rewriting" in capsys.readouterr().err
+    assert not (folder / "key.json").is_symlink()
+    assert json.loads((folder / "key.json").read_text()) == key()
+    assert (elsewhere / "key.json").read_bytes() == target_bytes
 
 
 def test_a_missing_root_or_a_file_is_one_error_line(tmp_path, capsys) -> None:

@@ -37,8 +37,8 @@ from lostreg.io import (
     unique_keys,
 )
 from lostreg.run import main
-from lostreg.runs import grid, summaries
 from lostreg.runs import lock as lock_module
+from lostreg.runs import summaries
 from lostreg.runs.fastlines import box_columns
 from lostreg.runs.lock import holder_info
 from lostreg.runs.store import load_run, read_lines, read_predictions
@@ -369,13 +369,31 @@ def test_a_damaged_lock_file_names_no_holder_and_raises_nothing(tmp_path: Path,
     assert holder_info(data) is None
     lock = tmp_path / "run.lock"
     lock.write_bytes(data)
-    assert grid._holder_of(lock) is None
+    assert lock_module.read_holder(lock) is None
     fd = os.open(lock, os.O_RDONLY)
     try:
         assert lock_module._read_holder(fd) is None
     finally:
         os.close(fd)
     assert holder_info(b'{"pid": 7, "host": "h"}') == {"pid": 7, "host": "h"}
+
+
+def test_a_lock_file_is_read_by_one_reader_never_through_a_link_nor_a_fifo(
+        tmp_path: Path) -> None:
+    """The grid's check of held runs reads a lock file it does not hold open with
+    ``read_holder``: it used to read the whole file, through a link, and block on a FIFO."""
+    holder = tmp_path / "holder.lock"
+    holder.write_bytes(b'{"pid": 7, "host": "h"}' + b" " * 10_000)
+    assert lock_module.read_holder(holder) == {"pid": 7, "host": "h"}  # the first 4096 bytes
+    linked = tmp_path / "linked" / "run.lock"
+    linked.parent.mkdir()
+    linked.symlink_to(holder)
+    assert lock_module.read_holder(linked) is None
+    fifo = tmp_path / "fifo" / "run.lock"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    assert lock_module.read_holder(fifo) is None  # returns at once: no writer is waited for
+    assert lock_module.read_holder(tmp_path / "none.lock") is None
 
 
 @pytest.mark.parametrize("body", [b'{"records":[NaN]}', b'{"a":' + b"[" * 5000 + b"]" * 5000

@@ -18,6 +18,7 @@ from lostreg.io import (
     LinkInRunFolder,
     SharedFileInRunFolder,
     atomic_write_json,
+    refuse_links,
     repair_jsonl,
 )
 from lostreg.run import main
@@ -151,3 +152,29 @@ def test_every_appending_writer_refuses_a_shared_file(tmp_path) -> None:
     os.link(shared, tmp_path / "metrics.json")
     atomic_write_json(tmp_path / "metrics.json", {"a": 1})
     assert shared.read_bytes() == OUTSIDE
+
+
+def test_refuse_links_reads_each_file_once_and_names_a_link_before_a_shared_file(
+        tmp_path, monkeypatch) -> None:
+    """One ``lstat`` per file serves both checks; a link anywhere is named before a shared
+    appended file, whatever their order; a missing file is neither."""
+    shared, linked = tmp_path / "shared.jsonl", tmp_path / "linked.json"
+    shared.write_text("x")
+    os.link(shared, tmp_path / "backup.jsonl")
+    linked.symlink_to(shared)
+    calls: list[str] = []
+    real_lstat = os.lstat
+
+    def counting_lstat(path, *args, **kwargs):
+        calls.append(os.fspath(path))
+        return real_lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", counting_lstat)
+    with pytest.raises(LinkInRunFolder):
+        refuse_links([tmp_path / "none.json"], [shared, linked])
+    calls.clear()
+    with pytest.raises(SharedFileInRunFolder):
+        refuse_links([tmp_path / "none.json"], [tmp_path / "none.jsonl", shared])
+    assert sorted(calls) == sorted(map(str, [tmp_path / "none.json", tmp_path / "none.jsonl",
+                                             shared]))  # was five: islink, then lstat again
+    refuse_links([shared], [tmp_path / "none.jsonl"])  # only appended files must be unshared

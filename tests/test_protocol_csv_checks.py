@@ -80,6 +80,21 @@ def test_a_column_given_twice_is_one_line(tmp_path: Path) -> None:
     assert read_protocol_csv(path)["feature"].tolist() == table()["feature"].tolist()
 
 
+def test_a_column_given_twice_is_refused_before_the_file_is_parsed(tmp_path: Path) -> None:
+    """The header is read first: a repeated column is named even when a later row would not
+    parse (one field too many), so pandas never reads a file already refused."""
+    path = tmp_path / "protocol.csv"
+    lines = table().to_csv(index=False).splitlines()
+    path.write_text(f"{lines[0]},feature\n{lines[1]},v\n{lines[2]},v,extra,extra\n")
+    with pytest.raises(LostregError) as info:
+        read_protocol_csv(path)
+    assert str(info.value) == (f"{path}: header: column 'feature' is given twice (which one "
+                               "holds the values?)")
+    path.write_text(f"{lines[0]}\n{lines[1]}\n{lines[2]},extra\n")  # without the repeat
+    with pytest.raises(LostregError, match="not a readable CSV"):
+        read_protocol_csv(path)
+
+
 def test_a_cell_over_two_lines_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, run_id=["run0", "run\n1", "run2"])
     with pytest.raises(LostregError, match=r"row 3, column 'run_id': 'run\\n1' holds '\\n'"):

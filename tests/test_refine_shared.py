@@ -88,7 +88,7 @@ def test_refined_runs_of_one_pass_write_the_lines_they_write_alone(tree, monkeyp
     assert together[("tokencut", "bilateral")] != together[("tokencut", "none")]
 
 
-def test_image_refinement_gives_a_fresh_solves_arrays(tmp_path) -> None:
+def test_image_refinement_gives_a_fresh_solves_arrays(tmp_path, monkeypatch) -> None:
     """Soft output and corrected binary mask equal ``bilateral_refine``'s bit for bit; a
     second run with the same target reuses the solve (read-only), another target solves
     again on the same prepared image; a mask of another size is one clear line."""
@@ -101,11 +101,12 @@ def test_image_refinement_gives_a_fresh_solves_arrays(tmp_path) -> None:
     first, second = np.zeros((30, 44)), np.zeros((30, 44))
     first[6:20, 8:28] = 1.0
     second[10:24, 12:32] = 1.0
+    calls = counting(monkeypatch)
     shared = ImageRefinement(record, 10**6)
     soft = refined(record, first, "bilateral", 10**6, shared)
     binary = refined(record, first.copy(), "bilateral-binary", 10**6, shared)
     other = refined(record, second, "bilateral", 10**6, shared)
-    assert shared.prepared == 1 and len(shared._solved) == 2
+    assert calls == {"prepare_solver": 1, "solve": 2} and len(shared._solved) == 2
     assert np.array_equal(soft, bilateral.bilateral_refine(pixels, first).soft)
     assert not soft.flags.writeable
     largest = bilateral.bilateral_refine(pixels, first, component_rule="largest").binary

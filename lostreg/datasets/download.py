@@ -22,7 +22,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
@@ -318,13 +318,26 @@ def _install(archive: Path, inner: str, target: Path,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _a_folder(path: Path) -> str | None:
+    return None if path.is_dir() else "is a file, not a folder"
+
+
+def _first_missing(folder: Path, names: Iterable[str], listed_by: str) -> str | None:
+    """What keeps ``folder`` from holding every file of a list (``names``, relative to it):
+    its first missing file, as the list (``listed_by``) names it; None when all are there."""
+    for name in names:
+        if not (folder / name).is_file():
+            return f"has no file {name}, which {listed_by} lists"
+    return None
+
+
 def _voc_layout(folder: Path) -> str | None:
     """What keeps an extracted ``VOCdevkit/VOC<year>`` from being a VOC folder, or None: the
     split file ``voc_is_present`` looks for, and the image and annotation of every image it
     lists (as VOC names them: ``<id>.jpg``, ``<id>.xml``). A split file alone would report
     "ready" and delete the archive, leaving a run to find every image missing."""
-    if not folder.is_dir():
-        return "is a file, not a folder"
+    if (problem := _a_folder(folder)) is not None:
+        return problem
     split = folder / "ImageSets" / "Main" / "trainval.txt"
     if not split.is_file():
         return "has no ImageSets/Main/trainval.txt file"
@@ -332,15 +345,10 @@ def _voc_layout(folder: Path) -> str | None:
         ids = read_split_ids(split)
     except LostregError as exc:
         return f"has a trainval.txt that is no list of image ids ({str(exc).split(': ', 1)[-1]})"
-    for image_id in ids:
-        for sub, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
-            if not (folder / sub / f"{image_id}{suffix}").is_file():
-                return f"has no file {sub}/{image_id}{suffix}, which its trainval.txt lists"
-    return None
-
-
-def _a_folder(path: Path) -> str | None:
-    return None if path.is_dir() else "is a file, not a folder"
+    return _first_missing(folder, (f"{sub}/{image_id}{suffix}" for image_id in ids
+                                   for sub, suffix in (("JPEGImages", ".jpg"),
+                                                       ("Annotations", ".xml"))),
+                          "its trainval.txt")
 
 
 def _holds_listed_images(list_path: Path) -> Callable[[Path], str | None]:
@@ -349,12 +357,8 @@ def _holds_listed_images(list_path: Path) -> Callable[[Path], str | None]:
     from lostreg.datasets.coco import read_coco20k_list
 
     def layout(folder: Path) -> str | None:
-        if not folder.is_dir():
-            return "is a file, not a folder"
-        for name in read_coco20k_list(list_path):
-            if not (folder / name).is_file():
-                return f"has no file {name}, which {list_path.name} lists"
-        return None
+        return _a_folder(folder) or _first_missing(folder, read_coco20k_list(list_path),
+                                                   list_path.name)
 
     return layout
 

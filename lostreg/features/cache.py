@@ -69,10 +69,12 @@ from lostreg.errors import LostregError, os_error_message
 from lostreg.features.cache_key import (  # noqa: F401 - the key's names, imported from here too
     DEFAULT_CACHE_DIR,
     FORMAT_VERSION,
+    KeyFileMissing,
     cache_key,
     folder_name,
     json_safe_kwargs,
     key_hash,
+    read_key_file,
     safe_name,
 )
 from lostreg.io import (
@@ -81,7 +83,6 @@ from lostreg.io import (
     atomic_write_json,
     dumps_strict,
     loads_bounded,
-    read_bounded,
 )
 
 MAGIC = b"LRFEATS\x02"
@@ -97,7 +98,6 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _NAME_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 _MAX_HEADER = 64 << 20
-_MAX_KEY_BYTES = 1 << 20  # key.json is about 1 KB
 _MAX_INDEX_LINE = 64 << 10  # an index line is about 150 bytes
 
 
@@ -205,11 +205,11 @@ class FeatureCache:
             return
         self._loaded = True
         key_file = self.dir / "key.json"
-        try:  # a deep or huge key.json is as stale as a damaged one (and never a traceback)
-            stale = key_file.is_file() and loads_bounded(
-                read_bounded(key_file, _MAX_KEY_BYTES, "cache key file"), str(key_file),
-                max_bytes=None) != self.key
-        except LostregError:  # unreadable, too large or not JSON
+        try:  # a linked, deep or huge key.json is as stale as a damaged one (never a traceback)
+            stale = read_key_file(key_file) != self.key
+        except KeyFileMissing:  # a folder not written yet
+            stale = False
+        except LostregError:  # a link, not a file, unreadable, too large or not JSON
             stale = True
         if stale:
             warn(f"feature cache {key_file}: unreadable or does not match its folder; rewriting "

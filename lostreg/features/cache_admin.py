@@ -51,8 +51,7 @@ import lostreg
 from lostreg import version
 from lostreg.errors import LostregError, os_error_message
 from lostreg.features import cache_key as cache_key_module
-from lostreg.features.cache_key import folder_name
-from lostreg.io import loads_bounded, read_bounded
+from lostreg.features.cache_key import folder_name, read_key_file
 
 CURRENT, STALE, UNREADABLE = "current", "stale", "unreadable"
 STATUSES = (CURRENT, STALE, UNREADABLE)
@@ -60,7 +59,6 @@ STATUSES = (CURRENT, STALE, UNREADABLE)
 FOLDER_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{12}$")
 #: A folder being removed (``remove_folder``): its old name, then a random tag.
 TRASH_PATTERN = re.compile(r"^\.deleting-(?P<name>[A-Za-z0-9_.-]+-[0-9a-f]{12})\.[0-9a-f]{8}$")
-MAX_KEY_BYTES = 1 << 20  # key.json is about 1 KB
 #: The fields a key must hold, with their types, to name its folder and its code versions.
 KEY_FIELDS: dict[str, type] = {"format": int, "lostreg_version": str, "timm_name": str,
                                "dataset": str, "split": str, "feature": str}
@@ -68,6 +66,8 @@ KEY_FIELDS: dict[str, type] = {"format": int, "lostreg_version": str, "timm_name
 #: before result versions existed (result version 1).
 VERSION_FIELDS = (("format", "format"), ("lostreg_version", "lostreg"),
                   ("result_version", "result version"))
+#: What an absent version field means: a key written before result versions existed.
+_ABSENT_VERSIONS = {"result_version": 1}
 
 
 def code_versions() -> dict[str, Any]:
@@ -101,6 +101,12 @@ class CacheScan:
         return [folder for folder in self.folders if folder.status == status]
 
 
+def key_versions(key: dict[str, Any]) -> dict[str, Any]:
+    """The versions of the code that wrote ``key`` (``VERSION_FIELDS``' names), the one place
+    that reads an absent ``result_version`` as result version 1."""
+    return {name: key.get(name, _ABSENT_VERSIONS.get(name)) for name, _ in VERSION_FIELDS}
+
+
 def key_problem(key: object) -> str | None:
     """What keeps ``key`` (parsed ``key.json``) from being a cache key, or None."""
     if not isinstance(key, dict):
@@ -108,40 +114,26 @@ def key_problem(key: object) -> str | None:
     for name, kind in KEY_FIELDS.items():
         if not isinstance(key.get(name), kind) or isinstance(key.get(name), bool):
             return f"no {kind.__name__} {name!r}: not a cache key"
-    result = key.get("result_version", 1)
+    result = key_versions(key)["result_version"]
     if not isinstance(result, int) or isinstance(result, bool):
         return "'result_version' is not a whole number: not a cache key"
     return None
 
 
 def stale_because(key: dict[str, Any]) -> str:
-    """Which of ``key``'s code versions differ from this code's (empty: none, it is current);
-    a key without ``result_version`` was written by result version 1."""
-    code = code_versions()
-    found = {name: key.get(name, 1 if name == "result_version" else None)
-             for name, _ in VERSION_FIELDS}
+    """Which of ``key``'s code versions differ from this code's (empty: none, it is current)."""
+    code, found = code_versions(), key_versions(key)
     return ", ".join(f"{label} {found[name]} (this code: {code[name]})"
                      for name, label in VERSION_FIELDS if found[name] != code[name])
 
 
 def read_key(folder: Path, name: str) -> tuple[dict[str, Any] | None, str]:
     """``folder``'s key and "" when ``key.json`` is a readable cache key that names ``name``;
-    else None and one line naming the file and what is wrong. Read with the bounded reader,
-    never through a link, never from anything but a regular file (a FIFO would block)."""
+    else None and one line naming the file and what is wrong (``read_key_file``)."""
     key_file = folder / "key.json"
     try:
-        st = os.lstat(key_file)
-    except OSError as exc:
-        what = "missing" if isinstance(exc, FileNotFoundError) else os_error_message(exc)
-        return None, f"{key_file}: {what}"
-    if stat.S_ISLNK(st.st_mode):
-        return None, f"{key_file}: a symbolic link (never followed)"
-    if not stat.S_ISREG(st.st_mode):
-        return None, f"{key_file}: not a regular file"
-    try:
-        key = loads_bounded(read_bounded(key_file, MAX_KEY_BYTES, "cache key file"),
-                            str(key_file), max_bytes=None)
-    except LostregError as exc:  # unreadable, too large, not JSON, too deep
+        key = read_key_file(key_file)
+    except LostregError as exc:  # missing, a link, not a file, unreadable, too large, not JSON
         return None, str(exc)
     problem = key_problem(key)
     if problem is not None:

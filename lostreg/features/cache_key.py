@@ -12,19 +12,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lostreg.errors import LostregError
-from lostreg.io import dumps_strict
+from lostreg.errors import LostregError, os_error_message
+from lostreg.io import dumps_strict, loads_bounded, read_bounded
 
 # 2: whole-file checksum, fingerprints instead of file sizes. The key holds the format, so a
 # new format gets a new folder; a shard of another format is refused by its magic.
 FORMAT_VERSION = 2
 #: ``--cache-features`` without a folder, and ``python -m lostreg.cache`` without one.
 DEFAULT_CACHE_DIR = Path("results/cache")
+#: The most bytes a ``key.json`` may have (one is about 1 KB).
+MAX_KEY_BYTES = 1 << 20
+
+
+class KeyFileMissing(LostregError):
+    """No ``key.json`` at all: a folder being created, not a damaged one."""
+
+
+def read_key_file(key_file: Path) -> Any:
+    """``key_file`` (a cache folder's ``key.json``) parsed by the bounded reader; whatever it
+    holds, checked by the caller. The one reader of key files, for the cache that reads its
+    own and for the listing of every folder, so both refuse the same files: a symbolic link
+    (never followed: it could name any file), anything but a regular file (a FIFO would block),
+    a file too large, too deep or not JSON. Raises ``LostregError`` with one line naming the
+    file (``KeyFileMissing`` when there is none)."""
+    try:
+        st = os.lstat(key_file)
+    except FileNotFoundError:
+        raise KeyFileMissing(f"{key_file}: missing") from None
+    except OSError as exc:
+        raise LostregError(f"{key_file}: {os_error_message(exc)}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise LostregError(f"{key_file}: a symbolic link (never followed)")
+    if not stat.S_ISREG(st.st_mode):
+        raise LostregError(f"{key_file}: not a regular file")
+    return loads_bounded(read_bounded(key_file, MAX_KEY_BYTES, "cache key file"),
+                         str(key_file), max_bytes=None)
 
 
 def cache_key(*, model: str, timm_name: str, model_kwargs: dict, weights: str,

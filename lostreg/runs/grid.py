@@ -61,7 +61,7 @@ from lostreg.runs.folder import (
     make_run_id,
     run_identity,
 )
-from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder, holder_info, holder_of
+from lostreg.runs.lock import LOCK_NAME, RunLocked, describe_holder, holder_of, read_holder
 from lostreg.runs.sweep import run_pass
 
 
@@ -475,16 +475,8 @@ def refuse_held_runs(base: RunConfig, sweep: Sequence[RunConfig],
                                              pos_interp=pos_interp)
                 folder = _held_folder(config, spec, base.weights, held)
                 if folder is not None:
-                    holder = holder_of(functools.partial(_holder_of, folder / LOCK_NAME))
+                    holder = holder_of(functools.partial(read_holder, folder / LOCK_NAME))
                     raise RunLocked(
                         f"{folder}: another lostreg process is writing this run "
                         f"({describe_holder(holder)}); let it finish, "
                         "or rerun with --wait to queue")
-
-
-def _holder_of(lock: Path) -> dict | None:
-    """What the holder wrote into its lock file (pid, host, start, command), if readable."""
-    try:
-        return holder_info(lock.read_bytes()[:4096])
-    except OSError:
-        return None

@@ -77,11 +77,31 @@ def holder_info(data: bytes) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
+#: How many of a lock file's first bytes are read for its holder (what it writes is ~300).
+HOLDER_BYTES = 4096
+
+
 def _read_holder(fd: int) -> dict[str, Any] | None:
     try:
-        return holder_info(os.pread(fd, 4096, 0))
+        return holder_info(os.pread(fd, HOLDER_BYTES, 0))
+    except OSError:  # a FIFO or a folder cannot be pread: no holder named
+        return None
+
+
+def read_holder(lock: str | os.PathLike) -> dict[str, Any] | None:
+    """What the holder wrote into the lock file at ``lock``, for a process that does not hold
+    it open (a grid checking its runs before it starts): opened never through a link, never
+    blocking on a FIFO, and no more than its first ``HOLDER_BYTES`` read; None when nothing
+    readable names a holder."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(lock, flags)
     except OSError:
         return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
 
 
 #: How long a refused process waits for the holder to write its name: the holder writes it

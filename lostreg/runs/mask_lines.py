@@ -66,7 +66,6 @@ class ImageRefinement:
         self.record, self.max_pixels = record, max_pixels
         self._solver: Any = None
         self._solved: list[tuple[np.ndarray, np.ndarray]] = []
-        self.prepared = 0  # solvers built: 0 or 1 (tests read it)
 
     def solver(self, shape: tuple[int, int]) -> Any:
         """The prepared solver of this image, which must decode to ``shape`` (H, W)."""
@@ -81,7 +80,6 @@ class ImageRefinement:
             from lostreg.methods.bilateral import prepare_solver
 
             self._solver = prepare_solver(image)
-            self.prepared += 1
         elif self._solver.shape != tuple(shape):
             raise LostregError(f"{self.record.path}: masks of {shape[1]}x{shape[0]} and "
                                f"{self._solver.shape[1]}x{self._solver.shape[0]} for one image")

@@ -242,8 +242,10 @@ class Pass:
             feats = normalized[normalize]
             if len(chosen) != len(batch.positions):
                 feats = feats[list(chosen)]
-            self._serve_group(batch, feats, list(chosen), [self.runs[i] for i in members],
-                              members, jobs, mask_jobs)
+            box_jobs, group_mask_jobs = self._serve_group(
+                batch, feats, list(chosen), [self.runs[i] for i in members], members)
+            jobs += box_jobs
+            mask_jobs += group_mask_jobs
         if mask_jobs:  # every mask run of the batch in one job: each image's runs together
             jobs.append(functools.partial(self._write_masks, mask_jobs))
         ready = ready_event(batch.feats.device)  # after the copies: the writer waits for them
@@ -254,11 +256,11 @@ class Pass:
         return sum(1 for p in batch.positions if not self.todo[p])
 
     def _serve_group(self, batch: FeatureBatch, feats: torch.Tensor, chosen: list[int],
-                     runs: list[RunFolder], members: list[int],
-                     jobs: list[Callable[[], None]], mask_jobs: list[MaskJob]) -> None:
+                     runs: list[RunFolder], members: list[int]
+                     ) -> tuple[list[Callable[[], None]], list[MaskJob]]:
         """One method call for runs that differ only in the method's parameters (runs that
-        differ only in their saliency refinement share one output); their writes are added
-        to ``jobs`` (box runs) and ``mask_jobs`` (saliency runs)."""
+        differ only in their saliency refinement share one output); returns their writes:
+        the box runs' jobs and the saliency runs' ``MaskJob``s."""
         sizes = [batch.sizes[j] for j in chosen]
         method = runs[0].method
         where = describe_images(self.records, batch.positions, batch.sizes)
@@ -271,6 +273,8 @@ class Pass:
         positions = [batch.positions[j] for j in chosen]
         finite = to_host(batch.finite if len(chosen) == len(batch.positions)  # type: ignore[arg-type]
                          else batch.finite[chosen])  # type: ignore[index]
+        jobs: list[Callable[[], None]] = []
+        mask_jobs: list[MaskJob] = []
         for i, run in zip(members, runs, strict=True):
             out = by_setting[repr(sorted(run.params.items()))]
             for p in positions:
@@ -283,6 +287,7 @@ class Pass:
                 jobs.append(functools.partial(self._write, run, positions, sizes,
                                               to_host(out.box), to_host(out.seed),
                                               batch.grid[1], finite))
+        return jobs, mask_jobs
 
     def _method_sizes(self, sizes: list[tuple[int, int]], grid: tuple[int, int]
                       ) -> list[tuple[int, int]]:
