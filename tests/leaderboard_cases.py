@@ -93,7 +93,7 @@ def build(runs: Path, out: Path, include_smoke: bool = False) -> str:
 
     board = lb.collect(runs, include_smoke, report=None)
     lb.write_outputs(board, out)
-    return lb.summary_line(board, Path("OUT"))
+    return lb.summary_line(lb.build_summary(board), Path("OUT"))
 
 
 def write_golden() -> None:

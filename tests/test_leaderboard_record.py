@@ -71,7 +71,7 @@ def test_a_rebuild_writes_nothing_and_leaves_a_cold_build_s_bytes(
     assert record.RECORD in first
     line = lb.summary_line(lb.build(runs, out, report=None), out)
     assert builds.collected == 1 and _stats(out) == first  # nothing read, nothing written
-    assert line == lb.summary_line(lb.collect(runs, report=None), out)
+    assert line == lb.summary_line(lb.build_summary(lb.collect(runs, report=None)), out)
     cold_runs = tmp_path / "cold-runs"
     shutil.copytree(runs, cold_runs, ignore=shutil.ignore_patterns(summaries.STORE_FOLDER))
     assert builds.build(cold_runs, tmp_path / "cold")

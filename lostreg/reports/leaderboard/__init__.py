@@ -251,9 +251,8 @@ def build_summary(board: Leaderboard) -> BuildSummary:
                         board.reread)
 
 
-def summary_line(board: Leaderboard | BuildSummary, out: Path) -> str:
+def summary_line(summary: BuildSummary, out: Path) -> str:
     """What was built, and what was left out and how to get it."""
-    summary = board if isinstance(board, BuildSummary) else build_summary(board)
     line = (f"{summary.runs} runs ({summary.smoke} smoke) -> {out / 'leaderboard.csv'}; "
             f"{summary.pairs} register pairs -> {out / 'comparison.md'}")
     if summary.smoke_excluded:
