@@ -308,9 +308,6 @@ def _register_neurons(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lostreg.reports.analysis.runs import forget_warnings
-
-    forget_warnings()
     handler = {"norms": _norms, "attribution": _attribution, "show": _show,
                "register-neurons": _register_neurons}[args.command]
     try:

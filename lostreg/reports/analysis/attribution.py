@@ -44,6 +44,7 @@ from lostreg.reports.analysis.runs import (
     label_slug,
     load_run,
     load_runs,
+    loaded_runs,
     prediction_seed,
     rebuild_backbone,
     run_labels,
@@ -446,11 +447,13 @@ def hits_markdown(infos: list[RunInfo], labels: list[str], summary: list[dict], 
     return "\n".join(lines) + "\n"
 
 
-def hits_table(run_dirs: list[str | Path], output: str | Path | None = None) -> HitsTable:
+def hits_table(runs: Sequence[str | Path | RunInfo],
+               output: str | Path | None = None) -> HitsTable:
     """Write ``hits.csv`` (per image), ``hits_summary.csv``, ``hits.md`` and ``runs.json``
     into ``output`` (default ``results/analysis/compare-<dataset>-<hash>/``). Needs no model:
-    it reads the runs' predictions only."""
-    infos = load_runs(list(run_dirs))
+    it reads the runs' predictions only, or none when ``runs`` are loaded already
+    (``loaded_runs``)."""
+    infos = loaded_runs(runs)
     if infos[0].is_mask:
         raise LostregError("mask runs have no hits; their per-image IoU table is "
                            "mask_attribution.iou_table's")
@@ -480,20 +483,20 @@ def _shared_norms_key(info: RunInfo) -> tuple:
             tuple(str(p["image_id"]) for p in info.predictions))
 
 
-def attribute_each(run_dirs: list[str | Path], norms: list[str | Path | None] | None,
+def attribute_each(infos: list[RunInfo], norms: list[str | Path | None] | None,
                    recompute: bool,
                    attribute: Callable[[RunInfo, str | Path | None], AttributionResult],
                    ) -> list[AttributionResult]:
-    """``attribute(info, norms_path)`` for each run; a run without ``--norms`` reuses the
-    token maps just computed for an earlier run of the same model, weights and images."""
-    norms = list(norms) if norms is not None else [None] * len(run_dirs)
-    if len(norms) != len(run_dirs):
-        raise LostregError(f"--norms has {len(norms)} files for {len(run_dirs)} runs; give one "
+    """``attribute(info, norms_path)`` for each run (loaded by the caller, once); a run
+    without ``--norms`` reuses the token maps just computed for an earlier run of the same
+    model, weights and images."""
+    norms = list(norms) if norms is not None else [None] * len(infos)
+    if len(norms) != len(infos):
+        raise LostregError(f"--norms has {len(norms)} files for {len(infos)} runs; give one "
                            "per --run or none")
     results: list[AttributionResult] = []
     computed: dict[tuple, Path] = {}
-    for run_dir, norms_path in zip(run_dirs, norms, strict=True):
-        info = load_run(run_dir)
+    for info, norms_path in zip(infos, norms, strict=True):
         key = _shared_norms_key(info)
         if norms_path is None and not recompute and key in computed:
             norms_path = computed[key]
@@ -521,14 +524,18 @@ def attribute_runs(run_dirs: list[str | Path], norms: list[str | Path | None] | 
 
 def attribute_and_compare(run_dirs: list[str | Path], norms: list[str | Path | None] | None,
                           recompute: bool, table_only: bool,
-                          table: Callable[[list[str | Path]], Any],
+                          table: Callable[[list[RunInfo]], Any],
                           attribute: Callable[[RunInfo, str | Path | None], AttributionResult],
                           ) -> tuple[list[AttributionResult], Any]:
     """Each run's attribution (unless ``table_only``: ``--hits-only``), then, with two runs or
     more, the per-image table comparing them (box runs: who found the object; mask runs: each
-    run's IoU), for box and mask runs alike."""
+    run's IoU), for box and mask runs alike. Each run is read once, here (several runs are
+    checked comparable before any attribution is computed), and both steps use what was
+    read, so an unfinished run warns once and both see the same lines."""
     run_dirs = list(run_dirs)
     if table_only and len(run_dirs) < 2:
         raise LostregError("--hits-only: give at least two runs to compare")
-    results = [] if table_only else attribute_each(run_dirs, norms, recompute, attribute)
-    return results, table(run_dirs) if len(run_dirs) > 1 else None
+    several = len(run_dirs) > 1
+    infos = load_runs(run_dirs) if several else [load_run(run_dirs[0])]
+    results = [] if table_only else attribute_each(infos, norms, recompute, attribute)
+    return results, table(infos) if several else None

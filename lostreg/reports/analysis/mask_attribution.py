@@ -22,6 +22,7 @@ mask runs on the same images, :func:`iou_table` writes each run's per-image IoU 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ from lostreg.reports.analysis.runs import (
     common_predictions,
     compare_dir,
     label_slug,
-    load_runs,
+    loaded_runs,
     run_labels,
     unfinished_marks,
 )
@@ -271,11 +272,12 @@ def iou_markdown(infos: list[RunInfo], labels: list[str], summary: list[dict], n
     return "\n".join(lines) + "\n"
 
 
-def iou_table(run_dirs: list[str | Path], output: str | Path | None = None) -> IouTable:
+def iou_table(runs: Sequence[str | Path | RunInfo],
+              output: str | Path | None = None) -> IouTable:
     """Write ``ious.csv`` (per image), ``ious_summary.csv``, ``ious.md`` and ``runs.json`` into
     ``output`` (default ``results/analysis/compare-<dataset>-<hash>/``). Needs no model: it
-    reads the runs' lines only."""
-    infos = load_runs(list(run_dirs))
+    reads the runs' lines only, or none when ``runs`` are loaded already (``loaded_runs``)."""
+    infos = loaded_runs(runs)
     if not infos[0].is_mask:
         raise LostregError("box runs have no per-image saliency IoU; their table is "
                            "attribution.hits_table's")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -280,32 +281,21 @@ def unfinished_marks(infos: list[RunInfo], labels: list[str] | None = None) -> l
             if not info.finished]
 
 
-_WARNED: set[tuple[Path, int]] = set()  # (run, images) already warned about by this command
-
-
-def forget_warnings() -> None:
-    """Start a command: each command says once of each unfinished run that it is unfinished."""
-    _WARNED.clear()
-
-
 def warn_unfinished(run_dir: Path, n_images: int) -> None:
     """The one line an analysis of an unfinished run (box or mask) prints: results on the
-    images predicted so far are not the run's. Once per run and image count: a command that
-    reads a run twice (``attribution`` of several runs) says it once."""
-    if (run_dir, n_images) in _WARNED:
-        return
-    _WARNED.add((run_dir, n_images))
+    images predicted so far are not the run's. Once per command, since a command reads each
+    run once (``load_run``, or ``load_runs`` for several)."""
     print(f"warning: {run_dir} is unfinished (no metrics.json); using the {n_images} images "
           "it has predicted so far", file=sys.stderr)
 
 
 def _check_mask_run(run_dir: Path, config: dict, lines: list[dict], finished: bool) -> None:
     """A mask run is analysed only under the mask protocol this lostreg reproduces, with its
-    files checked by the saliency reports' checks: a finished run's by its loader (scores
-    recomputed, masks against counts, ``metrics.json``'s figures against the lines: files
-    that disagree are one line, never an analysis); an unfinished run's config and the very
-    ``lines`` the analysis reads one by one in the same way, only the figures, not written
-    yet, left out."""
+    files checked by the saliency reports' checks, on the very ``lines`` the analysis reads
+    (the file is read once): a finished run's by its loader (scores recomputed, masks against
+    counts, ``metrics.json``'s figures against the lines: files that disagree are one line,
+    never an analysis); an unfinished run's config and lines in the same way, only the
+    figures, not written yet, left out."""
     from lostreg.reports.leaderboard.saliency_runs import (
         check_unfinished_mask_run,
         load_mask_run,
@@ -316,7 +306,7 @@ def _check_mask_run(run_dir: Path, config: dict, lines: list[dict], finished: bo
                            f"{config.get('mask_protocol')!r} is not known to this lostreg "
                            f"(known: {MASK_PROTOCOL})")
     if finished:
-        load_mask_run(run_dir)
+        load_mask_run(run_dir, lines=lines)  # the lines read once, checked against its files
     else:
         check_unfinished_mask_run(run_dir, config, lines)
 
@@ -451,11 +441,19 @@ def compare_dir(infos: list[RunInfo]) -> Path:
 
 
 def load_runs(run_dirs: list[str | Path]) -> list[RunInfo]:
-    """Several run folders over the same dataset, for a side-by-side comparison."""
+    """Several run folders over the same dataset, for a side-by-side comparison: each read
+    once (a command hands these ``RunInfo`` on to every output it writes, never rereads)."""
     unique = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))
     if len(unique) < 2:
         raise LostregError("--run: give at least two different run folders to compare")
-    infos = [load_run(d) for d in unique]
+    return check_comparable([load_run(d) for d in unique])
+
+
+def check_comparable(infos: list[RunInfo]) -> list[RunInfo]:
+    """``infos``, once checked to be runs of one kind over the same images (what
+    ``load_runs`` checks; a table handed loaded runs checks them again, reading nothing)."""
+    if len({info.run_dir.resolve() for info in infos}) < 2:
+        raise LostregError("--run: give at least two different run folders to compare")
     first = infos[0]
     for info in infos[1:]:
         if info.target != first.target:
@@ -470,6 +468,15 @@ def load_runs(run_dirs: list[str | Path]) -> list[RunInfo]:
                     f"{first.run_dir.name} has {first.config.get(key)!r}; compare runs on the "
                     "same images")
     return infos
+
+
+def loaded_runs(runs: Sequence[str | Path | RunInfo]) -> list[RunInfo]:
+    """Runs for a comparison table: those already loaded (``RunInfo``, checked again, read
+    no more), else the folders read once (``load_runs``)."""
+    runs = list(runs)
+    if runs and all(isinstance(run, RunInfo) for run in runs):
+        return check_comparable(runs)
+    return load_runs(runs)
 
 
 def common_predictions(infos: list[RunInfo]) -> tuple[list[str], list[dict[str, dict]]]:

@@ -329,9 +329,12 @@ def _run_means(images: pd.DataFrame, metrics: Fields) -> dict[str, Any]:
     return {**stored, "iou_nan_images": nan_images}
 
 
-def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> MaskRun:
+def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None,
+                  lines: Iterable[Any] | None = None) -> MaskRun:
     """Read one finished mask-run folder, check every value and that its files agree; its
-    lines from ``store``'s summary of it when its files did not change (``mask_images``).
+    lines from ``store``'s summary of it when its files did not change (``mask_images``), or
+    ``lines``: its predictions as the caller read them (``analyze``, which analyses exactly
+    these), checked the same way instead of reading the file again (no store is used then).
     A summary is stored only once every check has passed, as for box runs: a run skipped
     (its metrics.json disagrees) leaves none, so no build rewrites one and ``--reread``
     counts it once (``SummaryStore.unreadable_run``)."""
@@ -347,7 +350,8 @@ def load_mask_run(run_dir: str | Path, store: SummaryStore | None = None) -> Mas
     if metrics.text("saliency_definition") != "tokencut":
         raise metrics.fail("saliency_definition", "'tokencut' (the contract's default)")
     n_images = metrics.integer("n_images", minimum=1)
-    read = mask_images(run_dir, n_images, metrics, store)
+    read = (mask_images(run_dir, n_images, metrics, store) if lines is None
+            else MaskImages(checked_mask_lines(lines, run_dir / PREDICTIONS)))
     images = read.images
     if len(images) != n_images:
         raise LostregError(f"{run_dir / PREDICTIONS}: {len(images)} images but metrics.json "
