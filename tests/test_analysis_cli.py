@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from figure_checks import text_problems
+from file_reads import count_reads
 from PIL import Image
 from unfinished_marks import (
     SMOKE,
@@ -236,3 +237,17 @@ def test_attribution_of_several_runs_warns_once_per_unfinished_run(run_dir, tmp_
     assert main(["attribution", "--run", str(unfinished), str(finished), "--num-workers", "0",
                  "--no-progress", "--output", str(tmp_path / "compare")]) == 0
     assert capsys.readouterr().err.count("is unfinished") == 1
+
+
+def test_attribution_of_several_runs_reads_each_predictions_file_once(run_dir, tmp_path,
+                                                                      monkeypatch) -> None:
+    """``attribution`` of two box runs (one unfinished) reads each run's predictions.jsonl
+    once: for its own attribution and for the comparison table alike."""
+    unfinished = unfinished_copy(run_dir, tmp_path / "unfinished", keep=3)
+    finished = finished_copy(run_dir, tmp_path / "finished")
+    reads = count_reads(monkeypatch, "predictions.jsonl")
+    assert main(["attribution", "--run", str(unfinished), str(finished), "--num-workers", "0",
+                 "--no-progress", "--output", str(tmp_path / "compare")]) == 0
+    assert (tmp_path / "compare" / "hits.csv").is_file()
+    assert (finished / "analysis" / "attribution.csv").is_file()
+    assert reads == {unfinished / "predictions.jsonl": 1, finished / "predictions.jsonl": 1}

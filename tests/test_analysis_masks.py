@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import unfinished_marks
 from figure_checks import drawn_texts, text_problems
+from file_reads import count_reads
 from mask_run_folders import write_mask_run
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -326,6 +327,21 @@ def test_several_mask_runs_per_image_iou_side_by_side(tmp_path, capsys) -> None:
     assert "ious.csv" in out and "TokenCut's per-image IoU" in out
     assert (tmp_path / "cli" / "ious.csv").read_text() == (tmp_path / "out" / "ious.csv"
                                                            ).read_text()
+
+
+def test_attribution_of_two_finished_mask_runs_reads_each_file_once(tree, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Each finished mask run's predictions.jsonl is read once by ``attribution`` of two runs:
+    its lines checked against metrics.json, attributed and compared from that one read."""
+    folders = [finished_copy(run_of(tree, method), tmp_path / "runs")
+               for method in ("tokencut", "lost")]
+    reads = count_reads(monkeypatch, "predictions.jsonl")
+    assert analyze(["attribution", "--run", *map(str, folders), "--device", "cpu",
+                    "--no-progress", "--num-workers", "0", "--output",
+                    str(tmp_path / "compare")]) == 0
+    assert all((folder / "analysis" / "attribution.csv").is_file() for folder in folders)
+    assert (tmp_path / "compare" / "ious.csv").is_file()
+    assert reads == {folder / "predictions.jsonl": 1 for folder in folders}
 
 
 def test_register_neurons_on_a_saliency_set_sees_its_resized_images(tree, monkeypatch) -> None:
