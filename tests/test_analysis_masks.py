@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,27 @@ def test_several_mask_runs_side_by_side_need_no_model(tree, figures, tmp_path, m
     assert json.loads((tmp_path / "c" / "runs.json").read_text())[1]["refine"] == "none"
     assert analyze(["show", "--run", str(folders[0]), "--misses"]) == 2
     assert "--misses" in capsys.readouterr().err
+
+
+def test_several_mask_runs_side_by_side_read_each_gt_once(tree, figures, tmp_path,
+                                                          monkeypatch) -> None:
+    """Each image's GT is read once for all the runs shown beside it (each run's prediction
+    still checked against it). Counted at ``read_gt``, what ``MaskTarget.gray`` calls: its
+    in-memory cache would hide repeated reads from a count of file opens."""
+    import lostreg.evaluation.mask_gt as mask_gt
+
+    reads: Counter = Counter()
+    plain_read_gt = mask_gt.read_gt
+
+    def counting_read_gt(path, size):
+        reads[Path(path).name] += 1
+        return plain_read_gt(path, size)
+
+    monkeypatch.setattr(mask_gt, "read_gt", counting_read_gt)
+    folders = [run_of(tree, method) for method in ("tokencut", "lost", "dinoseg")]
+    show_mask_compare(folders, output=tmp_path / "c")
+    assert len(figures) == IMAGES
+    assert reads == {f"{line['image_id']}.png": 1 for line in lines_of(folders[0])}
 
 
 def box_run(root: Path) -> Path:

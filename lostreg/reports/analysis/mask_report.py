@@ -287,7 +287,7 @@ def show_mask_compare(run_dirs: list[str | Path], image_ids: list[str] | None = 
         for label, info, run in zip(labels, infos, by_run, strict=True):
             prediction = run[image_id]
             mask = stored_mask(prediction, str(info.run_dir / "predictions.jsonl"))
-            gt = checked_gt(record, prediction, mask, info.run_id)
+            gt = checked_gt(record, prediction, mask, info.run_id, gt)  # read for the first run
             panels.append((label, prediction, mask, info.grid(prediction)))
         file_name = f"{number:03d}-{safe_file_name(image_id)}.png"
         figure = compare_mask_figure(picture, gt, panels, f"{image_id} | {dataset} | {models}",

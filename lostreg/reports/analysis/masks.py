@@ -67,16 +67,20 @@ def iou_text(prediction: dict) -> str:
     return "IoU 0/0 (empty GT and prediction)" if math.isnan(value) else f"IoU {value:.3f}"
 
 
-def checked_gt(record: ImageRecord, prediction: dict, mask: np.ndarray, run: str) -> np.ndarray:
+def checked_gt(record: ImageRecord, prediction: dict, mask: np.ndarray, run: str,
+               gray: np.ndarray | None = None) -> np.ndarray:
     """The GT of ``record`` (uint8 HxW, read as the run read it) after checking it is the one
-    the run scored ``prediction`` against (see the module docstring)."""
+    the run scored ``prediction`` against (see the module docstring). ``gray``: the GT this
+    returned for another run's prediction of the same image, checked again without reading
+    the file again (several runs side by side read it once per image)."""
     if record.gt_mask is None:
         raise LostregError(f"{record.path}: no ground-truth mask (not a saliency record)")
     size = [int(prediction["width"]), int(prediction["height"])]
     if [record.width, record.height] != size:
         raise LostregError(f"{record.path}: the dataset's image is {record.width}x"
                            f"{record.height}, run {run} predicted {size[0]}x{size[1]}")
-    gray = record.target.gray()
+    if gray is None:
+        gray = record.target.gray()
     counts = saliency.ImageCounts.from_json(prediction["sal_counts"])
     tp, _, gt_pixels, _ = saliency.binary_stats(counts, "nonzero")
     foreground = gray > 0
