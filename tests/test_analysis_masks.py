@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import unfinished_marks
 from figure_checks import drawn_texts, text_problems
 from mask_run_folders import write_mask_run
 from PIL import Image
@@ -32,6 +31,7 @@ from unfinished_marks import (
     kept_figures,
     mark,
     read_json,
+    unfinished_copy,
 )
 
 from lostreg.analyze import main as analyze
@@ -359,19 +359,6 @@ def test_register_neurons_on_a_saliency_set_sees_its_resized_images(tree, monkey
 # --- unfinished mask runs: analysed on the images they have, as box runs are (issue 20) --------
 
 
-def unfinished_copy(tree: Path, method: str, root: Path, keep: int) -> Path:
-    """A copy of a finished run as a run killed after ``keep`` images leaves it: no
-    metrics.json, and a torn last line (the write that was cut short)."""
-    source = run_of(tree, method)
-    folder = (root / "runs" / source.name).resolve()
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("analysis"))
-    (folder / "metrics.json").unlink()
-    lines = (folder / "predictions.jsonl").read_text().splitlines(keepends=True)
-    assert len(lines) > keep
-    (folder / "predictions.jsonl").write_text("".join(lines[:keep]) + lines[keep][:40])
-    return folder
-
-
 def unfinished_warning(folder: Path, images: int) -> str:
     return (f"warning: {folder} is unfinished (no metrics.json); using the {images} images it "
             "has predicted so far")
@@ -379,7 +366,7 @@ def unfinished_warning(folder: Path, images: int) -> str:
 
 def test_an_unfinished_mask_run_is_shown_on_the_images_it_has(tree, figures, tmp_path,
                                                               capsys) -> None:
-    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=2)
+    folder = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=2)
     assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
                     "--output", str(tmp_path / "show")]) == 0
     assert capsys.readouterr().err.splitlines() == [unfinished_warning(folder, 2)]
@@ -395,7 +382,7 @@ def test_an_unfinished_mask_run_is_shown_on_the_images_it_has(tree, figures, tmp
 
 
 def test_an_unfinished_mask_run_gets_its_attribution(tree, tmp_path, capsys) -> None:
-    folder = unfinished_copy(tree, "lost", tmp_path, keep=3)
+    folder = unfinished_copy(run_of(tree, "lost"), tmp_path, keep=3)
     assert analyze(["attribution", "--run", str(folder), "--device", "cpu", "--no-progress",
                     "--num-workers", "0"]) == 0
     err = capsys.readouterr().err.splitlines()
@@ -423,7 +410,7 @@ def edit_line(folder: Path, number: int, **values) -> None:
 @pytest.mark.parametrize("command", ["show", "attribution"])
 def test_an_unfinished_mask_run_still_has_every_line_checked(tree, tmp_path, capsys,
                                                              command) -> None:
-    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=3)
+    folder = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=3)
     edit_line(folder, 2, sal_iou=0.123456)  # no metrics.json to catch it: the line's counts do
     assert analyze([command, "--run", str(folder), "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -473,7 +460,7 @@ def test_an_unfinished_box_run_gives_the_same_warning(tmp_path, capsys) -> None:
 
 def test_an_unfinished_mask_run_is_named_so_in_every_output(tree, figures, tmp_path,
                                                            capsys) -> None:
-    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=2)
+    folder = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=2)
     expected = mark(2, IMAGES)  # a partial dataset of 4 images: recorded in its identity
     assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress"]) == 0
     page = (folder / "analysis" / "show" / "index.html").read_text()
@@ -493,13 +480,13 @@ def test_a_finished_mask_run_gets_only_what_it_got_before(tree, figures, tmp_pat
     the unfinished mark."""
     assert_only_the_mark_differs(
         analyze, finished_copy(run_of(tree, "lost"), tmp_path / "finished"),
-        unfinished_marks.unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished"),
+        unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished"),
         figures, mark(IMAGES, IMAGES), attribution_args=["--device", "cpu"])
 
 
 def test_several_mask_runs_name_each_unfinished_run_by_its_label(tree, figures, tmp_path,
                                                                  capsys) -> None:
-    unfinished = unfinished_copy(tree, "tokencut", tmp_path, keep=3)
+    unfinished = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=3)
     finished = finished_copy(run_of(tree, "lost"), tmp_path / "finished")
     expected = mark(3, IMAGES, "tokencut")
     out = tmp_path / "compare"
