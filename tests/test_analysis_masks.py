@@ -330,29 +330,47 @@ def test_several_mask_runs_per_image_iou_side_by_side(tmp_path, capsys) -> None:
 
 def test_register_neurons_on_a_saliency_set_sees_its_resized_images(tree, monkeypatch) -> None:
     """``register-neurons`` feeds a saliency set's images as its runs do (resized to a patch
-    multiple, not padded), so the outliers it explains are the runs' outliers."""
+    multiple, not padded) in both passes: the automatic threshold's norm pass (no
+    ``threshold``: ``_threshold_from_norms`` runs) and the scoring pass, so the outliers it
+    explains are the runs' outliers."""
     from lostreg.datasets import load_dataset
-    from lostreg.reports.analysis import neurons
+    from lostreg.reports.analysis import collect, neurons
+    from lostreg.reports.analysis import norms as norms_module
 
-    shapes: list[tuple[int, int]] = []
-    real = neurons.accumulate_scores
+    fed: dict[str, list[tuple[int, int]]] = {"threshold": [], "scores": []}
+    split_inputs: list[int] = []
+    real_outputs, real_scores = collect.block_outputs, neurons.accumulate_scores
 
-    def recording(backbone, batches, *args):
+    def recording_outputs(model, images, layers):
+        fed["threshold"].extend(tuple(images.shape[-2:]) for _ in range(len(images)))
+        return real_outputs(model, images, layers)
+
+    def recording_scores(backbone, batches, *args):
         kept = list(batches)
-        shapes.extend(tuple(batch.shape[-2:]) for batch in kept for _ in range(len(batch)))
-        return real(backbone, kept, *args)
+        fed["scores"].extend(tuple(batch.shape[-2:]) for batch in kept for _ in range(len(batch)))
+        return real_scores(backbone, kept, *args)
 
-    monkeypatch.setattr(neurons, "accumulate_scores", recording)
+    def fixed_split(values):
+        split_inputs.append(int(np.asarray(values).size))
+        return norms_module.ThresholdSplit(1.0, True, "fixed by the test")
+
+    monkeypatch.setattr(collect, "block_outputs", recording_outputs)
+    monkeypatch.setattr(neurons, "accumulate_scores", recording_scores)
+    monkeypatch.setattr(norms_module, "split_threshold", fixed_split)
     index = load_dataset("ecssd", tree / "data", download=False)
     config = neurons.NeuronSearchConfig(model=SPEC.name, output=tree / "neurons.json",
-                                        device="cpu", threshold=1.0, num_workers=0,
+                                        device="cpu", threshold=None, num_workers=0,
                                         progress=False)
-    neurons.find_register_neurons(config, create_backbone(SPEC, "random"), index)
+    data, _ = neurons.find_register_neurons(config, create_backbone(SPEC, "random"), index)
+    assert data["provenance"]["threshold"] == 1.0
+    assert data["provenance"]["threshold_source"] == "auto (norm analysis)"
     expected = []
     for record in index.records:
         width, height = resize_to_patch_multiple(Image.open(record.path), 14).size
         expected.append((height, width))
-    assert sorted(shapes) == sorted(expected)
+    assert sorted(fed["threshold"]) == sorted(expected)
+    assert sorted(fed["scores"]) == sorted(expected)
+    assert split_inputs == [sum(h * w // 14 ** 2 for h, w in expected)]  # every resized token
     assert any(h % 14 or w % 14 for w, h in (Image.open(r.path).size for r in index.records))
 
 
