@@ -261,6 +261,38 @@ def test_token_maps_of_a_mask_run_are_of_the_resized_image(tree) -> None:
     assert np.allclose(maps.norm_map(maps.position("00001"), 1).ravel(), norms, rtol=2e-3)
 
 
+@pytest.mark.parametrize("protocol", [None, "pad"])
+def test_padded_token_maps_are_refused_or_redone_for_a_mask_run(tree, tmp_path, capsys,
+                                                                  protocol) -> None:
+    """Token maps of padded images (``image_protocol`` "pad", or absent: a norms.json from
+    before mask runs) are not on a mask run's resized grids: given by ``--norms`` they are
+    one line; found in ``<run>/analysis/norms`` they are recomputed, not reused."""
+    folder = finished_copy(run_of(tree, "tokencut"), tmp_path / "run")
+    attribute_mask_run(folder, device="cpu", num_workers=0)  # resized maps in analysis/norms
+    stored = folder / "analysis" / "norms"
+    payload = read_json(stored / "norms.json")
+    assert payload["image_protocol"] == "resize"
+    padded = {k: v for k, v in payload.items() if k != "image_protocol"}
+    if protocol is not None:
+        padded["image_protocol"] = protocol
+    given = tmp_path / "given"
+    shutil.copytree(stored, given)
+    (given / "norms.json").write_text(json.dumps(padded))
+    attribution_md = (folder / "analysis" / "attribution.md").read_text()
+    capsys.readouterr()
+    assert analyze(["attribution", "--run", str(folder), "--norms", str(given / "norms.json"),
+                    "--device", "cpu", "--no-progress", "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {given / 'norms.json'}: not from the run's model and data (images pad vs "
+        "the run's resize (to a patch multiple))"]
+    assert (folder / "analysis" / "attribution.md").read_text() == attribution_md
+    (stored / "norms.json").write_text(json.dumps(padded))
+    assert analyze(["attribution", "--run", str(folder), "--device", "cpu", "--no-progress",
+                    "--num-workers", "0"]) == 0
+    assert "using the token maps" not in capsys.readouterr().err
+    assert read_json(stored / "norms.json")["image_protocol"] == "resize"  # written anew
+
+
 # --- hand-made mask runs: 0/0 images, several runs, no model ---------------------------------
 
 
