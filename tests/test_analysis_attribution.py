@@ -168,6 +168,23 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys) -> None:
         attribute_run(run, make_norms(tmp_path / "again"))
 
 
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("seed", [True, 0], "seed must be [row, col] integers or null, got [True, 0]"),
+    ("box", [False, 0, 32, 32], "box must be [x1, y1, x2, y2], got [False, 0, 32, 32]")])
+def test_a_boolean_in_a_seed_or_box_is_one_line(key, value, expected, tmp_path,
+                                                capsys) -> None:
+    """JSON's true/false are Python ints: a seed or box holding one is refused, not read as
+    patch 1/0."""
+    run = make_run(tmp_path)
+    lines = (run / "predictions.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), key: value})
+    (run / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["attribution", "--run", str(run), "--norms", str(make_norms(tmp_path))]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {run / 'predictions.jsonl'}: line 2: {expected}"]
+    assert not (run / "analysis").exists()
+
+
 FAKE = {"method": "fake_top", "method_params": {"fake_level": 0.0}}
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import unfinished_marks
 from figure_checks import drawn_texts, text_problems
 from file_reads import count_reads
 from mask_run_folders import write_mask_run
@@ -34,6 +33,7 @@ from unfinished_marks import (
     kept_figures,
     mark,
     read_json,
+    unfinished_copy,
 )
 
 from lostreg.analyze import main as analyze
@@ -284,6 +284,38 @@ def test_token_maps_of_a_mask_run_are_of_the_resized_image(tree) -> None:
     assert np.allclose(maps.norm_map(maps.position("00001"), 1).ravel(), norms, rtol=2e-3)
 
 
+@pytest.mark.parametrize("protocol", [None, "pad"])
+def test_padded_token_maps_are_refused_or_redone_for_a_mask_run(tree, tmp_path, capsys,
+                                                                  protocol) -> None:
+    """Token maps of padded images (``image_protocol`` "pad", or absent: a norms.json from
+    before mask runs) are not on a mask run's resized grids: given by ``--norms`` they are
+    one line; found in ``<run>/analysis/norms`` they are recomputed, not reused."""
+    folder = finished_copy(run_of(tree, "tokencut"), tmp_path / "run")
+    attribute_mask_run(folder, device="cpu", num_workers=0)  # resized maps in analysis/norms
+    stored = folder / "analysis" / "norms"
+    payload = read_json(stored / "norms.json")
+    assert payload["image_protocol"] == "resize"
+    padded = {k: v for k, v in payload.items() if k != "image_protocol"}
+    if protocol is not None:
+        padded["image_protocol"] = protocol
+    given = tmp_path / "given"
+    shutil.copytree(stored, given)
+    (given / "norms.json").write_text(json.dumps(padded))
+    attribution_md = (folder / "analysis" / "attribution.md").read_text()
+    capsys.readouterr()
+    assert analyze(["attribution", "--run", str(folder), "--norms", str(given / "norms.json"),
+                    "--device", "cpu", "--no-progress", "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {given / 'norms.json'}: not from the run's model and data (images pad vs "
+        "the run's resize (to a patch multiple))"]
+    assert (folder / "analysis" / "attribution.md").read_text() == attribution_md
+    (stored / "norms.json").write_text(json.dumps(padded))
+    assert analyze(["attribution", "--run", str(folder), "--device", "cpu", "--no-progress",
+                    "--num-workers", "0"]) == 0
+    assert "using the token maps" not in capsys.readouterr().err
+    assert read_json(stored / "norms.json")["image_protocol"] == "resize"  # written anew
+
+
 # --- hand-made mask runs: 0/0 images, several runs, no model ---------------------------------
 
 
@@ -368,46 +400,51 @@ def test_attribution_of_two_finished_mask_runs_reads_each_file_once(tree, tmp_pa
 
 def test_register_neurons_on_a_saliency_set_sees_its_resized_images(tree, monkeypatch) -> None:
     """``register-neurons`` feeds a saliency set's images as its runs do (resized to a patch
-    multiple, not padded), so the outliers it explains are the runs' outliers."""
+    multiple, not padded) in both passes: the automatic threshold's norm pass (no
+    ``threshold``: ``_threshold_from_norms`` runs) and the scoring pass, so the outliers it
+    explains are the runs' outliers."""
     from lostreg.datasets import load_dataset
-    from lostreg.reports.analysis import neurons
+    from lostreg.reports.analysis import collect, neurons
+    from lostreg.reports.analysis import norms as norms_module
 
-    shapes: list[tuple[int, int]] = []
-    real = neurons.accumulate_scores
+    fed: dict[str, list[tuple[int, int]]] = {"threshold": [], "scores": []}
+    split_inputs: list[int] = []
+    real_outputs, real_scores = collect.block_outputs, neurons.accumulate_scores
 
-    def recording(backbone, batches, *args):
+    def recording_outputs(model, images, layers):
+        fed["threshold"].extend(tuple(images.shape[-2:]) for _ in range(len(images)))
+        return real_outputs(model, images, layers)
+
+    def recording_scores(backbone, batches, *args):
         kept = list(batches)
-        shapes.extend(tuple(batch.shape[-2:]) for batch in kept for _ in range(len(batch)))
-        return real(backbone, kept, *args)
+        fed["scores"].extend(tuple(batch.shape[-2:]) for batch in kept for _ in range(len(batch)))
+        return real_scores(backbone, kept, *args)
 
-    monkeypatch.setattr(neurons, "accumulate_scores", recording)
+    def fixed_split(values):
+        split_inputs.append(int(np.asarray(values).size))
+        return norms_module.ThresholdSplit(1.0, True, "fixed by the test")
+
+    monkeypatch.setattr(collect, "block_outputs", recording_outputs)
+    monkeypatch.setattr(neurons, "accumulate_scores", recording_scores)
+    monkeypatch.setattr(norms_module, "split_threshold", fixed_split)
     index = load_dataset("ecssd", tree / "data", download=False)
     config = neurons.NeuronSearchConfig(model=SPEC.name, output=tree / "neurons.json",
-                                        device="cpu", threshold=1.0, num_workers=0,
+                                        device="cpu", threshold=None, num_workers=0,
                                         progress=False)
-    neurons.find_register_neurons(config, create_backbone(SPEC, "random"), index)
+    data, _ = neurons.find_register_neurons(config, create_backbone(SPEC, "random"), index)
+    assert data["provenance"]["threshold"] == 1.0
+    assert data["provenance"]["threshold_source"] == "auto (norm analysis)"
     expected = []
     for record in index.records:
         width, height = resize_to_patch_multiple(Image.open(record.path), 14).size
         expected.append((height, width))
-    assert sorted(shapes) == sorted(expected)
+    assert sorted(fed["threshold"]) == sorted(expected)
+    assert sorted(fed["scores"]) == sorted(expected)
+    assert split_inputs == [sum(h * w // 14 ** 2 for h, w in expected)]  # every resized token
     assert any(h % 14 or w % 14 for w, h in (Image.open(r.path).size for r in index.records))
 
 
 # --- unfinished mask runs: analysed on the images they have, as box runs are (issue 20) --------
-
-
-def unfinished_copy(tree: Path, method: str, root: Path, keep: int) -> Path:
-    """A copy of a finished run as a run killed after ``keep`` images leaves it: no
-    metrics.json, and a torn last line (the write that was cut short)."""
-    source = run_of(tree, method)
-    folder = (root / "runs" / source.name).resolve()
-    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("analysis"))
-    (folder / "metrics.json").unlink()
-    lines = (folder / "predictions.jsonl").read_text().splitlines(keepends=True)
-    assert len(lines) > keep
-    (folder / "predictions.jsonl").write_text("".join(lines[:keep]) + lines[keep][:40])
-    return folder
 
 
 def unfinished_warning(folder: Path, images: int) -> str:
@@ -417,7 +454,7 @@ def unfinished_warning(folder: Path, images: int) -> str:
 
 def test_an_unfinished_mask_run_is_shown_on_the_images_it_has(tree, figures, tmp_path,
                                                               capsys) -> None:
-    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=2)
+    folder = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=2)
     assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress",
                     "--output", str(tmp_path / "show")]) == 0
     assert capsys.readouterr().err.splitlines() == [unfinished_warning(folder, 2)]
@@ -433,7 +470,7 @@ def test_an_unfinished_mask_run_is_shown_on_the_images_it_has(tree, figures, tmp
 
 
 def test_an_unfinished_mask_run_gets_its_attribution(tree, tmp_path, capsys) -> None:
-    folder = unfinished_copy(tree, "lost", tmp_path, keep=3)
+    folder = unfinished_copy(run_of(tree, "lost"), tmp_path, keep=3)
     assert analyze(["attribution", "--run", str(folder), "--device", "cpu", "--no-progress",
                     "--num-workers", "0"]) == 0
     err = capsys.readouterr().err.splitlines()
@@ -461,7 +498,7 @@ def edit_line(folder: Path, number: int, **values) -> None:
 @pytest.mark.parametrize("command", ["show", "attribution"])
 def test_an_unfinished_mask_run_still_has_every_line_checked(tree, tmp_path, capsys,
                                                              command) -> None:
-    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=3)
+    folder = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=3)
     edit_line(folder, 2, sal_iou=0.123456)  # no metrics.json to catch it: the line's counts do
     assert analyze([command, "--run", str(folder), "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.splitlines()
@@ -511,7 +548,7 @@ def test_an_unfinished_box_run_gives_the_same_warning(tmp_path, capsys) -> None:
 
 def test_an_unfinished_mask_run_is_named_so_in_every_output(tree, figures, tmp_path,
                                                            capsys) -> None:
-    folder = unfinished_copy(tree, "tokencut", tmp_path, keep=2)
+    folder = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=2)
     expected = mark(2, IMAGES)  # a partial dataset of 4 images: recorded in its identity
     assert analyze(["show", "--run", str(folder), "--device", "cpu", "--no-progress"]) == 0
     page = (folder / "analysis" / "show" / "index.html").read_text()
@@ -531,13 +568,13 @@ def test_a_finished_mask_run_gets_only_what_it_got_before(tree, figures, tmp_pat
     the unfinished mark."""
     assert_only_the_mark_differs(
         analyze, finished_copy(run_of(tree, "lost"), tmp_path / "finished"),
-        unfinished_marks.unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished"),
+        unfinished_copy(run_of(tree, "lost"), tmp_path / "unfinished"),
         figures, mark(IMAGES, IMAGES), attribution_args=["--device", "cpu"])
 
 
 def test_several_mask_runs_name_each_unfinished_run_by_its_label(tree, figures, tmp_path,
                                                                  capsys) -> None:
-    unfinished = unfinished_copy(tree, "tokencut", tmp_path, keep=3)
+    unfinished = unfinished_copy(run_of(tree, "tokencut"), tmp_path, keep=3)
     finished = finished_copy(run_of(tree, "lost"), tmp_path / "finished")
     expected = mark(3, IMAGES, "tokencut")
     out = tmp_path / "compare"
